@@ -1,0 +1,30 @@
+//! The shim ⇄ guest-agent protocol: `proto/agent.proto`, compiled at build time.
+//!
+//! Both sides depend on this crate, so they can never disagree on the wire
+//! format; [`PROTOCOL_VERSION`] guards against a shim and an agent built from
+//! different revisions of it.
+
+#![allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks)]
+
+/// Protocol messages (generated).
+#[allow(dead_code, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_mut, unused_results, trivial_casts)]
+#[rustfmt::skip]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// Async ttrpc client and server stubs (generated).
+#[allow(dead_code, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_mut, unused_results, trivial_casts)]
+#[rustfmt::skip]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+/// The protocol version both sides must agree on. Bump on incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The AF_VSOCK port the agent serves ttrpc on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+pub use agent::*;
+pub use agent_ttrpc::{create_agent, Agent, AgentClient};

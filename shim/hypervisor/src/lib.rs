@@ -1,0 +1,113 @@
+//! The hypervisor layer: one narrow [`Hypervisor`] trait and its two backends.
+//!
+//! - [`ch::CloudHypervisor`]: the default. One `cloud-hypervisor --api-socket`
+//!   process per VM, configured and booted through its REST API.
+//! - [`qemu::Qemu`]: QEMU TCG (`-M microvm -accel tcg`) for hosts without
+//!   usable KVM. Its hybrid vsock is served by `vhost-device-vsock`, so the
+//!   socket the shim connects to behaves exactly like Cloud Hypervisor's.
+//!
+//! Both give the same guarantees to the code above them: a VM that boots the
+//! given kernel and initramfs, a hybrid-vsock Unix socket to reach the agent,
+//! the shared directory of [`virtiofsd::Virtiofsd`] attached as virtio-fs, and
+//! a `stop` that leaves no process or socket behind.
+
+pub mod ch;
+mod error;
+pub mod process;
+pub mod qemu;
+pub mod virtiofsd;
+pub mod wait;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use error::{Error, Result};
+
+/// Everything a backend needs to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Sandbox id; used in log fields and process names only.
+    pub id: String,
+    /// Per-VM state directory, created by the caller. Backends put their API
+    /// socket, hybrid-vsock socket and logs here and nowhere else.
+    pub dir: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Kernel image: the PVH `vmlinux` ELF for Cloud Hypervisor, the
+    /// `bzImage` for QEMU.
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The complete kernel command line.
+    pub cmdline: String,
+    /// The virtio-fs device to attach at boot, if any.
+    pub shared_fs: Option<SharedFs>,
+    /// Where the guest console goes (a file inside `dir`).
+    pub console_log: PathBuf,
+    /// Deadline for the VMM to come up and accept the VM configuration.
+    pub start_timeout: Duration,
+}
+
+/// A vhost-user-fs backend (virtiofsd) socket and the tag the guest mounts.
+#[derive(Debug, Clone)]
+pub struct SharedFs {
+    pub socket: PathBuf,
+    pub tag: String,
+}
+
+/// Which backend a VM runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    CloudHypervisor,
+    Qemu,
+}
+
+/// A VM's lifecycle, as the shim needs it. Implementations own every process
+/// and socket they create and release them in [`Hypervisor::stop`] and on
+/// drop.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Spawns the VMM and boots the VM described by `spec`. Returns once the
+    /// guest is booting; reaching the agent is the caller's job. On error,
+    /// everything spawned so far has been stopped.
+    async fn start(&mut self, spec: &VmSpec) -> Result<()>;
+
+    /// The host Unix socket of the VM's hybrid vsock device
+    /// (`CONNECT <port>\n` / `OK <port>\n`).
+    fn vsock_socket(&self) -> PathBuf;
+
+    /// Host pids of the processes that make up this VM (VMM and helpers), for
+    /// cgroup placement and leak checks.
+    fn pids(&self) -> Vec<u32>;
+
+    /// Resolves when the VMM process has exited (crash or stop), with a
+    /// description of how it ended.
+    async fn wait_exit(&self) -> String;
+
+    /// Stops the VM: a graceful shutdown bounded by `timeout`, then SIGKILL.
+    /// Idempotent; removes the sockets it created.
+    async fn stop(&mut self, timeout: Duration) -> Result<()>;
+}
+
+/// Creates a backend of the given kind with its binaries' paths.
+pub fn new_backend(backend: Backend, binaries: &Binaries) -> Box<dyn Hypervisor> {
+    match backend {
+        Backend::CloudHypervisor => {
+            Box::new(ch::CloudHypervisor::new(binaries.cloud_hypervisor.clone()))
+        }
+        Backend::Qemu => Box::new(qemu::Qemu::new(
+            binaries.qemu.clone(),
+            binaries.vhost_device_vsock.clone(),
+        )),
+    }
+}
+
+/// Host binaries the backends run.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub cloud_hypervisor: PathBuf,
+    pub qemu: PathBuf,
+    pub vhost_device_vsock: PathBuf,
+    pub virtiofsd: PathBuf,
+}

@@ -1,0 +1,1 @@
+//! virtiofsd: one sandboxed daemon per VM (filled in by the QEMU work).
