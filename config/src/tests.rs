@@ -1,0 +1,94 @@
+use std::path::Path;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("/etc/clh-shim/config.toml"))
+}
+
+#[test]
+fn the_documented_example_parses_to_the_defaults() {
+    let example = include_str!("../clh-shim.toml");
+    assert_eq!(parse(example).unwrap(), Config::default());
+}
+
+#[test]
+fn an_empty_file_gives_the_defaults() {
+    assert_eq!(parse("").unwrap(), Config::default());
+}
+
+#[test]
+fn values_are_read() {
+    let c = parse(
+        r#"
+        [hypervisor]
+        backend = "qemu"
+        [guest]
+        vcpus = 2
+        memory_mib = 1024
+        kernel_params = ["loglevel=7"]
+        [timeouts]
+        agent_connect_ms = 1000
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.hypervisor.backend, BackendChoice::Qemu);
+    assert_eq!((c.guest.vcpus, c.guest.memory_mib), (2, 1024));
+    assert_eq!(c.guest.kernel_params, vec!["loglevel=7".to_string()]);
+    assert_eq!(c.timeouts.agent_connect_ms, 1000);
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_name() {
+    let err = parse("[guest]\nvcpu = 2\n").unwrap_err().to_string();
+    assert!(err.contains("unknown field `vcpu`"), "{err}");
+    let err = parse("[gust]\n").unwrap_err().to_string();
+    assert!(err.contains("unknown field `gust`"), "{err}");
+}
+
+#[test]
+fn bad_types_and_enum_values_name_the_key() {
+    let err = parse("[guest]\nvcpus = \"two\"\n").unwrap_err().to_string();
+    assert!(err.contains("vcpus"), "{err}");
+    let err = parse("[hypervisor]\nbackend = \"firecracker\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("firecracker") && err.contains("backend"),
+        "{err}"
+    );
+}
+
+#[test]
+fn out_of_range_values_name_the_key_and_the_rule() {
+    for (text, key) in [
+        ("[guest]\nvcpus = 0\n", "`guest.vcpus`"),
+        ("[guest]\nmemory_mib = 64\n", "`guest.memory_mib`"),
+        ("[guest]\nkernel = \"vmlinux\"\n", "`guest.kernel`"),
+        (
+            "[guest]\nkernel_params = [\"a b\"]\n",
+            "`guest.kernel_params`",
+        ),
+        (
+            "[guest]\nkernel_params = [\"clh.debug\"]\n",
+            "`guest.kernel_params`",
+        ),
+        ("[hypervisor]\nqemu = \"bin/qemu\"\n", "`hypervisor.qemu`"),
+        ("[timeouts]\nstop_ms = 0\n", "`timeouts.stop_ms`"),
+        ("[runtime]\nstate_dir = \"run\"\n", "`runtime.state_dir`"),
+        (
+            "[runtime]\nstate_dir = \"/a/very/long/state/directory/path\"\n",
+            "`runtime.state_dir`",
+        ),
+    ] {
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains(key), "{text:?}: {err}");
+        assert!(err.contains("/etc/clh-shim/config.toml"), "{err}");
+    }
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let err = Config::load(Path::new("/nonexistent/clh.toml")).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/clh.toml"), "{err}");
+}
