@@ -1,0 +1,61 @@
+//! The PID 1 duties done once at boot, before serving: mounts, config,
+//! logging, hostname, RNG seed, kernel modules. Each step names what it was
+//! doing when it fails; the caller turns any failure into a power-off.
+
+use crate::config::Config;
+use crate::modules::{self, Loaded};
+use crate::mounts::{self, Outcome, SysMounter};
+use crate::{logging, rng, sysinfo};
+use anyhow::Context;
+use tracing::{debug, info, warn};
+
+/// Runs the boot steps and returns the configuration for the rest.
+pub fn init() -> anyhow::Result<Config> {
+    // Mount first: the configuration lives in /proc/cmdline. Logging waits
+    // for the configuration (its level), so mount outcomes are logged after.
+    let mounted = mounts::mount_all(&mut SysMounter, mounts::BASE_MOUNTS)
+        .context("mounting base filesystems")?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
+    let config = Config::from_cmdline(&cmdline)?;
+
+    logging::init(config.log_level);
+    info!(
+        version = crate::service::AGENT_VERSION,
+        "clh-agent starting as init"
+    );
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
+    for outcome in mounted {
+        match outcome {
+            Outcome::Mounted(target) => debug!("mounted {target}"),
+            Outcome::AlreadyMounted(target) => debug!("{target} already mounted"),
+        }
+    }
+
+    nix::unistd::sethostname(&config.hostname)
+        .with_context(|| format!("setting hostname to {:?}", config.hostname))?;
+
+    // A missing seed is survivable (the kernel's jitter entropy will get
+    // there, slowly), but a seed we were given and failed to use is a bug.
+    match &config.seed {
+        Some(seed) => {
+            let n = rng::credit_seed(seed).context("seeding the RNG")?;
+            debug!("credited {n} bytes of host entropy");
+        }
+        None => warn!("no clh.seed on the kernel command line; RNG not seeded by the host"),
+    }
+
+    let release = sysinfo::kernel_release()?;
+    let loaded = modules::load_all(&release, &config.params).context("loading kernel modules")?;
+    let mut names = Vec::with_capacity(loaded.len());
+    for module in loaded {
+        match module {
+            Loaded::Loaded { name, params } if params.is_empty() => names.push(name),
+            Loaded::Loaded { name, params } => names.push(format!("{name}({params})")),
+            Loaded::AlreadyLoaded { name } => debug!("module {name} already loaded"),
+        }
+    }
+    info!(kernel = %release, "loaded modules: {}", names.join(" "));
+    Ok(config)
+}

@@ -1,0 +1,71 @@
+//! Seeding the guest RNG with entropy from the host.
+//!
+//! A fresh VM has almost no entropy sources, and getrandom(2) blocks until
+//! the pool is initialised. The host passes a random seed on the kernel
+//! command line (`clh.seed=<hex>`); RNDADDENTROPY both mixes it in and
+//! credits it, which plain writes to /dev/urandom would not.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+
+/// Bytes we credit at most: the kernel's pool is 256 bits; more is harmless
+/// but pointless, and keeps a bogus huge value from allocating much.
+const MAX_SEED: usize = 512;
+
+/// `_IOW('R', 0x03, int[2])` from include/uapi/linux/random.h.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    #[error("cannot open /dev/urandom")]
+    Open(#[source] std::io::Error),
+    #[error("RNDADDENTROPY on /dev/urandom failed")]
+    Ioctl(#[source] std::io::Error),
+}
+
+/// Mixes `seed` into the kernel pool and credits it as entropy.
+/// Returns the number of bytes credited.
+pub fn credit_seed(seed: &[u8]) -> Result<usize, RngError> {
+    let seed = &seed[..seed.len().min(MAX_SEED)];
+    let buf = rand_pool_info(seed);
+    let urandom = OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(RngError::Open)?;
+    // SAFETY: `buf` is a complete `struct rand_pool_info` (two ints then
+    // `buf_size` bytes) that lives across the call; the kernel only reads it.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, buf.as_ptr()) };
+    if rc != 0 {
+        return Err(RngError::Ioctl(std::io::Error::last_os_error()));
+    }
+    Ok(seed.len())
+}
+
+/// Lays out `struct rand_pool_info { int entropy_count; int buf_size;
+/// __u32 buf[]; }` in native byte order; `entropy_count` is in bits.
+/// Built from u32 words so the buffer is aligned for the header ints.
+fn rand_pool_info(seed: &[u8]) -> Vec<u32> {
+    let bits = i32::try_from(seed.len() * 8).unwrap_or(i32::MAX);
+    let len = i32::try_from(seed.len()).unwrap_or(i32::MAX);
+    let mut words = vec![bits as u32, len as u32];
+    words.extend(seed.chunks(4).map(|c| {
+        let mut w = [0u8; 4];
+        w[..c.len()].copy_from_slice(c);
+        u32::from_ne_bytes(w)
+    }));
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_info_layout() {
+        let buf = rand_pool_info(&[1, 2, 3, 4, 5]);
+        assert_eq!(buf[0], 40);
+        assert_eq!(buf[1], 5);
+        assert_eq!(buf[2], u32::from_ne_bytes([1, 2, 3, 4]));
+        assert_eq!(buf[3], u32::from_ne_bytes([5, 0, 0, 0]));
+    }
+}

@@ -1,0 +1,85 @@
+//! Where and how the ttrpc service listens.
+
+use crate::service::AgentService;
+use std::sync::Arc;
+use ttrpc::r#async::Server;
+
+/// A listening address: vsock in the guest, a Unix socket in host test mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// AF_VSOCK, any CID, this port.
+    Vsock(u32),
+    /// A Unix socket at this path.
+    Unix(String),
+}
+
+impl ListenAddr {
+    /// Parses `unix:///path` or `vsock://<port>` (the latter for symmetry).
+    pub fn parse(s: &str) -> Option<Self> {
+        if let Some(path) = s.strip_prefix("unix://") {
+            return (!path.is_empty()).then(|| ListenAddr::Unix(path.to_owned()));
+        }
+        s.strip_prefix("vsock://")?
+            .parse()
+            .ok()
+            .map(ListenAddr::Vsock)
+    }
+
+    fn ttrpc_addr(&self) -> String {
+        match self {
+            // -1 is ttrpc's spelling of VMADDR_CID_ANY.
+            ListenAddr::Vsock(port) => format!("vsock://-1:{port}"),
+            ListenAddr::Unix(path) => format!("unix://{path}"),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.ttrpc_addr())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve ttrpc on {addr}")]
+pub struct ServeError {
+    addr: ListenAddr,
+    #[source]
+    source: ttrpc::Error,
+}
+
+/// Binds `addr` and starts accepting in the background. The returned server
+/// must be kept alive; dropping it stops the service.
+pub async fn serve(addr: &ListenAddr) -> Result<Server, ServeError> {
+    let err = |source| ServeError {
+        addr: addr.clone(),
+        source,
+    };
+    let services = clh_agent_protocol::create_agent(Arc::new(AgentService));
+    let mut server = Server::new()
+        .bind(&addr.ttrpc_addr())
+        .map_err(err)?
+        .register_service(services);
+    server.start().await.map_err(err)?;
+    Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses() {
+        assert_eq!(
+            ListenAddr::parse("unix:///tmp/a.sock"),
+            Some(ListenAddr::Unix("/tmp/a.sock".into()))
+        );
+        assert_eq!(
+            ListenAddr::parse("vsock://1024"),
+            Some(ListenAddr::Vsock(1024))
+        );
+        assert_eq!(ListenAddr::parse("unix://"), None);
+        assert_eq!(ListenAddr::parse("/tmp/a.sock"), None);
+        assert_eq!(ListenAddr::Vsock(1024).to_string(), "vsock://-1:1024");
+    }
+}
