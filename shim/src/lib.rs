@@ -1,1 +1,6 @@
+//! containerd-shim-clh-v2: a containerd shim v2 runtime that runs every pod
+//! in its own microVM. The binary (`main.rs`) is a thin front; the logic
+//! lives in these modules.
 
+pub mod check;
+pub mod host;

@@ -1,1 +1,54 @@
-fn main() {}
+//! `containerd-shim-clh-v2`: the containerd runtime `io.containerd.clh.v2`.
+
+use std::process::ExitCode;
+
+use clh_config::{Config, Source};
+
+const USAGE: &str = "usage: containerd-shim-clh-v2 check [--config PATH]
+       containerd-shim-clh-v2 --version
+
+  check    tell what this host can run, and what to install or set otherwise";
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("check") => check(&args[1..]).await,
+        Some("--version" | "-v") => {
+            println!("containerd-shim-clh-v2 {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn check(args: &[String]) -> ExitCode {
+    let loaded = match args {
+        [] => Config::load_default(),
+        [flag, path] if flag == "--config" => {
+            let path = std::path::PathBuf::from(path);
+            Config::load(&path).map(|c| (c, Source::File(path)))
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let (config, source) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("containerd-shim-clh-v2 check: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = containerd_shim_clh_v2::check::check(&config, &source).await;
+    println!("{report}");
+    if report.can_run() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,67 @@
+# clh-shim: containerd-shim-clh-v2 and its guest image.
+#
+#   make demo    set everything up, boot a pod VM and talk to its agent
+#   make test    set everything up and run every test
+#   make bench   boot-time and memory benchmarks, beside their baselines
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+CARGO ?= cargo
+BUILD_DIR := $(CURDIR)/build
+GUEST_DIR := $(BUILD_DIR)/guest
+# The agent is PID 1 of the guest: a static binary. The gnu target with
+# crt-static (no libseccomp: static-pie plus libseccomp.a crashes at start).
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/release/clh-agent
+SHIM_BIN := target/release/containerd-shim-clh-v2
+export CLH_GUEST_DIR := $(GUEST_DIR)
+
+.PHONY: all deps build shim agent guest-image test unit-test lint bench demo check clean install
+
+all: build guest-image
+
+deps:
+	packaging/install-deps.sh
+
+shim:
+	$(CARGO) build --release -p containerd-shim-clh-v2
+
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p clh-agent --target $(AGENT_TARGET)
+
+build: shim agent
+
+guest-image: agent
+	guest-image/build.sh $(AGENT_BIN) $(GUEST_DIR)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Every test: lints, unit tests, then the VM tests (real QEMU TCG guests,
+# real virtiofsd; Cloud Hypervisor API tests when cloud-hypervisor is on
+# PATH). VM tests run one at a time: the host has 2 cores.
+test: deps guest-image lint
+	$(CARGO) test --workspace --exclude clh-tests
+	$(CARGO) test -p clh-tests -- --test-threads=1
+
+bench: deps guest-image
+	$(CARGO) bench -p clh-tests --bench boot
+
+check: shim
+	$(SHIM_BIN) check --config $(BUILD_DIR)/demo-config.toml || true
+
+demo: deps guest-image shim
+	tests/demo.sh
+
+install: build guest-image
+	install -D -m 0755 $(SHIM_BIN) /usr/local/bin/containerd-shim-clh-v2
+	install -D -m 0644 $(GUEST_DIR)/vmlinux /usr/share/clh-shim/vmlinux
+	install -D -m 0644 $(GUEST_DIR)/vmlinuz /usr/share/clh-shim/vmlinuz
+	install -D -m 0644 $(GUEST_DIR)/initramfs.cpio.gz /usr/share/clh-shim/initramfs.cpio.gz
+	test -e /etc/clh-shim/config.toml || install -D -m 0644 config/clh-shim.toml /etc/clh-shim/config.toml
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD_DIR)
