@@ -49,6 +49,9 @@ pub enum Error {
     #[error("invalid VM specification: {0}")]
     InvalidSpec(String),
 
+    #[error("QEMU machine protocol (QMP): {0}")]
+    Qmp(String),
+
     #[error("{what}: {path}")]
     Io {
         what: &'static str,

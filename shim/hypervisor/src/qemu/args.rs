@@ -1,0 +1,244 @@
+//! The QEMU and vhost-device-vsock command lines, as pure functions so the
+//! exact arguments are unit-tested.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use crate::{Error, Result, VmSpec};
+
+/// The guest's vsock context id. Each VM has its own vhost-device-vsock, so
+/// every guest can use the same one.
+pub const GUEST_CID: u32 = 3;
+
+/// What the QEMU backend itself needs on the kernel command line:
+/// `reboot=t` makes a guest reboot a triple fault, which `-no-reboot` turns
+/// into QEMU exiting (microvm has no keyboard controller to reset through).
+const BACKEND_KERNEL_PARAMS: &str = "reboot=t";
+
+/// Arguments of `vhost-device-vsock` serving one VM: the vhost-user socket
+/// QEMU connects to, and the host-side hybrid-vsock socket (`uds`).
+pub fn vhost_vsock_args(vhost_socket: &Path, uds: &Path) -> Vec<OsString> {
+    vec![
+        "--guest-cid".into(),
+        GUEST_CID.to_string().into(),
+        "--socket".into(),
+        vhost_socket.into(),
+        "--uds-path".into(),
+        uds.into(),
+    ]
+}
+
+/// Arguments of `qemu-system-x86_64` for `spec`.
+///
+/// - `-M microvm,acpi=off`: with ACPI on, this QEMU's microvm routes no timer
+///   interrupt to the Debian kernel and boot hangs after TSC calibration.
+///   With ACPI off QEMU appends `virtio_mmio.device=` parameters to the
+///   command line, which the agent passes to the virtio_mmio module.
+/// - RAM is a shared memfd: vhost-user backends (virtiofsd,
+///   vhost-device-vsock) map guest memory.
+/// - `-no-reboot`: a guest reboot or panic (`panic=-1`) ends QEMU. A guest
+///   power-off only halts the CPU without ACPI; the backend watches the
+///   console for it (see `console.rs`).
+/// - No network, no display, no default devices, no user config files.
+pub fn qemu_args(
+    spec: &VmSpec,
+    vhost_vsock_socket: &Path,
+    qmp_socket: &Path,
+) -> Result<Vec<OsString>> {
+    let cmdline = format!("{} {BACKEND_KERNEL_PARAMS}", spec.cmdline.trim());
+    if cmdline.contains(['\n', '\0']) {
+        return Err(Error::InvalidSpec(
+            "the kernel command line contains a newline or NUL byte".into(),
+        ));
+    }
+    let in_options = [
+        Some(vhost_vsock_socket),
+        Some(qmp_socket),
+        Some(spec.console_log.as_path()),
+        spec.shared_fs.as_ref().map(|fs| fs.socket.as_path()),
+    ];
+    if let Some(path) = in_options
+        .into_iter()
+        .flatten()
+        .find(|p| p.as_os_str().as_encoded_bytes().contains(&b','))
+    {
+        // QEMU splits option strings on commas.
+        return Err(Error::InvalidSpec(format!(
+            "path {} contains a comma, which QEMU would read as an option separator; use a state directory without commas",
+            path.display()
+        )));
+    }
+    if spec.vcpus == 0 || spec.memory_mib < 64 {
+        return Err(Error::InvalidSpec(format!(
+            "a VM needs at least 1 vCPU and 64 MiB (got {} vCPUs, {} MiB)",
+            spec.vcpus, spec.memory_mib
+        )));
+    }
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&dyn AsRefOs]| {
+        for item in items {
+            args.push(item.os());
+        }
+    };
+    let mem = spec.memory_mib;
+    push(&[
+        &"-name",
+        &format!("clh-{}", spec.id),
+        &"-M",
+        &"microvm,acpi=off,memory-backend=mem",
+        &"-accel",
+        &"tcg",
+        &"-cpu",
+        &"max",
+        &"-smp",
+        &spec.vcpus.to_string(),
+        &"-m",
+        &format!("{mem}M"),
+        &"-object",
+        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        &"-nodefaults",
+        &"-no-user-config",
+        &"-nographic",
+        &"-no-reboot",
+        &"-kernel",
+        &spec.kernel.as_os_str(),
+        &"-initrd",
+        &spec.initramfs.as_os_str(),
+        &"-append",
+        &cmdline,
+        &"-chardev",
+        &chardev("vsock", vhost_vsock_socket),
+        &"-device",
+        &"vhost-user-vsock-device,chardev=vsock",
+    ]);
+    if let Some(fs) = &spec.shared_fs {
+        if fs.tag.is_empty()
+            || !fs
+                .tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(Error::InvalidSpec(format!(
+                "virtio-fs tag {:?} must be non-empty [A-Za-z0-9_-]",
+                fs.tag
+            )));
+        }
+        push(&[
+            &"-chardev",
+            &chardev("virtiofs", &fs.socket),
+            &"-device",
+            &format!("vhost-user-fs-device,chardev=virtiofs,tag={}", fs.tag),
+        ]);
+    }
+    push(&[
+        &"-serial",
+        &file_arg("file:", &spec.console_log),
+        &"-qmp",
+        &{
+            let mut s = file_arg("unix:", qmp_socket);
+            s.push(",server=on,wait=off");
+            s
+        },
+    ]);
+    Ok(args)
+}
+
+fn chardev(id: &str, path: &Path) -> OsString {
+    let mut s = OsString::from(format!("socket,id={id},path="));
+    s.push(path);
+    s
+}
+
+fn file_arg(prefix: &str, path: &Path) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(path);
+    s
+}
+
+/// Lets one list mix `&str`, `String`, `&OsStr` and `OsString` arguments.
+trait AsRefOs {
+    fn os(&self) -> OsString;
+}
+impl<T: AsRef<std::ffi::OsStr> + ?Sized> AsRefOs for T {
+    fn os(&self) -> OsString {
+        self.as_ref().to_os_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::SharedFs;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "pod1".into(),
+            dir: PathBuf::from("/run/x/pod1"),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: PathBuf::from("/k/vmlinuz"),
+            initramfs: PathBuf::from("/k/initramfs.cpio.gz"),
+            cmdline: "console=ttyS0 quiet".into(),
+            shared_fs: Some(SharedFs {
+                socket: PathBuf::from("/run/x/pod1/fs.sock"),
+                tag: "clh-shared".into(),
+            }),
+            console_log: PathBuf::from("/run/x/pod1/console.log"),
+            start_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn joined(args: &[OsString]) -> String {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn qemu_command_line_is_exactly_this() {
+        let args = qemu_args(
+            &spec(),
+            Path::new("/run/x/pod1/vv.sock"),
+            Path::new("/run/x/pod1/qmp.sock"),
+        )
+        .unwrap();
+        assert_eq!(
+            joined(&args),
+            "-name clh-pod1 -M microvm,acpi=off,memory-backend=mem -accel tcg -cpu max -smp 2 -m 256M \
+             -object memory-backend-memfd,id=mem,size=256M,share=on -nodefaults -no-user-config -nographic -no-reboot \
+             -kernel /k/vmlinuz -initrd /k/initramfs.cpio.gz -append console=ttyS0 quiet reboot=t \
+             -chardev socket,id=vsock,path=/run/x/pod1/vv.sock -device vhost-user-vsock-device,chardev=vsock \
+             -chardev socket,id=virtiofs,path=/run/x/pod1/fs.sock -device vhost-user-fs-device,chardev=virtiofs,tag=clh-shared \
+             -serial file:/run/x/pod1/console.log -qmp unix:/run/x/pod1/qmp.sock,server=on,wait=off"
+        );
+    }
+
+    #[test]
+    fn a_tag_that_could_inject_device_options_is_refused() {
+        let mut s = spec();
+        if let Some(fs) = s.shared_fs.as_mut() {
+            fs.tag = "x,chardev=evil".into();
+        }
+        assert!(qemu_args(&s, Path::new("/a"), Path::new("/b")).is_err());
+    }
+
+    #[test]
+    fn a_newline_in_the_kernel_command_line_is_refused() {
+        let mut s = spec();
+        s.cmdline = "quiet\ninit=/bin/sh".into();
+        assert!(qemu_args(&s, Path::new("/a"), Path::new("/b")).is_err());
+    }
+
+    #[test]
+    fn vhost_vsock_arguments() {
+        let args = vhost_vsock_args(Path::new("/d/vv.sock"), Path::new("/d/vsock.sock"));
+        assert_eq!(
+            joined(&args),
+            "--guest-cid 3 --socket /d/vv.sock --uds-path /d/vsock.sock"
+        );
+    }
+}

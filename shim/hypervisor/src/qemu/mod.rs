@@ -1,0 +1,269 @@
+//! QEMU TCG backend, for hosts without usable KVM.
+//!
+//! One VM is two processes: `vhost-device-vsock`, which serves the guest's
+//! vsock device and exposes the same hybrid-vsock Unix socket as Cloud
+//! Hypervisor (`CONNECT <port>\n` / `OK <port>\n`), and
+//! `qemu-system-x86_64 -M microvm -accel tcg`. QEMU is stopped with SIGTERM,
+//! on which it exits cleanly; there is no guest-side graceful shutdown to
+//! wait for (the shim has already stopped the workload through the agent).
+
+mod args;
+mod console;
+mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use crate::process::ManagedProcess;
+use crate::virtiofsd::socket_is_listening;
+use crate::wait::wait_until;
+use crate::{Error, Hypervisor, Result, VmSpec};
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Files the backend creates in the VM directory.
+const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
+const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
+const QMP_SOCKET: &str = "qmp.sock";
+const QEMU_LOG: &str = "qemu.log";
+const VHOST_VSOCK_LOG: &str = "vhost-device-vsock.log";
+
+pub struct Qemu {
+    binary: PathBuf,
+    vhost_device_vsock: PathBuf,
+    running: Option<Running>,
+}
+
+/// The processes and sockets of a started VM. Kept after `stop` so that
+/// `wait_exit` can still say how QEMU ended.
+struct Running {
+    qemu: Arc<ManagedProcess>,
+    vhost_vsock: ManagedProcess,
+    hybrid_vsock: PathBuf,
+    sockets: Vec<PathBuf>,
+}
+
+impl Qemu {
+    pub fn new(binary: PathBuf, vhost_device_vsock: PathBuf) -> Self {
+        Self {
+            binary,
+            vhost_device_vsock,
+            running: None,
+        }
+    }
+
+    /// The QEMU log of the VM in `dir`, for error reports.
+    pub fn log_path(dir: &Path) -> PathBuf {
+        dir.join(QEMU_LOG)
+    }
+}
+
+fn socket_path(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(Error::InvalidSpec(format!(
+            "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter state directory",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+fn remove_files(paths: &[PathBuf]) {
+    for path in paths {
+        if let Err(e) = std::fs::remove_file(path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove socket");
+            }
+        }
+    }
+}
+
+/// Starts vhost-device-vsock and waits for its vhost-user socket.
+async fn start_vhost_vsock(
+    binary: &Path,
+    spec: &VmSpec,
+    vhost: &Path,
+    uds: &Path,
+    timeout: Duration,
+) -> Result<ManagedProcess> {
+    let mut cmd = Command::new(binary);
+    cmd.args(args::vhost_vsock_args(vhost, uds));
+    let process =
+        ManagedProcess::spawn("vhost-device-vsock", cmd, &spec.dir.join(VHOST_VSOCK_LOG))?;
+    // Probe without connecting: a connection is taken as the VMM's.
+    let ready = wait_until(
+        "vhost-device-vsock to listen on its vhost-user socket",
+        timeout,
+        || async {
+            if process.exited().is_some() {
+                return Some(Err(process.exited_early()));
+            }
+            socket_is_listening(vhost).then_some(Ok(()))
+        },
+    )
+    .await
+    .and_then(|r| r);
+    match ready {
+        Ok(()) => Ok(process),
+        Err(e) => {
+            // Reaped before returning, so the caller's cleanup sees no process.
+            let _ = process.kill().await;
+            Err(e)
+        }
+    }
+}
+
+impl Qemu {
+    async fn try_start(&mut self, spec: &VmSpec, sockets: &[PathBuf; 3]) -> Result<()> {
+        let [vhost, uds, qmp_socket] = sockets;
+        let deadline = Instant::now() + spec.start_timeout;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let qemu_args = args::qemu_args(spec, vhost, qmp_socket)?;
+        for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
+            if !path.is_file() {
+                return Err(Error::InvalidSpec(format!(
+                    "{what} {} does not exist",
+                    path.display()
+                )));
+            }
+        }
+        let vhost_vsock =
+            start_vhost_vsock(&self.vhost_device_vsock, spec, vhost, uds, left()).await?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&qemu_args);
+        let qemu = match ManagedProcess::spawn("qemu-system-x86_64", cmd, &spec.dir.join(QEMU_LOG))
+        {
+            Ok(qemu) => Arc::new(qemu),
+            Err(e) => {
+                let _ = vhost_vsock.kill().await;
+                return Err(e);
+            }
+        };
+        // Registered before anything else can fail, so `stop` cleans up.
+        self.running = Some(Running {
+            qemu: qemu.clone(),
+            vhost_vsock,
+            hybrid_vsock: uds.clone(),
+            sockets: sockets.to_vec(),
+        });
+        console::spawn_power_off_watcher(spec.console_log.clone(), Arc::downgrade(&qemu));
+        qmp::wait_running(qmp_socket, &qemu, left()).await?;
+        // vhost-device-vsock opens the hybrid-vsock socket once QEMU has set
+        // the device up.
+        wait_until(
+            "the hybrid-vsock socket of vhost-device-vsock",
+            left(),
+            || async {
+                if qemu.exited().is_some() {
+                    return Some(Err(qemu.exited_early()));
+                }
+                socket_is_listening(uds).then_some(Ok(()))
+            },
+        )
+        .await?
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    async fn start(&mut self, spec: &VmSpec) -> Result<()> {
+        if self.running.is_some() {
+            return Err(Error::InvalidSpec(
+                "this QEMU backend has already started a VM".into(),
+            ));
+        }
+        let sockets = [
+            socket_path(&spec.dir, VHOST_VSOCK_SOCKET)?,
+            socket_path(&spec.dir, HYBRID_VSOCK_SOCKET)?,
+            socket_path(&spec.dir, QMP_SOCKET)?,
+        ];
+        let result = self.try_start(spec, &sockets).await;
+        if let Err(e) = &result {
+            tracing::warn!(id = %spec.id, error = %e, "QEMU VM failed to start; cleaning up");
+            // Stop with no grace: nothing is running that needs it.
+            if let Err(stop_err) = self.stop(Duration::ZERO).await {
+                tracing::warn!(id = %spec.id, error = %stop_err, "cleanup after failed start");
+            }
+            remove_files(&sockets);
+        }
+        result
+    }
+
+    fn vsock_socket(&self) -> PathBuf {
+        self.running
+            .as_ref()
+            .map(|r| r.hybrid_vsock.clone())
+            .unwrap_or_default()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        match &self.running {
+            Some(r) => [&*r.qemu, &r.vhost_vsock]
+                .into_iter()
+                .filter(|p| p.exited().is_none())
+                .map(|p| p.pid())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    async fn wait_exit(&self) -> String {
+        match &self.running {
+            Some(r) => r.qemu.wait_exit().await,
+            None => "not started".to_string(),
+        }
+    }
+
+    async fn stop(&mut self, timeout: Duration) -> Result<()> {
+        let Some(running) = &self.running else {
+            return Ok(());
+        };
+        // QEMU first: vhost-device-vsock must outlive its frontend, or QEMU
+        // may log vhost-user errors while tearing down.
+        let qemu_result = running.qemu.terminate(timeout).await;
+        let vsock_result = running.vhost_vsock.terminate(timeout).await;
+        remove_files(&running.sockets);
+        qemu_result.and(vsock_result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overlong_socket_path_is_a_clear_error() {
+        let dir = PathBuf::from(format!("/tmp/{}", "d".repeat(100)));
+        let err = socket_path(&dir, HYBRID_VSOCK_SOCKET).unwrap_err();
+        assert!(err.to_string().contains("shorter state directory"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_kernel_fails_before_spawning_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = VmSpec {
+            id: "t".into(),
+            dir: dir.path().to_path_buf(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: dir.path().join("no-kernel"),
+            initramfs: dir.path().join("no-initrd"),
+            cmdline: String::new(),
+            shared_fs: None,
+            console_log: dir.path().join("console.log"),
+            start_timeout: Duration::from_secs(5),
+        };
+        let mut qemu = Qemu::new("/nonexistent/qemu".into(), "/nonexistent/vv".into());
+        let err = qemu.start(&spec).await.unwrap_err();
+        assert!(err.to_string().contains("no-kernel"), "{err}");
+        assert!(qemu.pids().is_empty());
+        qemu.stop(Duration::from_secs(1)).await.unwrap();
+    }
+}
