@@ -36,6 +36,13 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    #[error("Cloud Hypervisor API {endpoint}: cannot encode the request body (paths must be valid UTF-8)")]
+    ApiEncode {
+        endpoint: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+
     #[error("Cloud Hypervisor API {endpoint}: unexpected response body")]
     ApiDecode {
         endpoint: &'static str,

@@ -1,37 +1,302 @@
-//! Cloud Hypervisor backend (filled in by the CH work).
-use std::path::PathBuf;
+//! Cloud Hypervisor backend: one `cloud-hypervisor --api-socket` process per
+//! VM, configured and booted through its REST API ([`client::ApiClient`]).
+//!
+//! Files in the VM's state directory:
+//! - `ch-api.sock`: the API socket;
+//! - `vsock.sock`: the hybrid-vsock socket (guest cid 3);
+//! - `vmm.log`: CH's stdout and stderr.
+
+pub mod api;
+pub mod client;
+mod vm_config;
+
+#[cfg(test)]
+mod client_tests;
+#[cfg(test)]
+mod spec_tests;
+
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::process::Command;
+use tokio::time::Instant;
 
+use self::api::VmmPingResponse;
+use self::api::{DiskConfig, FsConfig, NetConfig, PciDeviceInfo, VmCounters, VmInfo, VmResize};
+use self::client::ApiClient;
+use crate::process::ManagedProcess;
 use crate::{Error, Hypervisor, Result, VmSpec};
+
+pub use self::vm_config::vm_config;
+
+/// The CH major version whose API (`cloud-hypervisor-v53.0-openapi.yaml`) this
+/// backend is written and tested against.
+pub const TARGET_MAJOR_VERSION: &str = "53";
+
+/// Deadline of API calls made after start (`info`, hot-plugs, ...).
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Lower bound for each graceful-shutdown API call, so a nearly spent stop
+/// timeout still gives CH a chance to answer.
+const MIN_SHUTDOWN_CALL: Duration = Duration::from_millis(100);
+
+const API_SOCKET: &str = "ch-api.sock";
+const VSOCK_SOCKET: &str = "vsock.sock";
+const VMM_LOG: &str = "vmm.log";
+
+/// `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
 
 pub struct CloudHypervisor {
     binary: PathBuf,
+    vmm: Option<Vmm>,
+}
+
+/// A started CH process and what it created.
+struct Vmm {
+    process: ManagedProcess,
+    client: ApiClient,
+    vsock_socket: PathBuf,
+    ping: VmmPingResponse,
 }
 
 impl CloudHypervisor {
     pub fn new(binary: PathBuf) -> Self {
-        Self { binary }
+        Self { binary, vmm: None }
+    }
+
+    /// `vmm.ping` of the running VMM.
+    pub async fn ping(&self) -> Result<VmmPingResponse> {
+        self.client()?.ping().await
+    }
+
+    /// What `vmm.ping` answered at start (version, features).
+    pub fn version(&self) -> Option<&VmmPingResponse> {
+        self.vmm.as_ref().map(|vmm| &vmm.ping)
+    }
+
+    /// `vm.info`: state and effective configuration.
+    pub async fn info(&self) -> Result<VmInfo> {
+        self.client()?.info().await
+    }
+
+    /// Hot-plugs (or, before boot, cold-adds) a virtio-fs device.
+    pub async fn add_fs(&self, fs: FsConfig) -> Result<Option<PciDeviceInfo>> {
+        self.client()?.add_fs(&fs).await
+    }
+
+    pub async fn add_net(&self, net: NetConfig) -> Result<Option<PciDeviceInfo>> {
+        self.client()?.add_net(&net).await
+    }
+
+    pub async fn add_disk(&self, disk: DiskConfig) -> Result<Option<PciDeviceInfo>> {
+        self.client()?.add_disk(&disk).await
+    }
+
+    /// Resizes to `vcpus` and/or `memory_bytes` (`None` leaves it as is).
+    pub async fn resize(&self, vcpus: Option<u32>, memory_bytes: Option<u64>) -> Result<()> {
+        let resize = VmResize {
+            desired_vcpus: vcpus,
+            desired_ram: memory_bytes,
+            desired_balloon: None,
+        };
+        self.client()?.resize(&resize).await
+    }
+
+    pub async fn counters(&self) -> Result<VmCounters> {
+        self.client()?.counters().await
+    }
+
+    /// The API client of the running VMM; an error once it has exited.
+    fn client(&self) -> Result<&ApiClient> {
+        match &self.vmm {
+            None => Err(Error::InvalidSpec(
+                "the Cloud Hypervisor VM is not started; call start first".into(),
+            )),
+            Some(vmm) if vmm.process.exited().is_some() => Err(vmm.process.exited_early()),
+            Some(vmm) => Ok(&vmm.client),
+        }
+    }
+
+    /// Spawns CH and brings the VM to booting; `vmm` is set as soon as the
+    /// process exists so that a failure can stop it.
+    async fn start_vmm(&mut self, spec: &VmSpec, deadline: Instant) -> Result<()> {
+        let api_socket = socket_path(&spec.dir, API_SOCKET)?;
+        let vsock_socket = socket_path(&spec.dir, VSOCK_SOCKET)?;
+        // Leftovers of an earlier VMM in this directory would make CH fail
+        // to bind, or make us talk to a dead socket.
+        remove_socket(&api_socket)?;
+        remove_socket(&vsock_socket)?;
+
+        let mut cmd = Command::new(&self.binary);
+        // -v: info level, so the log records each API request and CH's own
+        // explanation of any failure.
+        cmd.arg("-v")
+            .arg("--api-socket")
+            .arg(format!("path={}", api_socket.display()));
+        let process = ManagedProcess::spawn(
+            &format!("cloud-hypervisor for {}", spec.id),
+            cmd,
+            &spec.dir.join(VMM_LOG),
+        )?;
+        let vmm = self.vmm.insert(Vmm {
+            process,
+            client: ApiClient::new(&api_socket, API_TIMEOUT),
+            vsock_socket: vsock_socket.clone(),
+            ping: VmmPingResponse {
+                version: String::new(),
+                build_version: String::new(),
+                pid: None,
+                features: Vec::new(),
+            },
+        });
+
+        wait_for_api_socket(&vmm.process, &api_socket, remaining(deadline)).await?;
+        vmm.ping = vmm.client.ping_within(remaining(deadline)).await?;
+        check_version(&vmm.ping);
+        let config = vm_config(spec, &vsock_socket);
+        vmm.client
+            .create_within(&config, remaining(deadline))
+            .await?;
+        vmm.client.boot_within(remaining(deadline)).await
     }
 }
 
 #[async_trait]
 impl Hypervisor for CloudHypervisor {
-    async fn start(&mut self, _spec: &VmSpec) -> Result<()> {
-        let _ = &self.binary;
-        Err(Error::Unsupported("start"))
+    #[tracing::instrument(skip_all, fields(id = %spec.id))]
+    async fn start(&mut self, spec: &VmSpec) -> Result<()> {
+        if let Some(vmm) = &self.vmm {
+            if vmm.process.exited().is_none() {
+                return Err(Error::InvalidSpec(
+                    "this Cloud Hypervisor VM is already started; stop it first".into(),
+                ));
+            }
+        }
+        let deadline = Instant::now() + spec.start_timeout;
+        let Err(error) = self.start_vmm(spec, deadline).await else {
+            return Ok(());
+        };
+        // A dead VMM explains more (its log) than a refused connection or a
+        // timeout does.
+        let error = match &self.vmm {
+            Some(vmm) if vmm.process.exited().is_some() => vmm.process.exited_early(),
+            _ => error,
+        };
+        if let Err(stop_error) = self.stop(Duration::ZERO).await {
+            tracing::warn!(error = %stop_error, "cleanup after a failed start failed");
+        }
+        Err(error)
     }
+
     fn vsock_socket(&self) -> PathBuf {
-        PathBuf::new()
+        self.vmm
+            .as_ref()
+            .map(|vmm| vmm.vsock_socket.clone())
+            .unwrap_or_default()
     }
+
     fn pids(&self) -> Vec<u32> {
-        Vec::new()
+        self.vmm
+            .iter()
+            .filter(|vmm| vmm.process.exited().is_none())
+            .map(|vmm| vmm.process.pid())
+            .collect()
     }
+
     async fn wait_exit(&self) -> String {
-        String::new()
+        match &self.vmm {
+            Some(vmm) => vmm.process.wait_exit().await,
+            None => "never started".to_string(),
+        }
     }
-    async fn stop(&mut self, _timeout: Duration) -> Result<()> {
-        Ok(())
+
+    async fn stop(&mut self, timeout: Duration) -> Result<()> {
+        let Some(vmm) = &self.vmm else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + timeout;
+        if vmm.process.exited().is_none() {
+            graceful_shutdown(vmm, deadline).await;
+            vmm.process.terminate(remaining(deadline)).await?;
+        }
+        remove_socket(vmm.client.socket())?;
+        remove_socket(&vmm.vsock_socket)
+    }
+}
+
+/// `vm.shutdown` then `vmm.shutdown`, then waits for the process to exit,
+/// all before `deadline`. Failures are expected (the VM may not be booted,
+/// CH may be wedged) and only logged: the caller kills what is left.
+async fn graceful_shutdown(vmm: &Vmm, deadline: Instant) {
+    let call_timeout = || remaining(deadline).max(MIN_SHUTDOWN_CALL);
+    if let Err(e) = vmm.client.shutdown_vm(call_timeout()).await {
+        tracing::debug!(error = %e, "vm.shutdown failed; shutting the VMM down anyway");
+    }
+    if let Err(e) = vmm.client.shutdown_vmm(call_timeout()).await {
+        tracing::debug!(error = %e, "vmm.shutdown failed; the process will be killed");
+        return;
+    }
+    let _ = tokio::time::timeout(remaining(deadline), vmm.process.wait_exit()).await;
+}
+
+/// Waits for CH to accept connections on its API socket, failing early (with
+/// CH's log) if the process exits first.
+async fn wait_for_api_socket(
+    process: &ManagedProcess,
+    socket: &Path,
+    timeout: Duration,
+) -> Result<()> {
+    crate::wait::wait_until("the Cloud Hypervisor API socket", timeout, || async {
+        if process.exited().is_some() {
+            return Some(Err(process.exited_early()));
+        }
+        tokio::net::UnixStream::connect(socket)
+            .await
+            .ok()
+            .map(|_| Ok(()))
+    })
+    .await?
+}
+
+fn check_version(ping: &VmmPingResponse) {
+    let major = ping.version.split('.').next().unwrap_or_default();
+    if major == TARGET_MAJOR_VERSION {
+        tracing::debug!(version = %ping.build_version, "Cloud Hypervisor is up");
+    } else {
+        tracing::warn!(
+            version = %ping.version,
+            build = %ping.build_version,
+            target = TARGET_MAJOR_VERSION,
+            "this Cloud Hypervisor is not the major version clh-shim targets; its API may differ"
+        );
+    }
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+fn socket_path(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(Error::InvalidSpec(format!(
+            "socket path {} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket allows; \
+             use a shorter VM state directory",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+fn remove_socket(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+            what: "cannot remove socket",
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }

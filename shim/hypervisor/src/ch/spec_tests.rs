@@ -1,0 +1,231 @@
+//! The JSON we send, checked against CH's v53 OpenAPI spec, and a golden
+//! `vm.create` body.
+//!
+//! Validation is stricter than the spec: object schemas get
+//! `additionalProperties: false`, because CH silently ignores unknown fields
+//! and a misspelled field name would otherwise go unnoticed.
+
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::api::{DiskConfig, FsConfig, ImageType, NetConfig, RngConfig, VmResize};
+use super::vm_config;
+use crate::{SharedFs, VmSpec};
+
+const SPEC_PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../../shared/reference/cloud-hypervisor-v53.0-openapi.yaml"
+);
+
+/// The spec's `components`, made strict; loaded once.
+static COMPONENTS: LazyLock<Value> = LazyLock::new(|| {
+    let text = std::fs::read_to_string(SPEC_PATH).unwrap_or_else(|e| {
+        panic!(
+            "cannot read the Cloud Hypervisor OpenAPI spec at {SPEC_PATH} ({e}); these tests \
+             need the shared reference directory next to the workspace checkout"
+        )
+    });
+    let spec: serde_yaml::Value = serde_yaml::from_str(&text).expect("the spec is valid YAML");
+    // Only `components` is converted: `paths` has integer keys (status
+    // codes), which JSON objects cannot have.
+    let components = spec.get("components").expect("the spec has components");
+    let mut components = serde_json::to_value(components).expect("components convert to JSON");
+    make_strict(&mut components);
+    components
+});
+
+/// Turns OpenAPI 3.0 schemas into strict JSON Schema: forbid properties that
+/// are not declared, and map `nullable: true` to a `null` type.
+fn make_strict(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+                map.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            if map.remove("nullable") == Some(Value::Bool(true)) {
+                if let Some(Value::String(ty)) = map.get("type").cloned() {
+                    map.insert("type".into(), json!([ty, "null"]));
+                }
+            }
+            map.values_mut().for_each(make_strict);
+        }
+        Value::Array(items) => items.iter_mut().for_each(make_strict),
+        _ => {}
+    }
+}
+
+/// Validation errors of `instance` against `#/components/schemas/<schema>`.
+fn violations(schema: &str, instance: &Value) -> Vec<String> {
+    let root = json!({
+        "$ref": format!("#/components/schemas/{schema}"),
+        "components": *COMPONENTS,
+    });
+    let validator = jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft4)
+        .build(&root)
+        .unwrap_or_else(|e| panic!("schema {schema} does not compile: {e}"));
+    validator
+        .iter_errors(instance)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
+}
+
+fn assert_valid<T: Serialize>(schema: &str, body: &T) -> Value {
+    let json = serde_json::to_value(body).unwrap();
+    let errors = violations(schema, &json);
+    assert!(
+        errors.is_empty(),
+        "{schema} body {json} violates the spec: {errors:#?}"
+    );
+    json
+}
+
+fn spec(dir: &Path) -> VmSpec {
+    VmSpec {
+        id: "pod1".into(),
+        dir: dir.to_path_buf(),
+        vcpus: 2,
+        memory_mib: 512,
+        kernel: "/opt/clh/vmlinux".into(),
+        initramfs: "/opt/clh/initramfs.cpio.gz".into(),
+        cmdline: "console=ttyS0 quiet".into(),
+        shared_fs: Some(SharedFs {
+            socket: dir.join("fs.sock"),
+            tag: "clh-shared".into(),
+        }),
+        console_log: dir.join("console.log"),
+        start_timeout: Duration::from_secs(5),
+    }
+}
+
+fn full_net() -> NetConfig {
+    NetConfig {
+        tap: Some("tap0".into()),
+        ip: Some("192.168.249.1".into()),
+        mask: Some("255.255.255.0".into()),
+        mac: Some("12:34:56:78:90:ab".into()),
+        host_mac: Some("12:34:56:78:90:ac".into()),
+        mtu: Some(1500),
+        num_queues: Some(2),
+        queue_size: Some(256),
+        vhost_user: Some(false),
+        vhost_socket: None,
+        id: Some("net0".into()),
+    }
+}
+
+fn full_disk() -> DiskConfig {
+    DiskConfig {
+        path: Some("/var/lib/clh/rootfs.img".into()),
+        readonly: Some(true),
+        direct: Some(false),
+        num_queues: Some(1),
+        queue_size: Some(128),
+        id: Some("disk0".into()),
+        serial: Some("rootfs".into()),
+        image_type: Some(ImageType::Raw),
+    }
+}
+
+#[test]
+fn vm_create_body_matches_the_spec() {
+    let dir = PathBuf::from("/run/clh/pod1");
+    assert_valid("VmConfig", &vm_config(&spec(&dir), &dir.join("vsock.sock")));
+
+    let mut everything = vm_config(&spec(&dir), &dir.join("vsock.sock"));
+    everything.net = Some(vec![full_net()]);
+    everything.disks = Some(vec![full_disk()]);
+    everything.rng = Some(RngConfig {
+        src: "/dev/urandom".into(),
+    });
+    if let Some(memory) = everything.memory.as_mut() {
+        memory.hugepages = Some(false);
+        memory.hotplug_size = Some(1 << 30);
+    }
+    assert_valid("VmConfig", &everything);
+}
+
+#[test]
+fn hotplug_and_resize_bodies_match_the_spec() {
+    let mut fs = FsConfig::new("extra", "/run/clh/pod1/fs2.sock");
+    assert_valid("FsConfig", &fs);
+    fs.id = Some("fs1".into());
+    assert_valid("FsConfig", &fs);
+    assert_valid("NetConfig", &full_net());
+    assert_valid("NetConfig", &NetConfig::default());
+    assert_valid("DiskConfig", &full_disk());
+    let resize = VmResize {
+        desired_vcpus: Some(4),
+        desired_ram: Some(2 << 30),
+        desired_balloon: Some(0),
+    };
+    assert_valid("VmResize", &resize);
+}
+
+#[test]
+fn the_spec_rejects_misspelled_fields_wrong_enums_and_missing_requirements() {
+    let dir = PathBuf::from("/run/clh/pod1");
+    let good = serde_json::to_value(vm_config(&spec(&dir), &dir.join("vsock.sock"))).unwrap();
+
+    let mut misspelled = good.clone();
+    misspelled["cpus"]["boot_vcpu"] = json!(2);
+    let errors = violations("VmConfig", &misspelled);
+    assert!(errors.iter().any(|e| e.contains("boot_vcpu")), "{errors:?}");
+
+    let mut bad_enum = good.clone();
+    bad_enum["console"]["mode"] = json!("off");
+    assert!(!violations("VmConfig", &bad_enum).is_empty());
+
+    let mut no_payload = good;
+    no_payload.as_object_mut().unwrap().remove("payload");
+    assert!(!violations("VmConfig", &no_payload).is_empty());
+
+    let bad_cid = json!({"cid": 2, "socket": "/v.sock"});
+    assert!(!violations("VsockConfig", &bad_cid).is_empty());
+
+    let fs_without_queues = json!({"tag": "t", "socket": "/fs.sock"});
+    assert!(!violations("FsConfig", &fs_without_queues).is_empty());
+}
+
+#[test]
+fn vm_create_body_golden() {
+    let dir = PathBuf::from("/run/clh/pod1");
+    let body = serde_json::to_value(vm_config(&spec(&dir), &dir.join("vsock.sock"))).unwrap();
+    let golden = json!({
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 536_870_912, "shared": true},
+        "payload": {
+            "kernel": "/opt/clh/vmlinux",
+            "cmdline": "console=ttyS0 quiet",
+            "initramfs": "/opt/clh/initramfs.cpio.gz"
+        },
+        "fs": [{
+            "tag": "clh-shared",
+            "socket": "/run/clh/pod1/fs.sock",
+            "num_queues": 1,
+            "queue_size": 1024
+        }],
+        "serial": {"mode": "File", "file": "/run/clh/pod1/console.log"},
+        "console": {"mode": "Off"},
+        "vsock": {"cid": 3, "socket": "/run/clh/pod1/vsock.sock"}
+    });
+    assert_eq!(
+        body,
+        golden,
+        "actual:\n{}",
+        serde_json::to_string_pretty(&body).unwrap()
+    );
+}
+
+#[test]
+fn without_shared_fs_no_fs_field_is_sent() {
+    let dir = PathBuf::from("/run/clh/pod1");
+    let mut spec = spec(&dir);
+    spec.shared_fs = None;
+    let body = assert_valid("VmConfig", &vm_config(&spec, &dir.join("vsock.sock")));
+    assert!(body.get("fs").is_none(), "{body}");
+}

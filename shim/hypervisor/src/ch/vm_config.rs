@@ -1,0 +1,51 @@
+//! The `vm.create` body for a [`VmSpec`].
+
+use std::path::Path;
+
+use super::api::{
+    ConsoleConfig, CpusConfig, FsConfig, MemoryConfig, PayloadConfig, VmConfig, VsockConfig,
+};
+use crate::VmSpec;
+
+/// The guest's vsock context id. Each VM has its own hybrid-vsock socket, so
+/// every guest can use the first cid that is not reserved (0-2 are).
+pub const GUEST_CID: u64 = 3;
+
+/// The configuration that boots `spec`, with its hybrid vsock at
+/// `vsock_socket`.
+pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
+    VmConfig {
+        cpus: Some(CpusConfig {
+            boot_vcpus: spec.vcpus,
+            max_vcpus: spec.vcpus,
+        }),
+        memory: Some(MemoryConfig {
+            size: u64::from(spec.memory_mib) << 20,
+            // vhost-user backends (virtiofsd) map guest RAM, which works
+            // only if CH maps it MAP_SHARED.
+            shared: Some(true),
+            hugepages: None,
+            hotplug_size: None,
+        }),
+        payload: PayloadConfig {
+            firmware: None,
+            kernel: Some(spec.kernel.clone()),
+            cmdline: Some(spec.cmdline.clone()),
+            initramfs: Some(spec.initramfs.clone()),
+        },
+        fs: spec
+            .shared_fs
+            .as_ref()
+            .map(|fs| vec![FsConfig::new(fs.tag.clone(), fs.socket.clone())]),
+        vsock: Some(VsockConfig {
+            cid: GUEST_CID,
+            socket: vsock_socket.to_path_buf(),
+            id: None,
+        }),
+        // The guest kernel logs to ttyS0 (the serial port); the virtio
+        // console would default to CH's own tty, which a shim does not have.
+        serial: Some(ConsoleConfig::file(&spec.console_log)),
+        console: Some(ConsoleConfig::off()),
+        ..VmConfig::default()
+    }
+}
