@@ -1,0 +1,273 @@
+//! The Cloud Hypervisor backend against a real `cloud-hypervisor` process:
+//! start (create + boot), info, virtio-fs at boot and hot-plugged, stop, and
+//! what stop must leave behind (nothing).
+//!
+//! The guest is a tiny PVH ELF written by the test (its code is `hlt`), so
+//! the test needs no kernel build and does not depend on whether a real
+//! guest can run on this host: what it checks is the API, the VMM process
+//! and the cleanup.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clh_hypervisor::ch::api::{FsConfig, VmState};
+use clh_hypervisor::ch::CloudHypervisor;
+use clh_hypervisor::virtiofsd::Virtiofsd;
+use clh_hypervisor::{Error, Hypervisor, SharedFs, VmSpec};
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `cloud-hypervisor` on PATH, or `None` after printing the skip notice.
+fn cloud_hypervisor() -> Option<PathBuf> {
+    let found = find_on_path("cloud-hypervisor");
+    if found.is_none() {
+        println!(
+            "SKIPPED: cloud-hypervisor not found on PATH (install it to run the CH API tests)"
+        );
+    }
+    found
+}
+
+fn virtiofsd() -> PathBuf {
+    find_on_path("virtiofsd")
+        .or_else(|| {
+            let home = std::env::var_os("HOME")?;
+            let cargo_bin = Path::new(&home).join(".cargo/bin/virtiofsd");
+            cargo_bin.is_file().then_some(cargo_bin)
+        })
+        .expect("virtiofsd is needed for the virtio-fs part of this test: put it on PATH")
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A state directory under /tmp: its sockets must fit in `sun_path`.
+fn short_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("chapi")
+        .tempdir_in("/tmp")
+        .expect("create a temporary directory in /tmp")
+}
+
+/// A minimal x86-64 ELF "kernel" with a PVH entry note: one page at 1 MiB
+/// holding `hlt; jmp .-1`. Enough for CH to load and boot it.
+fn write_pvh_kernel(path: &Path) {
+    const LOAD: u64 = 0x10_0000;
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let note_off = EHDR + 2 * PHDR;
+    let mut note = Vec::new();
+    for word in [4u32, 4, 18] {
+        // namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
+        note.extend_from_slice(&word.to_le_bytes());
+    }
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(LOAD as u32).to_le_bytes());
+    let code_off = note_off + note.len();
+    let code = [0xf4u8, 0xeb, 0xfd];
+
+    let mut elf = Vec::new();
+    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for half in [EHDR as u16, PHDR as u16, 2, 0, 0, 0] {
+        // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    let mut phdr = |kind: u32, flags: u32, offset: usize, addr: u64, size: usize, align: u64| {
+        elf.extend_from_slice(&kind.to_le_bytes());
+        elf.extend_from_slice(&flags.to_le_bytes());
+        for value in [offset as u64, addr, addr, size as u64, size as u64, align] {
+            elf.extend_from_slice(&value.to_le_bytes());
+        }
+    };
+    phdr(1, 5, code_off, LOAD, code.len(), 0x1000); // PT_LOAD, R+X
+    phdr(4, 4, note_off, 0, note.len(), 4); // PT_NOTE
+    elf.extend_from_slice(&note);
+    elf.extend_from_slice(&code);
+    std::fs::write(path, elf).expect("write the test kernel");
+}
+
+fn vm_spec(dir: &Path, kernel: PathBuf, shared_fs: Option<SharedFs>) -> VmSpec {
+    let initramfs = dir.join("initramfs");
+    std::fs::write(&initramfs, [0u8; 512]).expect("write the test initramfs");
+    VmSpec {
+        id: "ch-api-test".into(),
+        dir: dir.to_path_buf(),
+        vcpus: 1,
+        memory_mib: 256,
+        kernel,
+        initramfs,
+        cmdline: "console=ttyS0".into(),
+        shared_fs,
+        console_log: dir.join("console.log"),
+        start_timeout: START_TIMEOUT,
+    }
+}
+
+async fn start_virtiofsd(dir: &Path, name: &str) -> Virtiofsd {
+    let shared = dir.join(format!("{name}-dir"));
+    std::fs::create_dir(&shared).expect("create the shared directory");
+    Virtiofsd::start(
+        &virtiofsd(),
+        &shared,
+        &dir.join(format!("{name}.sock")),
+        &dir.join(format!("{name}.log")),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("start virtiofsd")
+}
+
+fn pid_exists(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Pids of processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&needle).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
+/// What every test checks after `stop`: the VMM is gone and left nothing.
+fn assert_cleaned_up(dir: &Path, vmm_pid: u32) {
+    assert!(
+        !pid_exists(vmm_pid),
+        "cloud-hypervisor pid {vmm_pid} still exists"
+    );
+    for socket in ["ch-api.sock", "vsock.sock"] {
+        assert!(!dir.join(socket).exists(), "{socket} was not removed");
+    }
+    let left = processes_mentioning(dir);
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn start_info_add_fs_and_stop_against_real_cloud_hypervisor() {
+    let Some(binary) = cloud_hypervisor() else {
+        return;
+    };
+    let dir = short_tempdir();
+    let kernel = dir.path().join("vmlinux");
+    write_pvh_kernel(&kernel);
+    let mut boot_fs = start_virtiofsd(dir.path(), "fs0").await;
+    let shared_fs = SharedFs {
+        socket: boot_fs.socket().to_path_buf(),
+        tag: "boot".into(),
+    };
+    let spec = vm_spec(dir.path(), kernel, Some(shared_fs));
+
+    let mut ch = CloudHypervisor::new(binary);
+    let started = ch.start(&spec).await;
+    let log = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap_or_default();
+    started.unwrap_or_else(|e| panic!("start failed: {e}\nvmm.log:\n{log}"));
+    let version = ch.version().expect("ping result recorded").clone();
+    println!(
+        "cloud-hypervisor {} ({})",
+        version.version, version.build_version
+    );
+    let [vmm_pid] = ch.pids()[..] else {
+        panic!("expected exactly the VMM pid, got {:?}", ch.pids());
+    };
+    assert_eq!(ch.vsock_socket(), dir.path().join("vsock.sock"));
+    assert!(
+        ch.vsock_socket().exists(),
+        "CH did not create the vsock socket"
+    );
+
+    let info = ch.info().await.unwrap();
+    println!("state after boot: {:?}", info.state);
+    assert_eq!(info.state, VmState::Running);
+    assert_eq!(info.config.cpus.map(|c| c.boot_vcpus), Some(1));
+    let memory = info.config.memory.as_ref().expect("memory config");
+    assert_eq!((memory.size, memory.shared), (256 << 20, Some(true)));
+    assert_eq!(info.config.fs.as_ref().map(Vec::len), Some(1));
+
+    let mut hot_fs = start_virtiofsd(dir.path(), "fs1").await;
+    let mut fs = FsConfig::new("hot", hot_fs.socket());
+    fs.id = Some("hotfs".into());
+    let device = ch.add_fs(fs).await.unwrap();
+    println!("hot-plugged virtio-fs: {device:?}");
+    assert_eq!(device.map(|d| d.id).as_deref(), Some("hotfs"));
+    let info = ch.info().await.unwrap();
+    let tags: Vec<_> = info
+        .config
+        .fs
+        .iter()
+        .flatten()
+        .map(|f| f.tag.as_str())
+        .collect();
+    assert_eq!(tags, ["boot", "hot"]);
+    ch.counters().await.unwrap();
+
+    let stop_started = Instant::now();
+    ch.stop(STOP_TIMEOUT).await.unwrap();
+    println!("stop took {:?}", stop_started.elapsed());
+    assert!(stop_started.elapsed() <= STOP_TIMEOUT + Duration::from_secs(2));
+    ch.stop(STOP_TIMEOUT).await.expect("stop is idempotent");
+    assert!(ch.pids().is_empty());
+    boot_fs.stop(Duration::from_secs(5)).await.unwrap();
+    hot_fs.stop(Duration::from_secs(5)).await.unwrap();
+    assert_cleaned_up(dir.path(), vmm_pid);
+}
+
+#[tokio::test]
+async fn a_missing_kernel_fails_start_with_ch_error_and_leaves_nothing() {
+    let Some(binary) = cloud_hypervisor() else {
+        return;
+    };
+    let dir = short_tempdir();
+    let spec = vm_spec(dir.path(), dir.path().join("no-such-vmlinux"), None);
+    let mut ch = CloudHypervisor::new(binary);
+
+    let started = Instant::now();
+    let err = ch
+        .start(&spec)
+        .await
+        .expect_err("start with a missing kernel");
+    let elapsed = started.elapsed();
+    println!("start failed as expected after {elapsed:?}: {err}");
+    assert!(elapsed < START_TIMEOUT, "took {elapsed:?}");
+    match &err {
+        Error::Api { endpoint, body, .. } => {
+            // CH opens the kernel when it boots the VM, not at create.
+            assert_eq!(*endpoint, "vm.boot");
+            // CH's own explanation, from its error body.
+            assert!(body.contains("No such file or directory"), "{body}");
+        }
+        other => panic!("expected CH's API error, got {other:?}"),
+    }
+
+    // start stops what it spawned before returning the error.
+    assert!(ch.pids().is_empty(), "VMM still running: {:?}", ch.pids());
+    let left = processes_mentioning(dir.path());
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    for socket in ["ch-api.sock", "vsock.sock"] {
+        assert!(
+            !dir.path().join(socket).exists(),
+            "{socket} was not removed"
+        );
+    }
+}
