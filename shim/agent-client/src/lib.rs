@@ -1,1 +1,172 @@
+//! The shim's client of the guest agent: the hybrid-vsock handshake, the
+//! protocol-version check, and a deadline on every call.
 
+mod hybrid_vsock;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::time::Duration;
+
+use clh_agent_protocol::{
+    CheckRequest, CheckResponse, VersionRequest, VersionResponse, AGENT_VSOCK_PORT,
+    PROTOCOL_VERSION,
+};
+use tokio::time::Instant;
+use ttrpc::r#async::transport::Socket;
+
+pub use hybrid_vsock::{connect_hybrid_vsock, HandshakeError, MAX_REPLY_LINE};
+
+/// Deadline of one handshake attempt while the guest boots. Long enough
+/// for a slow TCG guest to answer, short enough that a connection the host
+/// side holds open while nothing in the guest listens yet is retried soon.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Pause between attempts: first, and most, after the previous one.
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Deadline of each RPC unless the caller gives one.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the guest agent did not answer on vsock port {port} within {timeout:?} ({attempts} attempts; the guest console log usually says why)")]
+    Unreachable {
+        port: u32,
+        timeout: Duration,
+        attempts: u32,
+        #[source]
+        last: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    #[error("cannot reach the guest agent")]
+    Handshake(#[source] HandshakeError),
+
+    #[error("the guest agent speaks protocol version {agent} but this shim speaks {shim}: the guest image and the shim come from different builds (rebuild the guest image)")]
+    ProtocolMismatch { shim: u32, agent: u32 },
+
+    #[error("agent call {method} failed")]
+    Rpc {
+        method: &'static str,
+        #[source]
+        source: ttrpc::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A connected, version-checked agent client. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: clh_agent_protocol::AgentClient,
+    call_timeout: Duration,
+    agent_version: String,
+}
+
+impl AgentClient {
+    /// Connects to the agent through the hybrid-vsock socket `uds`, retrying
+    /// while the guest boots, and checks the protocol version. Gives up
+    /// once `timeout` has passed.
+    pub async fn connect(uds: &Path, timeout: Duration) -> Result<Self> {
+        Self::connect_to_port(uds, AGENT_VSOCK_PORT, timeout).await
+    }
+
+    /// [`AgentClient::connect`] on another port (tests).
+    pub async fn connect_to_port(uds: &Path, port: u32, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let last: Box<dyn std::error::Error + Send + Sync> =
+                match Self::try_once(uds, port, left.min(ATTEMPT_TIMEOUT)).await {
+                    Ok(client) => return Ok(client),
+                    Err(Error::Handshake(e)) if e.is_retryable() => Box::new(e),
+                    // The stream broke before Version was answered: the agent
+                    // may not be fully up; retry. An answered call that fails
+                    // is final.
+                    Err(Error::Rpc { source, .. })
+                        if !matches!(source, ttrpc::Error::RpcStatus(_)) =>
+                    {
+                        Box::new(source)
+                    }
+                    Err(e) => return Err(e),
+                };
+            if Instant::now() + backoff >= deadline {
+                return Err(Error::Unreachable {
+                    port,
+                    timeout,
+                    attempts,
+                    last,
+                });
+            }
+            tracing::debug!(attempts, error = %last, "agent not reachable yet; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn try_once(uds: &Path, port: u32, timeout: Duration) -> Result<Self> {
+        let stream = connect_hybrid_vsock(uds, port, timeout)
+            .await
+            .map_err(Error::Handshake)?;
+        let client = ttrpc::r#async::Client::new(Socket::from(stream));
+        let mut this = Self {
+            inner: clh_agent_protocol::AgentClient::new(client),
+            call_timeout: timeout.max(Duration::from_millis(100)),
+            agent_version: String::new(),
+        };
+        let reply = this.version().await?;
+        if reply.protocol_version != PROTOCOL_VERSION {
+            return Err(Error::ProtocolMismatch {
+                shim: PROTOCOL_VERSION,
+                agent: reply.protocol_version,
+            });
+        }
+        this.agent_version = reply.agent_version;
+        this.call_timeout = DEFAULT_CALL_TIMEOUT;
+        Ok(this)
+    }
+
+    /// The agent's version string, as reported at connect.
+    pub fn agent_version(&self) -> &str {
+        &self.agent_version
+    }
+
+    /// Sets the deadline of each later call.
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    fn ctx(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_duration(self.call_timeout)
+    }
+
+    pub async fn version(&self) -> Result<VersionResponse> {
+        let req = VersionRequest {
+            protocol_version: PROTOCOL_VERSION,
+            shim_version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        };
+        self.inner
+            .version(self.ctx(), &req)
+            .await
+            .map_err(|source| Error::Rpc {
+                method: "Version",
+                source,
+            })
+    }
+
+    pub async fn check(&self) -> Result<CheckResponse> {
+        self.inner
+            .check(self.ctx(), &CheckRequest::default())
+            .await
+            .map_err(|source| Error::Rpc {
+                method: "Check",
+                source,
+            })
+    }
+}
