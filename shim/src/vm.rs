@@ -1,0 +1,408 @@
+//! One pod's VM: its state directory, virtiofsd, the hypervisor and the
+//! agent connection, started and stopped as one unit.
+//!
+//! Layout of `root/<id>/`: `shared/` (served by virtiofsd), `virtiofsd.sock`,
+//! the backend's sockets and logs, `console.log`, and `state.json` (the pids
+//! and their command lines, so [`cleanup_leftovers`] can finish the job after
+//! a shim crash).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clh_agent_client::AgentClient;
+use clh_hypervisor::virtiofsd::Virtiofsd;
+use clh_hypervisor::{new_backend, Backend, Binaries, Hypervisor, SharedFs, VmSpec};
+use serde::{Deserialize, Serialize};
+
+/// The virtio-fs tag the agent mounts.
+pub const SHARED_FS_TAG: &str = "clh-shared";
+/// Lines of each log quoted in a start error.
+const LOG_TAIL_LINES: usize = 30;
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+const MAX_ID_LEN: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub backend: Backend,
+    pub binaries: Binaries,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub extra_kernel_params: Vec<String>,
+    pub debug: bool,
+    pub vmm_start_timeout: Duration,
+    pub agent_timeout: Duration,
+    pub stop_timeout: Duration,
+}
+
+/// What `state.json` records: enough to kill what we started, and only it.
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedState {
+    processes: Vec<PersistedProcess>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedProcess {
+    pid: u32,
+    /// `/proc/<pid>/cmdline` at start, NUL-separated: a recycled pid has
+    /// another command line.
+    cmdline: Vec<u8>,
+}
+
+pub struct PodVm {
+    dir: PathBuf,
+    virtiofsd: Virtiofsd,
+    hypervisor: Box<dyn Hypervisor>,
+    agent: AgentClient,
+    stop_timeout: Duration,
+    /// Time from spawning the VMM to the agent's Version reply.
+    boot_to_agent: Duration,
+}
+
+impl PodVm {
+    /// Creates `root/<id>/`, starts virtiofsd and the VM, and connects to the
+    /// agent. On failure nothing is left running and the directory is gone;
+    /// the error quotes the guest console and VMM logs.
+    pub async fn start(id: &str, root: &Path, opts: &VmOptions) -> anyhow::Result<PodVm> {
+        validate_id(id)?;
+        let dir = root.join(id);
+        check_socket_path_room(&dir)?;
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("cannot create the VM state root {}", root.display()))?;
+        // create_dir (not _all): an existing directory means another VM or
+        // a leftover, and must not be reused.
+        std::fs::create_dir(&dir)
+            .with_context(|| format!("cannot create the VM directory {}", dir.display()))?;
+        let mut parts = Parts::default();
+        match start_in(id, &dir, opts, &mut parts).await {
+            Ok((agent, boot_to_agent)) => match (parts.virtiofsd, parts.hypervisor) {
+                (Some(virtiofsd), Some(hypervisor)) => Ok(PodVm {
+                    dir,
+                    virtiofsd,
+                    hypervisor,
+                    agent,
+                    stop_timeout: opts.stop_timeout,
+                    boot_to_agent,
+                }),
+                _ => bail!("internal error: VM parts missing after a successful start"),
+            },
+            Err(e) => {
+                let report = failure_report(&dir, opts.backend);
+                stop_parts(&mut parts, opts.stop_timeout).await;
+                if let Err(rm) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %rm, "cannot remove VM directory");
+                }
+                Err(e.context(format!("failed to start VM {id}{report}")))
+            }
+        }
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn boot_to_agent(&self) -> Duration {
+        self.boot_to_agent
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids = self.hypervisor.pids();
+        if self.virtiofsd.exited().is_none() {
+            pids.push(self.virtiofsd.pid());
+        }
+        pids
+    }
+
+    /// Resolves when the VMM has exited, with how it ended.
+    pub async fn wait_exit(&self) -> String {
+        self.hypervisor.wait_exit().await
+    }
+
+    /// Stops the VM, then virtiofsd, and removes the directory.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let vm = self.hypervisor.stop(self.stop_timeout).await;
+        let fs = self.virtiofsd.stop(self.stop_timeout).await;
+        let rm = std::fs::remove_dir_all(&self.dir);
+        vm.context("stopping the VM")?;
+        fs.context("stopping virtiofsd")?;
+        rm.with_context(|| format!("removing {}", self.dir.display()))
+    }
+}
+
+#[derive(Default)]
+struct Parts {
+    virtiofsd: Option<Virtiofsd>,
+    hypervisor: Option<Box<dyn Hypervisor>>,
+}
+
+async fn stop_parts(parts: &mut Parts, timeout: Duration) {
+    if let Some(hv) = parts.hypervisor.as_mut() {
+        if let Err(e) = hv.stop(timeout).await {
+            tracing::warn!(error = %e, "stopping the VM after a failed start");
+        }
+    }
+    if let Some(fs) = parts.virtiofsd.as_mut() {
+        if let Err(e) = fs.stop(timeout).await {
+            tracing::warn!(error = %e, "stopping virtiofsd after a failed start");
+        }
+    }
+}
+
+async fn start_in(
+    id: &str,
+    dir: &Path,
+    opts: &VmOptions,
+    parts: &mut Parts,
+) -> anyhow::Result<(AgentClient, Duration)> {
+    let shared = dir.join("shared");
+    std::fs::create_dir(&shared).context("cannot create the shared directory")?;
+    let fs_socket = dir.join("virtiofsd.sock");
+    let virtiofsd = Virtiofsd::start(
+        &opts.binaries.virtiofsd,
+        &shared,
+        &fs_socket,
+        &dir.join("virtiofsd.log"),
+        opts.vmm_start_timeout,
+    )
+    .await
+    .context("virtiofsd did not start")?;
+    let fs = parts.virtiofsd.insert(virtiofsd);
+    let spec = VmSpec {
+        id: id.to_string(),
+        dir: dir.to_path_buf(),
+        vcpus: opts.vcpus,
+        memory_mib: opts.memory_mib,
+        kernel: opts.kernel.clone(),
+        initramfs: opts.initramfs.clone(),
+        cmdline: kernel_cmdline(opts, &random_seed()?),
+        shared_fs: Some(SharedFs {
+            socket: fs.socket().to_path_buf(),
+            tag: SHARED_FS_TAG.to_string(),
+        }),
+        console_log: dir.join("console.log"),
+        start_timeout: opts.vmm_start_timeout,
+    };
+    let spawned = Instant::now();
+    let hypervisor = parts
+        .hypervisor
+        .insert(new_backend(opts.backend, &opts.binaries));
+    hypervisor
+        .start(&spec)
+        .await
+        .context("the VMM did not start")?;
+    let mut pids = hypervisor.pids();
+    pids.push(fs.pid());
+    persist_state(dir, &pids)?;
+    let uds = hypervisor.vsock_socket();
+    let agent = tokio::select! {
+        agent = AgentClient::connect(&uds, opts.agent_timeout) => agent.context("the guest agent did not answer")?,
+        exit = hypervisor.wait_exit() => bail!("the VMM exited before the agent answered ({exit})"),
+    };
+    Ok((agent, spawned.elapsed()))
+}
+
+/// The kernel command line: serial console, reboot on panic (the VMM then
+/// exits and the shim notices), a fresh seed for the guest's RNG, then the
+/// configured extra parameters.
+fn kernel_cmdline(opts: &VmOptions, seed: &str) -> String {
+    let mut params = vec!["console=ttyS0".to_string(), "panic=-1".to_string()];
+    params.push(if opts.debug { "clh.debug" } else { "quiet" }.to_string());
+    params.push(format!("clh.seed={seed}"));
+    params.extend(opts.extra_kernel_params.iter().cloned());
+    params.join(" ")
+}
+
+/// 32 random bytes, hex-encoded. Read from /dev/urandom, which is the
+/// getrandom(2) pool without a new dependency.
+fn random_seed() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom for the guest RNG seed")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Refuses ids that could escape `root` or make unwieldy paths.
+pub fn validate_id(id: &str) -> anyhow::Result<()> {
+    let ok_chars = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if id.is_empty() || id.len() > MAX_ID_LEN || !ok_chars || id == "." || id == ".." {
+        bail!("invalid sandbox id {id:?}: it must be 1 to {MAX_ID_LEN} characters of [A-Za-z0-9_.-] and not \".\" or \"..\"");
+    }
+    Ok(())
+}
+
+/// The longest socket name any backend puts in the VM directory
+/// (`vhost-vsock.sock` of QEMU), plus the separator.
+fn check_socket_path_room(dir: &Path) -> anyhow::Result<()> {
+    const LONGEST_SOCKET_NAME: usize = "/vhost-vsock.sock".len();
+    let len = dir.as_os_str().len() + LONGEST_SOCKET_NAME;
+    if len > MAX_SOCKET_PATH {
+        bail!(
+            "the VM directory {} is too long for Unix socket paths ({len} > {MAX_SOCKET_PATH} bytes); configure a shorter state root",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn persist_state(dir: &Path, pids: &[u32]) -> anyhow::Result<()> {
+    let state = PersistedState {
+        processes: pids
+            .iter()
+            .map(|&pid| PersistedProcess {
+                pid,
+                cmdline: std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+            })
+            .collect(),
+    };
+    let path = dir.join("state.json");
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&state)?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// After a shim crash: SIGKILLs the processes recorded in
+/// `root/<id>/state.json` that are still the ones we started (same command
+/// line), then removes the directory. A missing directory is not an error.
+pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
+    validate_id(id)?;
+    let dir = root.join(id);
+    if !dir.exists() {
+        return Ok(());
+    }
+    let state: Option<PersistedState> = std::fs::read(dir.join("state.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    for process in state.map(|s| s.processes).unwrap_or_default() {
+        let current = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
+        if process.cmdline.is_empty() || current != process.cmdline {
+            continue;
+        }
+        let Ok(pid) = i32::try_from(process.pid) else {
+            continue;
+        };
+        tracing::info!(pid, "killing a leftover VM process");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
+}
+
+/// The tails of the guest console and VMM logs, for a start error.
+fn failure_report(dir: &Path, backend: Backend) -> String {
+    let vmm_log = match backend {
+        Backend::Qemu => clh_hypervisor::qemu::Qemu::log_path(dir),
+        Backend::CloudHypervisor => dir.join("cloud-hypervisor.log"),
+    };
+    let mut report = String::new();
+    for (what, path) in [
+        ("guest console", dir.join("console.log")),
+        ("VMM log", vmm_log),
+        ("virtiofsd log", dir.join("virtiofsd.log")),
+    ] {
+        let tail = clh_hypervisor::process::log_tail(&path, LOG_TAIL_LINES);
+        if !tail.trim().is_empty() {
+            report.push_str(&format!(
+                "\n--- last lines of the {what} ({}) ---\n{tail}",
+                path.display()
+            ));
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_could_escape_the_root_are_refused() {
+        for bad in ["", ".", "..", "a/b", "../x", "a b", &"x".repeat(65), "é"] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["pod-1", "a.b_c", &"x".repeat(64)] {
+            assert!(validate_id(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn a_root_too_long_for_sockets_is_refused() {
+        let dir = PathBuf::from(format!("/tmp/{}/id", "r".repeat(90)));
+        let err = check_socket_path_room(&dir).unwrap_err();
+        assert!(err.to_string().contains("shorter state root"), "{err}");
+    }
+
+    #[test]
+    fn cleanup_kills_only_processes_with_the_recorded_command_line() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("pod");
+        std::fs::create_dir(&dir).unwrap();
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .unwrap();
+        let mut bystander = std::process::Command::new("sleep")
+            .arg("999")
+            .spawn()
+            .unwrap();
+        persist_state(&dir, &[sleeper.id()]).unwrap();
+        // The bystander is recorded with someone else's command line, as a
+        // recycled pid would be.
+        let mut state: PersistedState =
+            serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+        state.processes.push(PersistedProcess {
+            pid: bystander.id(),
+            cmdline: b"qemu-system-x86_64\0".to_vec(),
+        });
+        std::fs::write(dir.join("state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+
+        cleanup_leftovers(root.path(), "pod").unwrap();
+        assert!(!sleeper.wait().unwrap().success());
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "bystander was killed"
+        );
+        assert!(!dir.exists());
+        bystander.kill().unwrap();
+        bystander.wait().unwrap();
+    }
+
+    #[test]
+    fn the_command_line_carries_a_fresh_seed_and_extras() {
+        let opts = VmOptions {
+            backend: Backend::Qemu,
+            binaries: Binaries {
+                cloud_hypervisor: "ch".into(),
+                qemu: "q".into(),
+                vhost_device_vsock: "v".into(),
+                virtiofsd: "f".into(),
+            },
+            kernel: "k".into(),
+            initramfs: "i".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            extra_kernel_params: vec!["foo=1".into()],
+            debug: false,
+            vmm_start_timeout: Duration::from_secs(1),
+            agent_timeout: Duration::from_secs(1),
+            stop_timeout: Duration::from_secs(1),
+        };
+        let seed = random_seed().unwrap();
+        assert_eq!(seed.len(), 64);
+        assert_ne!(seed, random_seed().unwrap());
+        assert_eq!(
+            kernel_cmdline(&opts, &seed),
+            format!("console=ttyS0 panic=-1 quiet clh.seed={seed} foo=1")
+        );
+    }
+}
