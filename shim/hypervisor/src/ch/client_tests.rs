@@ -154,9 +154,9 @@ async fn add_fs_returns_the_pci_device_on_hotplug_and_none_on_cold_add() {
 
 #[tokio::test]
 async fn an_error_status_carries_ch_error_chain() {
-    // What CH v53 answers a vm.boot with a missing kernel: the error chain as
-    // a JSON array of messages.
-    let body = r#"["Error booting VM","Error from VM: failed to load the kernel","No such file or directory (os error 2)"]"#;
+    // What CH v53 answers a vm.boot with a missing kernel (recorded from a
+    // real v53.0): the error chain as a JSON array of messages.
+    let body = r#"["Error from API","The VM could not boot","Cannot open kernel file","No such file or directory (os error 2)"]"#;
     let ch = FakeCh::serve(vec![Some(response("500 Internal Server Error", body))]);
     let err = ch.client(TIMEOUT).boot().await.unwrap_err();
     match &err {
@@ -168,7 +168,7 @@ async fn an_error_status_carries_ch_error_chain() {
             assert_eq!((*endpoint, *status), ("vm.boot", 500));
             assert_eq!(
                 body,
-                "Error booting VM: Error from VM: failed to load the kernel: \
+                "Error from API: The VM could not boot: Cannot open kernel file: \
                  No such file or directory (os error 2)"
             );
         }
@@ -179,7 +179,7 @@ async fn an_error_status_carries_ch_error_chain() {
         message.contains("vm.boot") && message.contains("HTTP 500"),
         "{message}"
     );
-    assert!(message.contains("failed to load the kernel"), "{message}");
+    assert!(message.contains("Cannot open kernel file"), "{message}");
 }
 
 #[tokio::test]
