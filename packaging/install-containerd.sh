@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Installs the containerd side of the end-to-end test infrastructure:
+#   - runc and containerd 1.6 from Debian 12, system-wide (apt-get install);
+#   - containerd 2.1.x (containerd, ctr, containerd-shim-runc-v2) from Debian
+#     forky, unpacked into a cache dir, never installed system-wide;
+#   - busybox-static from Debian 12, unpacked into the cache dir (the test
+#     images are built from it).
+# The system apt configuration is never modified: newer suites are read with a
+# private apt configuration under the cache dir.
+# Idempotent and fast when everything is already there; prints the versions.
+set -euo pipefail
+
+cache="${CLH_CACHE_DIR:-$HOME/.cache/clh-shim}"
+ctd2_dir="$cache/containerd-2.x"
+busybox_dir="$cache/busybox-static"
+apt_dir="$cache/apt-forky"
+# The newest suite that ships containerd 2.1.x (trixie has 1.7).
+ctd2_suite="${CLH_CONTAINERD2_SUITE:-forky}"
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+
+log() { echo "install-containerd: $*"; }
+
+# containerd and runc from Debian 12. The package ships only a systemd unit;
+# PID 1 here is not systemd, so nothing should start, which is checked below.
+missing=()
+for p in containerd runc; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# A system daemon would share /run/containerd and /var/lib/containerd with
+# nothing of ours, but tests must never talk to it; stop it by PID if the
+# package managed to start one.
+for pid in $(pgrep -x containerd || true); do
+  if [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = /usr/bin/containerd ] &&
+    ! tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- '--config'; then
+    log "stopping system containerd (pid $pid) started by the package"
+    kill "$pid"
+  fi
+done
+
+# Private apt configuration: lists and caches under $apt_dir, system dpkg
+# status (read only) so that apt can resolve; sources signed by the Debian
+# archive keyring, which must hold the trixie keys (forky is signed by them).
+apt_private() {
+  local tool="$1"
+  shift
+  "$tool" -q \
+    -o Dir::Etc::SourceList="$apt_dir/sources.list" \
+    -o Dir::Etc::SourceParts=/dev/null \
+    -o Dir::State::Lists="$apt_dir/lists" \
+    -o Dir::Cache="$apt_dir/cache" \
+    -o Dir::State::Status=/var/lib/dpkg/status \
+    -o APT::Sandbox::User=root \
+    -o Acquire::Languages=none \
+    -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false \
+    -o Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false \
+    -o Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled=false \
+    "$@"
+}
+
+# Downloads the named package with apt-get download into $2 and unpacks it
+# into $3 (dpkg -x). $1 is "private" or "system" apt configuration.
+fetch_deb() {
+  local conf="$1" pkg="$2" dest="$3" work
+  work="$(mktemp -d)"
+  if [ "$conf" = private ]; then
+    (cd "$work" && apt_private apt-get download "$pkg")
+  else
+    (cd "$work" && apt-get -q -o APT::Sandbox::User=root download "$pkg")
+  fi
+  rm -rf "$dest.tmp"
+  mkdir -p "$dest.tmp"
+  dpkg -x "$work"/*.deb "$dest.tmp"
+  dpkg-deb -f "$work"/*.deb Version >"$dest.tmp/VERSION"
+  rm -rf "$dest" "$work"
+  mv "$dest.tmp" "$dest"
+}
+
+# containerd 2.1.x from the newer suite.
+if [ ! -x "$ctd2_dir/usr/bin/containerd" ] || [ ! -f "$ctd2_dir/VERSION" ]; then
+  if ! gpg --no-default-keyring --keyring "$keyring" --list-keys 2>/dev/null | grep -q "trixie"; then
+    echo "install-containerd: $keyring lacks the trixie keys; install a newer debian-archive-keyring" >&2
+    exit 1
+  fi
+  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+  echo "deb [signed-by=$keyring] http://deb.debian.org/debian $ctd2_suite main" >"$apt_dir/sources.list"
+  log "reading the $ctd2_suite package index (private apt configuration)"
+  apt_private apt-get update >/dev/null
+  candidate="$(apt_private apt-cache policy containerd | awk '/Candidate:/ {print $2}')"
+  case "$candidate" in
+    2.1.*) ;;
+    *)
+      echo "install-containerd: $ctd2_suite offers containerd '$candidate', not 2.1.x" >&2
+      exit 1
+      ;;
+  esac
+  log "fetching containerd $candidate from $ctd2_suite into $ctd2_dir"
+  fetch_deb private "containerd=$candidate" "$ctd2_dir"
+fi
+
+# busybox-static from Debian 12, unpacked only.
+if [ ! -x "$busybox_dir/bin/busybox" ]; then
+  log "fetching busybox-static into $busybox_dir"
+  fetch_deb system busybox-static "$busybox_dir"
+fi
+
+log "runc: $(runc --version | head -n1) (deb $(dpkg-query -W -f='${Version}' runc))"
+log "containerd 1.6: $(/usr/bin/containerd --version) (deb $(dpkg-query -W -f='${Version}' containerd))"
+log "containerd 2.x: $("$ctd2_dir/usr/bin/containerd" --version) (deb $(cat "$ctd2_dir/VERSION")) in $ctd2_dir/usr/bin"
+log "busybox-static: deb $(cat "$busybox_dir/VERSION") at $busybox_dir/bin/busybox"
