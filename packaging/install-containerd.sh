@@ -31,9 +31,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-# A system daemon would share /run/containerd and /var/lib/containerd with
-# nothing of ours, but tests must never talk to it; stop it by PID if the
-# package managed to start one.
+# Tests never talk to a system daemon; stop it by PID if the package managed
+# to start one. The private test instances always run with --config and are
+# left alone.
 for pid in $(pgrep -x containerd || true); do
   if [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = /usr/bin/containerd ] &&
     ! tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- '--config'; then
@@ -45,6 +45,8 @@ done
 # Private apt configuration: lists and caches under $apt_dir, system dpkg
 # status (read only) so that apt can resolve; sources signed by the Debian
 # archive keyring, which must hold the trixie keys (forky is signed by them).
+# Downloads run as root (APT::Sandbox::User) because the cache under $HOME
+# is not reachable by the _apt user.
 apt_private() {
   local tool="$1"
   shift
