@@ -1,0 +1,675 @@
+//! A private containerd per test, never the system's.
+//!
+//! Each [`PrivateContainerd`] owns a short temp dir `/tmp/ctd-XXXXXX` (unix
+//! socket paths are limited to 108 bytes, and shims put sockets next to the
+//! address) holding root, state, socket, config and log, and its own
+//! containerd namespace named after that dir, so that instances running in
+//! parallel share no runc state dirs or cgroups. Stopping it removes
+//! everything it made: tasks, shims and their descendants, mounts, the
+//! namespace's cgroups and runc state, the temp dir.
+//!
+//! Binaries come from `packaging/install-containerd.sh`: containerd 1.6 from
+//! Debian 12 in /usr/bin, containerd 2.1 unpacked under the cache dir.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long containerd may take to open its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long containerd may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default limit for one `ctr` command.
+pub const CTR_TIMEOUT: Duration = Duration::from_secs(60);
+/// Polling interval for deadlines (socket, child exit).
+const POLL: Duration = Duration::from_millis(20);
+
+/// The CRI registration of the `clh` handler shipped in packaging/; the
+/// harness embeds these very files so that the tests prove they load.
+const CLH_SNIPPET_V3: &str = include_str!("../../packaging/containerd/containerd-2.x-clh.toml");
+const CLH_SNIPPET_V2: &str = include_str!("../../packaging/containerd/containerd-1.x-clh.toml");
+
+/// Plugins that cannot work here or would touch host-global paths: other
+/// snapshotters (no btrfs/zfs/devmapper/block devices), NRI (its socket is
+/// host-global, /var/run/nri), tracing exporters. Unknown names are ignored
+/// by both versions.
+const DISABLED_PLUGINS: &[&str] = &[
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.blockfile",
+    "io.containerd.snapshotter.v1.erofs",
+    "io.containerd.nri.v1.nri",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.internal.v1.tracing",
+];
+
+/// Where the runc shim keeps runc state (its default `Root`), per namespace.
+const RUNC_ROOT: &str = "/run/containerd/runc";
+
+/// Which containerd binary set to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerdVersion {
+    /// containerd 2.1.x from the cache dir, config version 3.
+    V2,
+    /// containerd 1.6 from Debian 12 (/usr/bin), config version 2.
+    V1_6,
+}
+
+impl ContainerdVersion {
+    /// Directory holding containerd, ctr and containerd-shim-runc-v2.
+    pub fn bin_dir(self) -> PathBuf {
+        match self {
+            ContainerdVersion::V1_6 => PathBuf::from("/usr/bin"),
+            ContainerdVersion::V2 => cache_dir().join("containerd-2.x/usr/bin"),
+        }
+    }
+
+    /// The shipped snippet registering the `clh` runtime, without its
+    /// `version` line (the generated config has its own).
+    fn clh_snippet(self) -> String {
+        let text = match self {
+            ContainerdVersion::V2 => CLH_SNIPPET_V3,
+            ContainerdVersion::V1_6 => CLH_SNIPPET_V2,
+        };
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with("version"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// A complete config for a private instance living in `dir`.
+    fn config(self, dir: &Path, socket: &Path) -> String {
+        let d = dir.display();
+        let disabled = DISABLED_PLUGINS
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // The opt plugin would otherwise write to /opt/containerd; CNI
+        // configs are read from our dir so the host's never apply.
+        let (version, opt, cni) = match self {
+            ContainerdVersion::V2 => (
+                3,
+                "[plugins.'io.containerd.internal.v1.opt']",
+                "[plugins.'io.containerd.cri.v1.runtime'.cni]\n  conf_dir",
+            ),
+            ContainerdVersion::V1_6 => (
+                2,
+                "[plugins.\"io.containerd.internal.v1.opt\"]",
+                "[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  conf_dir",
+            ),
+        };
+        format!(
+            "version = {version}\n\
+             root = \"{d}/root\"\n\
+             state = \"{d}/state\"\n\
+             disabled_plugins = [{disabled}]\n\n\
+             [grpc]\n  address = \"{sock}\"\n\n\
+             {opt}\n  path = \"{d}/opt\"\n\n\
+             {cni} = \"{d}/cni/net.d\"\n\n\
+             {snippet}\n",
+            sock = socket.display(),
+            snippet = self.clh_snippet(),
+        )
+    }
+}
+
+/// `${CLH_CACHE_DIR:-$HOME/.cache/clh-shim}`, as packaging/install-containerd.sh.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CLH_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/clh-shim")
+}
+
+/// A containerd daemon private to one test.
+pub struct PrivateContainerd {
+    version: ContainerdVersion,
+    dir: PathBuf,
+    socket: PathBuf,
+    namespace: String,
+    path_env: String,
+    child: Option<Child>,
+    /// Shim sockets found on shims that had to be killed, removed at stop.
+    shim_sockets: Vec<PathBuf>,
+    stopped: bool,
+}
+
+impl PrivateContainerd {
+    /// Starts containerd `version` with `shim_dir` (where
+    /// `containerd-shim-clh-v2` is) first on its PATH, then the runc shim of
+    /// that version, then the system PATH; returns once its socket answers.
+    pub fn start(version: ContainerdVersion, shim_dir: Option<&Path>) -> Result<Self> {
+        let bin = version.bin_dir();
+        for b in ["containerd", "ctr", "containerd-shim-runc-v2"] {
+            if !bin.join(b).is_file() {
+                bail!(
+                    "{} missing: run packaging/install-containerd.sh",
+                    bin.join(b).display()
+                );
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ctd-")
+            .tempdir_in("/tmp")
+            .context("creating the containerd temp dir")?
+            .keep();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let socket = dir.join("c.sock");
+        let mut path_env = Vec::new();
+        if let Some(s) = shim_dir {
+            path_env.push(s.display().to_string());
+        }
+        path_env.push(bin.display().to_string());
+        path_env
+            .push(std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
+        let mut me = PrivateContainerd {
+            version,
+            socket,
+            // Lowercase letters, digits and '-' only: valid as namespace.
+            namespace: name.to_lowercase().replace('_', "-"),
+            path_env: path_env.join(":"),
+            dir,
+            child: None,
+            shim_sockets: Vec::new(),
+            stopped: false,
+        };
+        // On error `me` is dropped, which cleans up whatever was started.
+        me.spawn()?;
+        Ok(me)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let config = self.config_path();
+        fs::write(&config, self.version.config(&self.dir, &self.socket))?;
+        let log = fs::File::create(self.log_path())?;
+        let child = Command::new(self.version.bin_dir().join("containerd"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--log-level")
+            .arg("debug")
+            .env("PATH", &self.path_env)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning containerd")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    bail!(
+                        "containerd exited at start ({status}):\n{}",
+                        self.log_tail(40)
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "containerd socket {} not up within {START_TIMEOUT:?}:\n{}",
+                    self.socket.display(),
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The gRPC socket path.
+    pub fn address(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The containerd namespace this instance's helpers use (unique).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The temp dir holding root, state, config and log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn version(&self) -> ContainerdVersion {
+        self.version
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("containerd.log")
+    }
+
+    /// The last `n` lines of containerd's log, for failure messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// `ctr --address <sock> --namespace <ns> args...` with [`CTR_TIMEOUT`].
+    pub fn ctr<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<Output> {
+        self.ctr_in(&self.namespace, args, CTR_TIMEOUT)
+    }
+
+    /// `ctr` in namespace `ns` with a time limit; killed when it runs over.
+    pub fn ctr_in<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        ns: &str,
+        args: &[S],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let mut args: Vec<std::ffi::OsString> =
+            args.iter().map(|a| a.as_ref().to_owned()).collect();
+        // ctr keeps task IO fifos in the host-global /run/containerd/fifo and
+        // leaves them there for detached tasks: keep them in our dir.
+        let fifo_at = match args.first().and_then(|a| a.to_str()) {
+            Some("run") => Some(1),
+            Some("tasks" | "task" | "t") => match args.get(1).and_then(|a| a.to_str()) {
+                Some("start" | "exec") => Some(2),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(at) = fifo_at {
+            args.insert(at, "--fifo-dir".into());
+            args.insert(at + 1, self.dir.join("fifo").into());
+        }
+        let mut cmd = Command::new(self.version.bin_dir().join("ctr"));
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(ns)
+            .args(&args)
+            .env("PATH", &self.path_env);
+        run_with_timeout(cmd, timeout)
+    }
+
+    /// Imports an OCI image tarball and checks `name` is then listed.
+    pub fn import_image(&self, tar: &Path, name: &str) -> Result<()> {
+        let tar = tar.display().to_string();
+        // The tarball names the image (io.containerd.image.name annotation),
+        // which works the same in 1.6 and 2.x; --index-name would name the
+        // index instead, and --base-name only filters by prefix in 2.x.
+        let out = self.ctr(&["images", "import", &tar])?;
+        check(&out, "ctr images import")?;
+        let out = self.ctr(&["images", "ls", "-q"])?;
+        check(&out, "ctr images ls")?;
+        let listed = String::from_utf8_lossy(&out.stdout);
+        if !listed.lines().any(|l| l.trim() == name) {
+            bail!("image {name} not listed after importing {tar}: {listed}");
+        }
+        Ok(())
+    }
+
+    /// Stops everything this instance started; idempotent. Tasks are killed
+    /// and deleted through containerd first (so shims clean up after
+    /// themselves), then containerd gets SIGTERM (SIGKILL after a
+    /// deadline), then leftover shims and their descendants are killed, then
+    /// mounts, cgroups, runc state and the temp dir are removed.
+    pub fn stop(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        let mut errors = Vec::new();
+        if self.child.is_some() {
+            if let Err(e) = self.delete_all_tasks() {
+                errors.push(format!("deleting tasks: {e:#}"));
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            if let Err(e) = terminate(&mut child, STOP_TIMEOUT) {
+                errors.push(format!("stopping containerd: {e:#}"));
+            }
+        }
+        // containerd deliberately leaves shims running when it exits.
+        let shims = self.shim_pids();
+        let mut doomed = Vec::new();
+        for &pid in &shims {
+            self.shim_sockets.extend(listening_sockets(pid));
+            doomed.extend(descendants(pid));
+        }
+        for pid in shims.iter().chain(doomed.iter()) {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        wait_gone(shims.iter().chain(doomed.iter()).copied(), STOP_TIMEOUT);
+        for s in &self.shim_sockets {
+            let _ = fs::remove_file(s);
+        }
+        if let Err(e) = self.unmount_all() {
+            errors.push(format!("unmounting: {e:#}"));
+        }
+        for dir in self.namespace_dirs() {
+            if let Err(e) = remove_tree(&dir) {
+                errors.push(format!("removing {}: {e:#}", dir.display()));
+            }
+        }
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            errors.push(format!("removing {}: {e}", self.dir.display()));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", errors.join("; "))
+        }
+    }
+
+    /// Kills containerd alone with SIGKILL, as a crash would: shims and
+    /// containers keep running; [`stop`](Self::stop) still cleans them up.
+    pub fn kill_daemon(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Everything this instance left behind: empty when clean.
+    pub fn leak_report(&self) -> Vec<String> {
+        let mut leaks = Vec::new();
+        if let Some(child) = &self.child {
+            leaks.push(format!("containerd pid {} still running", child.id()));
+        }
+        for pid in self.shim_pids() {
+            leaks.push(format!("process {pid}: {}", cmdline(pid).join(" ")));
+        }
+        for m in self.mounts() {
+            leaks.push(format!("mount {}", m.display()));
+        }
+        for d in self.namespace_dirs() {
+            leaks.push(format!("dir {}", d.display()));
+        }
+        for s in &self.shim_sockets {
+            if s.exists() {
+                leaks.push(format!("socket {}", s.display()));
+            }
+        }
+        if self.dir.exists() {
+            leaks.push(format!("dir {}", self.dir.display()));
+        }
+        leaks
+    }
+
+    /// Kills and deletes every task of every namespace, bounded in time.
+    fn delete_all_tasks(&self) -> Result<()> {
+        let t = Duration::from_secs(15);
+        let out = self.ctr_in(&self.namespace, &["namespaces", "ls", "-q"], t)?;
+        check(&out, "ctr namespaces ls")?;
+        for ns in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let out = self.ctr_in(ns, &["tasks", "ls", "-q"], t)?;
+            check(&out, "ctr tasks ls")?;
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let out = self.ctr_in(ns, &["tasks", "delete", "--force", id], t)?;
+                check(&out, "ctr tasks delete")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Processes whose command line names our socket: the shims.
+    fn shim_pids(&self) -> Vec<i32> {
+        let addr = self.socket.display().to_string();
+        let unix = format!("unix://{addr}");
+        all_pids()
+            .into_iter()
+            .filter(|&pid| cmdline(pid).iter().any(|a| *a == addr || *a == unix))
+            .collect()
+    }
+
+    /// Mount points under our dir, deepest first.
+    fn mounts(&self) -> Vec<PathBuf> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut mounts: Vec<PathBuf> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(|p| PathBuf::from(p.replace("\\040", " ")))
+            .filter(|p| p.starts_with(&self.dir))
+            .collect();
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        mounts
+    }
+
+    fn unmount_all(&self) -> Result<()> {
+        use nix::mount::{umount2, MntFlags};
+        for m in self.mounts() {
+            // Lazy detach when busy: a process we could not kill must not
+            // keep the rest of the cleanup from happening.
+            umount2(&m, MntFlags::empty())
+                .or_else(|_| umount2(&m, MntFlags::MNT_DETACH))
+                .with_context(|| format!("umount {}", m.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Host-global dirs named after our (unique) namespace: the runc shim's
+    /// state and, with cgroup v1, one parent cgroup per hierarchy.
+    fn namespace_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![Path::new(RUNC_ROOT).join(&self.namespace)];
+        if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+            for e in entries.flatten() {
+                dirs.push(e.path().join(&self.namespace));
+            }
+        }
+        dirs.push(Path::new("/sys/fs/cgroup").join(&self.namespace));
+        dirs.sort();
+        dirs.dedup();
+        dirs.into_iter().filter(|d| d.exists()).collect()
+    }
+}
+
+impl Drop for PrivateContainerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "containerd {:?} log tail ({}):\n{}",
+                self.version,
+                self.log_path().display(),
+                self.log_tail(60)
+            );
+        }
+        if let Err(e) = self.stop() {
+            eprintln!("PrivateContainerd cleanup: {e:#}");
+        }
+    }
+}
+
+/// Fails with the command's stderr unless it exited 0.
+pub fn check(out: &Output, what: &str) -> Result<()> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with piped output, killing it if it outlives `timeout`.
+fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    // Readers on threads so a chatty child never blocks on a full pipe.
+    let out = child.stdout.take().map(reader);
+    let err = child.stderr.take().map(reader);
+    let status = match wait_deadline(&mut child, timeout)? {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} timed out after {timeout:?}");
+        }
+    };
+    let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+        h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+    };
+    Ok(Output {
+        status,
+        stdout: join(out),
+        stderr: join(err),
+    })
+}
+
+fn reader<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// Waits for `child` until `timeout`; None if it is still running then.
+fn wait_deadline(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// SIGTERM, then SIGKILL once `timeout` has passed; reaps the child.
+fn terminate(child: &mut Child, timeout: Duration) -> Result<()> {
+    let pid = Pid::from_raw(i32::try_from(child.id())?);
+    if kill(pid, Signal::SIGTERM).is_ok() && wait_deadline(child, timeout)?.is_some() {
+        return Ok(());
+    }
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// Waits until none of `pids` exists any more (or `timeout`).
+fn wait_gone(pids: impl Iterator<Item = i32> + Clone, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while pids
+        .clone()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        if Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn all_pids() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn cmdline(pid: i32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// All descendants of `root` (children, grandchildren...), from /proc.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for pid in all_pids() {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The comm field may hold spaces and parentheses: parse after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// Paths of the unix sockets `pid` has open (a shim's listening socket):
+/// matched by inode between /proc/<pid>/fd and /proc/net/unix.
+fn listening_sockets(pid: i32) -> Vec<PathBuf> {
+    let inodes: HashSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let path = f.get(7)?;
+            (inodes.contains(*f.get(6)?) && path.starts_with('/')).then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// Removes a dir tree made of dirs only (cgroups: rmdir, never unlink) or
+/// plain files (runc state).
+fn remove_tree(dir: &Path) -> Result<()> {
+    if dir.starts_with("/sys/fs/cgroup") {
+        for e in fs::read_dir(dir)?.flatten() {
+            if e.file_type()?.is_dir() {
+                remove_tree(&e.path())?;
+            }
+        }
+        fs::remove_dir(dir)?;
+    } else {
+        fs::remove_dir_all(dir)?;
+    }
+    Ok(())
+}
