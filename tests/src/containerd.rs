@@ -310,8 +310,10 @@ impl PrivateContainerd {
     pub fn import_image(&self, tar: &Path, name: &str) -> Result<()> {
         let tar = tar.display().to_string();
         // The tarball names the image (io.containerd.image.name annotation),
-        // which works the same in 1.6 and 2.x; --index-name would name the
-        // index instead, and --base-name only filters by prefix in 2.x.
+        // which 1.6 and 2.x both honour without flags. (For a tarball with
+        // only the OCI ref name, the tag, `--base-name <repo>` works in both;
+        // `--index-name` names the index, and 1.6 then also adds an
+        // `import-<date>` image.)
         let out = self.ctr(&["images", "import", &tar])?;
         check(&out, "ctr images import")?;
         let out = self.ctr(&["images", "ls", "-q"])?;
