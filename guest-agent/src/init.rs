@@ -35,6 +35,7 @@ pub fn init() -> anyhow::Result<Config> {
 
     nix::unistd::sethostname(&config.hostname)
         .with_context(|| format!("setting hostname to {:?}", config.hostname))?;
+    debug!("hostname {}", config.hostname);
 
     // A missing seed is survivable (the kernel's jitter entropy will get
     // there, slowly), but a seed we were given and failed to use is a bug.

@@ -134,8 +134,10 @@ fn module_name(path: &Path) -> String {
 /// The parameters the kernel command line gives module `name` as
 /// `name.param=value`, joined the way finit_module wants them. For a
 /// built-in driver the kernel applies these itself; for a module it only
-/// keeps them in /proc/cmdline, so passing them on is our job (QEMU microvm
-/// may append `virtio_mmio.device=...`, for instance).
+/// keeps them in /proc/cmdline, so passing them on is our job. (QEMU microvm
+/// with `acpi=off` appends `virtio_mmio.device=...`; Debian's cloud kernel
+/// lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and ignores it with a warning,
+/// so microvm must keep ACPI on and describe its devices in the DSDT.)
 fn module_params(name: &str, cmdline: &[Param]) -> String {
     let mut out = Vec::new();
     for param in cmdline {
