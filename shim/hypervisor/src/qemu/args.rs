@@ -12,7 +12,7 @@ pub const GUEST_CID: u32 = 3;
 
 /// What the QEMU backend itself needs on the kernel command line:
 /// `reboot=t` makes a guest reboot a triple fault, which `-no-reboot` turns
-/// into QEMU exiting (microvm has no keyboard controller to reset through).
+/// into QEMU exiting whatever reset method the machine offers.
 const BACKEND_KERNEL_PARAMS: &str = "reboot=t";
 
 /// Arguments of `vhost-device-vsock` serving one VM: the vhost-user socket
@@ -30,15 +30,15 @@ pub fn vhost_vsock_args(vhost_socket: &Path, uds: &Path) -> Vec<OsString> {
 
 /// Arguments of `qemu-system-x86_64` for `spec`.
 ///
-/// - `-M microvm,acpi=off`: with ACPI on, this QEMU's microvm routes no timer
-///   interrupt to the Debian kernel and boot hangs after TSC calibration.
-///   With ACPI off QEMU appends `virtio_mmio.device=` parameters to the
-///   command line, which the agent passes to the virtio_mmio module.
+/// - `-M pc` with virtio-pci devices, not `-M microvm`: the Debian cloud
+///   kernel lacks `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`, so with
+///   `microvm,acpi=off` no virtio-mmio device is ever found, and with
+///   microvm's ACPI no timer interrupt arrives (boot hangs after TSC
+///   calibration; with `noapic` it oopses). virtio_pci is built in.
 /// - RAM is a shared memfd: vhost-user backends (virtiofsd,
 ///   vhost-device-vsock) map guest memory.
-/// - `-no-reboot`: a guest reboot or panic (`panic=-1`) ends QEMU. A guest
-///   power-off only halts the CPU without ACPI; the backend watches the
-///   console for it (see `console.rs`).
+/// - `-no-reboot`: a guest reboot or panic (`panic=-1`) ends QEMU; an ACPI
+///   power-off ends it too (and `console.rs` is a backstop for a halt).
 /// - No network, no display, no default devices, no user config files.
 pub fn qemu_args(
     spec: &VmSpec,
@@ -85,7 +85,7 @@ pub fn qemu_args(
         &"-name",
         &format!("clh-{}", spec.id),
         &"-M",
-        &"microvm,acpi=off,memory-backend=mem",
+        &"pc,memory-backend=mem",
         &"-accel",
         &"tcg",
         &"-cpu",
@@ -109,7 +109,7 @@ pub fn qemu_args(
         &"-chardev",
         &chardev("vsock", vhost_vsock_socket),
         &"-device",
-        &"vhost-user-vsock-device,chardev=vsock",
+        &"vhost-user-vsock-pci,chardev=vsock",
     ]);
     if let Some(fs) = &spec.shared_fs {
         if fs.tag.is_empty()
@@ -127,7 +127,7 @@ pub fn qemu_args(
             &"-chardev",
             &chardev("virtiofs", &fs.socket),
             &"-device",
-            &format!("vhost-user-fs-device,chardev=virtiofs,tag={}", fs.tag),
+            &format!("vhost-user-fs-pci,chardev=virtiofs,tag={}", fs.tag),
         ]);
     }
     push(&[
@@ -208,11 +208,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             joined(&args),
-            "-name clh-pod1 -M microvm,acpi=off,memory-backend=mem -accel tcg -cpu max -smp 2 -m 256M \
+            "-name clh-pod1 -M pc,memory-backend=mem -accel tcg -cpu max -smp 2 -m 256M \
              -object memory-backend-memfd,id=mem,size=256M,share=on -nodefaults -no-user-config -nographic -no-reboot \
              -kernel /k/vmlinuz -initrd /k/initramfs.cpio.gz -append console=ttyS0 quiet reboot=t \
-             -chardev socket,id=vsock,path=/run/x/pod1/vv.sock -device vhost-user-vsock-device,chardev=vsock \
-             -chardev socket,id=virtiofs,path=/run/x/pod1/fs.sock -device vhost-user-fs-device,chardev=virtiofs,tag=clh-shared \
+             -chardev socket,id=vsock,path=/run/x/pod1/vv.sock -device vhost-user-vsock-pci,chardev=vsock \
+             -chardev socket,id=virtiofs,path=/run/x/pod1/fs.sock -device vhost-user-fs-pci,chardev=virtiofs,tag=clh-shared \
              -serial file:/run/x/pod1/console.log -qmp unix:/run/x/pod1/qmp.sock,server=on,wait=off"
         );
     }

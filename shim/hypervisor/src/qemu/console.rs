@@ -1,7 +1,8 @@
-//! Ends QEMU when the guest powers off.
+//! Ends QEMU when the guest powers off or halts.
 //!
-//! Without ACPI (see `args.rs`) a guest `reboot(RB_POWER_OFF)` only halts
-//! the vCPUs and QEMU would run forever. The kernel always prints
+//! With ACPI a guest `reboot(RB_POWER_OFF)` ends QEMU by itself; without a
+//! working ACPI power-off (or on RB_HALT_SYSTEM) it only halts the vCPUs and
+//! QEMU would run forever. This watcher is the backstop. The kernel always prints
 //! `reboot: Power down` (emergency level, so even with `quiet`) just before,
 //! so we watch the serial console file for it. A guest can print that line
 //! on purpose, but all it achieves is stopping its own VM.

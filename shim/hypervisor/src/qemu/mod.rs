@@ -3,7 +3,7 @@
 //! One VM is two processes: `vhost-device-vsock`, which serves the guest's
 //! vsock device and exposes the same hybrid-vsock Unix socket as Cloud
 //! Hypervisor (`CONNECT <port>\n` / `OK <port>\n`), and
-//! `qemu-system-x86_64 -M microvm -accel tcg`. QEMU is stopped with SIGTERM,
+//! `qemu-system-x86_64 -M pc -accel tcg` with virtio-pci devices. QEMU is stopped with SIGTERM,
 //! on which it exits cleanly; there is no guest-side graceful shutdown to
 //! wait for (the shim has already stopped the workload through the agent).
 
