@@ -5,7 +5,6 @@
 set -euo pipefail
 
 apt_packages=(
-  qemu-system-x86   # the QEMU TCG backend
   protobuf-compiler # the agent protocol is compiled at build time
   zstd xz-utils kmod file binutils python3 gcc make # guest image build
 )
@@ -18,6 +17,35 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+
+# QEMU 10 from bookworm-backports for the TCG backend: bookworm's QEMU 7.2
+# TCG crashes the guest kernel about one boot in five when the host CPU is
+# contended (double faults, NULL dereferences in early boot); 10.0 does not.
+# Backports is added with a low pin priority, so it never upgrades anything
+# else: only the three QEMU packages are taken from it, by name.
+qemu_major() { dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null | sed -E 's/^[0-9]+://; s/[^0-9].*//'; }
+if [ "$(qemu_major || true)" != 10 ]; then
+  list=/etc/apt/sources.list.d/clh-shim-bookworm-backports.sources
+  if [ ! -e "$list" ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    cat > "$list" <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+    cat > /etc/apt/preferences.d/clh-shim-bookworm-backports <<'PIN'
+Package: *
+Pin: release n=bookworm-backports
+Pin-Priority: 100
+PIN
+  fi
+  echo "install-deps: installing QEMU 10 from bookworm-backports"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports qemu-system-data/bookworm-backports
+fi
+echo "install-deps: $(qemu-system-x86_64 --version | head -n 1)"
 
 # vhost-user backends, pinned versions, from crates.io.
 declare -A crates=([virtiofsd]=1.14.0 [vhost-device-vsock]=0.3.0)

@@ -14,6 +14,9 @@ use clh_tests::{qemu_options, state_root, GuestImage, LeakCheck};
 use containerd_shim_clh_v2::vm::PodVm;
 use tokio::sync::Mutex;
 
+/// Tests that spawn VM processes run one at a time: TCG guests are slow on
+/// 2 cores, and `LeakCheck` counts every VM-side child of this test binary,
+/// so a test running beside another would see the other's processes.
 static ONE_VM_TEST_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,8 +47,6 @@ async fn boots_and_answers_version_and_check() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky on this host: with two TCG guests booting at once the guest kernel often oopses \
-            (slab corruption in early boot); run with --ignored to reproduce"]
 async fn two_vms_at_once_have_different_boot_ids() {
     let _serial = ONE_VM_TEST_AT_A_TIME.lock().await;
     let image = GuestImage::locate().unwrap();
@@ -140,6 +141,7 @@ async fn an_existing_vm_directory_is_not_reused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_virtiofsd_starts_sandboxed_and_stops_without_leftovers() {
+    let _serial = ONE_VM_TEST_AT_A_TIME.lock().await;
     let root = state_root().unwrap();
     let leaks = LeakCheck::new(root.path());
     let dir = root.path().join("fs");

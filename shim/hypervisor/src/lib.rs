@@ -2,8 +2,8 @@
 //!
 //! - [`ch::CloudHypervisor`]: the default. One `cloud-hypervisor --api-socket`
 //!   process per VM, configured and booted through its REST API.
-//! - [`qemu::Qemu`]: QEMU TCG (`-M microvm -accel tcg`) for hosts without
-//!   usable KVM. Its hybrid vsock is served by `vhost-device-vsock`, so the
+//! - [`qemu::Qemu`]: QEMU TCG (`-M pc -accel tcg`, virtio-pci devices) for
+//!   hosts without usable KVM. Its hybrid vsock is served by `vhost-device-vsock`, so the
 //!   socket the shim connects to behaves exactly like Cloud Hypervisor's.
 //!
 //! Both give the same guarantees to the code above them: a VM that boots the
