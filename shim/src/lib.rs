@@ -4,4 +4,5 @@
 
 pub mod check;
 pub mod host;
+mod options;
 pub mod vm;
