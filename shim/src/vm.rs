@@ -16,8 +16,7 @@ use clh_hypervisor::virtiofsd::Virtiofsd;
 use clh_hypervisor::{new_backend, Backend, Binaries, Hypervisor, SharedFs, VmSpec};
 use serde::{Deserialize, Serialize};
 
-/// The virtio-fs tag the agent mounts.
-pub const SHARED_FS_TAG: &str = "clh-shared";
+pub use clh_agent_protocol::SHARED_FS_TAG;
 /// Lines of each log quoted in a start error.
 const LOG_TAIL_LINES: usize = 30;
 /// `sun_path` holds 108 bytes including the terminating NUL.

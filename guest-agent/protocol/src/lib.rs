@@ -26,5 +26,14 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The AF_VSOCK port the agent serves ttrpc on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The AF_VSOCK port for stdio streams (see the comment in agent.proto).
+pub const STDIO_VSOCK_PORT: u32 = 1025;
+
+/// The virtio-fs tag of the per-VM shared directory.
+pub const SHARED_FS_TAG: &str = "clh-shared";
+
+/// Where the agent mounts the shared directory in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/clh/shared";
+
 pub use agent::*;
 pub use agent_ttrpc::{create_agent, Agent, AgentClient};
