@@ -23,6 +23,7 @@ all: build guest-image
 
 deps:
 	packaging/install-deps.sh
+	packaging/install-containerd.sh
 
 shim:
 	$(CARGO) build --release -p containerd-shim-clh-v2
