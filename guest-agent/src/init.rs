@@ -58,5 +58,32 @@ pub fn init() -> anyhow::Result<Config> {
         }
     }
     info!(kernel = %release, "loaded modules: {}", names.join(" "));
+    mount_shared_dir();
     Ok(config)
+}
+
+/// Mounts the host's shared directory (container rootfses). Needs the
+/// virtiofs module, so it comes after the modules. Without the device the
+/// agent still serves (Check works; containers fail saying why), hence a
+/// warning rather than a power-off.
+fn mount_shared_dir() {
+    use clh_agent_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
+    if let Err(e) = std::fs::create_dir_all(GUEST_SHARED_DIR) {
+        warn!("cannot create {GUEST_SHARED_DIR}: {e}");
+        return;
+    }
+    let none: Option<&str> = None;
+    match nix::mount::mount(
+        Some(SHARED_FS_TAG),
+        GUEST_SHARED_DIR,
+        Some("virtiofs"),
+        nix::mount::MsFlags::empty(),
+        none,
+    ) {
+        Ok(()) => info!("mounted virtio-fs {SHARED_FS_TAG} on {GUEST_SHARED_DIR}"),
+        Err(e) => warn!(
+            "cannot mount virtio-fs tag {SHARED_FS_TAG} on {GUEST_SHARED_DIR}: {e}; \
+             containers will not find their rootfs"
+        ),
+    }
 }

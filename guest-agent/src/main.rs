@@ -8,6 +8,7 @@
 
 mod cmdline;
 mod config;
+mod containers;
 mod init;
 mod logging;
 mod modules;
@@ -17,6 +18,7 @@ mod reaper;
 mod rng;
 mod server;
 mod service;
+mod stdio_server;
 mod sysinfo;
 
 use anyhow::Context;
@@ -54,10 +56,16 @@ fn run_as_init() -> anyhow::Result<Infallible> {
     let config = init::init()?;
     let addr = ListenAddr::Vsock(config.port);
     runtime()?.block_on(async move {
-        reaper::Reaper::default()
+        let reaper = reaper::Reaper::default();
+        reaper
+            .clone()
             .start()
             .context("installing the SIGCHLD handler")?;
-        let _server = server::serve(&addr).await?;
+        let containers = containers::Containers::new(reaper);
+        containers.watch_oom();
+        stdio_server::serve_vsock(clh_agent_protocol::STDIO_VSOCK_PORT, containers.clone())
+            .context("listening for stdio streams")?;
+        let _server = server::serve(&addr, containers).await?;
         info!("serving ttrpc on {addr}");
         // The server runs in background tasks; PID 1 waits forever.
         std::future::pending::<()>().await;
@@ -75,7 +83,15 @@ fn run_on_host(addr: ListenAddr, debug: bool) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut server = server::serve(&addr).await?;
+        // Containers need root and a cgroup v2 mount: in host mode they
+        // fail cleanly; the reaper only ever sees our own children.
+        let reaper = reaper::Reaper::default();
+        reaper
+            .clone()
+            .start()
+            .context("installing the SIGCHLD handler")?;
+        let containers = containers::Containers::new(reaper);
+        let mut server = server::serve(&addr, containers).await?;
         info!("serving ttrpc on {addr} (host test mode, no init)");
         tokio::select! {
             _ = term.recv() => {}

@@ -34,7 +34,6 @@ impl Reaper {
     /// Runs `spawn` (which must return the new child's pid) with the
     /// registry locked, and registers the pid. The receiver yields the
     /// child's exit status once it has been reaped.
-    #[allow(dead_code)] // The seam for process management, coming next.
     pub fn spawn_registered<T, E>(
         &self,
         spawn: impl FnOnce() -> Result<(Pid, T), E>,
@@ -64,7 +63,10 @@ impl Reaper {
     fn reap_all(&self) {
         let mut registry = self.lock();
         loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            // __WALL: libcontainer clones container processes with
+            // CLONE_PARENT and no exit signal; until they exec, they are
+            // "clone" children that plain waitpid(-1) does not see.
+            match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(status) => {
                     let Some(pid) = status.pid() else { continue };

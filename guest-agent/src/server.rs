@@ -1,5 +1,6 @@
 //! Where and how the ttrpc service listens.
 
+use crate::containers::Containers;
 use crate::service::AgentService;
 use std::sync::Arc;
 use ttrpc::r#async::Server;
@@ -50,12 +51,12 @@ pub struct ServeError {
 
 /// Binds `addr` and starts accepting in the background. The returned server
 /// must be kept alive; dropping it stops the service.
-pub async fn serve(addr: &ListenAddr) -> Result<Server, ServeError> {
+pub async fn serve(addr: &ListenAddr, containers: Containers) -> Result<Server, ServeError> {
     let err = |source| ServeError {
         addr: addr.clone(),
         source,
     };
-    let services = clh_agent_protocol::create_agent(Arc::new(AgentService));
+    let services = clh_agent_protocol::create_agent(Arc::new(AgentService { containers }));
     let mut server = Server::new()
         .bind(&addr.ttrpc_addr())
         .map_err(err)?

@@ -2,10 +2,14 @@
 //! call, validate, do the work in a domain module, map the error to a ttrpc
 //! code. Handlers stay thin so this file does not grow into one big rpc.rs.
 
+use crate::containers::{Containers, CtrError, Stats};
 use crate::sysinfo::{self, SysInfoError};
 use async_trait::async_trait;
 use clh_agent_protocol::{
-    CheckRequest, CheckResponse, VersionRequest, VersionResponse, PROTOCOL_VERSION,
+    CheckRequest, CheckResponse, ContainerRequest, ContainerStatsResponse, CreateContainerRequest,
+    CreateContainerResponse, Empty, ExecProcessRequest, ListPidsResponse, OomEvent, ProcessRequest,
+    ResizeTtyRequest, SignalProcessRequest, StartProcessResponse, UpdateContainerRequest,
+    VersionRequest, VersionResponse, WaitProcessResponse, PROTOCOL_VERSION,
 };
 use tracing::{debug, info, warn};
 use ttrpc::r#async::TtrpcContext;
@@ -14,8 +18,20 @@ use ttrpc::{Code, Error};
 /// The agent binary's own version.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-#[derive(Default)]
-pub struct AgentService;
+pub struct AgentService {
+    pub containers: Containers,
+}
+
+/// Maps a domain error to its ttrpc status, logging it.
+fn status(call: &str, e: CtrError) -> Error {
+    let msg = e.to_string();
+    debug!("{call} failed: {msg}");
+    Error::RpcStatus(ttrpc::get_status(e.code(), msg))
+}
+
+fn empty<T>(call: &str, r: Result<T, CtrError>) -> ttrpc::Result<Empty> {
+    r.map(|_| Empty::default()).map_err(|e| status(call, e))
+}
 
 #[async_trait]
 impl clh_agent_protocol::Agent for AgentService {
@@ -53,6 +69,201 @@ impl clh_agent_protocol::Agent for AgentService {
             warn!("check failed: {msg}");
             Error::RpcStatus(ttrpc::get_status(Code::INTERNAL, msg))
         })
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        debug!(id = %req.container_id, "create container");
+        let stdio = req.stdio.get_or_default();
+        let pid = self
+            .containers
+            .create(&req.container_id, &req.oci_spec, stdio)
+            .await
+            .map_err(|e| status("CreateContainer", e))?;
+        Ok(CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        debug!(id = %req.container_id, exec = %req.exec_id, "exec");
+        let stdio = req.stdio.get_or_default();
+        let r = (self.containers).exec(&req.container_id, &req.exec_id, &req.process, stdio);
+        empty("ExecProcess", r)
+    }
+
+    async fn start_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<StartProcessResponse> {
+        debug!(id = %req.container_id, exec = %req.exec_id, "start");
+        let pid = (self.containers)
+            .start(&req.container_id, &req.exec_id)
+            .await
+            .map_err(|e| status("StartProcess", e))?;
+        Ok(StartProcessResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        debug!(id = %req.container_id, exec = %req.exec_id, "wait");
+        let exit = (self.containers)
+            .wait(&req.container_id, &req.exec_id)
+            .await
+            .map_err(|e| status("WaitProcess", e))?;
+        Ok(WaitProcessResponse {
+            exit_status: exit.status,
+            exited_at_ns: exit.at_ns,
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        debug!(id = %req.container_id, exec = %req.exec_id, req.signal, req.all, "signal");
+        let r = (self.containers).signal(&req.container_id, &req.exec_id, req.signal, req.all);
+        empty("SignalProcess", r)
+    }
+
+    async fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
+        debug!(id = %req.container_id, exec = %req.exec_id, "resize tty");
+        // Check the process exists, so a bad id is NOT_FOUND as elsewhere.
+        let r = (self.containers).process(&req.container_id, &req.exec_id);
+        empty(
+            "ResizeTty",
+            r.and_then(|_| {
+                Err::<(), _>(CtrError::FailedPrecondition(
+                    "process has no terminal".into(),
+                ))
+            }),
+        )
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        debug!(id = %req.container_id, exec = %req.exec_id, "close stdin");
+        empty(
+            "CloseStdin",
+            (self.containers).close_stdin(&req.container_id, &req.exec_id),
+        )
+    }
+
+    async fn container_stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ContainerStatsResponse> {
+        debug!(id = %req.container_id, "stats");
+        let s = (self.containers)
+            .stats(&req.container_id)
+            .map_err(|e| status("ContainerStats", e))?;
+        Ok(stats_response(s))
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        debug!(id = %req.container_id, "update");
+        let r = (self.containers).update(&req.container_id, &req.resources);
+        empty("UpdateContainer", r)
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        debug!(id = %req.container_id, "pause");
+        empty(
+            "PauseContainer",
+            self.containers.freeze(&req.container_id, true),
+        )
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        debug!(id = %req.container_id, "resume");
+        empty(
+            "ResumeContainer",
+            self.containers.freeze(&req.container_id, false),
+        )
+    }
+
+    async fn list_pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListPidsResponse> {
+        debug!(id = %req.container_id, "list pids");
+        let pids = (self.containers)
+            .list_pids(&req.container_id)
+            .map_err(|e| status("ListPids", e))?;
+        Ok(ListPidsResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        debug!(id = %req.container_id, "remove");
+        empty(
+            "RemoveContainer",
+            self.containers.remove(&req.container_id).await,
+        )
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {
+        let container_id = self.containers.next_oom().await;
+        Ok(OomEvent {
+            container_id,
+            ..Default::default()
+        })
+    }
+}
+
+fn stats_response(s: Stats) -> ContainerStatsResponse {
+    ContainerStatsResponse {
+        cpu_usage_usec: s.cpu_usage_usec,
+        cpu_user_usec: s.cpu_user_usec,
+        cpu_system_usec: s.cpu_system_usec,
+        cpu_nr_periods: s.cpu_nr_periods,
+        cpu_nr_throttled: s.cpu_nr_throttled,
+        cpu_throttled_usec: s.cpu_throttled_usec,
+        memory_usage_bytes: s.memory_usage_bytes,
+        memory_limit_bytes: s.memory_limit_bytes,
+        memory_max_usage_bytes: s.memory_max_usage_bytes,
+        memory_oom_kills: s.memory_oom_kills,
+        memory_anon_bytes: s.memory_anon_bytes,
+        memory_file_bytes: s.memory_file_bytes,
+        pids_current: s.pids_current,
+        pids_limit: s.pids_limit,
+        ..Default::default()
     }
 }
 

@@ -1,7 +1,11 @@
 //! The shim's client of the guest agent: the hybrid-vsock handshake, the
 //! protocol-version check, and a deadline on every call.
 
+mod calls;
 mod hybrid_vsock;
+mod stdio;
+#[cfg(test)]
+mod stdio_tests;
 #[cfg(test)]
 mod tests;
 
@@ -15,7 +19,9 @@ use clh_agent_protocol::{
 use tokio::time::Instant;
 use ttrpc::r#async::transport::Socket;
 
+pub use clh_agent_protocol::{ContainerStatsResponse, Stdio, WaitProcessResponse};
 pub use hybrid_vsock::{connect_hybrid_vsock, HandshakeError, MAX_REPLY_LINE};
+pub use stdio::{open_stdio_stream, open_stdio_stream_on, StdioKind, STDIO_OPEN_TIMEOUT};
 
 /// Deadline of one handshake attempt while the guest boots. Long enough
 /// for a slow TCG guest to answer, short enough that a connection the host
@@ -52,6 +58,24 @@ pub enum Error {
         #[source]
         source: ttrpc::Error,
     },
+
+    #[error("cannot attach {stream}: {reason}")]
+    Stdio { stream: String, reason: String },
+}
+
+impl Error {
+    /// The ttrpc status code the agent answered with (NOT_FOUND,
+    /// ALREADY_EXISTS, INVALID_ARGUMENT, FAILED_PRECONDITION, ...), if the
+    /// call was answered at all.
+    pub fn rpc_code(&self) -> Option<ttrpc::Code> {
+        match self {
+            Self::Rpc {
+                source: ttrpc::Error::RpcStatus(status),
+                ..
+            } => Some(status.code()),
+            _ => None,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

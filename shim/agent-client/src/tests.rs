@@ -199,6 +199,35 @@ impl clh_agent_protocol::Agent for FakeAgent {
             ..Default::default()
         })
     }
+    async fn start_process(
+        &self,
+        _ctx: &ttrpc::r#async::TtrpcContext,
+        req: clh_agent_protocol::ProcessRequest,
+    ) -> ttrpc::Result<clh_agent_protocol::StartProcessResponse> {
+        if req.container_id != "c1" {
+            let msg = format!("container {:?} not found", req.container_id);
+            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::NOT_FOUND,
+                msg,
+            )));
+        }
+        Ok(clh_agent_protocol::StartProcessResponse {
+            pid: 42,
+            ..Default::default()
+        })
+    }
+    async fn wait_process(
+        &self,
+        _ctx: &ttrpc::r#async::TtrpcContext,
+        _req: clh_agent_protocol::ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        // Longer than the client's call timeout: the long poll has none.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        Ok(WaitProcessResponse {
+            exit_status: 7,
+            ..Default::default()
+        })
+    }
 }
 
 async fn fake_agent(dir: &Path, protocol_version: u32) -> (PathBuf, ttrpc::r#async::Server) {
@@ -255,4 +284,22 @@ async fn a_protocol_mismatch_is_final_and_names_both_versions() {
     );
     assert!(err.to_string().contains("999"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn typed_calls_map_replies_and_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _server) = fake_agent(dir.path(), clh_agent_protocol::PROTOCOL_VERSION).await;
+    let client = AgentClient::connect(&path, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .with_call_timeout(Duration::from_millis(200));
+    assert_eq!(client.start_process("c1", "").await.unwrap(), 42);
+    let err = client.start_process("nope", "").await.unwrap_err();
+    assert_eq!(err.rpc_code(), Some(ttrpc::Code::NOT_FOUND), "{err:?}");
+    // The long poll outlives the 200 ms call timeout.
+    assert_eq!(client.wait_process("c1", "").await.unwrap().exit_status, 7);
+    // An RPC the fake does not implement: answered, with a code.
+    let err = client.list_pids("c1").await.unwrap_err();
+    assert!(err.rpc_code().is_some(), "{err:?}");
 }

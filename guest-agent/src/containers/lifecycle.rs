@@ -1,0 +1,302 @@
+//! Create, exec, start, signal and remove: the calls that drive
+//! libcontainer. Its calls block (they fork and wait on pipes), so they run
+//! on the blocking pool; those that fork run inside the reaper's
+//! `spawn_registered`, so a process that exits at once is still delivered
+//! to us and not reaped as an orphan.
+
+use super::process::{ChildStdio, Proc};
+use super::{
+    cgroup_dir, lock, Containers, CtrError, Entry, PendingExec, Result, BUNDLE_ROOT, CGROUP_PARENT,
+    STATE_ROOT,
+};
+use clh_agent_protocol::Stdio;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use oci_spec::runtime::{Process, Spec};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How long Remove waits for killed processes to be reaped.
+const REMOVE_GRACE: Duration = Duration::from_secs(5);
+
+/// Ids name directories and cgroups: keep them to a safe alphabet.
+fn validate_id(what: &str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CtrError::InvalidArgument(format!(
+            "invalid {what} {id:?}: use 1-128 of [A-Za-z0-9_.-], not starting with '.'"
+        )))
+    }
+}
+
+fn builder(id: &str, stdio: ChildStdio) -> Result<ContainerBuilder> {
+    ContainerBuilder::new(id.to_owned(), SyscallType::default())
+        .with_root_path(STATE_ROOT)
+        .map_err(|e| CtrError::internal("setting libcontainer's state root", e))
+        .map(|b| {
+            b.with_stdin(stdio.stdin)
+                .with_stdout(stdio.stdout)
+                .with_stderr(stdio.stderr)
+        })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CtrError::internal("blocking task", e))?
+}
+
+impl Containers {
+    /// Sets up the container and its init process, not started.
+    pub async fn create(&self, id: &str, spec_json: &[u8], stdio: &Stdio) -> Result<u32> {
+        validate_id("container id", id)?;
+        let mut spec: Spec = serde_json::from_slice(spec_json)
+            .map_err(|e| CtrError::InvalidArgument(format!("bad OCI spec JSON: {e}")))?;
+        if stdio.terminal {
+            return Err(CtrError::InvalidArgument(
+                "terminal containers are not supported yet".into(),
+            ));
+        }
+        let root = spec.root().as_ref().map(|r| r.path().clone());
+        let root = root.ok_or_else(|| CtrError::InvalidArgument("spec has no root".into()))?;
+        if !root.is_dir() {
+            return Err(CtrError::InvalidArgument(format!(
+                "rootfs {} is not a directory in the guest",
+                root.display()
+            )));
+        }
+        if let Some(linux) = spec.linux_mut() {
+            linux.set_cgroups_path(Some(PathBuf::from(format!("/{CGROUP_PARENT}/{id}"))));
+        }
+
+        let _build = self.build_lock.lock().await;
+        if lock(&self.map).contains_key(id) {
+            return Err(CtrError::AlreadyExists(format!(
+                "container {id:?} already exists"
+            )));
+        }
+        let bundle = Path::new(BUNDLE_ROOT).join(id);
+        std::fs::create_dir_all(&bundle)
+            .map_err(|e| CtrError::internal(format!("creating {}", bundle.display()), e))?;
+        let config = bundle.join("config.json");
+        spec.save(&config)
+            .map_err(|e| CtrError::internal(format!("writing {}", config.display()), e))?;
+
+        let (proc, child) = Proc::new(stdio.stdin, stdio.stdout, stdio.stderr)
+            .map_err(|e| CtrError::internal("creating stdio pipes", e))?;
+        let proc = Arc::new(proc);
+        let (reaper, owned_id, bundle2) = (self.reaper.clone(), id.to_owned(), bundle.clone());
+        let built = blocking(move || {
+            reaper.spawn_registered(|| {
+                let container = builder(&owned_id, child)?
+                    .as_init(&bundle2)
+                    .with_systemd(false)
+                    // The guest's / is the initramfs (rootfs), which
+                    // pivot_root(2) refuses (EINVAL); move-mount + chroot
+                    // inside the container's own mount namespace instead.
+                    .with_no_pivot(true)
+                    .with_detach(true)
+                    .build()
+                    .map_err(|e| CtrError::internal("creating the container", e))?;
+                let pid = container.pid().ok_or_else(|| {
+                    CtrError::Internal("libcontainer returned no init pid".into())
+                })?;
+                // libcontainer's nix is another version than ours.
+                Ok((Pid::from_raw(pid.as_raw()), container))
+            })
+        })
+        .await;
+        let (container, rx) = match built {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(e);
+            }
+        };
+        let pid = container.pid().map_or(0, |p| p.as_raw());
+        proc.started(pid, rx);
+        let entry = Entry {
+            id: id.to_owned(),
+            container: Mutex::new(container),
+            init: proc,
+            execs: Mutex::default(),
+            pending: Mutex::default(),
+            bundle,
+        };
+        lock(&self.map).insert(id.to_owned(), Arc::new(entry));
+        info!(id, pid, "container created");
+        Ok(pid as u32)
+    }
+
+    /// Registers an exec: its stdio now (the shim attaches before Start),
+    /// the process itself at Start.
+    pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &Stdio) -> Result<()> {
+        validate_id("exec id", exec_id)?;
+        let entry = self.get(id)?;
+        let process: Process = serde_json::from_slice(process_json)
+            .map_err(|e| CtrError::InvalidArgument(format!("bad OCI process JSON: {e}")))?;
+        if stdio.terminal || process.terminal().unwrap_or(false) {
+            return Err(CtrError::InvalidArgument(
+                "terminal execs are not supported yet".into(),
+            ));
+        }
+        let mut execs = lock(&entry.execs);
+        if execs.contains_key(exec_id) {
+            return Err(CtrError::AlreadyExists(format!(
+                "exec {exec_id:?} already exists in container {id:?}"
+            )));
+        }
+        let spec_path = entry.bundle.join(format!("exec-{exec_id}.json"));
+        let text = serde_json::to_vec(&process)
+            .map_err(|e| CtrError::internal("serializing the process", e))?;
+        std::fs::write(&spec_path, text)
+            .map_err(|e| CtrError::internal(format!("writing {}", spec_path.display()), e))?;
+        let (proc, child) = Proc::new(stdio.stdin, stdio.stdout, stdio.stderr)
+            .map_err(|e| CtrError::internal("creating stdio pipes", e))?;
+        execs.insert(exec_id.to_owned(), Arc::new(proc));
+        let pending = PendingExec {
+            spec_path,
+            stdio: child,
+        };
+        lock(&entry.pending).insert(exec_id.to_owned(), pending);
+        Ok(())
+    }
+
+    /// Starts init (empty exec_id) or a registered exec; returns its pid.
+    pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let entry = self.get(id)?;
+        let proc = entry.process(exec_id)?;
+        if exec_id.is_empty() {
+            let mut container = lock(&entry.container).clone();
+            let started = blocking(move || {
+                container
+                    .start()
+                    .map_err(|e| CtrError::FailedPrecondition(format!("starting: {e}")))?;
+                Ok(container)
+            })
+            .await?;
+            *lock(&entry.container) = started;
+            return Ok(proc.pid().map_or(0, |p| p as u32));
+        }
+        let pending = lock(&entry.pending).remove(exec_id).ok_or_else(|| {
+            CtrError::FailedPrecondition(format!("exec {exec_id:?} was already started"))
+        })?;
+        if proc.exit().is_some() || entry.init.exit().is_some() {
+            return Err(CtrError::FailedPrecondition(format!(
+                "container {id:?} is not running"
+            )));
+        }
+        let _build = self.build_lock.lock().await;
+        let (reaper, owned_id) = (self.reaper.clone(), id.to_owned());
+        let (pid, rx) = blocking(move || {
+            reaper.spawn_registered(|| {
+                let pid = builder(&owned_id, pending.stdio)?
+                    .as_tenant()
+                    .with_process(Some(&pending.spec_path))
+                    .with_detach(true)
+                    .build()
+                    .map_err(|e| CtrError::internal("starting the exec", e))?;
+                Ok((Pid::from_raw(pid.as_raw()), pid.as_raw()))
+            })
+        })
+        .await?;
+        proc.started(pid, rx);
+        info!(id, exec_id, pid, "exec started");
+        Ok(pid as u32)
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let entry = self.get(id)?;
+        let sig = i32::try_from(signal)
+            .ok()
+            .and_then(|s| Signal::try_from(s).ok())
+            .ok_or_else(|| CtrError::InvalidArgument(format!("invalid signal {signal}")))?;
+        if all {
+            return signal_all(&entry, sig);
+        }
+        let proc = entry.process(exec_id)?;
+        let pid = match (proc.pid(), proc.exit()) {
+            (Some(pid), None) => pid,
+            (None, _) => {
+                return Err(CtrError::FailedPrecondition(format!(
+                    "process {exec_id:?} of {id:?} is not started"
+                )))
+            }
+            (Some(_), Some(_)) => {
+                return Err(CtrError::NotFound(format!(
+                    "process {exec_id:?} of {id:?} has already exited"
+                )))
+            }
+        };
+        kill(Pid::from_raw(pid), sig)
+            .map_err(|e| CtrError::internal(format!("kill({pid}, {sig})"), e))
+    }
+
+    /// Kills what is left, deletes the container and its bundle.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let entry = self.get(id)?;
+        if let Err(e) = signal_all(&entry, Signal::SIGKILL) {
+            warn!(id, "killing leftovers: {e}");
+        }
+        let mut procs: Vec<Arc<Proc>> = lock(&entry.execs).values().cloned().collect();
+        procs.push(entry.init.clone());
+        for proc in procs.iter().filter(|p| p.pid().is_some()) {
+            if tokio::time::timeout(REMOVE_GRACE, proc.wait())
+                .await
+                .is_err()
+            {
+                warn!(id, pid = proc.pid(), "process not reaped after SIGKILL");
+            }
+        }
+        let mut container = lock(&entry.container).clone();
+        blocking(move || {
+            container
+                .delete(true)
+                .map_err(|e| CtrError::internal("deleting the container", e))
+        })
+        .await?;
+        lock(&self.map).remove(id);
+        if let Err(e) = std::fs::remove_dir_all(&entry.bundle) {
+            warn!(id, "removing {}: {e}", entry.bundle.display());
+        }
+        info!(id, "container removed");
+        Ok(())
+    }
+}
+
+fn signal_all(entry: &Entry, sig: Signal) -> Result<()> {
+    let pids = super::cgroup::pids(&cgroup_dir(&entry.id))
+        .map_err(|e| CtrError::internal("listing the container's pids", e))?;
+    for pid in pids {
+        // ESRCH: it exited meanwhile, which is what we wanted anyway.
+        match kill(Pid::from_raw(pid as i32), sig) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => return Err(CtrError::internal(format!("kill({pid}, {sig})"), e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(validate_id("id", "abc-1_2.3").is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(129)] {
+            assert!(validate_id("id", bad).is_err(), "{bad:?}");
+        }
+    }
+}

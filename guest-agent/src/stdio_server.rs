@@ -1,0 +1,157 @@
+//! The stdio stream server (vsock port 1025; wire format in agent.proto):
+//! one connection per stream, a header line naming the process and the
+//! stream, `OK\n` or `ERR <reason>\n`, then raw bytes until EOF.
+
+use crate::containers::process::StreamKind;
+use crate::containers::Containers;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tracing::{debug, info, warn};
+
+/// The longest header accepted (two ids of at most 128 bytes and a kind).
+const MAX_HEADER: usize = 300;
+/// A peer that connects must send its header within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts on vsock `port` forever.
+pub fn serve_vsock(port: u32, containers: Containers) -> std::io::Result<()> {
+    let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
+    let listener = tokio_vsock::VsockListener::bind(addr)?;
+    info!("serving stdio streams on vsock port {port}");
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(handle(stream, containers.clone()));
+                }
+                Err(e) => {
+                    warn!("stdio accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Reads the header one byte at a time (nothing after it may be consumed:
+/// it is stdin data).
+async fn read_header<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, String> {
+    let mut line = Vec::new();
+    loop {
+        let b = s
+            .read_u8()
+            .await
+            .map_err(|e| format!("reading header: {e}"))?;
+        if b == b'\n' {
+            return String::from_utf8(line).map_err(|_| "header is not UTF-8".into());
+        }
+        if line.len() >= MAX_HEADER {
+            return Err(format!("header longer than {MAX_HEADER} bytes"));
+        }
+        line.push(b);
+    }
+}
+
+/// `<container_id> <exec_id or -> <kind>`.
+fn parse_header(line: &str) -> Result<(&str, &str, StreamKind), String> {
+    let mut parts = line.split(' ');
+    let (Some(id), Some(exec), Some(kind), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!("malformed header {line:?}"));
+    };
+    let kind = StreamKind::parse(kind).ok_or_else(|| format!("unknown stream {kind:?}"))?;
+    let exec = if exec == "-" { "" } else { exec };
+    Ok((id, exec, kind))
+}
+
+pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, containers: Containers) {
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut s)).await {
+        Ok(h) => h,
+        Err(_) => Err("no header within the deadline".into()),
+    };
+    let attach = header.and_then(|line| {
+        let (id, exec, kind) = parse_header(&line)?;
+        let proc = containers.process(id, exec).map_err(|e| e.to_string())?;
+        let fd = proc
+            .take_end(kind)
+            .ok_or_else(|| format!("{line}: stream not requested or already attached"))?;
+        Ok((line.clone(), proc, kind, fd))
+    });
+    let (line, proc, kind, fd) = match attach {
+        Ok(a) => a,
+        Err(reason) => {
+            debug!("stdio attach refused: {reason}");
+            let msg = format!("ERR {}\n", reason.replace('\n', " "));
+            let _ = s.write_all(msg.as_bytes()).await;
+            return;
+        }
+    };
+    if s.write_all(b"OK\n").await.is_err() {
+        return;
+    }
+    debug!("stdio attached: {line}");
+    let result = match kind {
+        StreamKind::Stdin => {
+            let copy = async {
+                let mut tx = pipe::Sender::from_owned_fd(fd)?;
+                tokio::io::copy(&mut s, &mut tx).await?;
+                Ok::<_, std::io::Error>(())
+            };
+            // Dropping the pipe end on either branch is the process's EOF.
+            tokio::select! {
+                r = copy => r,
+                () = proc.stdin_close.notified() => Ok(()),
+            }
+        }
+        StreamKind::Stdout | StreamKind::Stderr => {
+            let copy = async {
+                let mut rx = pipe::Receiver::from_owned_fd(fd)?;
+                tokio::io::copy(&mut rx, &mut s).await?;
+                s.shutdown().await
+            };
+            copy.await
+        }
+    };
+    if let Err(e) = result {
+        // The shim going away mid-stream is normal at teardown.
+        debug!("stdio stream {line} ended: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_parse() {
+        assert_eq!(
+            parse_header("c1 - stdout").unwrap(),
+            ("c1", "", StreamKind::Stdout)
+        );
+        assert_eq!(
+            parse_header("c1 e1 stdin").unwrap(),
+            ("c1", "e1", StreamKind::Stdin)
+        );
+        assert!(parse_header("c1 - tty").is_err());
+        assert!(parse_header("c1 stdout").is_err());
+        assert!(parse_header("c1 - stdout x").is_err());
+    }
+
+    #[tokio::test]
+    async fn unknown_container_gets_err() {
+        let (mut a, b) = tokio::io::duplex(256);
+        let containers = Containers::new(crate::reaper::Reaper::default());
+        let server = tokio::spawn(handle(b, containers));
+        a.write_all(b"nope - stdout\n").await.unwrap();
+        let mut reply = String::new();
+        a.read_to_string(&mut reply).await.unwrap();
+        assert!(
+            reply.starts_with("ERR container \"nope\" not found"),
+            "{reply}"
+        );
+        server.await.unwrap();
+    }
+}

@@ -1,0 +1,191 @@
+//! Typed wrappers of the container and process RPCs. Each has the client's
+//! call timeout, except the long polls (WaitProcess, GetOomEvent): those
+//! have none and are cancelled by dropping their future (e.g. in a
+//! `tokio::select!`), which abandons the request on the client side.
+
+use clh_agent_protocol::{
+    ContainerRequest, ContainerStatsResponse, CreateContainerRequest, Empty, ExecProcessRequest,
+    ProcessRequest, ResizeTtyRequest, SignalProcessRequest, Stdio, UpdateContainerRequest,
+    WaitProcessResponse,
+};
+
+use crate::{AgentClient, Error, Result};
+
+fn rpc(method: &'static str) -> impl FnOnce(ttrpc::Error) -> Error {
+    move |source| Error::Rpc { method, source }
+}
+
+fn process(container_id: &str, exec_id: &str) -> ProcessRequest {
+    ProcessRequest {
+        container_id: container_id.to_owned(),
+        exec_id: exec_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn container(container_id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: container_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// No deadline: for the long polls.
+fn no_timeout() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(0)
+}
+
+impl AgentClient {
+    /// Creates the container and its init process (not started); returns
+    /// the init's guest pid. `oci_spec` is config.json with root.path
+    /// rewritten to the guest path of the rootfs.
+    pub async fn create_container(
+        &self,
+        container_id: &str,
+        oci_spec: &[u8],
+        stdio: Stdio,
+    ) -> Result<u32> {
+        let req = CreateContainerRequest {
+            container_id: container_id.to_owned(),
+            oci_spec: oci_spec.to_vec(),
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        let r = self.inner.create_container(self.ctx(), &req).await;
+        Ok(r.map_err(rpc("CreateContainer"))?.pid)
+    }
+
+    /// Registers an exec (`process` = OCI Process JSON); start it with
+    /// [`AgentClient::start_process`] after attaching its streams.
+    pub async fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process: &[u8],
+        stdio: Stdio,
+    ) -> Result<()> {
+        let req = ExecProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            process: process.to_vec(),
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        let r = self.inner.exec_process(self.ctx(), &req).await;
+        r.map(drop).map_err(rpc("ExecProcess"))
+    }
+
+    /// Starts init (`exec_id` "") or an exec; returns its guest pid.
+    pub async fn start_process(&self, container_id: &str, exec_id: &str) -> Result<u32> {
+        let req = process(container_id, exec_id);
+        let r = self.inner.start_process(self.ctx(), &req).await;
+        Ok(r.map_err(rpc("StartProcess"))?.pid)
+    }
+
+    /// Long poll, no deadline: returns once the process has exited.
+    pub async fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<WaitProcessResponse> {
+        let req = process(container_id, exec_id);
+        let r = self.inner.wait_process(no_timeout(), &req).await;
+        r.map_err(rpc("WaitProcess"))
+    }
+
+    /// Sends `signal` to the process, or with `all` to every process of
+    /// the container.
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<()> {
+        let req = SignalProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        let r = self.inner.signal_process(self.ctx(), &req).await;
+        r.map(drop).map_err(rpc("SignalProcess"))
+    }
+
+    pub async fn resize_tty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<()> {
+        let req = ResizeTtyRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            width,
+            height,
+            ..Default::default()
+        };
+        let r = self.inner.resize_tty(self.ctx(), &req).await;
+        r.map(drop).map_err(rpc("ResizeTty"))
+    }
+
+    /// Closes the process's stdin (as a half-close of its stdin stream does).
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<()> {
+        let req = process(container_id, exec_id);
+        let r = self.inner.close_stdin(self.ctx(), &req).await;
+        r.map(drop).map_err(rpc("CloseStdin"))
+    }
+
+    pub async fn container_stats(&self, container_id: &str) -> Result<ContainerStatsResponse> {
+        let req = container(container_id);
+        let r = self.inner.container_stats(self.ctx(), &req);
+        r.await.map_err(rpc("ContainerStats"))
+    }
+
+    /// Applies `resources` (OCI LinuxResources JSON) to the container's cgroup.
+    pub async fn update_container(&self, container_id: &str, resources: &[u8]) -> Result<()> {
+        let req = UpdateContainerRequest {
+            container_id: container_id.to_owned(),
+            resources: resources.to_vec(),
+            ..Default::default()
+        };
+        let r = self.inner.update_container(self.ctx(), &req).await;
+        r.map(drop).map_err(rpc("UpdateContainer"))
+    }
+
+    pub async fn pause_container(&self, container_id: &str) -> Result<()> {
+        let req = container(container_id);
+        let r = self.inner.pause_container(self.ctx(), &req);
+        r.await.map(drop).map_err(rpc("PauseContainer"))
+    }
+
+    pub async fn resume_container(&self, container_id: &str) -> Result<()> {
+        let req = container(container_id);
+        let r = self.inner.resume_container(self.ctx(), &req);
+        r.await.map(drop).map_err(rpc("ResumeContainer"))
+    }
+
+    pub async fn list_pids(&self, container_id: &str) -> Result<Vec<u32>> {
+        let req = container(container_id);
+        let r = self.inner.list_pids(self.ctx(), &req);
+        Ok(r.await.map_err(rpc("ListPids"))?.pids)
+    }
+
+    /// Kills what is left of the container and removes it.
+    pub async fn remove_container(&self, container_id: &str) -> Result<()> {
+        let req = container(container_id);
+        let r = self.inner.remove_container(self.ctx(), &req);
+        r.await.map(drop).map_err(rpc("RemoveContainer"))
+    }
+
+    /// Long poll, no deadline: the id of the next container with an OOM kill.
+    pub async fn get_oom_event(&self) -> Result<String> {
+        let r = self
+            .inner
+            .get_oom_event(no_timeout(), &Empty::default())
+            .await;
+        Ok(r.map_err(rpc("GetOomEvent"))?.container_id)
+    }
+}
