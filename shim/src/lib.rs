@@ -5,4 +5,8 @@
 pub mod check;
 pub mod host;
 mod options;
+pub mod service;
+mod shared_mount;
+pub mod shim;
+pub mod task;
 pub mod vm;

@@ -3,13 +3,18 @@
 use std::process::ExitCode;
 
 use clh_config::{Config, Source};
+use containerd_shim_clh_v2::shim::ClhShim;
+
+const RUNTIME_ID: &str = "io.containerd.clh.v2";
 
 const USAGE: &str = "usage: containerd-shim-clh-v2 check [--config PATH]
        containerd-shim-clh-v2 --version
 
-  check    tell what this host can run, and what to install or set otherwise";
+  check    tell what this host can run, and what to install or set otherwise
 
-#[tokio::main(flavor = "current_thread")]
+Any other arguments are containerd's (shim v2 protocol: start, delete, serve).";
+
+#[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -18,7 +23,12 @@ async fn main() -> ExitCode {
             println!("containerd-shim-clh-v2 {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        _ => {
+        // containerd's actions (start, delete, -info, and serving).
+        Some(_) => {
+            containerd_shim::asynchronous::run::<ClhShim>(RUNTIME_ID, None).await;
+            ExitCode::SUCCESS
+        }
+        None => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
         }

@@ -16,6 +16,8 @@ use clh_hypervisor::virtiofsd::Virtiofsd;
 use clh_hypervisor::{new_backend, Backend, Binaries, Hypervisor, SharedFs, VmSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::shared_mount::{make_shared_mount, unmount_shared};
+
 pub use clh_agent_protocol::SHARED_FS_TAG;
 /// Lines of each log quoted in a start error.
 const LOG_TAIL_LINES: usize = 30;
@@ -92,6 +94,7 @@ impl PodVm {
             Err(e) => {
                 let report = failure_report(&dir, opts.backend);
                 stop_parts(&mut parts, opts.stop_timeout).await;
+                unmount_shared(&dir.join("shared"));
                 if let Err(rm) = std::fs::remove_dir_all(&dir) {
                     tracing::warn!(dir = %dir.display(), error = %rm, "cannot remove VM directory");
                 }
@@ -106,6 +109,11 @@ impl PodVm {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The hybrid-vsock socket: agent (port 1024) and stdio (port 1025).
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.hypervisor.vsock_socket()
     }
 
     pub fn boot_to_agent(&self) -> Duration {
@@ -129,6 +137,7 @@ impl PodVm {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let vm = self.hypervisor.stop(self.stop_timeout).await;
         let fs = self.virtiofsd.stop(self.stop_timeout).await;
+        unmount_shared(&self.dir.join("shared"));
         let rm = std::fs::remove_dir_all(&self.dir);
         vm.context("stopping the VM")?;
         fs.context("stopping virtiofsd")?;
@@ -163,6 +172,7 @@ async fn start_in(
 ) -> anyhow::Result<(AgentClient, Duration)> {
     let shared = dir.join("shared");
     std::fs::create_dir(&shared).context("cannot create the shared directory")?;
+    make_shared_mount(&shared)?;
     let fs_socket = dir.join("virtiofsd.sock");
     let virtiofsd = Virtiofsd::start(
         &opts.binaries.virtiofsd,
@@ -294,6 +304,7 @@ pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
         tracing::info!(pid, "killing a leftover VM process");
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
     }
+    unmount_shared(&dir.join("shared"));
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
 }
 

@@ -11,17 +11,21 @@
 //! Binaries come from `packaging/install-containerd.sh`: containerd 1.6 from
 //! Debian 12 in /usr/bin, containerd 2.1 unpacked under the cache dir.
 
-use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+mod leaks;
+mod procs;
+
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+pub use procs::check;
+use procs::*;
 
 /// How long containerd may take to open its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -34,8 +38,8 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// The CRI registration of the `clh` handler shipped in packaging/; the
 /// harness embeds these very files so that the tests prove they load.
-const CLH_SNIPPET_V3: &str = include_str!("../../packaging/containerd/containerd-2.x-clh.toml");
-const CLH_SNIPPET_V2: &str = include_str!("../../packaging/containerd/containerd-1.x-clh.toml");
+const CLH_SNIPPET_V3: &str = include_str!("../../../packaging/containerd/containerd-2.x-clh.toml");
+const CLH_SNIPPET_V2: &str = include_str!("../../../packaging/containerd/containerd-1.x-clh.toml");
 
 /// Plugins that cannot work here or would touch host-global paths: other
 /// snapshotters (no btrfs/zfs/devmapper/block devices), NRI (its socket is
@@ -140,6 +144,9 @@ pub struct PrivateContainerd {
     socket: PathBuf,
     namespace: String,
     path_env: String,
+    /// More environment for containerd, which its shims inherit (e.g.
+    /// `CLH_SHIM_CONFIG`).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     /// Shim sockets found on shims that had to be killed, removed at stop.
     shim_sockets: Vec<PathBuf>,
@@ -151,6 +158,16 @@ impl PrivateContainerd {
     /// `containerd-shim-clh-v2` is) first on its PATH, then the runc shim of
     /// that version, then the system PATH; returns once its socket answers.
     pub fn start(version: ContainerdVersion, shim_dir: Option<&Path>) -> Result<Self> {
+        Self::start_with_env(version, shim_dir, &[])
+    }
+
+    /// [`PrivateContainerd::start`] with `env` added to containerd's
+    /// environment (its shims inherit it).
+    pub fn start_with_env(
+        version: ContainerdVersion,
+        shim_dir: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let bin = version.bin_dir();
         for b in ["containerd", "ctr", "containerd-shim-runc-v2"] {
             if !bin.join(b).is_file() {
@@ -183,6 +200,10 @@ impl PrivateContainerd {
             // Lowercase letters, digits and '-' only: valid as namespace.
             namespace: name.to_lowercase().replace('_', "-"),
             path_env: path_env.join(":"),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             dir,
             child: None,
             shim_sockets: Vec::new(),
@@ -203,6 +224,7 @@ impl PrivateContainerd {
             .arg("--log-level")
             .arg("debug")
             .env("PATH", &self.path_env)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -388,32 +410,6 @@ impl PrivateContainerd {
         Ok(())
     }
 
-    /// Everything this instance left behind: empty when clean.
-    pub fn leak_report(&self) -> Vec<String> {
-        let mut leaks = Vec::new();
-        if let Some(child) = &self.child {
-            leaks.push(format!("containerd pid {} still running", child.id()));
-        }
-        for pid in self.shim_pids() {
-            leaks.push(format!("process {pid}: {}", cmdline(pid).join(" ")));
-        }
-        for m in self.mounts() {
-            leaks.push(format!("mount {}", m.display()));
-        }
-        for d in self.namespace_dirs() {
-            leaks.push(format!("dir {}", d.display()));
-        }
-        for s in &self.shim_sockets {
-            if s.exists() {
-                leaks.push(format!("socket {}", s.display()));
-            }
-        }
-        if self.dir.exists() {
-            leaks.push(format!("dir {}", self.dir.display()));
-        }
-        leaks
-    }
-
     /// Kills and deletes every task of every namespace, bounded in time.
     fn delete_all_tasks(&self) -> Result<()> {
         let t = Duration::from_secs(15);
@@ -428,56 +424,6 @@ impl PrivateContainerd {
             }
         }
         Ok(())
-    }
-
-    /// Processes whose command line names our socket: the shims.
-    fn shim_pids(&self) -> Vec<i32> {
-        let addr = self.socket.display().to_string();
-        let unix = format!("unix://{addr}");
-        all_pids()
-            .into_iter()
-            .filter(|&pid| cmdline(pid).iter().any(|a| *a == addr || *a == unix))
-            .collect()
-    }
-
-    /// Mount points under our dir, deepest first.
-    fn mounts(&self) -> Vec<PathBuf> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut mounts: Vec<PathBuf> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .map(|p| PathBuf::from(p.replace("\\040", " ")))
-            .filter(|p| p.starts_with(&self.dir))
-            .collect();
-        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        mounts
-    }
-
-    fn unmount_all(&self) -> Result<()> {
-        use nix::mount::{umount2, MntFlags};
-        for m in self.mounts() {
-            // Lazy detach when busy: a process we could not kill must not
-            // keep the rest of the cleanup from happening.
-            umount2(&m, MntFlags::empty())
-                .or_else(|_| umount2(&m, MntFlags::MNT_DETACH))
-                .with_context(|| format!("umount {}", m.display()))?;
-        }
-        Ok(())
-    }
-
-    /// Host-global dirs named after our (unique) namespace: the runc shim's
-    /// state and, with cgroup v1, one parent cgroup per hierarchy.
-    fn namespace_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs = vec![Path::new(RUNC_ROOT).join(&self.namespace)];
-        if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
-            for e in entries.flatten() {
-                dirs.push(e.path().join(&self.namespace));
-            }
-        }
-        dirs.push(Path::new("/sys/fs/cgroup").join(&self.namespace));
-        dirs.sort();
-        dirs.dedup();
-        dirs.into_iter().filter(|d| d.exists()).collect()
     }
 }
 
@@ -495,183 +441,4 @@ impl Drop for PrivateContainerd {
             eprintln!("PrivateContainerd cleanup: {e:#}");
         }
     }
-}
-
-/// Fails with the command's stderr unless it exited 0.
-pub fn check(out: &Output, what: &str) -> Result<()> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    Ok(())
-}
-
-/// Runs `cmd` with piped output, killing it if it outlives `timeout`.
-fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {cmd:?}"))?;
-    // Readers on threads so a chatty child never blocks on a full pipe.
-    let out = child.stdout.take().map(reader);
-    let err = child.stderr.take().map(reader);
-    let status = match wait_deadline(&mut child, timeout)? {
-        Some(s) => s,
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{cmd:?} timed out after {timeout:?}");
-        }
-    };
-    let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
-        h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
-    };
-    Ok(Output {
-        status,
-        stdout: join(out),
-        stderr: join(err),
-    })
-}
-
-fn reader<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        buf
-    })
-}
-
-/// Waits for `child` until `timeout`; None if it is still running then.
-fn wait_deadline(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if Instant::now() > deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
-/// SIGTERM, then SIGKILL once `timeout` has passed; reaps the child.
-fn terminate(child: &mut Child, timeout: Duration) -> Result<()> {
-    let pid = Pid::from_raw(i32::try_from(child.id())?);
-    if kill(pid, Signal::SIGTERM).is_ok() && wait_deadline(child, timeout)?.is_some() {
-        return Ok(());
-    }
-    child.kill()?;
-    child.wait()?;
-    Ok(())
-}
-
-/// Waits until none of `pids` exists any more (or `timeout`).
-fn wait_gone(pids: impl Iterator<Item = i32> + Clone, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while pids
-        .clone()
-        .any(|p| Path::new(&format!("/proc/{p}")).exists())
-    {
-        if Instant::now() > deadline {
-            return;
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
-fn all_pids() -> Vec<i32> {
-    fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn cmdline(pid: i32) -> Vec<String> {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| {
-            b.split(|&c| c == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// All descendants of `root` (children, grandchildren...), from /proc.
-fn descendants(root: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for pid in all_pids() {
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The comm field may hold spaces and parentheses: parse after the last ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<i32>().ok());
-        if let Some(ppid) = ppid {
-            children.entry(ppid).or_default().push(pid);
-        }
-    }
-    let mut out = Vec::new();
-    let mut todo = vec![root];
-    while let Some(p) = todo.pop() {
-        for &c in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
-            out.push(c);
-            todo.push(c);
-        }
-    }
-    out
-}
-
-/// Paths of the unix sockets `pid` has open (a shim's listening socket):
-/// matched by inode between /proc/<pid>/fd and /proc/net/unix.
-fn listening_sockets(pid: i32) -> Vec<PathBuf> {
-    let inodes: HashSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| fs::read_link(e.path()).ok())
-                .filter_map(|l| {
-                    let l = l.to_string_lossy();
-                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let table = fs::read_to_string("/proc/net/unix").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let path = f.get(7)?;
-            (inodes.contains(*f.get(6)?) && path.starts_with('/')).then(|| PathBuf::from(path))
-        })
-        .collect()
-}
-
-/// Removes a dir tree made of dirs only (cgroups: rmdir, never unlink) or
-/// plain files (runc state).
-fn remove_tree(dir: &Path) -> Result<()> {
-    if dir.starts_with("/sys/fs/cgroup") {
-        for e in fs::read_dir(dir)?.flatten() {
-            if e.file_type()?.is_dir() {
-                remove_tree(&e.path())?;
-            }
-        }
-        fs::remove_dir(dir)?;
-    } else {
-        fs::remove_dir_all(dir)?;
-    }
-    Ok(())
 }

@@ -1,0 +1,271 @@
+//! The Task calls on a running container: state, wait, signals, exec,
+//! stats, resources, pause/resume.
+
+use containerd_shim_protos::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, ExecProcessRequest, KillRequest, PauseRequest,
+    PidsRequest, PidsResponse, ProcessInfo, ResizePtyRequest, ResumeRequest, StateRequest,
+    StateResponse, StatsRequest, StatsResponse, Status as ApiStatus, UpdateTaskRequest,
+    WaitRequest, WaitResponse,
+};
+use containerd_shim_protos::events::task::{TaskExecAdded, TaskPaused, TaskResumed};
+use containerd_shim_protos::protobuf::{EnumOrUnknown, MessageField};
+use containerd_shim_protos::topics;
+
+use super::container::{ctx, Process, Status, CALL_TIMEOUT};
+use super::error::{agent_error, Error, Result};
+use super::events::EventSender;
+use super::stdio::{self, StdioPaths};
+use super::{validate, TaskService};
+
+fn api_status(s: Status) -> ApiStatus {
+    match s {
+        Status::Created => ApiStatus::CREATED,
+        Status::Running => ApiStatus::RUNNING,
+        Status::Paused => ApiStatus::PAUSED,
+        Status::Stopped => ApiStatus::STOPPED,
+    }
+}
+
+fn container_req(id: &str) -> clh_agent_protocol::ContainerRequest {
+    clh_agent_protocol::ContainerRequest {
+        container_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
+impl<E: EventSender> TaskService<E> {
+    pub async fn state(&self, req: StateRequest) -> Result<StateResponse> {
+        let c = self.container(&req.id).await?;
+        let bundle = c.bundle.clone();
+        c.with_proc(&req.exec_id, |p| {
+            let exit = p.exited();
+            StateResponse {
+                id: req.id.clone(),
+                bundle,
+                pid: p.pid,
+                status: EnumOrUnknown::new(api_status(p.status)),
+                stdin: p.stdio.stdin.clone(),
+                stdout: p.stdio.stdout.clone(),
+                stderr: p.stdio.stderr.clone(),
+                terminal: p.stdio.terminal,
+                exit_status: exit.map(|e| e.status).unwrap_or_default(),
+                exited_at: exit.map(|e| e.timestamp()).into(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            }
+        })
+    }
+
+    /// Resolves once the process has exited (its waiter recorded it).
+    pub async fn wait(&self, req: WaitRequest) -> Result<WaitResponse> {
+        let c = self.container(&req.id).await?;
+        let mut rx = c.with_proc(&req.exec_id, |p| p.exit.subscribe())?;
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| {
+                Error::NotFound(format!(
+                    "process {:?} of {} was deleted",
+                    req.exec_id, req.id
+                ))
+            })?
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("exit missing")))?;
+        Ok(WaitResponse {
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.timestamp()),
+            ..Default::default()
+        })
+    }
+
+    pub async fn kill(&self, req: KillRequest) -> Result<()> {
+        let c = self.container(&req.id).await?;
+        let status = c.with_proc(&req.exec_id, |p| p.status)?;
+        if status == Status::Stopped {
+            return Err(Error::NotFound(format!(
+                "process {:?} of {} has already exited",
+                req.exec_id, req.id
+            )));
+        }
+        let sreq = clh_agent_protocol::SignalProcessRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            signal: req.signal,
+            all: req.all,
+            ..Default::default()
+        };
+        c.agent
+            .signal_process(ctx(CALL_TIMEOUT), &sreq)
+            .await
+            .map_err(|e| agent_error("SignalProcess", e))?;
+        Ok(())
+    }
+
+    pub async fn pids(&self, req: PidsRequest) -> Result<PidsResponse> {
+        let c = self.container(&req.id).await?;
+        let reply = c
+            .agent
+            .list_pids(ctx(CALL_TIMEOUT), &container_req(&req.id))
+            .await
+            .map_err(|e| agent_error("ListPids", e))?;
+        let processes = reply
+            .pids
+            .into_iter()
+            .map(|pid| ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    /// Closing stdin ends the stdin stream: the agent sees EOF.
+    pub async fn close_io(&self, req: CloseIORequest) -> Result<()> {
+        let c = self.container(&req.id).await?;
+        if req.stdin {
+            c.with_proc(&req.exec_id, |p| p.pumps.close_stdin())?;
+        }
+        Ok(())
+    }
+
+    pub async fn resize_pty(&self, req: ResizePtyRequest) -> Result<()> {
+        let c = self.container(&req.id).await?;
+        let rreq = clh_agent_protocol::ResizeTtyRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            width: req.width,
+            height: req.height,
+            ..Default::default()
+        };
+        c.agent
+            .resize_tty(ctx(CALL_TIMEOUT), &rreq)
+            .await
+            .map_err(|e| agent_error("ResizeTty", e))?;
+        Ok(())
+    }
+
+    pub async fn exec(&self, req: ExecProcessRequest) -> Result<()> {
+        validate::id("exec", &req.exec_id)?;
+        let c = self.container(&req.id).await?;
+        if c.procs().contains_key(&req.exec_id) {
+            return Err(Error::AlreadyExists(format!(
+                "exec {} already exists in {}",
+                req.exec_id, req.id
+            )));
+        }
+        let process = req
+            .spec
+            .as_ref()
+            .map(|any| any.value.clone())
+            .ok_or_else(|| Error::InvalidArgument("exec without a process spec".into()))?;
+        serde_json::from_slice::<serde_json::Value>(&process)
+            .map_err(|e| Error::InvalidArgument(format!("malformed exec process spec: {e}")))?;
+        let paths = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let ereq = clh_agent_protocol::ExecProcessRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            process,
+            stdio: MessageField::some(paths.wire()),
+            ..Default::default()
+        };
+        c.agent
+            .exec_process(ctx(CALL_TIMEOUT), &ereq)
+            .await
+            .map_err(|e| agent_error("ExecProcess", e))?;
+        let pumps = stdio::attach(&c.vsock, &req.id, &req.exec_id, &paths)
+            .await
+            .map_err(Error::Internal)?;
+        c.procs()
+            .insert(req.exec_id.clone(), Process::new(0, paths, pumps));
+        let ev = TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, ev).await;
+        Ok(())
+    }
+
+    pub async fn stats(&self, req: StatsRequest) -> Result<StatsResponse> {
+        let c = self.container(&req.id).await?;
+        let reply = c
+            .agent
+            .container_stats(ctx(CALL_TIMEOUT), &container_req(&req.id))
+            .await
+            .map_err(|e| agent_error("ContainerStats", e))?;
+        let any = super::stats::to_any(&reply, self.config.cgroup)
+            .map_err(|e| Error::Internal(anyhow::anyhow!("encoding metrics: {e}")))?;
+        Ok(StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    /// containerd sends the new OCI LinuxResources as JSON in an Any.
+    pub async fn update(&self, req: UpdateTaskRequest) -> Result<()> {
+        let c = self.container(&req.id).await?;
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        let ureq = clh_agent_protocol::UpdateContainerRequest {
+            container_id: req.id.clone(),
+            resources,
+            ..Default::default()
+        };
+        c.agent
+            .update_container(ctx(CALL_TIMEOUT), &ureq)
+            .await
+            .map_err(|e| agent_error("UpdateContainer", e))?;
+        Ok(())
+    }
+
+    pub async fn pause(&self, req: PauseRequest) -> Result<()> {
+        let c = self.container(&req.id).await?;
+        c.agent
+            .pause_container(ctx(CALL_TIMEOUT), &container_req(&req.id))
+            .await
+            .map_err(|e| agent_error("PauseContainer", e))?;
+        c.with_proc("", |p| p.status = Status::Paused)?;
+        let ev = TaskPaused {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, ev).await;
+        Ok(())
+    }
+
+    pub async fn resume(&self, req: ResumeRequest) -> Result<()> {
+        let c = self.container(&req.id).await?;
+        c.agent
+            .resume_container(ctx(CALL_TIMEOUT), &container_req(&req.id))
+            .await
+            .map_err(|e| agent_error("ResumeContainer", e))?;
+        c.with_proc("", |p| p.status = Status::Running)?;
+        let ev = TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_RESUMED_EVENT_TOPIC, ev).await;
+        Ok(())
+    }
+
+    pub async fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse> {
+        let c = self.container(&req.id).await?;
+        let task_pid = c.with_proc("", |p| p.pid)?;
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+}

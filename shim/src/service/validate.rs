@@ -1,0 +1,139 @@
+//! Checks on what containerd hands us, before anything is started.
+
+use std::path::Path;
+
+use clh_agent_protocol::GUEST_SHARED_DIR;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+
+use super::error::{Error, Result};
+
+/// Longest container id: it names a directory whose sockets must fit in
+/// `sun_path` (see `vm::validate_id`).
+pub const MAX_ID_LEN: usize = 64;
+
+/// Container and exec ids name directories and ride in the stdio header:
+/// 1 to 64 characters of `[A-Za-z0-9_.-]`, not `.` or `..`.
+pub fn id(what: &str, id: &str) -> Result<()> {
+    let ok_chars = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if id.is_empty() || id.len() > MAX_ID_LEN || !ok_chars || id == "." || id == ".." {
+        return Err(Error::InvalidArgument(format!(
+            "invalid {what} id {id:?}: it must be 1 to {MAX_ID_LEN} characters of [A-Za-z0-9_.-] and not \".\" or \"..\""
+        )));
+    }
+    Ok(())
+}
+
+/// Reads `<bundle>/config.json` as JSON; it must be an object.
+pub fn read_spec(bundle: &Path) -> Result<serde_json::Value> {
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|e| {
+        Error::InvalidArgument(format!("cannot read the OCI spec {}: {e}", path.display()))
+    })?;
+    let spec: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::InvalidArgument(format!("malformed OCI spec {}: {e}", path.display()))
+    })?;
+    if !spec.is_object() {
+        return Err(Error::InvalidArgument(format!(
+            "malformed OCI spec {}: not a JSON object",
+            path.display()
+        )));
+    }
+    Ok(spec)
+}
+
+/// Points the spec's root at the rootfs's guest path.
+pub fn rewrite_root(spec: &mut serde_json::Value, container_id: &str) -> Result<()> {
+    let guest = format!("{GUEST_SHARED_DIR}/{container_id}/rootfs");
+    let obj = spec
+        .as_object_mut()
+        .ok_or_else(|| Error::InvalidArgument("malformed OCI spec: not a JSON object".into()))?;
+    let root = obj.entry("root").or_insert_with(|| serde_json::json!({}));
+    let root = root.as_object_mut().ok_or_else(|| {
+        Error::InvalidArgument("malformed OCI spec: root is not an object".into())
+    })?;
+    root.insert("path".into(), serde_json::Value::String(guest));
+    Ok(())
+}
+
+/// The runtime options we understand: none yet, and runc's (containerd
+/// sends `io.containerd.runc.v1.Options` when a runtime is configured
+/// like runc), whose fields do not apply to a VM and are ignored.
+pub fn runtime_options(options: Option<&Any>) -> Result<()> {
+    const KNOWN: [&str; 2] = [
+        "containerd.runc.v1.Options",
+        "io.containerd.runc.v1.Options",
+    ];
+    match options {
+        None => Ok(()),
+        Some(any) if any.type_url.is_empty() && any.value.is_empty() => Ok(()),
+        Some(any) if KNOWN.iter().any(|k| any.type_url.ends_with(k)) => Ok(()),
+        Some(any) => Err(Error::InvalidArgument(format!(
+            "unsupported runtime options of type {:?}: io.containerd.clh.v2 takes its settings from its configuration file (CLH_SHIM_CONFIG), not from runtime options",
+            any.type_url
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_could_escape_are_invalid_arguments() {
+        for bad in ["", ".", "..", "a/b", "../x", "a b", &"x".repeat(65)] {
+            assert!(
+                matches!(id("container", bad), Err(Error::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(id("container", "t1").is_ok());
+        assert!(id("container", &"x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn a_malformed_spec_names_the_parse_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{\"root\": ").unwrap();
+        let Err(Error::InvalidArgument(msg)) = read_spec(dir.path()) else {
+            panic!("accepted");
+        };
+        assert!(
+            msg.contains("malformed OCI spec") && msg.contains("EOF"),
+            "{msg}"
+        );
+        let missing = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            read_spec(missing.path()),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn the_root_points_into_the_shared_directory() {
+        let mut spec = serde_json::json!({"root": {"path": "rootfs", "readonly": true}});
+        rewrite_root(&mut spec, "t1").unwrap();
+        assert_eq!(spec["root"]["path"], "/run/clh/shared/t1/rootfs");
+        assert_eq!(spec["root"]["readonly"], true);
+    }
+
+    #[test]
+    fn unknown_runtime_options_are_refused() {
+        let runc = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            ..Default::default()
+        };
+        assert!(runtime_options(None).is_ok());
+        assert!(runtime_options(Some(&runc)).is_ok());
+        let other = Any {
+            type_url: "example.com/Other".into(),
+            value: vec![1],
+            ..Default::default()
+        };
+        let Err(Error::InvalidArgument(msg)) = runtime_options(Some(&other)) else {
+            panic!("accepted");
+        };
+        assert!(msg.contains("example.com/Other"), "{msg}");
+    }
+}

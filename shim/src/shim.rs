@@ -1,0 +1,132 @@
+//! The `Shim` of containerd-shim's bootstrap: `start` spawns the daemon,
+//! `delete` cleans up after a crashed one, the daemon serves the Task
+//! service.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config, Error as ShimError, Flags, StartOpts};
+use containerd_shim_protos::api::DeleteResponse;
+use containerd_shim_protos::protobuf::MessageField;
+
+use crate::host;
+use crate::service::events::RemoteEventSender;
+use crate::service::stats::CgroupVersion;
+use crate::service::{ServiceConfig, TaskService};
+use crate::task::TaskAdapter;
+use crate::vm::{self, VmOptions};
+
+pub struct ClhShim {
+    id: String,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+    service: std::sync::OnceLock<Arc<TaskService<RemoteEventSender>>>,
+}
+
+/// The configuration ($CLH_SHIM_CONFIG or the default path), as the
+/// service needs it.
+fn load_config() -> Result<(clh_config::Config, ServiceConfig), ShimError> {
+    let (config, _) = clh_config::Config::load_default()
+        .map_err(|e| ShimError::InvalidArgument(format!("configuration: {e:#}")))?;
+    let kvm = host::KvmFlavour::detect();
+    let (vm, reason) = VmOptions::from_config(&config, &kvm);
+    tracing::info!(backend = ?vm.backend, reason, "VM backend");
+    let service = ServiceConfig {
+        state_dir: config.runtime.state_dir.clone(),
+        vm,
+        cgroup: CgroupVersion::of_host(),
+    };
+    Ok((config, service))
+}
+
+#[async_trait::async_trait]
+impl Shim for ClhShim {
+    type T = TaskAdapter<RemoteEventSender>;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        ClhShim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            exit: Arc::new(ExitSignal::default()),
+            service: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// One shim per container: the grouping is the container id.
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
+        let grouping = opts.id.clone();
+        let vars: Vec<(&str, &str)> = Vec::new();
+        spawn(opts, &grouping, vars).await
+    }
+
+    /// After a crashed daemon: kill what `state.json` recorded, unmount the
+    /// rootfs and the shared directory, remove the VM directory. Prints
+    /// only the DeleteResponse (the bootstrap writes it).
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
+        let (_, cfg) = load_config()?;
+        let rootfs = cfg
+            .state_dir
+            .join(&self.id)
+            .join("shared")
+            .join(&self.id)
+            .join("rootfs");
+        if vm::validate_id(&self.id).is_ok() {
+            if let Err(e) = nix::mount::umount2(
+                &rootfs,
+                nix::mount::MntFlags::UMOUNT_NOFOLLOW | nix::mount::MntFlags::MNT_DETACH,
+            ) {
+                tracing::debug!(error = %e, "no rootfs to unmount");
+            }
+        }
+        if let Err(e) = vm::cleanup_leftovers(&cfg.state_dir, &self.id) {
+            tracing::warn!(error = format!("{e:#}"), "cleanup after a crashed shim");
+        }
+        Ok(DeleteResponse {
+            exit_status: 128 + 9,
+            exited_at: MessageField::some(now()),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+        if let Some(svc) = self.service.get() {
+            svc.teardown_all().await;
+        }
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let events = RemoteEventSender::new(publisher, &self.namespace);
+        let cfg = match load_config() {
+            Ok((_, cfg)) => cfg,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the configuration; every Create will fail");
+                ServiceConfig {
+                    state_dir: PathBuf::from("/run/clh-shim"),
+                    vm: VmOptions::from_config(
+                        &clh_config::Config::default(),
+                        &host::KvmFlavour::detect(),
+                    )
+                    .0,
+                    cgroup: CgroupVersion::of_host(),
+                }
+            }
+        };
+        let svc = Arc::new(TaskService::new(cfg, events, self.exit.clone()));
+        let _ = self.service.set(svc.clone());
+        TaskAdapter::new(svc)
+    }
+}
+
+fn now() -> containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or_default(),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or_default(),
+        ..Default::default()
+    }
+}
