@@ -145,16 +145,8 @@ impl clh_agent_protocol::Agent for AgentService {
 
     async fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
         debug!(id = %req.container_id, exec = %req.exec_id, "resize tty");
-        // Check the process exists, so a bad id is NOT_FOUND as elsewhere.
-        let r = (self.containers).process(&req.container_id, &req.exec_id);
-        empty(
-            "ResizeTty",
-            r.and_then(|_| {
-                Err::<(), _>(CtrError::FailedPrecondition(
-                    "process has no terminal".into(),
-                ))
-            }),
-        )
+        let r = (self.containers).resize(&req.container_id, &req.exec_id, req.width, req.height);
+        empty("ResizeTty", r)
     }
 
     async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {

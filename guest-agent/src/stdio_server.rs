@@ -75,12 +75,12 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, containers: Con
     let attach = header.and_then(|line| {
         let (id, exec, kind) = parse_header(&line)?;
         let proc = containers.process(id, exec).map_err(|e| e.to_string())?;
-        let fd = proc
-            .take_end(kind)
-            .ok_or_else(|| format!("{line}: stream not requested or already attached"))?;
-        Ok((line.clone(), proc, kind, fd))
+        if !proc.attachable(kind) {
+            return Err(format!("{line}: stream not requested or already attached"));
+        }
+        Ok((line.clone(), proc, kind))
     });
-    let (line, proc, kind, fd) = match attach {
+    let (line, proc, kind) = match attach {
         Ok(a) => a,
         Err(reason) => {
             debug!("stdio attach refused: {reason}");
@@ -92,12 +92,22 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, containers: Con
     if s.write_all(b"OK\n").await.is_err() {
         return;
     }
+    // A terminal's master only exists once the process is started.
+    let Some(fd) = proc.take_end_when_ready(kind).await else {
+        debug!("stdio {line}: process gone before its stream was ready");
+        return;
+    };
     debug!("stdio attached: {line}");
     let result = match kind {
         StreamKind::Stdin => {
             let copy = async {
-                let mut tx = pipe::Sender::from_owned_fd(fd)?;
-                tokio::io::copy(&mut s, &mut tx).await?;
+                if is_fifo(&fd) {
+                    let mut tx = pipe::Sender::from_owned_fd(fd)?;
+                    tokio::io::copy(&mut s, &mut tx).await?;
+                } else {
+                    let mut tx = tokio::fs::File::from_std(fd.into());
+                    tokio::io::copy(&mut s, &mut tx).await?;
+                }
                 Ok::<_, std::io::Error>(())
             };
             // Dropping the pipe end on either branch is the process's EOF.
@@ -108,8 +118,12 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, containers: Con
         }
         StreamKind::Stdout | StreamKind::Stderr => {
             let copy = async {
-                let mut rx = pipe::Receiver::from_owned_fd(fd)?;
-                tokio::io::copy(&mut rx, &mut s).await?;
+                if is_fifo(&fd) {
+                    let mut rx = pipe::Receiver::from_owned_fd(fd)?;
+                    tokio::io::copy(&mut rx, &mut s).await?;
+                } else {
+                    copy_tty(tokio::fs::File::from_std(fd.into()), &mut s).await?;
+                }
                 s.shutdown().await
             };
             copy.await
@@ -118,6 +132,31 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, containers: Con
     if let Err(e) = result {
         // The shim going away mid-stream is normal at teardown.
         debug!("stdio stream {line} ended: {e}");
+    }
+}
+
+fn is_fifo(fd: &std::os::fd::OwnedFd) -> bool {
+    nix::sys::stat::fstat(fd).is_ok_and(|st| {
+        nix::sys::stat::SFlag::from_bits_truncate(st.st_mode)
+            .contains(nix::sys::stat::SFlag::S_IFIFO)
+    })
+}
+
+/// Copies a pty master to the stream. Once every slave fd is closed the
+/// master reads EIO, which is a terminal's end of file.
+async fn copy_tty<W: AsyncWrite + Unpin>(
+    mut master: tokio::fs::File,
+    out: &mut W,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match master.read(&mut buf).await {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        out.write_all(&buf[..n]).await?;
     }
 }
 

@@ -36,7 +36,7 @@ fn make_rootfs(shared: &Path, cid: &str) -> Result<()> {
         std::fs::create_dir_all(rootfs.join(dir))?;
     }
     std::fs::copy(busybox()?, rootfs.join("bin/busybox")).context("copying busybox")?;
-    for applet in ["sh", "cat", "echo", "sleep"] {
+    for applet in ["sh", "cat", "echo", "sleep", "stty"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
     }
     Ok(())
@@ -192,6 +192,40 @@ async fn exec_signal_stats(vm: &PodVm) -> Result<()> {
     Ok(())
 }
 
+/// A terminal: attach before Start, resize, input echoes, EOF at exit.
+async fn terminal(vm: &PodVm) -> Result<()> {
+    let (agent, uds) = (vm.agent(), vsock_socket(vm));
+    make_rootfs(&vm.dir().join("shared"), "c4")?;
+    let spec = spec_json("c4", &["sh", "-c", "read x; stty size; echo got-$x"])?;
+    let tty = Stdio {
+        terminal: true,
+        ..stdio(true, true, false)
+    };
+    agent.create_container("c4", &spec, tty).await?;
+    let mut input = open_stdio_stream(&uds, "c4", "", StdioKind::Stdin).await?;
+    let out = open_stdio_stream(&uds, "c4", "", StdioKind::Stdout).await?;
+    let err = open_stdio_stream(&uds, "c4", "", StdioKind::Stderr).await;
+    ensure!(err.is_err(), "a terminal has no stderr stream");
+    agent.start_process("c4", "").await?;
+    agent.resize_tty("c4", "", 100, 40).await?;
+    input.write_all(b"hi\n").await?;
+    let text = read_all("c4 tty", out).await?;
+    ensure!(
+        text.contains("40 100") && text.contains("got-hi"),
+        "{text:?}"
+    );
+    assert_eq!(wait(agent, "c4", "").await?, 0);
+    let no_tty = agent.resize_tty("c4", "nope", 1, 1).await;
+    let no_tty = no_tty.expect_err("no such exec");
+    assert_eq!(
+        no_tty.rpc_code(),
+        Some(ttrpc::Code::NOT_FOUND),
+        "{no_tty:?}"
+    );
+    agent.remove_container("c4").await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_run_in_the_guest() {
     let image = GuestImage::locate().unwrap();
@@ -204,7 +238,10 @@ async fn containers_run_in_the_guest() {
 
     let result = async {
         run_and_cat(&vm).await.context("run and cat")?;
-        exec_signal_stats(&vm).await.context("exec, signal, stats")
+        exec_signal_stats(&vm)
+            .await
+            .context("exec, signal, stats")?;
+        terminal(&vm).await.context("terminal")
     }
     .await;
     // Read the console before stop() removes the VM's directory.

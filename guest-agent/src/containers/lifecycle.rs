@@ -5,6 +5,7 @@
 //! to us and not reaped as an orphan.
 
 use super::process::{ChildStdio, Proc};
+use super::tty::ConsoleSocket;
 use super::{
     cgroup_dir, lock, Containers, CtrError, Entry, PendingExec, Result, BUNDLE_ROOT, CGROUP_PARENT,
     STATE_ROOT,
@@ -15,13 +16,17 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::{Process, Spec};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
 
 /// How long Remove waits for killed processes to be reaped.
 const REMOVE_GRACE: Duration = Duration::from_secs(5);
+/// Console sockets (short names; see `console_socket`).
+const CONSOLE_DIR: &str = "/run/clh/tty";
 
 /// Ids name directories and cgroups: keep them to a safe alphabet.
 fn validate_id(what: &str, id: &str) -> Result<()> {
@@ -40,7 +45,11 @@ fn validate_id(what: &str, id: &str) -> Result<()> {
     }
 }
 
-fn builder(id: &str, stdio: ChildStdio) -> Result<ContainerBuilder> {
+fn builder(
+    id: &str,
+    stdio: ChildStdio,
+    console: Option<&ConsoleSocket>,
+) -> Result<ContainerBuilder> {
     ContainerBuilder::new(id.to_owned(), SyscallType::default())
         .with_root_path(STATE_ROOT)
         .map_err(|e| CtrError::internal("setting libcontainer's state root", e))
@@ -48,7 +57,30 @@ fn builder(id: &str, stdio: ChildStdio) -> Result<ContainerBuilder> {
             b.with_stdin(stdio.stdin)
                 .with_stdout(stdio.stdout)
                 .with_stderr(stdio.stderr)
+                .with_console_socket(console.map(ConsoleSocket::path))
         })
+}
+
+/// A console socket for a terminal process, at a short path (sun_path
+/// holds 108 bytes; bundle paths with long ids do not fit).
+fn console_socket(terminal: bool) -> Result<Option<ConsoleSocket>> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    if !terminal {
+        return Ok(None);
+    }
+    let dir = Path::new(CONSOLE_DIR);
+    std::fs::create_dir_all(dir).map_err(|e| CtrError::internal("creating /run/clh/tty", e))?;
+    let name = format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed));
+    ConsoleSocket::bind(dir, &name)
+        .map(Some)
+        .map_err(|e| CtrError::internal("binding the console socket", e))
+}
+
+fn receive_master(console: Option<ConsoleSocket>) -> Result<Option<OwnedFd>> {
+    console
+        .map(ConsoleSocket::receive)
+        .transpose()
+        .map_err(|e| CtrError::internal("receiving the pty master", e))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -63,10 +95,10 @@ impl Containers {
         validate_id("container id", id)?;
         let mut spec: Spec = serde_json::from_slice(spec_json)
             .map_err(|e| CtrError::InvalidArgument(format!("bad OCI spec JSON: {e}")))?;
-        if stdio.terminal {
-            return Err(CtrError::InvalidArgument(
-                "terminal containers are not supported yet".into(),
-            ));
+        let terminal =
+            stdio.terminal || spec.process().as_ref().and_then(|p| p.terminal()) == Some(true);
+        if let Some(process) = spec.process_mut() {
+            process.set_terminal(Some(terminal));
         }
         let root = spec.root().as_ref().map(|r| r.path().clone());
         let root = root.ok_or_else(|| CtrError::InvalidArgument("spec has no root".into()))?;
@@ -93,13 +125,13 @@ impl Containers {
         spec.save(&config)
             .map_err(|e| CtrError::internal(format!("writing {}", config.display()), e))?;
 
-        let (proc, child) = Proc::new(stdio.stdin, stdio.stdout, stdio.stderr)
-            .map_err(|e| CtrError::internal("creating stdio pipes", e))?;
+        let (proc, child) = new_proc(terminal, stdio)?;
         let proc = Arc::new(proc);
         let (reaper, owned_id, bundle2) = (self.reaper.clone(), id.to_owned(), bundle.clone());
         let built = blocking(move || {
-            reaper.spawn_registered(|| {
-                let container = builder(&owned_id, child)?
+            let console = console_socket(terminal)?;
+            let (container, rx) = reaper.spawn_registered(|| {
+                let container = builder(&owned_id, child, console.as_ref())?
                     .as_init(&bundle2)
                     .with_systemd(false)
                     // The guest's / is the initramfs (rootfs), which
@@ -114,10 +146,11 @@ impl Containers {
                 })?;
                 // libcontainer's nix is another version than ours.
                 Ok((Pid::from_raw(pid.as_raw()), container))
-            })
+            })?;
+            Ok((container, rx, receive_master(console)?))
         })
         .await;
-        let (container, rx) = match built {
+        let (container, rx, master) = match built {
             Ok(v) => v,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&bundle);
@@ -126,6 +159,9 @@ impl Containers {
         };
         let pid = container.pid().map_or(0, |p| p.as_raw());
         proc.started(pid, rx);
+        if let Some(master) = master {
+            (proc.set_terminal(master)).map_err(|e| CtrError::internal("keeping the pty", e))?;
+        }
         let entry = Entry {
             id: id.to_owned(),
             container: Mutex::new(container),
@@ -144,13 +180,10 @@ impl Containers {
     pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &Stdio) -> Result<()> {
         validate_id("exec id", exec_id)?;
         let entry = self.get(id)?;
-        let process: Process = serde_json::from_slice(process_json)
+        let mut process: Process = serde_json::from_slice(process_json)
             .map_err(|e| CtrError::InvalidArgument(format!("bad OCI process JSON: {e}")))?;
-        if stdio.terminal || process.terminal().unwrap_or(false) {
-            return Err(CtrError::InvalidArgument(
-                "terminal execs are not supported yet".into(),
-            ));
-        }
+        let terminal = stdio.terminal || process.terminal() == Some(true);
+        process.set_terminal(Some(terminal));
         let mut execs = lock(&entry.execs);
         if execs.contains_key(exec_id) {
             return Err(CtrError::AlreadyExists(format!(
@@ -162,12 +195,12 @@ impl Containers {
             .map_err(|e| CtrError::internal("serializing the process", e))?;
         std::fs::write(&spec_path, text)
             .map_err(|e| CtrError::internal(format!("writing {}", spec_path.display()), e))?;
-        let (proc, child) = Proc::new(stdio.stdin, stdio.stdout, stdio.stderr)
-            .map_err(|e| CtrError::internal("creating stdio pipes", e))?;
+        let (proc, child) = new_proc(terminal, stdio)?;
         execs.insert(exec_id.to_owned(), Arc::new(proc));
         let pending = PendingExec {
             spec_path,
             stdio: child,
+            terminal,
         };
         lock(&entry.pending).insert(exec_id.to_owned(), pending);
         Ok(())
@@ -199,19 +232,24 @@ impl Containers {
         }
         let _build = self.build_lock.lock().await;
         let (reaper, owned_id) = (self.reaper.clone(), id.to_owned());
-        let (pid, rx) = blocking(move || {
-            reaper.spawn_registered(|| {
-                let pid = builder(&owned_id, pending.stdio)?
+        let (pid, rx, master) = blocking(move || {
+            let console = console_socket(pending.terminal)?;
+            let (pid, rx) = reaper.spawn_registered(|| {
+                let pid = builder(&owned_id, pending.stdio, console.as_ref())?
                     .as_tenant()
                     .with_process(Some(&pending.spec_path))
                     .with_detach(true)
                     .build()
                     .map_err(|e| CtrError::internal("starting the exec", e))?;
                 Ok((Pid::from_raw(pid.as_raw()), pid.as_raw()))
-            })
+            })?;
+            Ok((pid, rx, receive_master(console)?))
         })
         .await?;
         proc.started(pid, rx);
+        if let Some(master) = master {
+            (proc.set_terminal(master)).map_err(|e| CtrError::internal("keeping the pty", e))?;
+        }
         info!(id, exec_id, pid, "exec started");
         Ok(pid as u32)
     }
@@ -273,6 +311,15 @@ impl Containers {
         info!(id, "container removed");
         Ok(())
     }
+}
+
+fn new_proc(terminal: bool, stdio: &Stdio) -> Result<(Proc, ChildStdio)> {
+    let made = if terminal {
+        Proc::new_terminal(stdio.stdin)
+    } else {
+        Proc::new(stdio.stdin, stdio.stdout, stdio.stderr)
+    };
+    made.map_err(|e| CtrError::internal("creating stdio pipes", e))
 }
 
 fn signal_all(entry: &Entry, sig: Signal) -> Result<()> {

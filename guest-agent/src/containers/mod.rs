@@ -8,6 +8,7 @@
 mod cgroup;
 mod lifecycle;
 pub mod process;
+mod tty;
 
 use crate::reaper::Reaper;
 use libcontainer::container::Container;
@@ -68,6 +69,7 @@ pub type Result<T, E = CtrError> = std::result::Result<T, E>;
 struct PendingExec {
     spec_path: PathBuf,
     stdio: process::ChildStdio,
+    terminal: bool,
 }
 
 struct Entry {
@@ -138,6 +140,17 @@ impl Containers {
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<process::Exit> {
         let proc = self.process(id, exec_id)?;
         Ok(proc.wait().await)
+    }
+
+    pub fn resize(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        let proc = self.process(id, exec_id)?;
+        match proc.resize(width, height) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(CtrError::FailedPrecondition(format!(
+                "process {exec_id:?} of {id:?} has no terminal"
+            ))),
+            Err(e) => Err(CtrError::internal("resizing the terminal", e)),
+        }
     }
 
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {

@@ -76,6 +76,15 @@ struct HostEnds {
 pub struct Proc {
     pid: Mutex<Option<i32>>,
     ends: Mutex<HostEnds>,
+    /// The pty master, with a terminal (for ResizeTty).
+    tty: Mutex<Option<OwnedFd>>,
+    /// Whether the shim asked for stdin (with a terminal: the master).
+    wants_stdin: bool,
+    /// Whether stdio is a terminal, whose master exists only once the
+    /// process is built (at Start): attaching waits for it.
+    terminal: bool,
+    /// Wakes attachers waiting for the master (or for the exit).
+    changed: Notify,
     exit_tx: watch::Sender<Option<Exit>>,
     /// Wakes the stdin copier when CloseStdin is called after attach.
     pub stdin_close: Notify,
@@ -109,6 +118,10 @@ impl Proc {
         let proc = Self {
             pid: Mutex::new(None),
             ends: Mutex::new(ends),
+            tty: Mutex::new(None),
+            wants_stdin: stdin,
+            terminal: false,
+            changed: Notify::new(),
             exit_tx,
             stdin_close: Notify::new(),
         };
@@ -118,6 +131,81 @@ impl Proc {
             stderr: child_err,
         };
         Ok((proc, child))
+    }
+
+    /// A process whose stdio is a terminal: no pipes (libcontainer puts
+    /// the pty slave on 0-2) until [`Proc::set_terminal`] gives the master.
+    pub fn new_terminal(stdin: bool) -> std::io::Result<(Self, ChildStdio)> {
+        let (mut proc, child) = Self::new(false, false, false)?;
+        proc.wants_stdin = stdin;
+        proc.terminal = true;
+        Ok((proc, child))
+    }
+
+    /// The pty master: stdout reads it, stdin (if wanted) writes it.
+    pub fn set_terminal(&self, master: OwnedFd) -> std::io::Result<()> {
+        let mut ends = self.ends.lock().unwrap_or_else(PoisonError::into_inner);
+        ends.stdout = Some(master.try_clone()?);
+        if self.wants_stdin {
+            ends.stdin = Some(master.try_clone()?);
+        }
+        *self.tty.lock().unwrap_or_else(PoisonError::into_inner) = Some(master);
+        drop(ends);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    fn has_tty(&self) -> bool {
+        self.tty
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Whether a stream can be attached: its end is here, or it is a
+    /// terminal stream whose master comes at Start.
+    pub fn attachable(&self, kind: StreamKind) -> bool {
+        let ends = self.ends.lock().unwrap_or_else(PoisonError::into_inner);
+        let here = match kind {
+            StreamKind::Stdin => ends.stdin.is_some(),
+            StreamKind::Stdout => ends.stdout.is_some(),
+            StreamKind::Stderr => ends.stderr.is_some(),
+        };
+        let later = self.terminal
+            && !self.has_tty()
+            && match kind {
+                StreamKind::Stdout => true,
+                StreamKind::Stdin => self.wants_stdin,
+                StreamKind::Stderr => false,
+            };
+        here || later
+    }
+
+    /// [`Proc::take_end`], waiting for a terminal's master if need be;
+    /// `None` if the process exits first or another attach took the end.
+    pub async fn take_end_when_ready(&self, kind: StreamKind) -> Option<OwnedFd> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the checks, so no wake-up is lost.
+            notified.as_mut().enable();
+            if let Some(fd) = self.take_end(kind) {
+                return Some(fd);
+            }
+            if !self.terminal || self.has_tty() || self.exit().is_some() {
+                return None;
+            }
+            notified.await;
+        }
+    }
+
+    /// Sets the terminal size; `false` if the process has no terminal.
+    pub fn resize(&self, width: u32, height: u32) -> std::io::Result<bool> {
+        let tty = self.tty.lock().unwrap_or_else(PoisonError::into_inner);
+        match tty.as_ref() {
+            Some(master) => super::tty::resize(master, width, height).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     pub fn pid(&self) -> Option<i32> {
@@ -140,6 +228,7 @@ impl Proc {
             };
             tracing::debug!(pid, status = exit.status, "process exited");
             this.exit_tx.send_replace(Some(exit));
+            this.changed.notify_waiters();
         });
     }
 
