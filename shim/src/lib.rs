@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod host;
+pub mod legacy;
 mod options;
 pub mod service;
 mod shared_mount;

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clh_config::{Config, Source};
+use containerd_shim_clh_v2::legacy;
 use containerd_shim_clh_v2::shim::ClhShim;
 
 const RUNTIME_ID: &str = "io.containerd.clh.v2";
@@ -23,14 +24,37 @@ async fn main() -> ExitCode {
             println!("containerd-shim-clh-v2 {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        // containerd's actions (start, delete, -info, and serving).
-        Some(_) => {
-            containerd_shim::asynchronous::run::<ClhShim>(RUNTIME_ID, None).await;
-            ExitCode::SUCCESS
-        }
+        // containerd's actions: start and serving here (see legacy.rs),
+        // delete and -info through containerd-shim's bootstrap.
+        Some(_) => containerd(&args).await,
         None => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
+        }
+    }
+}
+
+async fn containerd(args: &[String]) -> ExitCode {
+    let flags = match containerd_shim::parse(args) {
+        Ok(flags) => flags,
+        Err(e) => {
+            eprintln!("{RUNTIME_ID}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let served = match flags.action.as_str() {
+        "start" => legacy::start(RUNTIME_ID, &flags).await,
+        "" if !flags.info && !flags.version => legacy::serve(RUNTIME_ID, &flags).await,
+        _ => {
+            containerd_shim::asynchronous::run::<ClhShim>(RUNTIME_ID, None).await;
+            return ExitCode::SUCCESS;
+        }
+    };
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{RUNTIME_ID}: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -41,6 +41,13 @@ fn load_config() -> Result<(clh_config::Config, ServiceConfig), ShimError> {
     Ok((config, service))
 }
 
+impl ClhShim {
+    /// Makes [`Shim::wait`] return (after stopping every VM).
+    pub fn request_exit(&self) {
+        self.exit.signal();
+    }
+}
+
 #[async_trait::async_trait]
 impl Shim for ClhShim {
     type T = TaskAdapter<RemoteEventSender>;

@@ -212,7 +212,6 @@ fn ctr_run_v2() -> Result<()> {
 }
 
 #[test]
-#[ignore = "containerd 1.6 wants a plain address from start and calls containerd.task.v2.Task; containerd-shim 0.12's bootstrap answers JSON and serves only v3"]
 fn ctr_run_v1_6() -> Result<()> {
     ctr_run_in_a_vm(ContainerdVersion::V1_6)
 }

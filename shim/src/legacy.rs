@@ -1,0 +1,120 @@
+//! `start` and serving as every containerd since 1.6 understands them.
+//!
+//! containerd-shim 0.12's bootstrap answers `start` with JSON announcing
+//! task API v3 and serves only `containerd.task.v3.Task`; containerd 1.6
+//! reads `start`'s output as a bare address and calls
+//! `containerd.task.v2.Task` (the same messages under the older name). So
+//! `start` prints the bare address (2.x takes it too, then speaks v2), and
+//! the daemon serves the Task service under both names. `delete` and
+//! `-info` stay with the crate's bootstrap.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use containerd_shim::asynchronous::Shim;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config, Flags, StartOpts};
+use containerd_shim_protos::shim_async::{create_task, Task};
+use containerd_shim_protos::ttrpc::r#async::Server;
+use tokio::io::AsyncWriteExt;
+
+use crate::shim::ClhShim;
+
+const TASK_V3: &str = "containerd.task.v3.Task";
+const TASK_V2: &str = "containerd.task.v2.Task";
+
+/// `start`: spawns the daemon (the crate's helper) and prints its address.
+pub async fn start(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
+    let mut config = Config::default();
+    let mut shim = ClhShim::new(runtime_id, flags, &mut config).await;
+    let opts = StartOpts {
+        id: flags.id.clone(),
+        publish_binary: flags.publish_binary.clone(),
+        address: flags.address.clone(),
+        ttrpc_address: std::env::var("TTRPC_ADDRESS").unwrap_or_default(),
+        namespace: flags.namespace.clone(),
+        debug: flags.debug,
+        ..Default::default()
+    };
+    let address = shim
+        .start_shim(opts)
+        .await
+        .context("cannot start the shim daemon")?;
+    if let Err(e) = std::fs::write("address", &address) {
+        tracing::warn!(error = %e, "cannot write the address file in the bundle");
+    }
+    let mut stdout = tokio::io::stdout();
+    stdout.write_all(address.as_bytes()).await?;
+    stdout.flush().await?;
+    Ok(())
+}
+
+/// The daemon: the Task service on `flags.socket` under both names, until
+/// Shutdown (or SIGTERM/SIGINT).
+pub async fn serve(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
+    if flags.socket.is_empty() {
+        bail!("-socket is required");
+    }
+    init_logging(flags.debug);
+    let mut config = Config::default();
+    let mut shim = ClhShim::new(runtime_id, flags, &mut config).await;
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
+    let publisher = RemotePublisher::new(&ttrpc_address)
+        .await
+        .context("cannot connect to containerd's event service")?;
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(shim.create_task_service(publisher).await);
+    let mut services = create_task(task.clone());
+    if let Some(v3) = create_task(task).remove(TASK_V3) {
+        services.insert(TASK_V2.to_string(), v3);
+    }
+    let path = flags.socket.trim_start_matches("unix://");
+    if let Some(dir) = Path::new(path).parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let mut server = Server::new()
+        .bind(&flags.socket)
+        .with_context(|| format!("cannot listen on {}", flags.socket))?
+        .register_service(services);
+    server
+        .start()
+        .await
+        .context("cannot start the ttrpc server")?;
+    // The parent (`start`) reads our stdout until EOF: close it now.
+    nix::unistd::dup2_stdout(std::io::stderr()).context("cannot close stdout")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        () = shim.wait() => {}
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: stopping every VM");
+            shim.request_exit();
+            shim.wait().await;
+        }
+    }
+    if let Err(e) = server.shutdown().await {
+        tracing::warn!(error = %e, "ttrpc server shutdown");
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+/// Logs to the `log` FIFO in the bundle, which containerd reads into its own
+/// log; to stderr when there is none.
+fn init_logging(debug: bool) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let level = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLH_SHIM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open("log");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    let _ = match fifo {
+        Ok(file) => builder.with_writer(std::sync::Mutex::new(file)).try_init(),
+        Err(_) => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
