@@ -11,7 +11,8 @@ CARGO ?= cargo
 BUILD_DIR := $(CURDIR)/build
 GUEST_DIR := $(BUILD_DIR)/guest
 # The agent is PID 1 of the guest: a static binary. The gnu target with
-# crt-static (no libseccomp: static-pie plus libseccomp.a crashes at start).
+# crt-static and libseccomp.a (libseccomp-dev), position-dependent: a
+# static-pie agent with libseccomp.a crashes at start; a plain static one runs.
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/clh-agent
 SHIM_BIN := target/release/containerd-shim-clh-v2
@@ -29,7 +30,9 @@ shim:
 	$(CARGO) build --release -p containerd-shim-clh-v2
 
 agent:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p clh-agent --target $(AGENT_TARGET)
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=$(dir $(shell gcc -print-file-name=libseccomp.a)) \
+		RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
+		$(CARGO) build --release -p clh-agent --target $(AGENT_TARGET)
 
 build: shim agent
 

@@ -6,6 +6,7 @@ set -euo pipefail
 
 apt_packages=(
   protobuf-compiler # the agent protocol is compiled at build time
+  libseccomp-dev # the agent's seccomp filters (libseccomp.a, linked statically)
   zstd xz-utils kmod file binutils python3 gcc make # guest image build
 )
 missing=()

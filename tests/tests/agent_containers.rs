@@ -36,7 +36,7 @@ fn make_rootfs(shared: &Path, cid: &str) -> Result<()> {
         std::fs::create_dir_all(rootfs.join(dir))?;
     }
     std::fs::copy(busybox()?, rootfs.join("bin/busybox")).context("copying busybox")?;
-    for applet in ["sh", "cat", "echo", "sleep", "stty"] {
+    for applet in ["sh", "cat", "echo", "sleep", "stty", "mkdir"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
     }
     Ok(())
@@ -192,6 +192,33 @@ async fn exec_signal_stats(vm: &PodVm) -> Result<()> {
     Ok(())
 }
 
+/// The spec's seccomp filter is applied: mkdir fails with EPERM.
+async fn seccomp(vm: &PodVm) -> Result<()> {
+    let (agent, uds) = (vm.agent(), vsock_socket(vm));
+    make_rootfs(&vm.dir().join("shared"), "c5")?;
+    let argv = [
+        "sh",
+        "-c",
+        "mkdir /tmp/d 2>/dev/null && echo made || echo denied",
+    ];
+    let mut spec: serde_json::Value = serde_json::from_slice(&spec_json("c5", &argv)?)?;
+    spec["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let spec = serde_json::to_vec(&spec)?;
+    agent
+        .create_container("c5", &spec, stdio(false, true, false))
+        .await?;
+    let out = open_stdio_stream(&uds, "c5", "", StdioKind::Stdout).await?;
+    agent.start_process("c5", "").await?;
+    assert_eq!(read_all("c5 stdout", out).await?, "denied\n");
+    assert_eq!(wait(agent, "c5", "").await?, 0);
+    agent.remove_container("c5").await?;
+    Ok(())
+}
+
 /// A terminal: attach before Start, resize, input echoes, EOF at exit.
 async fn terminal(vm: &PodVm) -> Result<()> {
     let (agent, uds) = (vm.agent(), vsock_socket(vm));
@@ -241,7 +268,8 @@ async fn containers_run_in_the_guest() {
         exec_signal_stats(&vm)
             .await
             .context("exec, signal, stats")?;
-        terminal(&vm).await.context("terminal")
+        terminal(&vm).await.context("terminal")?;
+        seccomp(&vm).await.context("seccomp")
     }
     .await;
     // Read the console before stop() removes the VM's directory.
