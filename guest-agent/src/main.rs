@@ -19,6 +19,7 @@ mod rng;
 mod server;
 mod service;
 mod stdio_server;
+mod switch_root;
 mod sysinfo;
 
 use anyhow::Context;
@@ -32,6 +33,11 @@ const USAGE: &str = "usage: clh-agent --listen unix:///path/to/socket [--debug]\
 fn main() {
     if nix::unistd::getpid().as_raw() == 1 {
         power::install_panic_hook();
+        if switch_root::needed() {
+            // Only returns on error; otherwise we start over on the new root.
+            let e = switch_root::switch_and_reexec();
+            power::fatal_poweroff(&format!("{e:#}"));
+        }
         // Only returns on error; serving runs until power-off.
         let Err(e) = run_as_init();
         power::fatal_poweroff(&format!("{e:#}"));

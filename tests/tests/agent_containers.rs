@@ -36,7 +36,7 @@ fn make_rootfs(shared: &Path, cid: &str) -> Result<()> {
         std::fs::create_dir_all(rootfs.join(dir))?;
     }
     std::fs::copy(busybox()?, rootfs.join("bin/busybox")).context("copying busybox")?;
-    for applet in ["sh", "cat", "echo", "sleep", "stty", "mkdir"] {
+    for applet in ["sh", "cat", "echo", "sleep", "stty", "mkdir", "grep"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
     }
     Ok(())
@@ -115,7 +115,10 @@ async fn run_and_cat(vm: &PodVm) -> Result<()> {
     let shared = vm.dir().join("shared");
 
     make_rootfs(&shared, "c1")?;
-    let spec = spec_json("c1", &["sh", "-c", "echo hello; exit 7"])?;
+    // pivot_root detached the guest's root (the initramfs "rootfs"): it is
+    // not in the container's mount table.
+    let script = "echo hello; grep -q ' - rootfs ' /proc/self/mountinfo && echo guest-root; exit 7";
+    let spec = spec_json("c1", &["sh", "-c", script])?;
     agent
         .create_container("c1", &spec, stdio(false, true, true))
         .await?;

@@ -134,10 +134,6 @@ impl Containers {
                 let container = builder(&owned_id, child, console.as_ref())?
                     .as_init(&bundle2)
                     .with_systemd(false)
-                    // The guest's / is the initramfs (rootfs), which
-                    // pivot_root(2) refuses (EINVAL); move-mount + chroot
-                    // inside the container's own mount namespace instead.
-                    .with_no_pivot(true)
                     .with_detach(true)
                     .build()
                     .map_err(|e| CtrError::internal("creating the container", e))?;
