@@ -36,7 +36,7 @@ fn make_rootfs(shared: &Path, cid: &str) -> Result<()> {
         std::fs::create_dir_all(rootfs.join(dir))?;
     }
     std::fs::copy(busybox()?, rootfs.join("bin/busybox")).context("copying busybox")?;
-    for applet in ["sh", "cat", "echo", "sleep", "stty", "mkdir", "grep"] {
+    for applet in ["sh", "cat", "echo", "sleep", "stty", "mkdir", "grep", "dd"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
     }
     Ok(())
@@ -195,6 +195,43 @@ async fn exec_signal_stats(vm: &PodVm) -> Result<()> {
     Ok(())
 }
 
+/// Pause/resume, a memory limit set by UpdateContainer, an OOM kill that
+/// GetOomEvent reports.
+async fn limits_and_oom(vm: &PodVm) -> Result<()> {
+    let agent = vm.agent();
+    make_rootfs(&vm.dir().join("shared"), "c6")?;
+    let spec = spec_json("c6", &["sleep", "1000"])?;
+    agent
+        .create_container("c6", &spec, stdio(false, false, false))
+        .await?;
+    agent.start_process("c6", "").await?;
+    agent.pause_container("c6").await?;
+    agent.resume_container("c6").await?;
+    let limit = 16 << 20;
+    let resources = format!(r#"{{"memory":{{"limit":{limit}}},"pids":{{"limit":50}}}}"#);
+    agent.update_container("c6", resources.as_bytes()).await?;
+    let stats = agent.container_stats("c6").await?;
+    assert_eq!((stats.memory_limit_bytes, stats.pids_limit), (limit, 50));
+    let bad = agent.update_container("c6", b"{not json").await;
+    let bad = bad.expect_err("bad JSON");
+    assert_eq!(
+        bad.rpc_code(),
+        Some(ttrpc::Code::INVALID_ARGUMENT),
+        "{bad:?}"
+    );
+
+    // dd touches its whole 64 MiB buffer: killed at the 16 MiB limit.
+    let hog = process_json(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])?;
+    agent
+        .exec_process("c6", "hog", &hog, stdio(false, false, false))
+        .await?;
+    agent.start_process("c6", "hog").await?;
+    assert_eq!(wait(agent, "c6", "hog").await?, 137);
+    assert_eq!(step("OOM event", agent.get_oom_event()).await??, "c6");
+    agent.remove_container("c6").await?;
+    Ok(())
+}
+
 /// The spec's seccomp filter is applied: mkdir fails with EPERM.
 async fn seccomp(vm: &PodVm) -> Result<()> {
     let (agent, uds) = (vm.agent(), vsock_socket(vm));
@@ -272,7 +309,8 @@ async fn containers_run_in_the_guest() {
             .await
             .context("exec, signal, stats")?;
         terminal(&vm).await.context("terminal")?;
-        seccomp(&vm).await.context("seccomp")
+        seccomp(&vm).await.context("seccomp")?;
+        limits_and_oom(&vm).await.context("limits and OOM")
     }
     .await;
     // Read the console before stop() removes the VM's directory.
