@@ -44,7 +44,17 @@ async fn containerd(args: &[String]) -> ExitCode {
     };
     let served = match flags.action.as_str() {
         "start" => legacy::start(RUNTIME_ID, &flags).await,
-        "" if !flags.info && !flags.version => legacy::serve(RUNTIME_ID, &flags).await,
+        "" if !flags.info && !flags.version => {
+            let served = legacy::serve(RUNTIME_ID, &flags).await;
+            // Everything is stopped; exit now rather than wait in the
+            // runtime's drop for a blocking FIFO read containerd may
+            // still hold open.
+            if let Err(e) = &served {
+                eprintln!("{RUNTIME_ID}: {e:#}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
         _ => {
             containerd_shim::asynchronous::run::<ClhShim>(RUNTIME_ID, None).await;
             return ExitCode::SUCCESS;

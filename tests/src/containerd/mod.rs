@@ -168,6 +168,17 @@ impl PrivateContainerd {
         shim_dir: Option<&Path>,
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::start_in(version, shim_dir, env, Path::new("/tmp"))
+    }
+
+    /// [`PrivateContainerd::start_with_env`] with its temp dir in `parent`
+    /// (keep it short: socket paths).
+    pub fn start_in(
+        version: ContainerdVersion,
+        shim_dir: Option<&Path>,
+        env: &[(&str, &str)],
+        parent: &Path,
+    ) -> Result<Self> {
         let bin = version.bin_dir();
         for b in ["containerd", "ctr", "containerd-shim-runc-v2"] {
             if !bin.join(b).is_file() {
@@ -179,7 +190,7 @@ impl PrivateContainerd {
         }
         let dir = tempfile::Builder::new()
             .prefix("ctd-")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .context("creating the containerd temp dir")?
             .keep();
         let name = dir
