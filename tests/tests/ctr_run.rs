@@ -183,6 +183,81 @@ fn ctr_run_in_a_vm(version: ContainerdVersion) -> Result<()> {
     Ok(())
 }
 
+/// A detached container: exec, pids, metrics, kill, delete.
+fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
+    let s = setup()?;
+    let config = s.config.display().to_string();
+    let mut ctd = PrivateContainerd::start_with_env(
+        version,
+        Some(&shim_dir()?),
+        &[("CLH_SHIM_CONFIG", &config)],
+    )?;
+    ctd.import_image(&busybox_tar()?, BUSYBOX)?;
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        "t4",
+        "sleep",
+        "1000",
+    ])?;
+    check(&out, "ctr run -d")?;
+    let out = ctd.ctr(&["task", "exec", "--exec-id", "e1", "t4", "uname", "-r"])?;
+    check(&out, "ctr task exec")?;
+    let release = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        release == s.image.kernel_release,
+        "exec saw kernel {release:?}"
+    );
+    let out = ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e2",
+        "t4",
+        "sh",
+        "-c",
+        "exit 3",
+    ])?;
+    ensure!(
+        out.status.code() == Some(3),
+        "exec exit 3 became {:?}",
+        out.status
+    );
+    let out = ctd.ctr(&["task", "ps", "t4"])?;
+    check(&out, "ctr task ps")?;
+    let out = ctd.ctr(&["task", "metrics", "t4"])?;
+    check(&out, "ctr task metrics")?;
+    let out = ctd.ctr(&["task", "kill", "-s", "KILL", "t4"])?;
+    check(&out, "ctr task kill")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = ctd.ctr(&["task", "ls"])?;
+        let listing = String::from_utf8_lossy(&out.stdout).to_string();
+        if listing
+            .lines()
+            .any(|l| l.starts_with("t4") && l.contains("STOPPED"))
+        {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "t4 did not stop: {listing}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    check(&ctd.ctr(&["task", "delete", "t4"])?, "ctr task delete")?;
+    check(
+        &ctd.ctr(&["container", "delete", "t4"])?,
+        "ctr container delete",
+    )?;
+    ctd.stop()?;
+    assert_no_leaks(&ctd, &s.state_dir);
+    Ok(())
+}
+
 fn bad_input_is_refused(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
     let config = s.config.display().to_string();
@@ -219,4 +294,9 @@ fn ctr_run_v1_6() -> Result<()> {
 #[test]
 fn bad_input_v2() -> Result<()> {
     bad_input_is_refused(ContainerdVersion::V2)
+}
+
+#[test]
+fn exec_kill_and_stats_v2() -> Result<()> {
+    exec_kill_and_stats(ContainerdVersion::V2)
 }

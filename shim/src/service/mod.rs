@@ -8,6 +8,8 @@ mod ops;
 mod rootfs;
 pub mod stats;
 mod stdio;
+#[cfg(test)]
+mod tests;
 pub mod validate;
 
 use std::collections::HashMap;
