@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
@@ -95,8 +96,23 @@ fn run(ctd: &PrivateContainerd, args: &[&str]) -> Result<std::process::Output> {
 }
 
 /// Nothing of ours is left: containerd's report, and the shim's state dir
-/// empty, no VM process naming it.
+/// empty, no VM process naming it, no mount under it.
 fn assert_no_leaks(ctd: &PrivateContainerd, state_dir: &Path) {
+    let leaks = leaks(ctd, state_dir);
+    assert!(leaks.is_empty(), "leaks: {leaks:#?}");
+}
+
+/// [`assert_no_leaks`] once asynchronous cleanup (a killed shim's children
+/// dying of PR_SET_PDEATHSIG, containerd's `delete`) had `settle` to finish.
+fn assert_no_leaks_within(ctd: &PrivateContainerd, state_dir: &Path, settle: Duration) {
+    let deadline = Instant::now() + settle;
+    while !leaks(ctd, state_dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_no_leaks(ctd, state_dir);
+}
+
+fn leaks(ctd: &PrivateContainerd, state_dir: &Path) -> Vec<String> {
     let mut leaks = ctd.leak_report();
     if let Ok(entries) = std::fs::read_dir(state_dir) {
         leaks.extend(
@@ -109,7 +125,11 @@ fn assert_no_leaks(ctd: &PrivateContainerd, state_dir: &Path) {
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            leaks.push(format!("process {}", entry.file_name().to_string_lossy()));
+            leaks.push(format!(
+                "process {}: {}",
+                entry.file_name().to_string_lossy(),
+                String::from_utf8_lossy(&cmdline).replace('\0', " ")
+            ));
         }
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -119,7 +139,7 @@ fn assert_no_leaks(ctd: &PrivateContainerd, state_dir: &Path) {
             .filter(|l| l.contains(&needle))
             .map(|l| format!("mount {l}")),
     );
-    assert!(leaks.is_empty(), "leaks: {leaks:#?}");
+    leaks
 }
 
 fn ctr_run_in_a_vm(version: ContainerdVersion) -> Result<()> {
@@ -232,7 +252,7 @@ fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
     check(&out, "ctr task metrics")?;
     let out = ctd.ctr(&["task", "kill", "-s", "KILL", "t4"])?;
     check(&out, "ctr task kill")?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = ctd.ctr(&["task", "ls"])?;
         let listing = String::from_utf8_lossy(&out.stdout).to_string();
@@ -242,11 +262,8 @@ fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
         {
             break;
         }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "t4 did not stop: {listing}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        ensure!(Instant::now() < deadline, "t4 did not stop: {listing}");
+        std::thread::sleep(Duration::from_millis(200));
     }
     check(&ctd.ctr(&["task", "delete", "t4"])?, "ctr task delete")?;
     check(
@@ -255,6 +272,63 @@ fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
     )?;
     ctd.stop()?;
     assert_no_leaks(&ctd, &s.state_dir);
+    Ok(())
+}
+
+/// The shim daemon is SIGKILLed under a running container: containerd runs
+/// `delete`, which must leave no VM, mount or state behind.
+fn shim_crash_cleanup(version: ContainerdVersion) -> Result<()> {
+    let s = setup()?;
+    let config = s.config.display().to_string();
+    let mut ctd = PrivateContainerd::start_with_env(
+        version,
+        Some(&shim_dir()?),
+        &[("CLH_SHIM_CONFIG", &config)],
+    )?;
+    ctd.import_image(&busybox_tar()?, BUSYBOX)?;
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        "t5",
+        "sleep",
+        "1000",
+    ])?;
+    check(&out, "ctr run -d")?;
+    let shim = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.first()
+                .is_some_and(|a| a.ends_with(b"containerd-shim-clh-v2"))
+                && args.windows(2).any(|w| w[0] == b"-id" && w[1] == b"t5")
+        })
+        .context("no shim process for t5")?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ctd.ctr(&["task", "ls"])?;
+        let listing = String::from_utf8_lossy(&out.stdout).to_string();
+        if !listing
+            .lines()
+            .any(|l| l.starts_with("t5") && l.contains("RUNNING"))
+        {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "t5 still running: {listing}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = ctd.ctr(&["task", "delete", "--force", "t5"])?;
+    check(
+        &ctd.ctr(&["container", "delete", "t5"])?,
+        "ctr container delete",
+    )?;
+    ctd.stop()?;
+    assert_no_leaks_within(&ctd, &s.state_dir, Duration::from_secs(10));
     Ok(())
 }
 
@@ -299,4 +373,9 @@ fn bad_input_v2() -> Result<()> {
 #[test]
 fn exec_kill_and_stats_v2() -> Result<()> {
     exec_kill_and_stats(ContainerdVersion::V2)
+}
+
+#[test]
+fn shim_crash_cleanup_v2() -> Result<()> {
+    shim_crash_cleanup(ContainerdVersion::V2)
 }
