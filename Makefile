@@ -52,6 +52,7 @@ test: deps guest-image lint
 
 bench: deps guest-image
 	$(CARGO) bench -p clh-tests --bench boot
+	$(CARGO) bench -p clh-tests --bench ctr
 
 check: shim
 	$(SHIM_BIN) check --config $(BUILD_DIR)/demo-config.toml || true
