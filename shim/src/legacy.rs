@@ -10,37 +10,27 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use containerd_shim::asynchronous::Shim;
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{Config, Flags, StartOpts};
+use containerd_shim::{Config, Flags};
 use containerd_shim_protos::shim_async::{create_task, Task};
 use containerd_shim_protos::ttrpc::r#async::Server;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::shim::ClhShim;
 
 const TASK_V3: &str = "containerd.task.v3.Task";
 const TASK_V2: &str = "containerd.task.v2.Task";
 
-/// `start`: spawns the daemon (the crate's helper) and prints its address.
-pub async fn start(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
-    let mut config = Config::default();
-    let mut shim = ClhShim::new(runtime_id, flags, &mut config).await;
-    let opts = StartOpts {
-        id: flags.id.clone(),
-        publish_binary: flags.publish_binary.clone(),
-        address: flags.address.clone(),
-        ttrpc_address: std::env::var("TTRPC_ADDRESS").unwrap_or_default(),
-        namespace: flags.namespace.clone(),
-        debug: flags.debug,
-        ..Default::default()
-    };
-    let address = shim
-        .start_shim(opts)
-        .await
-        .context("cannot start the shim daemon")?;
+/// How long the daemon may take to serve (it boots no VM before Create).
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `start`: spawns the daemon and prints its address once it serves.
+pub async fn start(flags: &Flags) -> anyhow::Result<()> {
+    let address = spawn_daemon(flags).await?;
     if let Err(e) = std::fs::write("address", &address) {
         tracing::warn!(error = %e, "cannot write the address file in the bundle");
     }
@@ -48,6 +38,43 @@ pub async fn start(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
     stdout.write_all(address.as_bytes()).await?;
     stdout.flush().await?;
     Ok(())
+}
+
+/// Re-executes this binary as the daemon (it inherits containerd's
+/// environment: TTRPC_ADDRESS, CLH_SHIM_CONFIG) and waits, bounded, for it
+/// to close its stdout, which it does once it serves. Its OOM score is
+/// raised above ours like containerd's own shims; a refusal (no
+/// CAP_SYS_RESOURCE) is only a warning.
+async fn spawn_daemon(flags: &Flags) -> anyhow::Result<String> {
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &flags.id);
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.current_dir(std::env::current_dir()?)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .args(["-namespace", &flags.namespace, "-id", &flags.id])
+        .args(["-address", &flags.address, "-socket", &address]);
+    if flags.debug {
+        cmd.arg("-debug");
+    }
+    let mut child = cmd.spawn().context("cannot spawn the shim daemon")?;
+    if let Some(pid) = child.id() {
+        if let Err(e) = containerd_shim::cgroup::adjust_oom_score(pid) {
+            eprintln!("warning: cannot raise the shim's oom_score_adj: {e}");
+        }
+    }
+    let mut stdout = child.stdout.take().context("no stdout pipe")?;
+    let mut sink = Vec::new();
+    let served = tokio::time::timeout(DAEMON_START_TIMEOUT, stdout.read_to_end(&mut sink)).await;
+    if served.is_err() {
+        let _ = child.start_kill();
+        bail!("the shim daemon did not serve within {DAEMON_START_TIMEOUT:?}");
+    }
+    if let Some(status) = child.try_wait()? {
+        bail!("the shim daemon exited at start ({status}); see containerd's log");
+    }
+    Ok(address)
 }
 
 /// The daemon: the Task service on `flags.socket` under both names, until

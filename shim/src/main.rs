@@ -43,7 +43,7 @@ async fn containerd(args: &[String]) -> ExitCode {
         }
     };
     let served = match flags.action.as_str() {
-        "start" => legacy::start(RUNTIME_ID, &flags).await,
+        "start" => legacy::start(&flags).await,
         "" if !flags.info && !flags.version => {
             let served = legacy::serve(RUNTIME_ID, &flags).await;
             // Everything is stopped; exit now rather than wait in the

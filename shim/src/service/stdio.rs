@@ -54,16 +54,19 @@ impl Pumps {
         }
     }
 
-    /// Stops the stdin pump (CloseIO): the agent sees EOF.
+    /// CloseIO: containerd has closed its end of the stdin FIFO. The pump
+    /// copies what is still in the FIFO, then half-closes the stream (the
+    /// agent sees EOF); aborting it here would lose that data. If the pump
+    /// still waits for a writer to appear, it is released.
     pub fn close_stdin(&mut self) {
-        if let Some(handle) = self.stdin.take() {
-            handle.abort();
-        }
         self.unblock_stdin_open();
     }
 
     pub fn abort(&mut self) {
-        self.close_stdin();
+        if let Some(handle) = self.stdin.take() {
+            handle.abort();
+        }
+        self.unblock_stdin_open();
         for handle in self.outputs.drain(..) {
             handle.abort();
         }
