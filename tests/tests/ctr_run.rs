@@ -332,6 +332,65 @@ fn shim_crash_cleanup(version: ContainerdVersion) -> Result<()> {
     Ok(())
 }
 
+/// The VMM dies under a running container: containerd hears TaskExit, and
+/// deleting the task cleans up.
+fn vmm_death(version: ContainerdVersion) -> Result<()> {
+    let s = setup()?;
+    let config = s.config.display().to_string();
+    let mut ctd = PrivateContainerd::start_with_env(
+        version,
+        Some(&shim_dir()?),
+        &[("CLH_SHIM_CONFIG", &config)],
+    )?;
+    ctd.import_image(&busybox_tar()?, BUSYBOX)?;
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        "t6",
+        "sleep",
+        "1000",
+    ])?;
+    check(&out, "ctr run -d")?;
+    let vm_dir = s.state_dir.join("t6").display().to_string();
+    let qemu = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline);
+            text.contains("qemu-system") && text.contains(&vm_dir)
+        })
+        .context("no QEMU process for t6")?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu), nix::sys::signal::SIGKILL)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ctd.ctr(&["task", "ls"])?;
+        let listing = String::from_utf8_lossy(&out.stdout).to_string();
+        if listing
+            .lines()
+            .any(|l| l.starts_with("t6") && l.contains("STOPPED"))
+        {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "t6 not stopped after its VMM died: {listing}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    check(&ctd.ctr(&["task", "delete", "t6"])?, "ctr task delete")?;
+    check(
+        &ctd.ctr(&["container", "delete", "t6"])?,
+        "ctr container delete",
+    )?;
+    ctd.stop()?;
+    assert_no_leaks(&ctd, &s.state_dir);
+    Ok(())
+}
+
 fn bad_input_is_refused(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
     let config = s.config.display().to_string();
@@ -378,4 +437,9 @@ fn exec_kill_and_stats_v2() -> Result<()> {
 #[test]
 fn shim_crash_cleanup_v2() -> Result<()> {
     shim_crash_cleanup(ContainerdVersion::V2)
+}
+
+#[test]
+fn vmm_death_v2() -> Result<()> {
+    vmm_death(ContainerdVersion::V2)
 }
