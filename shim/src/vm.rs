@@ -352,6 +352,21 @@ mod tests {
         assert!(err.to_string().contains("shorter state root"), "{err}");
     }
 
+    /// Polls (bounded) until `/proc/<pid>/cmdline` starts with `prefix`.
+    fn wait_for_cmdline(pid: u32, prefix: &[u8]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .starts_with(prefix)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} never exec'd"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn cleanup_kills_only_processes_with_the_recorded_command_line() {
         let root = tempfile::tempdir().unwrap();
@@ -365,6 +380,11 @@ mod tests {
             .arg("999")
             .spawn()
             .unwrap();
+        // Right after spawn the child may not have exec'd yet, and its
+        // cmdline would still be this test binary's.
+        for child in [&sleeper, &bystander] {
+            wait_for_cmdline(child.id(), b"sleep\0");
+        }
         persist_state(&dir, &[sleeper.id()]).unwrap();
         // The bystander is recorded with someone else's command line, as a
         // recycled pid would be.
@@ -377,7 +397,19 @@ mod tests {
         std::fs::write(dir.join("state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
 
         cleanup_leftovers(root.path(), "pod").unwrap();
-        assert!(!sleeper.wait().unwrap().success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = sleeper.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                sleeper.kill().unwrap();
+                bystander.kill().unwrap();
+                panic!("cleanup_leftovers did not kill the recorded process");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(!status.success());
         assert!(
             bystander.try_wait().unwrap().is_none(),
             "bystander was killed"
