@@ -1,6 +1,6 @@
 # clh-shim: containerd-shim-clh-v2 and its guest image.
 #
-#   make demo    set everything up, boot a pod VM and talk to its agent
+#   make demo    set everything up, ctr run a container in a microVM
 #   make test    set everything up and run every test
 #   make bench   boot-time and memory benchmarks, beside their baselines
 
