@@ -82,6 +82,9 @@ impl<E: EventSender> TaskService<E> {
             ));
         }
         let mut spec = validate::read_spec(Path::new(&req.bundle))?;
+        // Before rewrite_root replaces it with the guest path.
+        let source = rootfs::source_dir(&spec, Path::new(&req.bundle));
+        rootfs::check_source(&req.rootfs, &source)?;
         validate::rewrite_root(&mut spec, &req.id)?;
         let mut containers = self.containers.lock().await;
         if containers.contains_key(&req.id) {
@@ -100,7 +103,7 @@ impl<E: EventSender> TaskService<E> {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let created = create_in(&vm, &req, &spec, &rootfs, &stdio).await;
+        let created = create_in(&vm, &req, &spec, (&source, &rootfs), &stdio).await;
         let (agent, pid, pumps) = match created {
             Ok(parts) => parts,
             Err(e) => {
@@ -297,10 +300,10 @@ async fn create_in(
     vm: &PodVm,
     req: &CreateTaskRequest,
     spec: &serde_json::Value,
-    rootfs: &Path,
+    (source, rootfs): (&Path, &Path),
     stdio: &StdioPaths,
 ) -> Result<(clh_agent_protocol::AgentClient, u32, stdio::Pumps)> {
-    rootfs::mount(&req.rootfs, Path::new(&req.bundle), rootfs).await?;
+    rootfs::mount(&req.rootfs, source, rootfs).await?;
     let agent = container::connect_agent(&vm.vsock_socket()).await?;
     let creq = clh_agent_protocol::CreateContainerRequest {
         container_id: req.id.clone(),

@@ -14,20 +14,35 @@ pub fn host_path(vm_dir: &Path, container_id: &str) -> PathBuf {
     vm_dir.join("shared").join(container_id).join("rootfs")
 }
 
+/// The directory to bind-mount when containerd sends no mounts: the spec's
+/// `root.path` (`ctr run --rootfs <dir>` makes it absolute; a relative one
+/// is under the bundle, as runc reads it), else the bundle's `rootfs/`.
+pub fn source_dir(spec: &serde_json::Value, bundle: &Path) -> PathBuf {
+    match spec.pointer("/root/path").and_then(|p| p.as_str()) {
+        Some(p) if !p.is_empty() => bundle.join(p),
+        _ => bundle.join("rootfs"),
+    }
+}
+
+/// Refuses a request whose rootfs cannot exist, before a VM is booted.
+pub fn check_source(mounts: &[Mount], source: &Path) -> Result<()> {
+    if mounts.is_empty() && !source.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "no rootfs: the request has no mounts and the spec's root path {} is not a directory",
+            source.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Mounts `mounts` (containerd sends one, usually overlay) at `target`.
-/// Without mounts the bundle's own `rootfs/` directory is bind-mounted.
-pub async fn mount(mounts: &[Mount], bundle: &Path, target: &Path) -> Result<()> {
+/// Without mounts `source` (see [`source_dir`]) is bind-mounted.
+pub async fn mount(mounts: &[Mount], source: &Path, target: &Path) -> Result<()> {
     std::fs::create_dir_all(target)
         .with_context(|| format!("cannot create {}", target.display()))?;
     match mounts {
         [] => {
-            let source = bundle.join("rootfs");
-            if !source.is_dir() {
-                return Err(Error::InvalidArgument(format!(
-                    "no rootfs: the request has no mounts and {} is not a directory",
-                    source.display()
-                )));
-            }
+            check_source(mounts, source)?;
             let m = Mount {
                 type_: "bind".into(),
                 source: source.to_string_lossy().into_owned(),
@@ -73,5 +88,24 @@ pub fn unmount(target: &Path) -> Result<()> {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spec_root_path_is_the_bind_source() {
+        let bundle = Path::new("/b");
+        let spec = |p: &str| serde_json::json!({ "root": { "path": p } });
+        assert_eq!(source_dir(&spec("/r"), bundle), Path::new("/r"));
+        assert_eq!(source_dir(&spec("rootfs"), bundle), Path::new("/b/rootfs"));
+        assert_eq!(
+            source_dir(&serde_json::json!({}), bundle),
+            Path::new("/b/rootfs")
+        );
+        let err = check_source(&[], Path::new("/nonexistent/r")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/r"), "{err}");
     }
 }
