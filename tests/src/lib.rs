@@ -208,3 +208,4 @@ fn leaked_processes(root: &Path) -> Vec<(u32, String)> {
         .collect()
 }
 pub mod containerd;
+pub mod ctr;

@@ -4,142 +4,18 @@
 //! clearly, and nothing is left behind.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
-use clh_tests::GuestImage;
+use clh_tests::ctr::{
+    assert_no_leaks, assert_no_leaks_within, busybox_tar, run, setup, shim_dir, BUSYBOX, RUNTIME,
+};
 
-const BUSYBOX: &str = "docker.io/library/busybox:latest";
-const RUNTIME: &str = "io.containerd.clh.v2";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The shim binary's directory: builds it (`cargo build -p
-/// containerd-shim-clh-v2`, cheap when fresh) into target/debug.
-fn shim_dir() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "containerd-shim-clh-v2"])
-        .current_dir(workspace())
-        .status()
-        .context("running cargo build -p containerd-shim-clh-v2")?;
-    ensure!(
-        status.success(),
-        "cargo build -p containerd-shim-clh-v2 failed: {status}"
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"));
-    let dir = target.join("debug");
-    ensure!(
-        dir.join("containerd-shim-clh-v2").is_file(),
-        "no containerd-shim-clh-v2 in {}",
-        dir.display()
-    );
-    Ok(dir)
-}
-
-/// A shim config: QEMU, the built guest image, a short state dir.
-struct Setup {
-    _tmp: tempfile::TempDir,
-    config: PathBuf,
-    state_dir: PathBuf,
-    image: GuestImage,
-}
-
-fn setup() -> Result<Setup> {
-    let image = GuestImage::locate()?;
-    let tmp = tempfile::Builder::new().prefix("clh-").tempdir_in("/tmp")?;
-    let state_dir = tmp.path().join("s");
-    let config = tmp.path().join("clh-shim.toml");
-    let bins = clh_tests::binaries();
-    std::fs::write(
-        &config,
-        format!(
-            "[hypervisor]\nbackend = \"qemu\"\nqemu = \"{}\"\nvirtiofsd = \"{}\"\nvhost_device_vsock = \"{}\"\n\n[guest]\nkernel = \"{}\"\nkernel_bzimage = \"{}\"\ninitramfs = \"{}\"\n\n[runtime]\nstate_dir = \"{}\"\n",
-            bins.qemu.display(),
-            bins.virtiofsd.display(),
-            bins.vhost_device_vsock.display(),
-            image.vmlinux.display(),
-            image.vmlinuz.display(),
-            image.initramfs.display(),
-            state_dir.display()
-        ),
-    )?;
-    Ok(Setup {
-        _tmp: tmp,
-        config,
-        state_dir,
-        image,
-    })
-}
-
-fn busybox_tar() -> Result<PathBuf> {
-    let tar = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ctr-run-busybox.tar");
-    if !tar.is_file() {
-        let script = workspace().join("tests/images/build-busybox-image.sh");
-        let status = Command::new(script).arg(&tar).status()?;
-        ensure!(status.success(), "build-busybox-image.sh failed: {status}");
-    }
-    Ok(tar)
-}
-
-fn run(ctd: &PrivateContainerd, args: &[&str]) -> Result<std::process::Output> {
-    let mut full = vec!["run", "--runtime", RUNTIME, "--rm", BUSYBOX];
-    full.extend_from_slice(args);
-    ctd.ctr(&full)
-}
-
-/// Nothing of ours is left: containerd's report, and the shim's state dir
-/// empty, no VM process naming it, no mount under it.
-fn assert_no_leaks(ctd: &PrivateContainerd, state_dir: &Path) {
-    let leaks = leaks(ctd, state_dir);
-    assert!(leaks.is_empty(), "leaks: {leaks:#?}");
-}
-
-/// [`assert_no_leaks`] once asynchronous cleanup (a killed shim's children
-/// dying of PR_SET_PDEATHSIG, containerd's `delete`) had `settle` to finish.
-fn assert_no_leaks_within(ctd: &PrivateContainerd, state_dir: &Path, settle: Duration) {
-    let deadline = Instant::now() + settle;
-    while !leaks(ctd, state_dir).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_no_leaks(ctd, state_dir);
-}
-
-fn leaks(ctd: &PrivateContainerd, state_dir: &Path) -> Vec<String> {
-    let mut leaks = ctd.leak_report();
-    if let Ok(entries) = std::fs::read_dir(state_dir) {
-        leaks.extend(
-            entries
-                .flatten()
-                .map(|e| format!("state {}", e.path().display())),
-        );
-    }
-    let needle = state_dir.display().to_string();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            leaks.push(format!(
-                "process {}: {}",
-                entry.file_name().to_string_lossy(),
-                String::from_utf8_lossy(&cmdline).replace('\0', " ")
-            ));
-        }
-    }
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    leaks.extend(
-        mounts
-            .lines()
-            .filter(|l| l.contains(&needle))
-            .map(|l| format!("mount {l}")),
-    );
-    leaks
+fn tar() -> Result<std::path::PathBuf> {
+    busybox_tar(Path::new(env!("CARGO_TARGET_TMPDIR")))
 }
 
 fn ctr_run_in_a_vm(version: ContainerdVersion) -> Result<()> {
@@ -150,7 +26,7 @@ fn ctr_run_in_a_vm(version: ContainerdVersion) -> Result<()> {
         Some(&shim_dir()?),
         &[("CLH_SHIM_CONFIG", &config)],
     )?;
-    ctd.import_image(&busybox_tar()?, BUSYBOX)?;
+    ctd.import_image(&tar()?, BUSYBOX)?;
 
     let out = run(&ctd, &["t1", "uname", "-r"])?;
     check(&out, "ctr run uname -r")?;
@@ -212,7 +88,7 @@ fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
         Some(&shim_dir()?),
         &[("CLH_SHIM_CONFIG", &config)],
     )?;
-    ctd.import_image(&busybox_tar()?, BUSYBOX)?;
+    ctd.import_image(&tar()?, BUSYBOX)?;
     let out = ctd.ctr(&[
         "run",
         "-d",
@@ -285,7 +161,7 @@ fn shim_crash_cleanup(version: ContainerdVersion) -> Result<()> {
         Some(&shim_dir()?),
         &[("CLH_SHIM_CONFIG", &config)],
     )?;
-    ctd.import_image(&busybox_tar()?, BUSYBOX)?;
+    ctd.import_image(&tar()?, BUSYBOX)?;
     let out = ctd.ctr(&[
         "run",
         "-d",
@@ -342,7 +218,7 @@ fn vmm_death(version: ContainerdVersion) -> Result<()> {
         Some(&shim_dir()?),
         &[("CLH_SHIM_CONFIG", &config)],
     )?;
-    ctd.import_image(&busybox_tar()?, BUSYBOX)?;
+    ctd.import_image(&tar()?, BUSYBOX)?;
     let out = ctd.ctr(&[
         "run",
         "-d",
@@ -399,7 +275,7 @@ fn bad_input_is_refused(version: ContainerdVersion) -> Result<()> {
         Some(&shim_dir()?),
         &[("CLH_SHIM_CONFIG", &config)],
     )?;
-    ctd.import_image(&busybox_tar()?, BUSYBOX)?;
+    ctd.import_image(&tar()?, BUSYBOX)?;
     // 70 characters: containerd takes up to 76, the shim up to 64.
     let long = "x".repeat(70);
     let out = run(&ctd, &[&long, "true"])?;

@@ -1,0 +1,180 @@
+//! Shared setup for the `ctr run --runtime io.containerd.clh.v2` end-to-end
+//! tests: the built shim, a shim config pointing at QEMU and the guest
+//! image, a private containerd with busybox imported, and the leak checks.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+
+use crate::containerd::{ContainerdVersion, PrivateContainerd};
+use crate::GuestImage;
+
+pub const BUSYBOX: &str = "docker.io/library/busybox:latest";
+pub const RUNTIME: &str = "io.containerd.clh.v2";
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The shim binary's directory: builds it (`cargo build -p
+/// containerd-shim-clh-v2`, cheap when fresh) into target/debug.
+pub fn shim_dir() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", "containerd-shim-clh-v2"])
+        .current_dir(workspace())
+        .status()
+        .context("running cargo build -p containerd-shim-clh-v2")?;
+    ensure!(
+        status.success(),
+        "cargo build -p containerd-shim-clh-v2 failed: {status}"
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    let dir = target.join("debug");
+    ensure!(
+        dir.join("containerd-shim-clh-v2").is_file(),
+        "no containerd-shim-clh-v2 in {}",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// A shim config: QEMU, the built guest image, a short state dir.
+pub struct Setup {
+    _tmp: tempfile::TempDir,
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub image: GuestImage,
+}
+
+pub fn setup() -> Result<Setup> {
+    let image = GuestImage::locate()?;
+    let tmp = tempfile::Builder::new().prefix("clh-").tempdir_in("/tmp")?;
+    let state_dir = tmp.path().join("s");
+    let config = tmp.path().join("clh-shim.toml");
+    let bins = crate::binaries();
+    std::fs::write(
+        &config,
+        format!(
+            "[hypervisor]\nbackend = \"qemu\"\nqemu = \"{}\"\nvirtiofsd = \"{}\"\nvhost_device_vsock = \"{}\"\n\n[guest]\nkernel = \"{}\"\nkernel_bzimage = \"{}\"\ninitramfs = \"{}\"\n\n[runtime]\nstate_dir = \"{}\"\n",
+            bins.qemu.display(),
+            bins.virtiofsd.display(),
+            bins.vhost_device_vsock.display(),
+            image.vmlinux.display(),
+            image.vmlinuz.display(),
+            image.initramfs.display(),
+            state_dir.display()
+        ),
+    )?;
+    Ok(Setup {
+        _tmp: tmp,
+        config,
+        state_dir,
+        image,
+    })
+}
+
+/// The busybox OCI tarball, built once into `tmpdir` (pass the test's
+/// `CARGO_TARGET_TMPDIR`, which only integration tests see).
+pub fn busybox_tar(tmpdir: &Path) -> Result<PathBuf> {
+    let tar = tmpdir.join("ctr-run-busybox.tar");
+    if !tar.is_file() {
+        let script = workspace().join("tests/images/build-busybox-image.sh");
+        let status = Command::new(script).arg(&tar).status()?;
+        ensure!(status.success(), "build-busybox-image.sh failed: {status}");
+    }
+    Ok(tar)
+}
+
+/// A private containerd that runs our shim with `s`'s config, busybox
+/// imported.
+pub fn start(version: ContainerdVersion, s: &Setup, tmpdir: &Path) -> Result<PrivateContainerd> {
+    let config = s.config.display().to_string();
+    let ctd = PrivateContainerd::start_with_env(
+        version,
+        Some(&shim_dir()?),
+        &[("CLH_SHIM_CONFIG", &config)],
+    )?;
+    ctd.import_image(&busybox_tar(tmpdir)?, BUSYBOX)?;
+    Ok(ctd)
+}
+
+/// `ctr run --runtime clh --rm busybox args...`.
+pub fn run(ctd: &PrivateContainerd, args: &[&str]) -> Result<std::process::Output> {
+    let mut full = vec!["run", "--runtime", RUNTIME, "--rm", BUSYBOX];
+    full.extend_from_slice(args);
+    ctd.ctr(&full)
+}
+
+/// Nothing of ours is left: containerd's report, and the shim's state dir
+/// empty, no VM process naming it, no mount under it.
+pub fn assert_no_leaks(ctd: &PrivateContainerd, state_dir: &Path) {
+    let leaks = leaks(ctd, state_dir);
+    assert!(leaks.is_empty(), "leaks: {leaks:#?}");
+}
+
+/// [`assert_no_leaks`] once asynchronous cleanup (a killed shim's children
+/// dying of PR_SET_PDEATHSIG, containerd's `delete`) had `settle` to finish.
+pub fn assert_no_leaks_within(ctd: &PrivateContainerd, state_dir: &Path, settle: Duration) {
+    let deadline = Instant::now() + settle;
+    while !leaks(ctd, state_dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_no_leaks(ctd, state_dir);
+}
+
+pub fn leaks(ctd: &PrivateContainerd, state_dir: &Path) -> Vec<String> {
+    let mut leaks = ctd.leak_report();
+    if let Ok(entries) = std::fs::read_dir(state_dir) {
+        leaks.extend(
+            entries
+                .flatten()
+                .map(|e| format!("state {}", e.path().display())),
+        );
+    }
+    let needle = state_dir.display().to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            leaks.push(format!(
+                "process {}: {}",
+                entry.file_name().to_string_lossy(),
+                String::from_utf8_lossy(&cmdline).replace('\0', " ")
+            ));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    leaks.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .map(|l| format!("mount {l}")),
+    );
+    leaks
+}
+
+/// Polls `ctr task ls` until `id`'s line contains `status` (e.g. STOPPED).
+pub fn wait_status(
+    ctd: &PrivateContainerd,
+    id: &str,
+    status: &str,
+    within: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = ctd.ctr(&["task", "ls"])?;
+        let listing = String::from_utf8_lossy(&out.stdout).to_string();
+        if listing
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(id) && l.contains(status))
+        {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{id} never {status}: {listing}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
