@@ -218,7 +218,6 @@ fn readonly_rootfs_refuses_writes() -> Result<()> {
 /// A hog past its 32 MiB limit is OOM-killed in the guest: `ctr run` exits
 /// 137 and containerd publishes TaskOOM for it.
 #[test]
-#[ignore = "the hog exits 137 but containerd never publishes /tasks/oom for it: the shim's oom_loop (shim/src/service/mod.rs) reports no guest OOM kill before the task exits"]
 fn memory_limit_oom_kills_with_an_event() -> Result<()> {
     let s = setup()?;
     let ctd = start(&s)?;

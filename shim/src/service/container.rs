@@ -95,6 +95,8 @@ pub struct Container {
     pub procs: Mutex<HashMap<String, Process>>,
     /// The VM monitor, the OOM loop and the waiters; aborted at teardown.
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// OOM kills already published as TaskOOM (see oom.rs).
+    pub oom_published: std::sync::atomic::AtomicU64,
 }
 
 impl Container {

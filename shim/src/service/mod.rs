@@ -4,6 +4,7 @@
 mod container;
 pub mod error;
 pub mod events;
+mod oom;
 mod ops;
 mod rootfs;
 pub mod stats;
@@ -23,7 +24,7 @@ use containerd_shim_protos::api::{
     StartResponse,
 };
 use containerd_shim_protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
+    TaskCreate, TaskDelete, TaskExecStarted, TaskExit, TaskIO, TaskStart,
 };
 use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::topics;
@@ -135,6 +136,7 @@ impl<E: EventSender> TaskService<E> {
                 Process::new(pid, stdio, pumps),
             )])),
             tasks: Mutex::new(Vec::new()),
+            oom_published: Default::default(),
         });
         let id = req.id.clone();
         c.track(tokio::spawn(async move {
@@ -142,7 +144,7 @@ impl<E: EventSender> TaskService<E> {
             tracing::warn!(id, how, "the VMM exited");
             let _ = dead_tx.send(true);
         }));
-        c.track(tokio::spawn(oom_loop(c.clone(), self.events.clone())));
+        c.track(tokio::spawn(oom::oom_loop(c.clone(), self.events.clone())));
         containers.insert(req.id.clone(), c);
         drop(containers);
         self.publish(
@@ -351,6 +353,7 @@ async fn waiter<E: EventSender>(c: Arc<Container>, exec_id: String, events: Arc<
         Err(_) => return,
     };
     pumps.drain(DRAIN_TIMEOUT).await;
+    oom::publish_new_kills(&c, &*events).await;
     let Ok(pid) = c.with_proc(&exec_id, |p| {
         p.status = Status::Stopped;
         p.exit.send_replace(Some(exit));
@@ -372,31 +375,4 @@ async fn waiter<E: EventSender>(c: Arc<Container>, exec_id: String, events: Arc<
         ..Default::default()
     };
     publish(&*events, topics::TASK_EXIT_EVENT_TOPIC, ev).await;
-}
-
-/// Publishes TaskOOM for each OOM kill the agent reports.
-async fn oom_loop<E: EventSender>(c: Arc<Container>, events: Arc<E>) {
-    loop {
-        match c
-            .agent
-            .get_oom_event(
-                ctx(container::LONG_POLL),
-                &clh_agent_protocol::Empty::default(),
-            )
-            .await
-        {
-            Ok(ev) => {
-                let ev = TaskOOM {
-                    container_id: ev.container_id,
-                    ..Default::default()
-                };
-                publish(&*events, topics::TASK_OOM_EVENT_TOPIC, ev).await;
-            }
-            Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::DEADLINE_EXCEEDED => {}
-            Err(e) => {
-                tracing::debug!(id = %c.id, error = %e, "OOM event loop ends");
-                return;
-            }
-        }
-    }
 }
