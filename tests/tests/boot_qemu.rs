@@ -158,6 +158,22 @@ async fn real_virtiofsd_starts_sandboxed_and_stops_without_leftovers() {
     assert!(fs.socket().exists());
     fs.stop(Duration::from_secs(5)).await.unwrap();
     assert!(!dir.join("fs.sock").exists());
+    // stop returns only once the sandboxed worker is gone too, not later.
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let running = !stat.rsplit_once(") ")?.1.starts_with('Z');
+            let ours = String::from_utf8_lossy(&cmdline).contains(dir.to_str()?);
+            (running && ours).then(|| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        })
+        .collect();
+    assert!(
+        survivors.is_empty(),
+        "still running after stop: {survivors:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
     leaks.assert_clean().await;
 }

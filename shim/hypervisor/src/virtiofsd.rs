@@ -113,9 +113,14 @@ impl Virtiofsd {
     /// Idempotent. SIGTERM first because virtiofsd then takes its sandboxed
     /// child down with it and reaps it.
     pub async fn stop(&mut self, grace: Duration) -> Result<()> {
+        // With `--sandbox namespace` virtiofsd forks its worker into new
+        // namespaces; the worker dies with its parent, but asynchronously.
+        // Note its pid first, so stop returns only once it is gone too.
+        let workers = child_pids(self.process.pid());
         let result = self.process.terminate(grace).await;
+        let workers_gone = wait_gone(&workers, grace).await;
         self.remove_socket();
-        result
+        result.and(workers_gone)
     }
 
     /// Removes the socket and the `<socket>.pid` lock file virtiofsd
@@ -162,6 +167,55 @@ fn listening_in_table(table: &str, path: &str) -> bool {
             && fields[7] == path
             && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
     })
+}
+
+/// The pids of `pid`'s children (`/proc/<pid>/task/*/children`).
+fn child_pids(pid: u32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// Whether `pid` still runs: it exists and is not a zombie (a zombie has
+/// released everything; reaping it is its new parent's business).
+fn is_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Waits up to `grace` for `pids` to end, then SIGKILLs what is left and
+/// waits a little more.
+async fn wait_gone(pids: &[i32], grace: Duration) -> Result<()> {
+    let all_gone = || async { pids.iter().all(|&p| !is_running(p)).then_some(()) };
+    if wait_until("virtiofsd's sandboxed worker to exit", grace, all_gone)
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    for &pid in pids.iter().filter(|&&p| is_running(p)) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    }
+    wait_until(
+        "virtiofsd's sandboxed worker to die after SIGKILL",
+        Duration::from_secs(5),
+        all_gone,
+    )
+    .await
 }
 
 #[cfg(test)]
