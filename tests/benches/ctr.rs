@@ -133,7 +133,7 @@ fn main() -> Result<()> {
         ensure!(left.trim().is_empty(), "{what} left after --rm: {left}");
     }
     ctd.stop()?;
-    let leaks = leaks(&ctd, &state_dir);
+    let leaks = clh_tests::ctr::leaks(&ctd, &state_dir);
     ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
 
     println!("cleanup: containerd stopped, no shim, VM process, mount or state left");
@@ -330,35 +330,6 @@ fn supervise_with<T: Send + 'static>(
     let stderr = stderr.join().unwrap_or_default();
     let result = result.with_context(|| format!("ctr stderr: {stderr}"))?;
     Ok((result, status?, stderr, ended))
-}
-
-/// Everything left behind: the harness's report, plus the shim's state
-/// dir, any process naming it (VMM, virtiofsd, vhost-device-vsock) and any
-/// mount under it.
-fn leaks(ctd: &PrivateContainerd, state_dir: &Path) -> Vec<String> {
-    let mut leaks = ctd.leak_report();
-    if let Ok(entries) = std::fs::read_dir(state_dir) {
-        leaks.extend(
-            entries
-                .flatten()
-                .map(|e| format!("state {}", e.path().display())),
-        );
-    }
-    let needle = state_dir.display().to_string();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            leaks.push(format!("process {}", entry.file_name().to_string_lossy()));
-        }
-    }
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    leaks.extend(
-        mounts
-            .lines()
-            .filter(|l| l.contains(&needle))
-            .map(|l| format!("mount {l}")),
-    );
-    leaks
 }
 
 fn median<T: Copy + PartialOrd>(samples: &[T]) -> T {
