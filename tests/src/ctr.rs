@@ -3,7 +3,7 @@
 //! image, a private containerd with busybox imported, and the leak checks.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -177,4 +177,46 @@ pub fn wait_status(
         ensure!(Instant::now() < deadline, "{id} never {status}: {listing}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A VM boot under TCG takes 5–10 s; leave room for a loaded host.
+pub const VM_DEADLINE: Duration = Duration::from_secs(90);
+
+/// `ctr` with our address and namespace, to spawn rather than run to
+/// completion; `run` gets the same private fifo dir `ctd.ctr` gives it.
+pub fn ctr_command(ctd: &PrivateContainerd, args: &[&str]) -> Command {
+    let mut cmd = Command::new(ctd.version().bin_dir().join("ctr"));
+    cmd.arg("--address")
+        .arg(ctd.address())
+        .args(["--namespace", ctd.namespace()]);
+    if args.first() == Some(&"run") {
+        cmd.arg("run").arg("--fifo-dir").arg(ctd.dir().join("fifo"));
+        cmd.args(&args[1..]);
+    } else {
+        cmd.args(args);
+    }
+    cmd
+}
+
+/// Waits for `child` to exit, killing it past `within`.
+pub fn wait_within(child: &mut Child, within: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("ctr did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn finish(mut ctd: PrivateContainerd, s: &Setup) -> Result<()> {
+    ctd.stop()?;
+    // virtiofsd's sandboxed child was once seen exiting just after the shim.
+    assert_no_leaks_within(&ctd, &s.state_dir, Duration::from_secs(5));
+    Ok(())
 }

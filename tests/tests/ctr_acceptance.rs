@@ -1,20 +1,19 @@
 //! Acceptance tests for `ctr run --runtime io.containerd.clh.v2` on a
-//! private containerd 2.x: a TTY sized by ResizePty, two VMs at once, a
-//! read-only rootfs, an OOM kill with its TaskOOM event, kill exit codes,
+//! private containerd 2.x: two VMs at once, a read-only rootfs, an OOM kill with its TaskOOM event, kill exit codes,
 //! and bad input refused clearly. Every test ends with the leak checks.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
-use clh_tests::ctr::{assert_no_leaks_within, leaks, setup, wait_status, Setup, BUSYBOX, RUNTIME};
-
-/// A VM boot under TCG takes 5–10 s; leave room for a loaded host.
-const VM_DEADLINE: Duration = Duration::from_secs(90);
+use clh_tests::ctr::{
+    ctr_command, finish, leaks, setup, wait_status, wait_within, Setup, BUSYBOX, RUNTIME,
+    VM_DEADLINE,
+};
 
 fn start(s: &Setup) -> Result<PrivateContainerd> {
     clh_tests::ctr::start(
@@ -22,99 +21,6 @@ fn start(s: &Setup) -> Result<PrivateContainerd> {
         s,
         Path::new(env!("CARGO_TARGET_TMPDIR")),
     )
-}
-
-/// `ctr` with our address and namespace, to spawn rather than run to
-/// completion; `run` gets the same private fifo dir `ctd.ctr` gives it.
-fn ctr_command(ctd: &PrivateContainerd, args: &[&str]) -> Command {
-    let mut cmd = Command::new(ctd.version().bin_dir().join("ctr"));
-    cmd.arg("--address")
-        .arg(ctd.address())
-        .args(["--namespace", ctd.namespace()]);
-    if args.first() == Some(&"run") {
-        cmd.arg("run").arg("--fifo-dir").arg(ctd.dir().join("fifo"));
-        cmd.args(&args[1..]);
-    } else {
-        cmd.args(args);
-    }
-    cmd
-}
-
-/// Waits for `child` to exit, killing it past `within`.
-fn wait_within(child: &mut Child, within: Duration) -> Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("ctr did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn finish(mut ctd: PrivateContainerd, s: &Setup) -> Result<()> {
-    ctd.stop()?;
-    // virtiofsd's sandboxed child was once seen exiting just after the shim.
-    assert_no_leaks_within(&ctd, &s.state_dir, Duration::from_secs(5));
-    Ok(())
-}
-
-/// `ctr run -t` under a real pseudo-terminal sized 40×100: the guest's
-/// `stty size` sees that size, which only ResizePty can have told it.
-#[test]
-fn tty_size_reaches_the_guest() -> Result<()> {
-    let s = setup()?;
-    let ctd = start(&s)?;
-    let size = nix::pty::Winsize {
-        ws_row: 40,
-        ws_col: 100,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // openpty applies the size with TIOCSWINSZ on the new terminal.
-    let pty = nix::pty::openpty(Some(&size), None)?;
-    let slave = std::fs::File::from(pty.slave);
-    let mut child = ctr_command(
-        &ctd,
-        &["run", "-t", "--runtime", RUNTIME, "--rm", BUSYBOX, "tty1"],
-    )
-    .args(["sh", "-c", "stty size"])
-    .stdin(slave.try_clone()?)
-    .stdout(slave.try_clone()?)
-    .stderr(slave)
-    .spawn()?;
-    // The master reads EIO once every slave fd is closed (ours went to spawn).
-    let mut master = std::fs::File::from(pty.master);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = master.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            let _ = tx.send(buf.clone());
-        }
-    });
-    let deadline = Instant::now() + VM_DEADLINE;
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains("40 100") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(buf) => seen = buf,
-            Err(_) => break,
-        }
-    }
-    let status = wait_within(&mut child, VM_DEADLINE)?;
-    let text = String::from_utf8_lossy(&seen).to_string();
-    ensure!(text.contains("40 100"), "stty size printed {text:?}");
-    ensure!(status.success(), "ctr run -t: {status}, output {text:?}");
-    finish(ctd, &s)
 }
 
 /// Two containers started at once run in two VMs: two guest boot ids,
