@@ -126,6 +126,20 @@ fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
     check(&out, "ctr task ps")?;
     let out = ctd.ctr(&["task", "metrics", "t4"])?;
     check(&out, "ctr task metrics")?;
+    // The guest cgroup's figures, as the host's cgroup version names them.
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let value = |key: &str| {
+        text.lines().find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next()? == key).then(|| words.next()?.parse::<u64>().ok())?
+        })
+    };
+    let memory = value("memory.usage_in_bytes").or_else(|| value("memory.usage"));
+    let cpu = value("cpuacct.usage").or_else(|| value("cpu.usage_usec"));
+    ensure!(
+        memory.unwrap_or(0) > 0 && cpu.unwrap_or(0) > 0,
+        "ctr task metrics shows no memory or CPU use: {text}"
+    );
     let out = ctd.ctr(&["task", "kill", "-s", "KILL", "t4"])?;
     check(&out, "ctr task kill")?;
     let deadline = Instant::now() + Duration::from_secs(30);
