@@ -42,7 +42,8 @@ fn main() -> Result<()> {
     // Short, under /tmp: the shim's sockets live in its state dir.
     let tmp = tempfile::Builder::new().prefix("clh-").tempdir_in("/tmp")?;
     let state_dir = tmp.path().join("s");
-    let config = write_shim_config(tmp.path(), &state_dir, &image)?;
+    let config = tmp.path().join("clh-shim.toml");
+    clh_tests::ctr::write_shim_config(&config, &state_dir, &image)?;
     let config = config.display().to_string();
     let mut ctd = PrivateContainerd::start_with_env(
         ContainerdVersion::V2,
@@ -166,27 +167,6 @@ fn release_shim_dir() -> Result<PathBuf> {
         dir.display()
     );
     Ok(dir)
-}
-
-/// The shim's config: QEMU, the built guest image, a short state dir.
-fn write_shim_config(dir: &Path, state_dir: &Path, image: &GuestImage) -> Result<PathBuf> {
-    let bins = clh_tests::binaries();
-    let config = dir.join("clh-shim.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[hypervisor]\nbackend = \"qemu\"\nqemu = \"{}\"\nvirtiofsd = \"{}\"\nvhost_device_vsock = \"{}\"\n\n[guest]\nkernel = \"{}\"\nkernel_bzimage = \"{}\"\ninitramfs = \"{}\"\n\n[runtime]\nstate_dir = \"{}\"\n",
-            bins.qemu.display(),
-            bins.virtiofsd.display(),
-            bins.vhost_device_vsock.display(),
-            image.vmlinux.display(),
-            image.vmlinuz.display(),
-            image.initramfs.display(),
-            state_dir.display()
-        ),
-    )
-    .with_context(|| format!("writing {}", config.display()))?;
-    Ok(config)
 }
 
 /// The same tarball the ctr_run tests build and cache.

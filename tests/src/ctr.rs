@@ -56,20 +56,7 @@ pub fn setup() -> Result<Setup> {
     let tmp = tempfile::Builder::new().prefix("clh-").tempdir_in("/tmp")?;
     let state_dir = tmp.path().join("s");
     let config = tmp.path().join("clh-shim.toml");
-    let bins = crate::binaries();
-    std::fs::write(
-        &config,
-        format!(
-            "[hypervisor]\nbackend = \"qemu\"\nqemu = \"{}\"\nvirtiofsd = \"{}\"\nvhost_device_vsock = \"{}\"\n\n[guest]\nkernel = \"{}\"\nkernel_bzimage = \"{}\"\ninitramfs = \"{}\"\n\n[runtime]\nstate_dir = \"{}\"\n",
-            bins.qemu.display(),
-            bins.virtiofsd.display(),
-            bins.vhost_device_vsock.display(),
-            image.vmlinux.display(),
-            image.vmlinuz.display(),
-            image.initramfs.display(),
-            state_dir.display()
-        ),
-    )?;
+    write_shim_config(&config, &state_dir, &image)?;
     Ok(Setup {
         _tmp: tmp,
         config,
@@ -88,6 +75,26 @@ pub fn busybox_tar(tmpdir: &Path) -> Result<PathBuf> {
         ensure!(status.success(), "build-busybox-image.sh failed: {status}");
     }
     Ok(tar)
+}
+
+/// Writes the shim's config to `path`: QEMU, the built guest image, and
+/// `state_dir` (short: sockets live below it).
+pub fn write_shim_config(path: &Path, state_dir: &Path, image: &GuestImage) -> Result<()> {
+    let bins = crate::binaries();
+    std::fs::write(
+        path,
+        format!(
+            "[hypervisor]\nbackend = \"qemu\"\nqemu = \"{}\"\nvirtiofsd = \"{}\"\nvhost_device_vsock = \"{}\"\n\n[guest]\nkernel = \"{}\"\nkernel_bzimage = \"{}\"\ninitramfs = \"{}\"\n\n[runtime]\nstate_dir = \"{}\"\n",
+            bins.qemu.display(),
+            bins.virtiofsd.display(),
+            bins.vhost_device_vsock.display(),
+            image.vmlinux.display(),
+            image.vmlinuz.display(),
+            image.initramfs.display(),
+            state_dir.display()
+        ),
+    )
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A private containerd that runs our shim with `s`'s config, busybox

@@ -9,24 +9,18 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
+use clh_tests::containerd::{check, ContainerdVersion};
 use clh_tests::ctr::{
-    assert_no_leaks, assert_no_leaks_within, busybox_tar, run, setup, shim_dir, BUSYBOX, RUNTIME,
+    assert_no_leaks, assert_no_leaks_within, run, setup, start, wait_status, BUSYBOX, RUNTIME,
 };
 
-fn tar() -> Result<std::path::PathBuf> {
-    busybox_tar(Path::new(env!("CARGO_TARGET_TMPDIR")))
+fn tmpdir() -> &'static Path {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
 }
 
 fn ctr_run_in_a_vm(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
-    let config = s.config.display().to_string();
-    let mut ctd = PrivateContainerd::start_with_env(
-        version,
-        Some(&shim_dir()?),
-        &[("CLH_SHIM_CONFIG", &config)],
-    )?;
-    ctd.import_image(&tar()?, BUSYBOX)?;
+    let mut ctd = start(version, &s, tmpdir())?;
 
     let out = run(&ctd, &["t1", "uname", "-r"])?;
     check(&out, "ctr run uname -r")?;
@@ -82,13 +76,7 @@ fn ctr_run_in_a_vm(version: ContainerdVersion) -> Result<()> {
 /// A detached container: exec, pids, metrics, kill, delete.
 fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
-    let config = s.config.display().to_string();
-    let mut ctd = PrivateContainerd::start_with_env(
-        version,
-        Some(&shim_dir()?),
-        &[("CLH_SHIM_CONFIG", &config)],
-    )?;
-    ctd.import_image(&tar()?, BUSYBOX)?;
+    let mut ctd = start(version, &s, tmpdir())?;
     let out = ctd.ctr(&[
         "run",
         "-d",
@@ -142,19 +130,7 @@ fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
     );
     let out = ctd.ctr(&["task", "kill", "-s", "KILL", "t4"])?;
     check(&out, "ctr task kill")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = ctd.ctr(&["task", "ls"])?;
-        let listing = String::from_utf8_lossy(&out.stdout).to_string();
-        if listing
-            .lines()
-            .any(|l| l.starts_with("t4") && l.contains("STOPPED"))
-        {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "t4 did not stop: {listing}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_status(&ctd, "t4", "STOPPED", Duration::from_secs(30))?;
     check(&ctd.ctr(&["task", "delete", "t4"])?, "ctr task delete")?;
     check(
         &ctd.ctr(&["container", "delete", "t4"])?,
@@ -169,13 +145,7 @@ fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
 /// `delete`, which must leave no VM, mount or state behind.
 fn shim_crash_cleanup(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
-    let config = s.config.display().to_string();
-    let mut ctd = PrivateContainerd::start_with_env(
-        version,
-        Some(&shim_dir()?),
-        &[("CLH_SHIM_CONFIG", &config)],
-    )?;
-    ctd.import_image(&tar()?, BUSYBOX)?;
+    let mut ctd = start(version, &s, tmpdir())?;
     let out = ctd.ctr(&[
         "run",
         "-d",
@@ -226,13 +196,7 @@ fn shim_crash_cleanup(version: ContainerdVersion) -> Result<()> {
 /// deleting the task cleans up.
 fn vmm_death(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
-    let config = s.config.display().to_string();
-    let mut ctd = PrivateContainerd::start_with_env(
-        version,
-        Some(&shim_dir()?),
-        &[("CLH_SHIM_CONFIG", &config)],
-    )?;
-    ctd.import_image(&tar()?, BUSYBOX)?;
+    let mut ctd = start(version, &s, tmpdir())?;
     let out = ctd.ctr(&[
         "run",
         "-d",
@@ -255,22 +219,7 @@ fn vmm_death(version: ContainerdVersion) -> Result<()> {
         })
         .context("no QEMU process for t6")?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu), nix::sys::signal::SIGKILL)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = ctd.ctr(&["task", "ls"])?;
-        let listing = String::from_utf8_lossy(&out.stdout).to_string();
-        if listing
-            .lines()
-            .any(|l| l.starts_with("t6") && l.contains("STOPPED"))
-        {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "t6 not stopped after its VMM died: {listing}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_status(&ctd, "t6", "STOPPED", Duration::from_secs(30))?;
     check(&ctd.ctr(&["task", "delete", "t6"])?, "ctr task delete")?;
     check(
         &ctd.ctr(&["container", "delete", "t6"])?,
@@ -283,13 +232,7 @@ fn vmm_death(version: ContainerdVersion) -> Result<()> {
 
 fn bad_input_is_refused(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
-    let config = s.config.display().to_string();
-    let mut ctd = PrivateContainerd::start_with_env(
-        version,
-        Some(&shim_dir()?),
-        &[("CLH_SHIM_CONFIG", &config)],
-    )?;
-    ctd.import_image(&tar()?, BUSYBOX)?;
+    let mut ctd = start(version, &s, tmpdir())?;
     // 70 characters: containerd takes up to 76, the shim up to 64.
     let long = "x".repeat(70);
     let out = run(&ctd, &[&long, "true"])?;
