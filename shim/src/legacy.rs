@@ -20,6 +20,7 @@ use containerd_shim_protos::shim_async::{create_task, Task};
 use containerd_shim_protos::ttrpc::r#async::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::pod::Role;
 use crate::shim::ClhShim;
 
 const TASK_V3: &str = "containerd.task.v3.Task";
@@ -28,9 +29,20 @@ const TASK_V2: &str = "containerd.task.v2.Task";
 /// How long the daemon may take to serve (it boots no VM before Create).
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `start`: spawns the daemon and prints its address once it serves.
+/// How long the pod's shim may take to accept a connection.
+const SANDBOX_SHIM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `start`: prints the address of the shim that serves the container. A
+/// pod's containers go to the shim of their sandbox (one shim and one VM
+/// per pod); a sandbox or a standalone container gets a new daemon, printed
+/// once it serves. containerd runs `start` in the container's bundle.
 pub async fn start(flags: &Flags) -> anyhow::Result<()> {
-    let address = spawn_daemon(flags).await?;
+    // An unreadable or odd spec is Create's to report, with its reason.
+    let role = Role::of_bundle(Path::new(".")).unwrap_or(Role::Standalone);
+    let address = match role {
+        Role::Container { sandbox_id } => sandbox_shim(flags, &sandbox_id).await?,
+        Role::Standalone | Role::Sandbox => spawn_daemon(flags).await?,
+    };
     if let Err(e) = std::fs::write("address", &address) {
         tracing::warn!(error = %e, "cannot write the address file in the bundle");
     }
@@ -38,6 +50,23 @@ pub async fn start(flags: &Flags) -> anyhow::Result<()> {
     stdout.write_all(address.as_bytes()).await?;
     stdout.flush().await?;
     Ok(())
+}
+
+/// The address of the running shim of pod sandbox `sandbox_id`.
+async fn sandbox_shim(flags: &Flags, sandbox_id: &str) -> anyhow::Result<String> {
+    crate::vm::validate_id(sandbox_id)?;
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, sandbox_id);
+    let path = address.trim_start_matches("unix://").to_string();
+    let connect = tokio::net::UnixStream::connect(&path);
+    match tokio::time::timeout(SANDBOX_SHIM_TIMEOUT, connect).await {
+        Ok(Ok(_)) => Ok(address),
+        Ok(Err(e)) => bail!(
+            "pod sandbox {sandbox_id} has no running io.containerd.clh.v2 shim ({path}: {e}); run the pod's sandbox with the same runtime handler before its containers"
+        ),
+        Err(_) => bail!(
+            "the shim of pod sandbox {sandbox_id} did not accept a connection within {SANDBOX_SHIM_TIMEOUT:?}"
+        ),
+    }
 }
 
 /// Re-executes this binary as the daemon (it inherits containerd's

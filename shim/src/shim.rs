@@ -12,6 +12,7 @@ use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::MessageField;
 
 use crate::host;
+use crate::pod::Role;
 use crate::service::events::RemoteEventSender;
 use crate::service::stats::CgroupVersion;
 use crate::service::{ServiceConfig, TaskService};
@@ -68,26 +69,21 @@ impl Shim for ClhShim {
         spawn(opts, &grouping, vars).await
     }
 
-    /// After a crashed daemon: kill what `state.json` recorded, unmount the
-    /// rootfs and the shared directory, remove the VM directory. Prints
-    /// only the DeleteResponse (the bootstrap writes it).
+    /// After a crashed daemon: for a VM's owner, kill what `state.json`
+    /// recorded, unmount the shared directory and remove the VM directory;
+    /// for a pod container, unmount its rootfs and binds in the pod's VM
+    /// directory. Prints only the DeleteResponse (the bootstrap writes it).
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
         let (_, cfg) = load_config()?;
-        let rootfs = cfg
-            .state_dir
-            .join(&self.id)
-            .join("shared")
-            .join(&self.id)
-            .join("rootfs");
-        if vm::validate_id(&self.id).is_ok() {
-            if let Err(e) = nix::mount::umount2(
-                &rootfs,
-                nix::mount::MntFlags::UMOUNT_NOFOLLOW | nix::mount::MntFlags::MNT_DETACH,
-            ) {
-                tracing::debug!(error = %e, "no rootfs to unmount");
+        // containerd runs `delete` in the bundle.
+        let role = Role::of_bundle(std::path::Path::new(".")).unwrap_or(Role::Standalone);
+        let cleaned = match &role {
+            Role::Container { sandbox_id } => {
+                vm::cleanup_container_leftovers(&cfg.state_dir, sandbox_id, &self.id)
             }
-        }
-        if let Err(e) = vm::cleanup_leftovers(&cfg.state_dir, &self.id) {
+            Role::Standalone | Role::Sandbox => vm::cleanup_leftovers(&cfg.state_dir, &self.id),
+        };
+        if let Err(e) = cleaned {
             tracing::warn!(error = format!("{e:#}"), "cleanup after a crashed shim");
         }
         Ok(DeleteResponse {

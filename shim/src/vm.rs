@@ -308,6 +308,35 @@ pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
 }
 
+/// After a shim crash, for one of a pod's containers: unmounts its rootfs
+/// and bind mounts under `root/<sandbox_id>/shared/<id>/` (not following
+/// links) and removes the directory, without touching the rest of the VM.
+pub fn cleanup_container_leftovers(root: &Path, sandbox_id: &str, id: &str) -> anyhow::Result<()> {
+    use nix::mount::{umount2, MntFlags};
+    validate_id(sandbox_id)?;
+    validate_id(id)?;
+    let dir = root.join(sandbox_id).join("shared").join(id);
+    let mut targets = vec![dir.join("rootfs")];
+    if let Ok(entries) = std::fs::read_dir(dir.join("mounts")) {
+        targets.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()));
+    }
+    let flags = MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH;
+    for target in &targets {
+        while umount2(target, flags).is_ok() {}
+    }
+    for target in targets.iter().skip(1) {
+        let _ = std::fs::remove_file(target).or_else(|_| std::fs::remove_dir(target));
+    }
+    for d in [dir.join("rootfs"), dir.join("mounts"), dir.clone()] {
+        match std::fs::remove_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", d.display())),
+        }
+    }
+    Ok(())
+}
+
 /// The tails of the guest console and VMM logs, for a start error.
 fn failure_report(dir: &Path, backend: Backend) -> String {
     let vmm_log = match backend {

@@ -14,9 +14,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use ttrpc::r#async::transport::Socket;
 
+use super::binds::Binds;
 use super::error::{agent_error, Error, Result};
+use super::sandbox::Sandbox;
 use super::stdio::{Pumps, StdioPaths};
-use crate::vm::PodVm;
+use crate::pod::Role;
 
 /// Deadline of an ordinary agent call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,19 +89,59 @@ impl Process {
 pub struct Container {
     pub id: String,
     pub bundle: String,
-    pub rootfs: PathBuf,
-    pub vsock: PathBuf,
+    pub role: Role,
+    /// The rootfs mount in the VM's shared directory; none for a pod's
+    /// pause container, which runs nothing in the guest.
+    pub rootfs: Option<PathBuf>,
+    /// The spec's bind mounts, shared with the guest.
+    pub binds: Mutex<Binds>,
+    pub sandbox: Arc<Sandbox>,
     pub agent: AgentClient,
-    pub vm: Mutex<Option<Arc<PodVm>>>,
+    pub vsock: PathBuf,
     pub vm_dead: watch::Receiver<bool>,
     pub procs: Mutex<HashMap<String, Process>>,
-    /// The VM monitor, the OOM loop and the waiters; aborted at teardown.
+    /// The waiters; aborted at teardown.
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
     /// OOM kills already published as TaskOOM (see oom.rs).
     pub oom_published: std::sync::atomic::AtomicU64,
 }
 
 impl Container {
+    pub fn new(
+        id: &str,
+        bundle: &str,
+        role: Role,
+        sandbox: &Arc<Sandbox>,
+        rootfs: Option<PathBuf>,
+        binds: Binds,
+        init: Process,
+    ) -> Self {
+        Container {
+            id: id.to_string(),
+            bundle: bundle.to_string(),
+            role,
+            rootfs,
+            binds: Mutex::new(binds),
+            sandbox: sandbox.clone(),
+            agent: sandbox.agent.clone(),
+            vsock: sandbox.vsock.clone(),
+            vm_dead: sandbox.vm_dead.clone(),
+            procs: Mutex::new(HashMap::from([(String::new(), init)])),
+            tasks: Mutex::new(Vec::new()),
+            oom_published: Default::default(),
+        }
+    }
+
+    /// The pod's pause container: a stand-in process, nothing in the guest.
+    pub fn is_pause(&self) -> bool {
+        self.role == Role::Sandbox
+    }
+
+    /// Whether this container's Delete stops the VM.
+    pub fn owns_vm(&self) -> bool {
+        self.id == self.sandbox.id
+    }
+
     pub fn procs(&self) -> MutexGuard<'_, HashMap<String, Process>> {
         self.procs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -122,8 +164,8 @@ impl Container {
         Ok(f(p))
     }
 
-    /// Aborts the background tasks and takes the VM back for stopping.
-    pub async fn take_vm(&self) -> Option<PodVm> {
+    /// Aborts the waiters and the stdio pumps.
+    pub async fn stop_tasks(&self) {
         let tasks: Vec<_> = self
             .tasks
             .lock()
@@ -136,14 +178,6 @@ impl Container {
         }
         for p in self.procs().values_mut() {
             p.pumps.abort();
-        }
-        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take()?;
-        match Arc::try_unwrap(vm) {
-            Ok(vm) => Some(vm),
-            Err(_) => {
-                tracing::error!(id = %self.id, "the VM is still shared after its tasks ended");
-                None
-            }
         }
     }
 }

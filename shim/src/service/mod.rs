@@ -1,42 +1,40 @@
 //! The Task service without ttrpc: context-free async methods that
-//! `task.rs` adapts. One VM per container (standalone `ctr run`).
+//! `task.rs` adapts. One VM per pod sandbox, shared by the pod's
+//! containers; one VM per standalone container (`ctr run`).
 
+mod binds;
 mod container;
+mod create;
 pub mod error;
 pub mod events;
 mod oom;
 mod ops;
+mod pause;
+mod pod_spec;
 mod rootfs;
+mod sandbox;
 pub mod stats;
 mod stdio;
 #[cfg(test)]
 mod tests;
 pub mod validate;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use containerd_shim::asynchronous::ExitSignal;
-use containerd_shim_protos::api::{
-    CreateTaskRequest, CreateTaskResponse, DeleteRequest, DeleteResponse, StartRequest,
-    StartResponse,
-};
-use containerd_shim_protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecStarted, TaskExit, TaskIO, TaskStart,
-};
+use containerd_shim_protos::api::{DeleteRequest, DeleteResponse, StartRequest, StartResponse};
+use containerd_shim_protos::events::task::{TaskDelete, TaskExecStarted, TaskExit, TaskStart};
 use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::topics;
-use tokio::sync::watch;
 
-use container::{ctx, Container, Exit, Process, Status, CALL_TIMEOUT, DRAIN_TIMEOUT};
+use container::{ctx, Container, Exit, Status, CALL_TIMEOUT, DRAIN_TIMEOUT};
 pub use error::{Error, Result};
 use events::{Event, EventSender};
 use stats::CgroupVersion;
-use stdio::StdioPaths;
 
-use crate::vm::{PodVm, VmOptions};
+use crate::vm::VmOptions;
 
 pub struct ServiceConfig {
     pub state_dir: PathBuf,
@@ -48,7 +46,25 @@ pub struct TaskService<E: EventSender> {
     config: ServiceConfig,
     events: Arc<E>,
     containers: tokio::sync::Mutex<HashMap<String, Arc<Container>>>,
+    /// Ids being created: a second Create of one is refused at once rather
+    /// than booting a second VM.
+    creating: Mutex<HashSet<String>>,
     exit: Arc<ExitSignal>,
+}
+
+/// Holds a container id in [`TaskService::creating`] until dropped.
+struct Reservation<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl<E: EventSender> TaskService<E> {
@@ -57,6 +73,7 @@ impl<E: EventSender> TaskService<E> {
             config,
             events: Arc::new(events),
             containers: tokio::sync::Mutex::new(HashMap::new()),
+            creating: Mutex::default(),
             exit,
         }
     }
@@ -74,100 +91,17 @@ impl<E: EventSender> TaskService<E> {
             .ok_or_else(|| Error::NotFound(format!("container {id} not found")))
     }
 
-    pub async fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
-        validate::id("container", &req.id)?;
-        validate::runtime_options(req.options.as_ref())?;
-        if !req.checkpoint.is_empty() {
-            return Err(Error::Unimplemented(
-                "restoring from a checkpoint is not supported".into(),
-            ));
-        }
-        let mut spec = validate::read_spec(Path::new(&req.bundle))?;
-        // Before rewrite_root replaces it with the guest path.
-        let source = rootfs::source_dir(&spec, Path::new(&req.bundle));
-        rootfs::check_source(&req.rootfs, &source)?;
-        validate::rewrite_root(&mut spec, &req.id)?;
-        let mut containers = self.containers.lock().await;
-        if containers.contains_key(&req.id) {
+    async fn reserve(&self, id: &str) -> Result<Reservation<'_>> {
+        let containers = self.containers.lock().await;
+        let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if containers.contains_key(id) || !creating.insert(id.to_string()) {
             return Err(Error::AlreadyExists(format!(
-                "container {} already exists",
-                req.id
+                "container {id} already exists"
             )));
         }
-        let vm = PodVm::start(&req.id, &self.config.state_dir, &self.config.vm)
-            .await
-            .map_err(Error::Internal)?;
-        let rootfs = rootfs::host_path(vm.dir(), &req.id);
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        let created = create_in(&vm, &req, &spec, (&source, &rootfs), &stdio).await;
-        let (agent, pid, pumps) = match created {
-            Ok(parts) => parts,
-            Err(e) => {
-                if let Err(u) = rootfs::unmount(&rootfs) {
-                    tracing::error!(error = %u, "after a failed create");
-                }
-                if let Err(s) = vm.stop().await {
-                    tracing::error!(
-                        error = format!("{s:#}"),
-                        "stopping the VM after a failed create"
-                    );
-                }
-                return Err(e);
-            }
-        };
-        let vsock = vm.vsock_socket();
-        let vm = Arc::new(vm);
-        let (dead_tx, vm_dead) = watch::channel(false);
-        let c = Arc::new(Container {
-            id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            rootfs,
-            vsock,
-            agent,
-            vm: Mutex::new(Some(vm.clone())),
-            vm_dead,
-            procs: Mutex::new(HashMap::from([(
-                String::new(),
-                Process::new(pid, stdio, pumps),
-            )])),
-            tasks: Mutex::new(Vec::new()),
-            oom_published: Default::default(),
-        });
-        let id = req.id.clone();
-        c.track(tokio::spawn(async move {
-            let how = vm.wait_exit().await;
-            tracing::warn!(id, how, "the VMM exited");
-            let _ = dead_tx.send(true);
-        }));
-        c.track(tokio::spawn(oom::oom_loop(c.clone(), self.events.clone())));
-        containers.insert(req.id.clone(), c);
-        drop(containers);
-        self.publish(
-            topics::TASK_CREATE_EVENT_TOPIC,
-            TaskCreate {
-                container_id: req.id.clone(),
-                bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                io: MessageField::some(TaskIO {
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                    terminal: req.terminal,
-                    ..Default::default()
-                }),
-                pid,
-                ..Default::default()
-            },
-        )
-        .await;
-        Ok(CreateTaskResponse {
-            pid,
-            ..Default::default()
+        Ok(Reservation {
+            set: &self.creating,
+            id: id.to_string(),
         })
     }
 
@@ -180,29 +114,40 @@ impl<E: EventSender> TaskService<E> {
                 req.exec_id, req.id
             )));
         }
-        let preq = clh_agent_protocol::ProcessRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            ..Default::default()
+        let pid = if c.is_pause() && req.exec_id.is_empty() {
+            let pid = c.sandbox.vmm_pid();
+            c.with_proc("", |p| p.status = Status::Running)?;
+            c.track(tokio::spawn(pause::watch_vm(
+                c.clone(),
+                self.events.clone(),
+            )));
+            pid
+        } else {
+            let preq = clh_agent_protocol::ProcessRequest {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            };
+            let reply = c
+                .agent
+                .start_process(ctx(CALL_TIMEOUT), &preq)
+                .await
+                .map_err(|e| error::agent_error("StartProcess", e))?;
+            c.with_proc(&req.exec_id, |p| {
+                p.pid = reply.pid;
+                p.status = Status::Running;
+            })?;
+            c.track(tokio::spawn(waiter(
+                c.clone(),
+                req.exec_id.clone(),
+                self.events.clone(),
+            )));
+            reply.pid
         };
-        let reply = c
-            .agent
-            .start_process(ctx(CALL_TIMEOUT), &preq)
-            .await
-            .map_err(|e| error::agent_error("StartProcess", e))?;
-        c.with_proc(&req.exec_id, |p| {
-            p.pid = reply.pid;
-            p.status = Status::Running;
-        })?;
-        c.track(tokio::spawn(waiter(
-            c.clone(),
-            req.exec_id.clone(),
-            self.events.clone(),
-        )));
         if req.exec_id.is_empty() {
             let ev = TaskStart {
                 container_id: req.id.clone(),
-                pid: reply.pid,
+                pid,
                 ..Default::default()
             };
             self.publish(topics::TASK_START_EVENT_TOPIC, ev).await;
@@ -210,14 +155,14 @@ impl<E: EventSender> TaskService<E> {
             let ev = TaskExecStarted {
                 container_id: req.id.clone(),
                 exec_id: req.exec_id.clone(),
-                pid: reply.pid,
+                pid,
                 ..Default::default()
             };
             self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, ev)
                 .await;
         }
         Ok(StartResponse {
-            pid: reply.pid,
+            pid,
             ..Default::default()
         })
     }
@@ -237,8 +182,12 @@ impl<E: EventSender> TaskService<E> {
                 p.pumps.abort();
             }
         } else {
-            self.teardown(&c).await?;
+            if c.owns_vm() {
+                self.teardown_members(&c).await;
+            }
+            let torn = self.teardown(&c).await;
             self.containers.lock().await.remove(&req.id);
+            torn?;
             let ev = TaskDelete {
                 container_id: req.id.clone(),
                 pid,
@@ -256,69 +205,70 @@ impl<E: EventSender> TaskService<E> {
         })
     }
 
-    /// Removes the container in the guest, unmounts its rootfs (before the
-    /// VM directory is removed), and stops the VM.
+    /// Removes the container in the guest and unmounts what it had in the
+    /// shared directory; for the VM's owner, then stops the VM.
     async fn teardown(&self, c: &Container) -> Result<()> {
-        if !*c.vm_dead.borrow() {
-            let req = clh_agent_protocol::ContainerRequest {
-                container_id: c.id.clone(),
-                ..Default::default()
-            };
-            if let Err(e) = c.agent.remove_container(ctx(CALL_TIMEOUT), &req).await {
-                tracing::warn!(id = %c.id, error = %e, "agent RemoveContainer");
+        if c.rootfs.is_some() {
+            create::remove_in_guest(&c.sandbox, &c.id).await;
+        }
+        c.stop_tasks().await;
+        c.sandbox.leave(&c.id);
+        let binds = c.binds.lock().unwrap_or_else(|p| p.into_inner()).unmount();
+        let rootfs = c.rootfs.as_deref().map_or(Ok(()), rootfs::unmount);
+        if c.owns_vm() {
+            c.sandbox.stop().await?;
+        } else if binds.is_ok() && rootfs.is_ok() {
+            rootfs::remove_container_dir(&c.sandbox.dir, &c.id);
+        }
+        binds.and(rootfs)
+    }
+
+    /// Before the VM's owner goes: the containers still in its VM (a pod
+    /// deleted before its containers) are torn down and forgotten.
+    async fn teardown_members(&self, owner: &Container) {
+        let members: Vec<Arc<Container>> = {
+            let mut containers = self.containers.lock().await;
+            let ids: Vec<String> = containers
+                .values()
+                .filter(|c| c.sandbox.id == owner.id && c.id != owner.id)
+                .map(|c| c.id.clone())
+                .collect();
+            ids.iter().filter_map(|id| containers.remove(id)).collect()
+        };
+        for c in members {
+            tracing::warn!(id = %c.id, pod = %owner.id, "the pod sandbox is deleted before this container");
+            if let Err(e) = self.teardown(&c).await {
+                tracing::error!(id = %c.id, error = %e, "teardown");
             }
         }
-        let vm = c.take_vm().await;
-        rootfs::unmount(&c.rootfs)?;
-        if let Some(vm) = vm {
-            vm.stop().await.map_err(Error::Internal)?;
-        }
-        Ok(())
     }
 
     /// Ends the shim once it has nothing left to serve.
     pub async fn shutdown(&self) -> Result<()> {
-        let left: Vec<_> = self.containers.lock().await.values().cloned().collect();
-        if !left.is_empty() {
+        if !self.containers.lock().await.is_empty() {
             return Ok(());
         }
         self.exit.signal();
         Ok(())
     }
 
-    /// Stops every VM: the shim is going away.
+    /// Stops every VM: the shim is going away. Pod containers first, then
+    /// the VMs' owners.
     pub async fn teardown_all(&self) {
-        let all: Vec<_> = self.containers.lock().await.drain().collect();
-        for (id, c) in all {
+        let mut all: Vec<_> = self
+            .containers
+            .lock()
+            .await
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        all.sort_by_key(|c| c.owns_vm());
+        for c in all {
             if let Err(e) = self.teardown(&c).await {
-                tracing::error!(id, error = %e, "teardown");
+                tracing::error!(id = %c.id, error = %e, "teardown");
             }
         }
     }
-}
-
-/// Creates the container in the VM: rootfs, CreateContainer, stdio.
-async fn create_in(
-    vm: &PodVm,
-    req: &CreateTaskRequest,
-    spec: &serde_json::Value,
-    (source, rootfs): (&Path, &Path),
-    stdio: &StdioPaths,
-) -> Result<(clh_agent_protocol::AgentClient, u32, stdio::Pumps)> {
-    rootfs::mount(&req.rootfs, source, rootfs).await?;
-    let agent = container::connect_agent(&vm.vsock_socket()).await?;
-    let creq = clh_agent_protocol::CreateContainerRequest {
-        container_id: req.id.clone(),
-        oci_spec: serde_json::to_vec(spec).context("serializing the OCI spec")?,
-        stdio: MessageField::some(stdio.wire()),
-        ..Default::default()
-    };
-    let reply = agent
-        .create_container(ctx(CALL_TIMEOUT), &creq)
-        .await
-        .map_err(|e| error::agent_error("CreateContainer", e))?;
-    let pumps = stdio::attach(&vm.vsock_socket(), &req.id, "", stdio).await?;
-    Ok((agent, reply.pid, pumps))
 }
 
 async fn publish<E: EventSender>(
@@ -354,17 +304,25 @@ async fn waiter<E: EventSender>(c: Arc<Container>, exec_id: String, events: Arc<
     };
     pumps.drain(DRAIN_TIMEOUT).await;
     oom::publish_new_kills(&c, &*events).await;
-    let Ok(pid) = c.with_proc(&exec_id, |p| {
+    finish(&c, &exec_id, exit, &*events).await;
+}
+
+/// Records a process's exit (once) and publishes TaskExit.
+async fn finish<E: EventSender>(c: &Container, exec_id: &str, exit: Exit, events: &E) {
+    let Ok(Some(pid)) = c.with_proc(exec_id, |p| {
+        if p.status == Status::Stopped {
+            return None;
+        }
         p.status = Status::Stopped;
         p.exit.send_replace(Some(exit));
-        p.pid
+        Some(p.pid)
     }) else {
         return;
     };
     let id = if exec_id.is_empty() {
         c.id.clone()
     } else {
-        exec_id
+        exec_id.to_string()
     };
     let ev = TaskExit {
         container_id: c.id.clone(),
@@ -374,5 +332,5 @@ async fn waiter<E: EventSender>(c: Arc<Container>, exec_id: String, events: Arc<
         exited_at: MessageField::some(exit.timestamp()),
         ..Default::default()
     };
-    publish(&*events, topics::TASK_EXIT_EVENT_TOPIC, ev).await;
+    publish(events, topics::TASK_EXIT_EVENT_TOPIC, ev).await;
 }

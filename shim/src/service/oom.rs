@@ -1,20 +1,19 @@
 //! TaskOOM events.
 //!
-//! The agent reports OOM kills two ways: the GetOomEvent long poll, fed by a
-//! 500 ms poll of `memory.events` in the guest, and the container's
-//! `oom_kill` counter in ContainerStats. A hog that is killed exits at once,
+//! The agent reports OOM kills two ways: the GetOomEvent long poll (one per
+//! VM, in sandbox.rs), fed by a 500 ms poll of `memory.events` in the
+//! guest, and the container's `oom_kill` counter in ContainerStats. A hog that is killed exits at once,
 //! and with `ctr run --rm` its VM is gone before the guest's next poll, so
 //! the exit path reads the counter too and publishes TaskOOM before TaskExit
 //! (the order containerd expects). `Container::oom_published` keeps the two
 //! paths from reporting one kill twice.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use containerd_shim_protos::events::task::TaskOOM;
 use containerd_shim_protos::topics;
 
-use super::container::{ctx, Container, CALL_TIMEOUT, LONG_POLL};
+use super::container::{ctx, Container, CALL_TIMEOUT};
 use super::events::EventSender;
 use super::publish;
 
@@ -37,23 +36,5 @@ pub(super) async fn publish_new_kills<E: EventSender>(c: &Container, events: &E)
             ..Default::default()
         };
         publish(events, topics::TASK_OOM_EVENT_TOPIC, ev).await;
-    }
-}
-
-/// Long-polls the agent for OOM kills and publishes each new one.
-pub(super) async fn oom_loop<E: EventSender>(c: Arc<Container>, events: Arc<E>) {
-    loop {
-        let next = c
-            .agent
-            .get_oom_event(ctx(LONG_POLL), &clh_agent_protocol::Empty::default())
-            .await;
-        match next {
-            Ok(_) => publish_new_kills(&c, &*events).await,
-            Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::DEADLINE_EXCEEDED => {}
-            Err(e) => {
-                tracing::debug!(id = %c.id, error = %e, "OOM event loop ends");
-                return;
-            }
-        }
     }
 }

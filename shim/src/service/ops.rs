@@ -11,7 +11,7 @@ use containerd_shim_protos::events::task::{TaskExecAdded, TaskPaused, TaskResume
 use containerd_shim_protos::protobuf::{EnumOrUnknown, MessageField};
 use containerd_shim_protos::topics;
 
-use super::container::{ctx, Process, Status, CALL_TIMEOUT};
+use super::container::{ctx, Container, Process, Status, CALL_TIMEOUT};
 use super::error::{agent_error, Error, Result};
 use super::events::EventSender;
 use super::stdio::{self, StdioPaths};
@@ -24,6 +24,17 @@ fn api_status(s: Status) -> ApiStatus {
         Status::Paused => ApiStatus::PAUSED,
         Status::Stopped => ApiStatus::STOPPED,
     }
+}
+
+/// Refuses what needs a guest process on the pod's pause container.
+fn no_pause(c: &Container, what: &str) -> Result<()> {
+    if c.is_pause() {
+        return Err(Error::FailedPrecondition(format!(
+            "cannot {what} the pause container of pod {}: it runs no process in the VM",
+            c.id
+        )));
+    }
+    Ok(())
 }
 
 fn container_req(id: &str) -> clh_agent_protocol::ContainerRequest {
@@ -79,6 +90,9 @@ impl<E: EventSender> TaskService<E> {
 
     pub async fn kill(&self, req: KillRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
+        if c.is_pause() && req.exec_id.is_empty() {
+            return super::pause::kill(&c, req.signal, &*self.events).await;
+        }
         let status = c.with_proc(&req.exec_id, |p| p.status)?;
         if status == Status::Stopped {
             return Err(Error::NotFound(format!(
@@ -102,6 +116,16 @@ impl<E: EventSender> TaskService<E> {
 
     pub async fn pids(&self, req: PidsRequest) -> Result<PidsResponse> {
         let c = self.container(&req.id).await?;
+        if c.is_pause() {
+            let processes = vec![ProcessInfo {
+                pid: c.sandbox.vmm_pid(),
+                ..Default::default()
+            }];
+            return Ok(PidsResponse {
+                processes,
+                ..Default::default()
+            });
+        }
         let reply = c
             .agent
             .list_pids(ctx(CALL_TIMEOUT), &container_req(&req.id))
@@ -149,6 +173,7 @@ impl<E: EventSender> TaskService<E> {
     pub async fn exec(&self, req: ExecProcessRequest) -> Result<()> {
         validate::id("exec", &req.exec_id)?;
         let c = self.container(&req.id).await?;
+        no_pause(&c, "exec")?;
         if c.procs().contains_key(&req.exec_id) {
             return Err(Error::AlreadyExists(format!(
                 "exec {} already exists in {}",
@@ -195,6 +220,16 @@ impl<E: EventSender> TaskService<E> {
 
     pub async fn stats(&self, req: StatsRequest) -> Result<StatsResponse> {
         let c = self.container(&req.id).await?;
+        if c.is_pause() {
+            // Nothing runs for it in the guest: an empty sample of the
+            // host's cgroup format.
+            let any = super::stats::to_any(&Default::default(), self.config.cgroup)
+                .map_err(|e| Error::Internal(anyhow::anyhow!("encoding metrics: {e}")))?;
+            return Ok(StatsResponse {
+                stats: MessageField::some(any),
+                ..Default::default()
+            });
+        }
         let reply = c
             .agent
             .container_stats(ctx(CALL_TIMEOUT), &container_req(&req.id))
@@ -211,6 +246,10 @@ impl<E: EventSender> TaskService<E> {
     /// containerd sends the new OCI LinuxResources as JSON in an Any.
     pub async fn update(&self, req: UpdateTaskRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
+        if c.is_pause() {
+            // The pod's limits are its containers' (and the VM's size).
+            return Ok(());
+        }
         let resources = req
             .resources
             .as_ref()
@@ -230,6 +269,7 @@ impl<E: EventSender> TaskService<E> {
 
     pub async fn pause(&self, req: PauseRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
+        no_pause(&c, "pause")?;
         c.agent
             .pause_container(ctx(CALL_TIMEOUT), &container_req(&req.id))
             .await
@@ -245,6 +285,7 @@ impl<E: EventSender> TaskService<E> {
 
     pub async fn resume(&self, req: ResumeRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
+        no_pause(&c, "resume")?;
         c.agent
             .resume_container(ctx(CALL_TIMEOUT), &container_req(&req.id))
             .await

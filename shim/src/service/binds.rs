@@ -1,0 +1,221 @@
+//! A container's bind mounts, shared with the guest through virtio-fs.
+//!
+//! Each bind mount of the spec (`/etc/hosts`, `/etc/resolv.conf` and
+//! `/etc/hostname` from CRI, volumes) is bind-mounted on the host at
+//! `<vm>/shared/<cid>/mounts/<n>`, read-only there too when the spec asks
+//! for `ro`, and the spec's source becomes that path in the guest.
+//! Unmounting never follows links: the guest can write under `shared/`.
+
+use std::path::{Path, PathBuf};
+
+use clh_agent_protocol::GUEST_SHARED_DIR;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use super::error::{Error, Result};
+
+/// The host-side mounts made for one container, undone by [`Binds::unmount`].
+#[derive(Debug, Default)]
+pub struct Binds {
+    targets: Vec<PathBuf>,
+}
+
+fn is_bind(m: &serde_json::Value) -> bool {
+    let has_opt = |o: &str| {
+        m.get("options")
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(o)))
+    };
+    m.get("type").and_then(|t| t.as_str()) == Some("bind") || has_opt("bind") || has_opt("rbind")
+}
+
+fn has_option(m: &serde_json::Value, opt: &str) -> bool {
+    m.get("options")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(opt)))
+}
+
+impl Binds {
+    /// Shares every bind mount of `spec` (see the module doc) and rewrites
+    /// its source. On error the mounts already made are undone.
+    pub fn share(spec: &mut serde_json::Value, vm_dir: &Path, cid: &str) -> Result<Binds> {
+        let mut binds = Binds::default();
+        let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+            return Ok(binds);
+        };
+        let host_dir = vm_dir.join("shared").join(cid).join("mounts");
+        let mut made_dir = false;
+        for (n, m) in mounts.iter_mut().enumerate() {
+            if !is_bind(m) {
+                continue;
+            }
+            if !made_dir {
+                std::fs::create_dir_all(&host_dir).map_err(|e| {
+                    Error::Internal(anyhow::anyhow!("cannot create {}: {e}", host_dir.display()))
+                })?;
+                made_dir = true;
+            }
+            let target = host_dir.join(n.to_string());
+            if let Err(e) = binds.share_one(m, &target) {
+                if let Err(u) = binds.unmount() {
+                    tracing::error!(error = %u, "undoing bind mounts after a failure");
+                }
+                return Err(e);
+            }
+            m["source"] = serde_json::Value::String(format!("{GUEST_SHARED_DIR}/{cid}/mounts/{n}"));
+        }
+        Ok(binds)
+    }
+
+    fn share_one(&mut self, m: &serde_json::Value, target: &Path) -> Result<()> {
+        let dest = m.get("destination").and_then(|d| d.as_str()).unwrap_or("?");
+        let source = m.get("source").and_then(|s| s.as_str()).unwrap_or("");
+        let source = Path::new(source);
+        if !source.is_absolute() {
+            return Err(Error::InvalidArgument(format!(
+                "the bind mount for {dest} has source {source:?}: it must be an absolute host path"
+            )));
+        }
+        let meta = std::fs::metadata(source).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "the bind mount source {} for {dest} cannot be used: {e}",
+                source.display()
+            ))
+        })?;
+        // create_new: never reuse (or follow) something already there.
+        let made = if meta.is_dir() {
+            std::fs::create_dir(target)
+        } else {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(target)
+                .map(drop)
+        };
+        made.map_err(|e| {
+            Error::Internal(anyhow::anyhow!(
+                "cannot create the mount point {}: {e}",
+                target.display()
+            ))
+        })?;
+        let mut flags = MsFlags::MS_BIND;
+        if has_option(m, "rbind") {
+            flags |= MsFlags::MS_REC;
+        }
+        mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| {
+            let _ = remove_mount_point(target);
+            Error::InvalidArgument(format!(
+                "cannot bind-mount {} (for {dest}) into the VM's shared directory: {e}",
+                source.display()
+            ))
+        })?;
+        self.targets.push(target.to_path_buf());
+        if has_option(m, "ro") {
+            // A bind mount's flags change only on a remount; read-only on
+            // the host side means guest root cannot write it either.
+            let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            mount(None::<&str>, target, None::<&str>, ro, None::<&str>).map_err(|e| {
+                Error::Internal(anyhow::anyhow!(
+                    "cannot make the bind mount of {} read-only: {e}",
+                    source.display()
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts (no following links, detached: virtiofsd may hold files
+    /// open) and removes the mount points. Removal is not recursive, so a
+    /// mount that failed to go away is never emptied.
+    pub fn unmount(&mut self) -> Result<()> {
+        let mut first_error = None;
+        for target in self.targets.drain(..).rev() {
+            let flags = MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH;
+            let gone = loop {
+                match umount2(&target, flags) {
+                    Ok(()) => continue,
+                    Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            match gone {
+                Ok(()) => {
+                    if let Err(e) = remove_mount_point(&target) {
+                        tracing::warn!(target = %target.display(), error = %e, "removing a mount point");
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert_with(|| {
+                        Error::Internal(anyhow::anyhow!("cannot unmount {}: {e}", target.display()))
+                    });
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn remove_mount_point(target: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir(target),
+        Ok(_) => std::fs::remove_file(target),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn binds_are_shared_read_only_where_asked_and_undone() {
+        if !root() {
+            eprintln!("SKIPPED: bind mounts need root");
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        let vm = tempfile::tempdir().unwrap();
+        let file = host.path().join("hosts");
+        std::fs::write(&file, "127.0.0.1 pod\n").unwrap();
+        let dir = host.path().join("vol");
+        std::fs::create_dir(&dir).unwrap();
+        let mut spec = json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["rbind", "ro"]},
+            {"destination": "/data", "source": dir, "options": ["rbind", "rw"]},
+        ]});
+        let mut binds = Binds::share(&mut spec, vm.path(), "c1").unwrap();
+        assert_eq!(spec["mounts"][0]["source"], "proc");
+        assert_eq!(spec["mounts"][1]["source"], "/run/clh/shared/c1/mounts/1");
+        assert_eq!(spec["mounts"][2]["source"], "/run/clh/shared/c1/mounts/2");
+        let shared = vm.path().join("shared/c1/mounts");
+        assert_eq!(
+            std::fs::read_to_string(shared.join("1")).unwrap(),
+            "127.0.0.1 pod\n"
+        );
+        let write = std::fs::write(shared.join("1"), "x");
+        assert!(write.is_err(), "a read-only bind was writable on the host");
+        std::fs::write(shared.join("2/new"), "y").unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("new")).unwrap(), "y");
+        binds.unmount().unwrap();
+        assert!(!shared.join("1").exists() && !shared.join("2").exists());
+        assert!(dir.join("new").exists(), "unmounting touched the source");
+    }
+
+    #[test]
+    fn a_relative_or_missing_source_is_an_invalid_argument() {
+        let vm = tempfile::tempdir().unwrap();
+        for source in ["relative/path", "/nonexistent/clh-test"] {
+            let mut spec =
+                json!({"mounts": [{"destination": "/x", "type": "bind", "source": source}]});
+            let err = Binds::share(&mut spec, vm.path(), "c1").unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+            assert!(err.to_string().contains(source), "{err}");
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Create: by the container's role, boot a VM (standalone, pod sandbox),
+//! create the container in it (standalone, pod container), or both.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use containerd_shim_protos::api::{CreateTaskRequest, CreateTaskResponse};
+use containerd_shim_protos::events::task::{TaskCreate, TaskIO};
+use containerd_shim_protos::protobuf::MessageField;
+use containerd_shim_protos::topics;
+
+use super::binds::Binds;
+use super::container::{ctx, Container, Process, CALL_TIMEOUT};
+use super::error::{agent_error, Error, Result};
+use super::events::EventSender;
+use super::sandbox::Sandbox;
+use super::stdio::{self, Pumps, StdioPaths};
+use super::{pod_spec, rootfs, validate, TaskService};
+use crate::pod::Role;
+
+/// What creating a container in the guest made, undone on a later failure.
+struct InGuest {
+    rootfs: std::path::PathBuf,
+    binds: Binds,
+    pid: u32,
+    pumps: Pumps,
+}
+
+impl<E: EventSender> TaskService<E> {
+    pub async fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
+        validate::id("container", &req.id)?;
+        validate::runtime_options(req.options.as_ref())?;
+        if !req.checkpoint.is_empty() {
+            return Err(Error::Unimplemented(
+                "restoring from a checkpoint is not supported".into(),
+            ));
+        }
+        let mut spec = validate::read_spec(Path::new(&req.bundle))?;
+        let role = Role::of_spec(&spec).map_err(Error::InvalidArgument)?;
+        let _reservation = self.reserve(&req.id).await?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let c = match &role {
+            Role::Sandbox => {
+                let sandbox = self.boot_pod(&req.id, &spec).await?;
+                let pause = Process::new(sandbox.vmm_pid(), stdio, Pumps::default());
+                Container::new(
+                    &req.id,
+                    &req.bundle,
+                    role.clone(),
+                    &sandbox,
+                    None,
+                    Binds::default(),
+                    pause,
+                )
+            }
+            Role::Standalone => {
+                let sandbox = Sandbox::boot(
+                    &req.id,
+                    &self.config.state_dir,
+                    &self.config.vm,
+                    self.events.clone(),
+                )
+                .await?;
+                match create_in_guest(&sandbox, &req, &mut spec, &stdio).await {
+                    Ok(g) => self.guest_container(&req, role.clone(), &sandbox, g, stdio),
+                    Err(e) => {
+                        if let Err(s) = sandbox.stop().await {
+                            tracing::error!(error = %s, "stopping the VM after a failed create");
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            Role::Container { sandbox_id } => {
+                let sandbox = self.pod_sandbox(sandbox_id).await?;
+                pod_spec::adapt_container(&mut spec);
+                let g = create_in_guest(&sandbox, &req, &mut spec, &stdio).await?;
+                self.guest_container(&req, role.clone(), &sandbox, g, stdio)
+            }
+        };
+        let c = Arc::new(c);
+        let pid = c.with_proc("", |p| p.pid)?;
+        c.sandbox.join(&c);
+        self.containers.lock().await.insert(req.id.clone(), c);
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid,
+                ..Default::default()
+            },
+        )
+        .await;
+        Ok(CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn guest_container(
+        &self,
+        req: &CreateTaskRequest,
+        role: Role,
+        sandbox: &Arc<Sandbox>,
+        g: InGuest,
+        stdio: StdioPaths,
+    ) -> Container {
+        let init = Process::new(g.pid, stdio, g.pumps);
+        let rootfs = Some(g.rootfs);
+        Container::new(&req.id, &req.bundle, role, sandbox, rootfs, g.binds, init)
+    }
+
+    /// Boots a pod's VM, named after the sandbox and with its hostname.
+    async fn boot_pod(&self, id: &str, spec: &serde_json::Value) -> Result<Arc<Sandbox>> {
+        let mut opts = self.config.vm.clone();
+        if let Some(hostname) = pod_spec::sandbox_hostname(spec)? {
+            opts.extra_kernel_params
+                .push(format!("clh.hostname={hostname}"));
+        }
+        Sandbox::boot(id, &self.config.state_dir, &opts, self.events.clone()).await
+    }
+
+    /// The running VM of pod sandbox `id`.
+    async fn pod_sandbox(&self, id: &str) -> Result<Arc<Sandbox>> {
+        let pause = self.containers.lock().await.get(id).cloned();
+        let sandbox = match pause {
+            Some(p) if p.is_pause() => p.sandbox.clone(),
+            _ => {
+                return Err(Error::NotFound(format!(
+                    "pod sandbox {id} is not served by this shim: create the sandbox (pause) container first, through the same runtime handler"
+                )))
+            }
+        };
+        if *sandbox.vm_dead.borrow() {
+            return Err(Error::FailedPrecondition(format!(
+                "the VM of pod sandbox {id} has exited; remove the pod and create it again"
+            )));
+        }
+        Ok(sandbox)
+    }
+}
+
+/// Mounts the rootfs and the bind mounts into the VM's shared directory,
+/// creates the container in the guest and attaches its stdio. On failure
+/// everything made here is undone; the VM is left to the caller.
+async fn create_in_guest(
+    sandbox: &Sandbox,
+    req: &CreateTaskRequest,
+    spec: &mut serde_json::Value,
+    stdio: &StdioPaths,
+) -> Result<InGuest> {
+    // Before rewrite_root replaces it with the guest path.
+    let source = rootfs::source_dir(spec, Path::new(&req.bundle));
+    rootfs::check_source(&req.rootfs, &source)?;
+    validate::rewrite_root(spec, &req.id)?;
+    let rootfs = rootfs::host_path(&sandbox.dir, &req.id);
+    let mut binds = Binds::default();
+    let mut created = false;
+    let result = async {
+        rootfs::mount(&req.rootfs, &source, &rootfs).await?;
+        binds = Binds::share(spec, &sandbox.dir, &req.id)?;
+        let creq = clh_agent_protocol::CreateContainerRequest {
+            container_id: req.id.clone(),
+            oci_spec: serde_json::to_vec(spec).context("serializing the OCI spec")?,
+            stdio: MessageField::some(stdio.wire()),
+            ..Default::default()
+        };
+        let reply = sandbox
+            .agent
+            .create_container(ctx(CALL_TIMEOUT), &creq)
+            .await
+            .map_err(|e| agent_error("CreateContainer", e))?;
+        created = true;
+        let pumps = stdio::attach(&sandbox.vsock, &req.id, "", stdio).await?;
+        Ok::<_, Error>((reply.pid, pumps))
+    }
+    .await;
+    match result {
+        Ok((pid, pumps)) => Ok(InGuest {
+            rootfs,
+            binds,
+            pid,
+            pumps,
+        }),
+        Err(e) => {
+            if created {
+                remove_in_guest(sandbox, &req.id).await;
+            }
+            if let Err(u) = binds.unmount() {
+                tracing::error!(error = %u, "after a failed create");
+            }
+            if let Err(u) = rootfs::unmount(&rootfs) {
+                tracing::error!(error = %u, "after a failed create");
+            }
+            rootfs::remove_container_dir(&sandbox.dir, &req.id);
+            Err(e)
+        }
+    }
+}
+
+/// Removes the container in the guest (best effort: the VM may be gone).
+pub(super) async fn remove_in_guest(sandbox: &Sandbox, id: &str) {
+    if *sandbox.vm_dead.borrow() {
+        return;
+    }
+    let req = clh_agent_protocol::ContainerRequest {
+        container_id: id.to_string(),
+        ..Default::default()
+    };
+    if let Err(e) = sandbox
+        .agent
+        .remove_container(ctx(CALL_TIMEOUT), &req)
+        .await
+    {
+        tracing::warn!(id, error = %e, "agent RemoveContainer");
+    }
+}

@@ -1,0 +1,165 @@
+//! What a pod's specs mean inside its VM.
+//!
+//! CRI points a pod container's network, IPC and UTS namespaces at the
+//! pause process (`/proc/<pid>/ns/...`, host paths). In the VM the pod is
+//! the guest itself: those containers join the guest's own namespaces, so
+//! the entries go, and the pod's hostname is the guest's (set at boot from
+//! the sandbox spec). A shared PID namespace has no pause process to join
+//! in the guest; such a container gets a PID namespace of its own.
+
+use super::error::{Error, Result};
+
+/// Namespaces a pod container shares with the guest when CRI asks to share
+/// them with the sandbox.
+const GUEST_NAMESPACES: [&str; 3] = ["network", "ipc", "uts"];
+/// Longest hostname (HOST_NAME_MAX).
+const MAX_HOSTNAME: usize = 64;
+/// Size of a pod container's /dev/shm, as CRI's default for the sandbox.
+const SHM_SIZE: &str = "size=65536k";
+
+/// Adapts a pod container's spec to the guest (see the module doc).
+pub fn adapt_container(spec: &mut serde_json::Value) {
+    let mut dropped_uts = false;
+    if let Some(namespaces) = spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(|n| n.as_array_mut())
+    {
+        namespaces.retain_mut(|ns| {
+            let kind = ns.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+            let joins = ns
+                .get("path")
+                .and_then(|p| p.as_str())
+                .is_some_and(|p| !p.is_empty());
+            if joins && GUEST_NAMESPACES.contains(&kind) {
+                dropped_uts |= kind == "uts";
+                return false;
+            }
+            if joins && kind == "pid" {
+                tracing::warn!(
+                    "a shared PID namespace is not supported in the VM; the container gets its own"
+                );
+                if let Some(o) = ns.as_object_mut() {
+                    o.remove("path");
+                }
+            }
+            true
+        });
+    }
+    if dropped_uts {
+        // Setting a hostname needs a UTS namespace of one's own.
+        if let Some(o) = spec.as_object_mut() {
+            o.remove("hostname");
+        }
+    }
+    // The sandbox's /dev/shm is a host tmpfs; in the guest each container
+    // gets a tmpfs of the same default size.
+    if let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) {
+        for m in mounts.iter_mut() {
+            if m.get("destination").and_then(|d| d.as_str()) == Some("/dev/shm") {
+                *m = serde_json::json!({
+                    "destination": "/dev/shm",
+                    "type": "tmpfs",
+                    "source": "shm",
+                    "options": ["nosuid", "noexec", "nodev", "mode=1777", SHM_SIZE],
+                });
+            }
+        }
+    }
+    strip_host_security_labels(spec);
+}
+
+/// AppArmor profiles and SELinux labels name policy loaded in the host
+/// kernel; the guest kernel has none, and the VM is the isolation boundary.
+pub fn strip_host_security_labels(spec: &mut serde_json::Value) {
+    if let Some(p) = spec.get_mut("process").and_then(|p| p.as_object_mut()) {
+        p.remove("apparmorProfile");
+        p.remove("selinuxLabel");
+    }
+    if let Some(l) = spec.get_mut("linux").and_then(|l| l.as_object_mut()) {
+        l.remove("mountLabel");
+    }
+}
+
+/// The pod's hostname from the sandbox spec, checked for the kernel
+/// command line (`clh.hostname=`).
+pub fn sandbox_hostname(spec: &serde_json::Value) -> Result<Option<String>> {
+    let Some(name) = spec.get("hostname").and_then(|h| h.as_str()) else {
+        return Ok(None);
+    };
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let ok = name.len() <= MAX_HOSTNAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !ok {
+        return Err(Error::InvalidArgument(format!(
+            "invalid pod hostname {name:?}: it must be 1 to {MAX_HOSTNAME} characters of [A-Za-z0-9.-_]"
+        )));
+    }
+    Ok(Some(name.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn pod_namespaces_become_the_guests_own() {
+        let mut spec = json!({
+            "hostname": "pod",
+            "process": {"apparmorProfile": "cri-containerd.apparmor.d"},
+            "linux": {"namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/proc/42/ns/net"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "uts", "path": "/proc/42/ns/uts"},
+                {"type": "mount"},
+            ]},
+            "mounts": [
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/x/shm", "options": ["rbind"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/h"},
+            ],
+        });
+        adapt_container(&mut spec);
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "mount"}])
+        );
+        assert!(spec.get("hostname").is_none());
+        assert!(spec["process"].get("apparmorProfile").is_none());
+        assert_eq!(spec["mounts"][0]["type"], "tmpfs");
+        assert_eq!(spec["mounts"][1]["source"], "/h");
+    }
+
+    #[test]
+    fn a_shared_pid_namespace_becomes_a_private_one() {
+        let mut spec = json!({"hostname": "keep", "linux": {"namespaces": [
+            {"type": "pid", "path": "/proc/42/ns/pid"},
+            {"type": "uts"},
+        ]}});
+        adapt_container(&mut spec);
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "uts"}])
+        );
+        assert_eq!(spec["hostname"], "keep");
+    }
+
+    #[test]
+    fn hostnames_are_checked_for_the_kernel_command_line() {
+        assert_eq!(
+            sandbox_hostname(&json!({"hostname": "web-0"})).unwrap(),
+            Some("web-0".into())
+        );
+        assert_eq!(sandbox_hostname(&json!({})).unwrap(), None);
+        for bad in ["a b", "x clh.debug", &"h".repeat(65)] {
+            assert!(
+                sandbox_hostname(&json!({ "hostname": bad })).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+}

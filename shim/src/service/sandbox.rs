@@ -1,0 +1,157 @@
+//! One VM and what watches it: the agent connection shared by every
+//! container in the VM, the VMM-exit monitor and the OOM event loop.
+//!
+//! A standalone container (`ctr run`) owns a sandbox of its own id; a pod's
+//! sandbox is owned by its pause container, and its other containers join
+//! it. The owner's Delete stops the VM.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use clh_agent_protocol::AgentClient;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::container::{connect_agent, ctx, Container, LONG_POLL};
+use super::error::{Error, Result};
+use super::events::EventSender;
+use super::oom;
+use crate::vm::{PodVm, VmOptions};
+
+pub struct Sandbox {
+    pub id: String,
+    /// The VM's state directory (`<state_dir>/<id>`).
+    pub dir: PathBuf,
+    pub vsock: PathBuf,
+    pub agent: AgentClient,
+    /// Turns true when the VMM has exited.
+    pub vm_dead: watch::Receiver<bool>,
+    vm: Mutex<Option<Arc<PodVm>>>,
+    /// The containers in this VM, for the OOM loop.
+    members: Mutex<HashMap<String, Weak<Container>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Sandbox {
+    /// Boots the VM and connects to its agent; on failure nothing is left.
+    pub async fn boot<E: EventSender>(
+        id: &str,
+        state_dir: &Path,
+        opts: &VmOptions,
+        events: Arc<E>,
+    ) -> Result<Arc<Sandbox>> {
+        let vm = PodVm::start(id, state_dir, opts)
+            .await
+            .map_err(Error::Internal)?;
+        let vsock = vm.vsock_socket();
+        let agent = match connect_agent(&vsock).await {
+            Ok(agent) => agent,
+            Err(e) => {
+                if let Err(s) = vm.stop().await {
+                    tracing::error!(error = format!("{s:#}"), "stopping the VM");
+                }
+                return Err(Error::Internal(e));
+            }
+        };
+        let vm = Arc::new(vm);
+        let (dead_tx, vm_dead) = watch::channel(false);
+        let sandbox = Arc::new(Sandbox {
+            id: id.to_string(),
+            dir: vm.dir().to_path_buf(),
+            vsock,
+            agent,
+            vm_dead,
+            vm: Mutex::new(Some(vm.clone())),
+            members: Mutex::default(),
+            tasks: Mutex::default(),
+        });
+        let sid = id.to_string();
+        sandbox.track(tokio::spawn(async move {
+            let how = vm.wait_exit().await;
+            tracing::warn!(id = sid, how, "the VMM exited");
+            let _ = dead_tx.send(true);
+        }));
+        let weak = Arc::downgrade(&sandbox);
+        sandbox.track(tokio::spawn(oom_loop(weak, events)));
+        Ok(sandbox)
+    }
+
+    fn track(&self, task: JoinHandle<()>) {
+        locked(&self.tasks).push(task);
+    }
+
+    pub fn join(&self, c: &Arc<Container>) {
+        locked(&self.members).insert(c.id.clone(), Arc::downgrade(c));
+    }
+
+    pub fn leave(&self, id: &str) {
+        locked(&self.members).remove(id);
+    }
+
+    fn member(&self, id: &str) -> Option<Arc<Container>> {
+        locked(&self.members).get(id).and_then(Weak::upgrade)
+    }
+
+    /// The pids of the VMM, its helpers and virtiofsd.
+    pub fn pids(&self) -> Vec<u32> {
+        locked(&self.vm)
+            .as_ref()
+            .map(|vm| vm.pids())
+            .unwrap_or_default()
+    }
+
+    /// The VMM's pid, which stands for the pod's pause process.
+    pub fn vmm_pid(&self) -> u32 {
+        self.pids().first().copied().unwrap_or_default()
+    }
+
+    /// Stops the watchers and the VM. Idempotent.
+    pub async fn stop(&self) -> Result<()> {
+        let tasks: Vec<_> = locked(&self.tasks).drain(..).collect();
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        let Some(vm) = locked(&self.vm).take() else {
+            return Ok(());
+        };
+        match Arc::try_unwrap(vm) {
+            Ok(vm) => vm.stop().await.map_err(Error::Internal),
+            Err(_) => Err(Error::Internal(anyhow::anyhow!(
+                "internal error: VM {} is still shared after its watchers ended",
+                self.id
+            ))),
+        }
+    }
+}
+
+/// Long-polls the agent for OOM kills and publishes each new one for the
+/// container it names.
+async fn oom_loop<E: EventSender>(sandbox: Weak<Sandbox>, events: Arc<E>) {
+    loop {
+        let Some(agent) = sandbox.upgrade().map(|s| s.agent.clone()) else {
+            return;
+        };
+        let next = agent
+            .get_oom_event(ctx(LONG_POLL), &clh_agent_protocol::Empty::default())
+            .await;
+        match next {
+            Ok(ev) => {
+                let member = sandbox.upgrade().and_then(|s| s.member(&ev.container_id));
+                if let Some(c) = member {
+                    oom::publish_new_kills(&c, &*events).await;
+                }
+            }
+            Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::DEADLINE_EXCEEDED => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "OOM event loop ends");
+                return;
+            }
+        }
+    }
+}
