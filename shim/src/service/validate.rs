@@ -57,13 +57,16 @@ pub fn rewrite_root(spec: &mut serde_json::Value, container_id: &str) -> Result<
     Ok(())
 }
 
-/// The runtime options we understand: none yet, and runc's (containerd
-/// sends `io.containerd.runc.v1.Options` when a runtime is configured
-/// like runc), whose fields do not apply to a VM and are ignored.
+/// The runtime options we understand: none yet, runc's (containerd sends
+/// `io.containerd.runc.v1.Options` when a runtime is configured like runc)
+/// and CRI's generic `runtimeoptions.v1.Options` (what containerd's CRI
+/// sends for a runtime type it does not know), whose fields do not apply
+/// to a VM and are ignored.
 pub fn runtime_options(options: Option<&Any>) -> Result<()> {
-    const KNOWN: [&str; 2] = [
+    const KNOWN: [&str; 3] = [
         "containerd.runc.v1.Options",
         "io.containerd.runc.v1.Options",
+        "runtimeoptions.v1.Options",
     ];
     match options {
         None => Ok(()),
