@@ -9,5 +9,6 @@ mod options;
 pub mod service;
 mod shared_mount;
 pub mod shim;
+pub mod sizing;
 pub mod task;
 pub mod vm;
