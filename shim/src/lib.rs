@@ -6,6 +6,7 @@ pub mod check;
 pub mod host;
 pub mod legacy;
 mod options;
+pub mod pod_cgroup;
 pub mod service;
 mod shared_mount;
 pub mod shim;
