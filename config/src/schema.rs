@@ -56,8 +56,17 @@ pub struct GuestConfig {
     pub kernel_bzimage: PathBuf,
     /// The initramfs with the agent as /init.
     pub initramfs: PathBuf,
+    /// Size of a VM whose pod sets no CPU (resp. memory) limit.
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// Added to the pod's limits when it sets them: what the guest kernel,
+    /// the agent and the page cache need besides the containers.
+    pub overhead_vcpus: u32,
+    pub overhead_memory_mib: u32,
+    /// No VM is made or grown larger (vCPUs are also capped at the host's
+    /// CPUs). Cloud Hypervisor reserves room to grow up to these at start.
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
     /// Appended to the kernel command line. `clh.*` is reserved for the shim.
     pub kernel_params: Vec<String>,
     /// Verbose guest kernel and agent logs on the console log.
@@ -75,6 +84,10 @@ impl Default for GuestConfig {
             initramfs: format!("{IMAGE_DIR}/initramfs.cpio.gz").into(),
             vcpus: 1,
             memory_mib: 512,
+            overhead_vcpus: 0,
+            overhead_memory_mib: 256,
+            max_vcpus: 8,
+            max_memory_mib: 8192,
             kernel_params: Vec::new(),
             debug_console: false,
         }
@@ -118,6 +131,60 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// The guest's vCPU and memory keys: each in range, and the defaults and
+/// overheads within the maxima.
+fn validate_sizes(g: &GuestConfig) -> Result<(), (&'static str, String)> {
+    let rows: [(&'static str, u32, u32, u32, &str); 6] = [
+        ("guest.max_vcpus", g.max_vcpus, 1, MAX_VCPUS, ""),
+        (
+            "guest.max_memory_mib",
+            g.max_memory_mib,
+            128,
+            MAX_MEMORY_MIB,
+            "",
+        ),
+        ("guest.vcpus", g.vcpus, 1, g.max_vcpus, " (guest.max_vcpus)"),
+        (
+            "guest.memory_mib",
+            g.memory_mib,
+            128,
+            g.max_memory_mib,
+            " (guest.max_memory_mib)",
+        ),
+        // Below the max: a pod's limit is added on top and must fit too.
+        (
+            "guest.overhead_vcpus",
+            g.overhead_vcpus,
+            0,
+            g.max_vcpus.saturating_sub(1),
+            " (below guest.max_vcpus, so a pod's CPU limit fits beside it)",
+        ),
+        // The guest kernel and the agent alone need about 100 MiB.
+        (
+            "guest.overhead_memory_mib",
+            g.overhead_memory_mib,
+            128,
+            g.max_memory_mib.saturating_sub(1),
+            " (at least what the guest kernel and agent need, and below \
+             guest.max_memory_mib so a pod's memory limit fits beside it)",
+        ),
+    ];
+    for (key, value, min, max, why) in rows {
+        if !(min..=max).contains(&value) {
+            return Err((
+                key,
+                format!("must be between {min} and {max}{why}, not {value}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Cloud Hypervisor's limit on vCPUs (and far above any pod).
+const MAX_VCPUS: u32 = 255;
+/// 1 TiB.
+const MAX_MEMORY_MIB: u32 = 1_048_576;
+
 /// Longest state_dir we accept: the sockets below it (`<id>/vhost-vsock.sock`
 /// with a 64-character id) must fit a Unix socket path (108 bytes).
 const MAX_STATE_DIR_LEN: usize = 24;
@@ -127,18 +194,7 @@ impl Config {
     /// wrong with it.
     pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
         let g = &self.guest;
-        if !(1..=255).contains(&g.vcpus) {
-            return Err((
-                "guest.vcpus",
-                format!("must be between 1 and 255, not {}", g.vcpus),
-            ));
-        }
-        if !(128..=1_048_576).contains(&g.memory_mib) {
-            return Err((
-                "guest.memory_mib",
-                format!("must be between 128 and 1048576 MiB, not {}", g.memory_mib),
-            ));
-        }
+        validate_sizes(g)?;
         for p in &g.kernel_params {
             if p.is_empty() || p.chars().any(char::is_whitespace) {
                 return Err((

@@ -26,6 +26,10 @@ fn values_are_read() {
         [guest]
         vcpus = 2
         memory_mib = 1024
+        overhead_vcpus = 1
+        overhead_memory_mib = 192
+        max_vcpus = 4
+        max_memory_mib = 4096
         kernel_params = ["loglevel=7"]
         [timeouts]
         agent_connect_ms = 1000
@@ -34,6 +38,9 @@ fn values_are_read() {
     .unwrap();
     assert_eq!(c.hypervisor.backend, BackendChoice::Qemu);
     assert_eq!((c.guest.vcpus, c.guest.memory_mib), (2, 1024));
+    let g = &c.guest;
+    assert_eq!((g.overhead_vcpus, g.overhead_memory_mib), (1, 192));
+    assert_eq!((g.max_vcpus, g.max_memory_mib), (4, 4096));
     assert_eq!(c.guest.kernel_params, vec!["loglevel=7".to_string()]);
     assert_eq!(c.timeouts.agent_connect_ms, 1000);
 }
@@ -64,6 +71,29 @@ fn out_of_range_values_name_the_key_and_the_rule() {
     for (text, key) in [
         ("[guest]\nvcpus = 0\n", "`guest.vcpus`"),
         ("[guest]\nmemory_mib = 64\n", "`guest.memory_mib`"),
+        ("[guest]\nmax_vcpus = 0\n", "`guest.max_vcpus`"),
+        ("[guest]\nmax_vcpus = 256\n", "`guest.max_vcpus`"),
+        ("[guest]\nmax_memory_mib = 100\n", "`guest.max_memory_mib`"),
+        (
+            "[guest]\nvcpus = 4\nmax_vcpus = 2\n",
+            "`guest.vcpus` must be between 1 and 2 (guest.max_vcpus), not 4",
+        ),
+        (
+            "[guest]\nmemory_mib = 2048\nmax_memory_mib = 1024\n",
+            "`guest.memory_mib`",
+        ),
+        (
+            "[guest]\noverhead_vcpus = 2\nmax_vcpus = 2\n",
+            "`guest.overhead_vcpus`",
+        ),
+        (
+            "[guest]\noverhead_memory_mib = 64\n",
+            "`guest.overhead_memory_mib`",
+        ),
+        (
+            "[guest]\noverhead_memory_mib = 1024\nmax_memory_mib = 1024\nmemory_mib = 512\n",
+            "`guest.overhead_memory_mib`",
+        ),
         ("[guest]\nkernel = \"vmlinux\"\n", "`guest.kernel`"),
         (
             "[guest]\nkernel_params = [\"a b\"]\n",

@@ -189,6 +189,7 @@ async fn start_in(
         dir: dir.to_path_buf(),
         vcpus: opts.vcpus,
         memory_mib: opts.memory_mib,
+        max: None,
         kernel: opts.kernel.clone(),
         initramfs: opts.initramfs.clone(),
         cmdline: kernel_cmdline(opts, &random_seed()?),

@@ -79,6 +79,7 @@ async fn bare_kernel_boot(
         dir: dir.clone(),
         vcpus: opts.vcpus,
         memory_mib: opts.memory_mib,
+        max: None,
         kernel: image.vmlinuz.clone(),
         initramfs: image.bench_initramfs.clone(),
         cmdline: "console=ttyS0 panic=-1 quiet".into(),

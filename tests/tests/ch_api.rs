@@ -16,7 +16,7 @@ use clh_hypervisor::ch::api::{FsConfig, VmState};
 use clh_hypervisor::ch::CloudHypervisor;
 use clh_hypervisor::virtiofsd::Virtiofsd;
 use clh_hypervisor::wait::wait_until;
-use clh_hypervisor::{Error, Hypervisor, SharedFs, VmSpec};
+use clh_hypervisor::{Error, Hypervisor, SharedFs, VmSize, VmSpec};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,6 +110,7 @@ fn vm_spec(dir: &Path, kernel: PathBuf, shared_fs: Option<SharedFs>) -> VmSpec {
         dir: dir.to_path_buf(),
         vcpus: 1,
         memory_mib: 256,
+        max: None,
         kernel,
         initramfs,
         cmdline: "console=ttyS0".into(),
@@ -288,4 +289,89 @@ async fn a_missing_kernel_fails_start_with_ch_error_and_leaves_nothing() {
             "{socket} was not removed"
         );
     }
+}
+
+/// vm.resize on a running VM created with room to grow: CH accepts a vCPU
+/// hot-add and ACPI memory DIMMs, one after another, and vm.info shows them.
+/// The test guest only halts, so this checks what CH accepts and plugs, not
+/// what a Linux guest makes of it (onlining is the guest's business).
+#[tokio::test]
+async fn resize_grows_vcpus_and_memory_within_the_max_against_real_cloud_hypervisor() {
+    let Some(binary) = cloud_hypervisor() else {
+        return;
+    };
+    let dir = short_tempdir();
+    let kernel = dir.path().join("vmlinux");
+    write_pvh_kernel(&kernel);
+    let mut spec = vm_spec(dir.path(), kernel, None);
+    let max = VmSize {
+        vcpus: 2,
+        memory_mib: 1024,
+    };
+    spec.max = Some(max);
+
+    let mut ch = CloudHypervisor::new(binary);
+    let started = ch.start(&spec).await;
+    let log = || std::fs::read_to_string(dir.path().join("vmm.log")).unwrap_or_default();
+    started.unwrap_or_else(|e| panic!("start failed: {e}\nvmm.log:\n{}", log()));
+    let [vmm_pid] = ch.pids()[..] else {
+        panic!("expected exactly the VMM pid, got {:?}", ch.pids());
+    };
+
+    // Both at once: a second vCPU and 100 MiB, which becomes one 128 MiB DIMM.
+    let grown = ch
+        .resize(VmSize {
+            vcpus: 2,
+            memory_mib: 356,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("resize failed: {e}\nvmm.log:\n{}", log()));
+    assert_eq!(
+        grown,
+        VmSize {
+            vcpus: 2,
+            memory_mib: 384
+        }
+    );
+    // More DIMMs, each behind its own address gap, up to the max.
+    for memory_mib in [512, 1024] {
+        let target = VmSize {
+            vcpus: 2,
+            memory_mib,
+        };
+        let grown = ch
+            .resize(target)
+            .await
+            .unwrap_or_else(|e| panic!("resize to {target} failed: {e}\nvmm.log:\n{}", log()));
+        assert_eq!(grown, target);
+    }
+    let info = ch.info().await.unwrap();
+    println!(
+        "after resize: {:?}, memory_actual_size {:?}",
+        info.config.cpus, info.memory_actual_size
+    );
+    assert_eq!(info.state, VmState::Running);
+    assert_eq!(info.config.cpus.map(|c| c.boot_vcpus), Some(2));
+    assert_eq!(info.memory_actual_size, Some(1024 << 20));
+
+    // Never shrinks; beyond the max is refused before CH is asked.
+    let same = ch
+        .resize(VmSize {
+            vcpus: 1,
+            memory_mib: 256,
+        })
+        .await
+        .unwrap();
+    assert_eq!(same, max);
+    let err = ch
+        .resize(VmSize {
+            vcpus: 3,
+            memory_mib: 1024,
+        })
+        .await
+        .expect_err("a resize beyond the max");
+    assert!(matches!(err, Error::InvalidSpec(_)), "{err:?}");
+
+    ch.stop(STOP_TIMEOUT).await.unwrap();
+    assert_cleaned_up(dir.path(), vmm_pid).await;
 }

@@ -35,6 +35,9 @@ pub struct VmSpec {
     pub dir: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// What [`Hypervisor::resize`] may grow the VM to. `None`: the VM keeps
+    /// its boot size, and the backend reserves nothing for growth.
+    pub max: Option<VmSize>,
     /// Kernel image: the PVH `vmlinux` ELF for Cloud Hypervisor, the
     /// `bzImage` for QEMU.
     pub kernel: PathBuf,
@@ -47,6 +50,19 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     /// Deadline for the VMM to come up and accept the VM configuration.
     pub start_timeout: Duration,
+}
+
+/// A VM's compute size: vCPUs and guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+impl std::fmt::Display for VmSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} vCPUs and {} MiB", self.vcpus, self.memory_mib)
+    }
 }
 
 /// A vhost-user-fs backend (virtiofsd) socket and the tag the guest mounts.
@@ -84,6 +100,18 @@ pub trait Hypervisor: Send + Sync {
     /// Resolves when the VMM process has exited (crash or stop), with a
     /// description of how it ended.
     async fn wait_exit(&self) -> String;
+
+    /// Grows the running VM towards `target` and returns the size now in
+    /// effect. Never shrinks: a resource already at or above its target is
+    /// left as is. A backend may round memory up to its hot-plug granularity
+    /// (Cloud Hypervisor: whole 128 MiB blocks). A target beyond the `max`
+    /// the VM was started with is an [`Error::InvalidSpec`] and changes
+    /// nothing; a backend without hot-plug answers [`Error::Unsupported`].
+    ///
+    /// The guest learns of the new resources through ACPI. Linux does not
+    /// online hot-added CPUs by itself (the agent must); our guest kernel
+    /// onlines hot-added memory by itself (`MEMORY_HOTPLUG_DEFAULT_ONLINE`).
+    async fn resize(&self, target: VmSize) -> Result<VmSize>;
 
     /// Stops the VM: a graceful shutdown bounded by `timeout`, then SIGKILL.
     /// Idempotent; removes the sockets it created.

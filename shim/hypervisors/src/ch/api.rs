@@ -59,6 +59,16 @@ pub struct MemoryConfig {
     /// Room for memory hotplug, in bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hotplug_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hotplug_method: Option<HotplugMethod>,
+}
+
+/// `MemoryConfig.hotplug_method`. The spec types it as a plain string; these
+/// are the values CH accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HotplugMethod {
+    Acpi,
+    VirtioMem,
 }
 
 /// `PayloadConfig`: what the VM boots.

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod client;
+pub mod resize;
 mod vm_config;
 
 #[cfg(test)]
@@ -23,10 +24,10 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use self::api::VmmPingResponse;
-use self::api::{DiskConfig, FsConfig, NetConfig, PciDeviceInfo, VmCounters, VmInfo, VmResize};
+use self::api::{DiskConfig, FsConfig, NetConfig, PciDeviceInfo, VmCounters, VmInfo};
 use self::client::ApiClient;
 use crate::process::ManagedProcess;
-use crate::{Error, Hypervisor, Result, VmSpec};
+use crate::{Error, Hypervisor, Result, VmSize, VmSpec};
 
 pub use self::vm_config::vm_config;
 
@@ -59,6 +60,11 @@ struct Vmm {
     client: ApiClient,
     vsock_socket: PathBuf,
     ping: VmmPingResponse,
+    /// The size the VM has now (boot size, then what `resize` plugged),
+    /// and what `vm.create` left room for. An async lock held across the
+    /// `vm.resize` call, so concurrent resizes plan from the real size.
+    size: tokio::sync::Mutex<VmSize>,
+    max: VmSize,
 }
 
 impl CloudHypervisor {
@@ -92,16 +98,6 @@ impl CloudHypervisor {
 
     pub async fn add_disk(&self, disk: DiskConfig) -> Result<Option<PciDeviceInfo>> {
         self.client()?.add_disk(&disk).await
-    }
-
-    /// Resizes to `vcpus` and/or `memory_bytes` (`None` leaves it as is).
-    pub async fn resize(&self, vcpus: Option<u32>, memory_bytes: Option<u64>) -> Result<()> {
-        let resize = VmResize {
-            desired_vcpus: vcpus,
-            desired_ram: memory_bytes,
-            desired_balloon: None,
-        };
-        self.client()?.resize(&resize).await
     }
 
     pub async fn counters(&self) -> Result<VmCounters> {
@@ -140,6 +136,10 @@ impl CloudHypervisor {
             cmd,
             &spec.dir.join(VMM_LOG),
         )?;
+        let boot_size = VmSize {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+        };
         let vmm = self.vmm.insert(Vmm {
             process,
             client: ApiClient::new(&api_socket, API_TIMEOUT),
@@ -150,6 +150,8 @@ impl CloudHypervisor {
                 pid: None,
                 features: Vec::new(),
             },
+            size: tokio::sync::Mutex::new(boot_size),
+            max: spec.max.unwrap_or(boot_size),
         });
 
         wait_for_api_socket(&vmm.process, &api_socket, remaining(deadline)).await?;
@@ -210,6 +212,22 @@ impl Hypervisor for CloudHypervisor {
             Some(vmm) => vmm.process.wait_exit().await,
             None => "never started".to_string(),
         }
+    }
+
+    async fn resize(&self, target: VmSize) -> Result<VmSize> {
+        let client = self.client()?;
+        let Some(vmm) = &self.vmm else {
+            return Err(Error::InvalidSpec("the VM is not started".into()));
+        };
+        let mut size = vmm.size.lock().await;
+        let current = *size;
+        let Some((request, after)) = resize::plan(current, vmm.max, target)? else {
+            return Ok(current);
+        };
+        client.resize(&request).await?;
+        *size = after;
+        tracing::info!(from = %current, to = %after, "VM resized");
+        Ok(after)
     }
 
     async fn stop(&mut self, timeout: Duration) -> Result<()> {

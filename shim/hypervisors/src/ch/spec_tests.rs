@@ -13,8 +13,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::api::{DiskConfig, FsConfig, ImageType, NetConfig, RngConfig, VmResize};
-use super::vm_config;
-use crate::{SharedFs, VmSpec};
+use super::{resize, vm_config};
+use crate::{SharedFs, VmSize, VmSpec};
 
 const SPEC_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -90,6 +90,7 @@ fn spec(dir: &Path) -> VmSpec {
         dir: dir.to_path_buf(),
         vcpus: 2,
         memory_mib: 512,
+        max: None,
         kernel: "/opt/clh/vmlinux".into(),
         initramfs: "/opt/clh/initramfs.cpio.gz".into(),
         cmdline: "console=ttyS0 quiet".into(),
@@ -228,4 +229,64 @@ fn without_shared_fs_no_fs_field_is_sent() {
     spec.shared_fs = None;
     let body = assert_valid("VmConfig", &vm_config(&spec, &dir.join("vsock.sock")));
     assert!(body.get("fs").is_none(), "{body}");
+}
+
+#[test]
+fn a_growable_vm_reserves_vcpus_and_acpi_hotplug_memory() {
+    let dir = PathBuf::from("/run/clh/pod1");
+    let mut spec = spec(&dir);
+    spec.max = Some(VmSize {
+        vcpus: 8,
+        memory_mib: 4096,
+    });
+    let body = assert_valid("VmConfig", &vm_config(&spec, &dir.join("vsock.sock")));
+    assert_eq!(body["cpus"], json!({"boot_vcpus": 2, "max_vcpus": 8}));
+    assert_eq!(
+        body["memory"],
+        json!({
+            "size": 512_u64 << 20,
+            "shared": true,
+            "hotplug_size": 3584_u64 << 20,
+            "hotplug_method": "Acpi"
+        })
+    );
+
+    // A max below the boot size reserves nothing and never lowers max_vcpus
+    // under boot_vcpus (CH refuses that).
+    spec.max = Some(VmSize {
+        vcpus: 1,
+        memory_mib: 256,
+    });
+    let body = assert_valid("VmConfig", &vm_config(&spec, &dir.join("vsock.sock")));
+    assert_eq!(body["cpus"], json!({"boot_vcpus": 2, "max_vcpus": 2}));
+    assert!(body["memory"].get("hotplug_size").is_none(), "{body}");
+}
+
+#[test]
+fn planned_resize_bodies_match_the_spec() {
+    let boot = VmSize {
+        vcpus: 1,
+        memory_mib: 512,
+    };
+    let max = VmSize {
+        vcpus: 4,
+        memory_mib: 2048,
+    };
+    for target in [
+        VmSize {
+            vcpus: 4,
+            memory_mib: 1000,
+        },
+        VmSize {
+            vcpus: 2,
+            memory_mib: 512,
+        },
+        VmSize {
+            vcpus: 1,
+            memory_mib: 2048,
+        },
+    ] {
+        let (body, _) = resize::plan(boot, max, target).unwrap().unwrap();
+        assert_valid("VmResize", &body);
+    }
 }

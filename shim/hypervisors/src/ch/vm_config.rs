@@ -3,8 +3,10 @@
 use std::path::Path;
 
 use super::api::{
-    ConsoleConfig, CpusConfig, FsConfig, MemoryConfig, PayloadConfig, VmConfig, VsockConfig,
+    ConsoleConfig, CpusConfig, FsConfig, HotplugMethod, MemoryConfig, PayloadConfig, VmConfig,
+    VsockConfig,
 };
+use super::resize::hotplug_size_bytes;
 use crate::VmSpec;
 
 /// The guest's vsock context id. Each VM has its own hybrid-vsock socket, so
@@ -12,12 +14,17 @@ use crate::VmSpec;
 pub const GUEST_CID: u64 = 3;
 
 /// The configuration that boots `spec`, with its hybrid vsock at
-/// `vsock_socket`.
+/// `vsock_socket`. With a `spec.max`, the VM gets room to grow to it:
+/// `max_vcpus` and ACPI memory hot-plug (see [`super::resize`] for why ACPI).
 pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
+    let max_vcpus = spec.max.map_or(spec.vcpus, |max| max.vcpus.max(spec.vcpus));
+    let hotplug_size = spec
+        .max
+        .and_then(|max| hotplug_size_bytes(spec.memory_mib, max.memory_mib));
     VmConfig {
         cpus: Some(CpusConfig {
             boot_vcpus: spec.vcpus,
-            max_vcpus: spec.vcpus,
+            max_vcpus,
         }),
         memory: Some(MemoryConfig {
             size: u64::from(spec.memory_mib) << 20,
@@ -25,7 +32,8 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
             // only if CH maps it MAP_SHARED.
             shared: Some(true),
             hugepages: None,
-            hotplug_size: None,
+            hotplug_size,
+            hotplug_method: hotplug_size.map(|_| HotplugMethod::Acpi),
         }),
         payload: PayloadConfig {
             firmware: None,

@@ -179,6 +179,7 @@ mod tests {
             dir: PathBuf::from("/run/x/pod1"),
             vcpus: 2,
             memory_mib: 256,
+            max: None,
             kernel: PathBuf::from("/k/vmlinuz"),
             initramfs: PathBuf::from("/k/initramfs.cpio.gz"),
             cmdline: "console=ttyS0 quiet".into(),

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::process::ManagedProcess;
 use crate::virtiofsd::socket_is_listening;
 use crate::wait::wait_until;
-use crate::{Error, Hypervisor, Result, VmSpec};
+use crate::{Error, Hypervisor, Result, VmSize, VmSpec};
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -221,6 +221,15 @@ impl Hypervisor for Qemu {
         }
     }
 
+    /// Not supported: QEMU is started without hot-plug slots (`-smp N`, no
+    /// `maxmem`), so the VM keeps its boot size. The caller keeps the guest
+    /// cgroup limits, which still bound the pod.
+    async fn resize(&self, _target: VmSize) -> Result<VmSize> {
+        Err(Error::Unsupported(
+            "resizing a running VM (vCPU and memory hot-plug) with the QEMU backend",
+        ))
+    }
+
     async fn stop(&mut self, timeout: Duration) -> Result<()> {
         let Some(running) = &self.running else {
             return Ok(());
@@ -253,6 +262,7 @@ mod tests {
             dir: dir.path().to_path_buf(),
             vcpus: 1,
             memory_mib: 128,
+            max: None,
             kernel: dir.path().join("no-kernel"),
             initramfs: dir.path().join("no-initrd"),
             cmdline: String::new(),
@@ -265,5 +275,17 @@ mod tests {
         assert!(err.to_string().contains("no-kernel"), "{err}");
         assert!(qemu.pids().is_empty());
         qemu.stop(Duration::from_secs(1)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn resize_is_a_typed_unsupported_error() {
+        let qemu = Qemu::new("/nonexistent/qemu".into(), "/nonexistent/vv".into());
+        let target = VmSize {
+            vcpus: 2,
+            memory_mib: 1024,
+        };
+        let err = qemu.resize(target).await.unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+        assert!(err.to_string().contains("QEMU backend"), "{err}");
     }
 }
