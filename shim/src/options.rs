@@ -6,6 +6,7 @@ use clh_config::Config;
 use clh_hypervisor::Backend;
 
 use crate::host::{self, KvmFlavour};
+use crate::sizing::{host_cpus, SizingPolicy};
 use crate::vm::VmOptions;
 
 impl VmOptions {
@@ -27,6 +28,9 @@ impl VmOptions {
             initramfs: g.initramfs.clone(),
             vcpus: g.vcpus,
             memory_mib: g.memory_mib,
+            // Only Cloud Hypervisor hot-plugs; QEMU VMs keep their size.
+            max: (backend == Backend::CloudHypervisor)
+                .then(|| SizingPolicy::from_config(g, host_cpus()).max),
             extra_kernel_params: g.kernel_params.clone(),
             debug: g.debug_console,
             vmm_start_timeout: Duration::from_millis(t.vmm_start_ms),

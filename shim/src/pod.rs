@@ -57,12 +57,7 @@ impl Role {
 
     /// The role recorded in `<bundle>/config.json`.
     pub fn of_bundle(bundle: &Path) -> Result<Role, String> {
-        let path = bundle.join("config.json");
-        let bytes = std::fs::read(&path)
-            .map_err(|e| format!("cannot read the OCI spec {}: {e}", path.display()))?;
-        let spec: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("malformed OCI spec {}: {e}", path.display()))?;
-        Role::of_spec(&spec)
+        Role::of_spec(&bundle_spec(bundle)?)
     }
 
     /// The id of the VM (and so of the shim) serving container `id`.
@@ -72,6 +67,15 @@ impl Role {
             Role::Standalone | Role::Sandbox => id,
         }
     }
+}
+
+/// `<bundle>/config.json`, parsed.
+pub fn bundle_spec(bundle: &Path) -> Result<serde_json::Value, String> {
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path)
+        .map_err(|e| format!("cannot read the OCI spec {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| format!("malformed OCI spec {}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -12,10 +12,12 @@ use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::MessageField;
 
 use crate::host;
-use crate::pod::Role;
+use crate::pod::{self, Role};
+use crate::pod_cgroup;
 use crate::service::events::RemoteEventSender;
 use crate::service::stats::CgroupVersion;
 use crate::service::{ServiceConfig, TaskService};
+use crate::sizing::{self, SizingPolicy};
 use crate::task::TaskAdapter;
 use crate::vm::{self, VmOptions};
 
@@ -38,6 +40,7 @@ fn load_config() -> Result<(clh_config::Config, ServiceConfig), ShimError> {
         state_dir: config.runtime.state_dir.clone(),
         vm,
         cgroup: CgroupVersion::of_host(),
+        sizing: SizingPolicy::from_config(&config.guest, sizing::host_cpus()),
     };
     Ok((config, service))
 }
@@ -76,7 +79,8 @@ impl Shim for ClhShim {
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
         let (_, cfg) = load_config()?;
         // containerd runs `delete` in the bundle.
-        let role = Role::of_bundle(std::path::Path::new(".")).unwrap_or(Role::Standalone);
+        let spec = pod::bundle_spec(std::path::Path::new(".")).unwrap_or_default();
+        let role = Role::of_spec(&spec).unwrap_or(Role::Standalone);
         let cleaned = match &role {
             Role::Container { sandbox_id } => {
                 vm::cleanup_container_leftovers(&cfg.state_dir, sandbox_id, &self.id)
@@ -85,6 +89,17 @@ impl Shim for ClhShim {
         };
         if let Err(e) = cleaned {
             tracing::warn!(error = format!("{e:#}"), "cleanup after a crashed shim");
+        }
+        let cgroup = spec
+            .pointer("/linux/cgroupsPath")
+            .and_then(|p| p.as_str())
+            .filter(|p| !p.is_empty());
+        if let (Some(path), false) = (cgroup, matches!(role, Role::Container { .. })) {
+            // The processes were just SIGKILLed: give them time to go.
+            let wait = cfg.vm.stop_timeout;
+            if let Err(e) = pod_cgroup::remove_leftover(path, wait).await {
+                tracing::warn!(error = %e, "removing the pod cgroup after a crashed shim");
+            }
         }
         Ok(DeleteResponse {
             exit_status: 128 + 9,
@@ -114,6 +129,10 @@ impl Shim for ClhShim {
                     )
                     .0,
                     cgroup: CgroupVersion::of_host(),
+                    sizing: SizingPolicy::from_config(
+                        &clh_config::Config::default().guest,
+                        sizing::host_cpus(),
+                    ),
                 }
             }
         };

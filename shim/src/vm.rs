@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clh_agent_client::AgentClient;
 use clh_hypervisor::virtiofsd::Virtiofsd;
-use clh_hypervisor::{new_backend, Backend, Binaries, Hypervisor, SharedFs, VmSpec};
+use clh_hypervisor::{new_backend, Backend, Binaries, Hypervisor, SharedFs, VmSize, VmSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::shared_mount::{make_shared_mount, unmount_shared};
@@ -33,6 +33,8 @@ pub struct VmOptions {
     pub initramfs: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// What the VM may grow to (Cloud Hypervisor hot-plug); `None`: never.
+    pub max: Option<VmSize>,
     pub extra_kernel_params: Vec<String>,
     pub debug: bool,
     pub vmm_start_timeout: Duration,
@@ -128,6 +130,11 @@ impl PodVm {
         pids
     }
 
+    /// Grows the VM towards `target` (never shrinks); the size in effect.
+    pub async fn resize(&self, target: VmSize) -> clh_hypervisor::Result<VmSize> {
+        self.hypervisor.resize(target).await
+    }
+
     /// Resolves when the VMM has exited, with how it ended.
     pub async fn wait_exit(&self) -> String {
         self.hypervisor.wait_exit().await
@@ -189,7 +196,7 @@ async fn start_in(
         dir: dir.to_path_buf(),
         vcpus: opts.vcpus,
         memory_mib: opts.memory_mib,
-        max: None,
+        max: opts.max,
         kernel: opts.kernel.clone(),
         initramfs: opts.initramfs.clone(),
         cmdline: kernel_cmdline(opts, &random_seed()?),
@@ -463,6 +470,7 @@ mod tests {
             initramfs: "i".into(),
             vcpus: 1,
             memory_mib: 256,
+            max: None,
             extra_kernel_params: vec!["foo=1".into()],
             debug: false,
             vmm_start_timeout: Duration::from_secs(1),

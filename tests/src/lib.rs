@@ -101,6 +101,7 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
         kernel: image.vmlinuz.clone(),
         initramfs: image.initramfs.clone(),
         vcpus: 1,
+        max: None,
         memory_mib: 256,
         extra_kernel_params: Vec::new(),
         debug: false,

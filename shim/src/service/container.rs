@@ -19,6 +19,7 @@ use super::error::{agent_error, Error, Result};
 use super::sandbox::Sandbox;
 use super::stdio::{Pumps, StdioPaths};
 use crate::pod::Role;
+use crate::sizing::PodLimits;
 
 /// Deadline of an ordinary agent call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,6 +105,8 @@ pub struct Container {
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
     /// OOM kills already published as TaskOOM (see oom.rs).
     pub oom_published: std::sync::atomic::AtomicU64,
+    /// The container's CPU and memory limits, which the VM's size covers.
+    pub limits: Mutex<PodLimits>,
 }
 
 impl Container {
@@ -129,6 +132,7 @@ impl Container {
             procs: Mutex::new(HashMap::from([(String::new(), init)])),
             tasks: Mutex::new(Vec::new()),
             oom_published: Default::default(),
+            limits: Mutex::default(),
         }
     }
 

@@ -18,6 +18,8 @@ use super::sandbox::Sandbox;
 use super::stdio::{self, Pumps, StdioPaths};
 use super::{pod_spec, rootfs, validate, TaskService};
 use crate::pod::Role;
+use crate::sizing::{self, PodLimits};
+use serde_json::Value;
 
 /// What creating a container in the guest made, undone on a later failure.
 struct InGuest {
@@ -38,6 +40,13 @@ impl<E: EventSender> TaskService<E> {
         }
         let mut spec = validate::read_spec(Path::new(&req.bundle))?;
         let role = Role::of_spec(&spec).map_err(Error::InvalidArgument)?;
+        let limits = match &role {
+            Role::Sandbox => PodLimits::from_sandbox_spec(&spec),
+            Role::Standalone | Role::Container { .. } => PodLimits::from_linux_resources(
+                spec.pointer("/linux/resources").unwrap_or(&Value::Null),
+            ),
+        }
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let _reservation = self.reserve(&req.id).await?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
@@ -47,7 +56,7 @@ impl<E: EventSender> TaskService<E> {
         };
         let c = match &role {
             Role::Sandbox => {
-                let sandbox = self.boot_pod(&req.id, &spec).await?;
+                let sandbox = self.boot_pod(&req.id, &spec, &limits).await?;
                 let pause = Process::new(sandbox.vmm_pid(), stdio, Pumps::default());
                 Container::new(
                     &req.id,
@@ -60,10 +69,14 @@ impl<E: EventSender> TaskService<E> {
                 )
             }
             Role::Standalone => {
+                let mut opts = self.config.vm.clone();
+                let size = sizing::vm_size(&limits, &self.config.sizing);
+                (opts.vcpus, opts.memory_mib) = (size.vcpus, size.memory_mib);
                 let sandbox = Sandbox::boot(
                     &req.id,
                     &self.config.state_dir,
-                    &self.config.vm,
+                    &opts,
+                    cgroups_path(&spec),
                     self.events.clone(),
                 )
                 .await?;
@@ -79,11 +92,13 @@ impl<E: EventSender> TaskService<E> {
             }
             Role::Container { sandbox_id } => {
                 let sandbox = self.pod_sandbox(sandbox_id).await?;
+                self.grow_for(&sandbox, Some((&req.id, limits))).await?;
                 pod_spec::adapt_container(&mut spec);
                 let g = create_in_guest(&sandbox, &req, &mut spec, &stdio).await?;
                 self.guest_container(&req, role.clone(), &sandbox, g, stdio)
             }
         };
+        *c.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
         let c = Arc::new(c);
         let pid = c.with_proc("", |p| p.pid)?;
         c.sandbox.join(&c);
@@ -125,14 +140,49 @@ impl<E: EventSender> TaskService<E> {
         Container::new(&req.id, &req.bundle, role, sandbox, rootfs, g.binds, init)
     }
 
-    /// Boots a pod's VM, named after the sandbox and with its hostname.
-    async fn boot_pod(&self, id: &str, spec: &serde_json::Value) -> Result<Arc<Sandbox>> {
+    /// Boots a pod's VM, named after the sandbox, with its hostname, sized
+    /// for the pod's limits, its host processes in the pod's cgroup.
+    async fn boot_pod(&self, id: &str, spec: &Value, limits: &PodLimits) -> Result<Arc<Sandbox>> {
         let mut opts = self.config.vm.clone();
         if let Some(hostname) = pod_spec::sandbox_hostname(spec)? {
             opts.extra_kernel_params
                 .push(format!("clh.hostname={hostname}"));
         }
-        Sandbox::boot(id, &self.config.state_dir, &opts, self.events.clone()).await
+        let size = sizing::vm_size(limits, &self.config.sizing);
+        (opts.vcpus, opts.memory_mib) = (size.vcpus, size.memory_mib);
+        let cgroup = cgroups_path(spec);
+        Sandbox::boot(
+            id,
+            &self.config.state_dir,
+            &opts,
+            cgroup,
+            self.events.clone(),
+        )
+        .await
+    }
+
+    /// Grows the pod's VM when its containers' limits (with `new`, a
+    /// container's limits that are not recorded yet) no longer fit.
+    pub(super) async fn grow_for(
+        &self,
+        sandbox: &Sandbox,
+        new: Option<(&str, PodLimits)>,
+    ) -> Result<()> {
+        let mut all: Vec<PodLimits> = self
+            .containers
+            .lock()
+            .await
+            .values()
+            .filter(|c| c.sandbox.id == sandbox.id && !c.is_pause())
+            .filter(|c| new.as_ref().is_none_or(|(id, _)| c.id != *id))
+            .map(|c| *c.limits.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        all.extend(new.map(|(_, l)| l));
+        let sum: PodLimits = all.into_iter().sum();
+        match sizing::grow_to(sandbox.size(), &sum, &self.config.sizing) {
+            Some(target) => sandbox.grow(target).await,
+            None => Ok(()),
+        }
     }
 
     /// The running VM of pod sandbox `id`.
@@ -211,6 +261,11 @@ async fn create_in_guest(
             Err(e)
         }
     }
+}
+
+/// The spec's `linux.cgroupsPath`: the host cgroup for the VM's processes.
+fn cgroups_path(spec: &Value) -> Option<&str> {
+    spec.pointer("/linux/cgroupsPath").and_then(|p| p.as_str())
 }
 
 /// Removes the container in the guest (best effort: the VM may be gone).

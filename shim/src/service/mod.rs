@@ -34,12 +34,15 @@ pub use error::{Error, Result};
 use events::{Event, EventSender};
 use stats::CgroupVersion;
 
+use crate::sizing::SizingPolicy;
 use crate::vm::VmOptions;
 
 pub struct ServiceConfig {
     pub state_dir: PathBuf,
     pub vm: VmOptions,
     pub cgroup: CgroupVersion,
+    /// How VMs are sized from a pod's (or container's) limits.
+    pub sizing: SizingPolicy,
 }
 
 pub struct TaskService<E: EventSender> {

@@ -16,6 +16,7 @@ use super::error::{agent_error, Error, Result};
 use super::events::EventSender;
 use super::stdio::{self, StdioPaths};
 use super::{validate, TaskService};
+use crate::sizing::PodLimits;
 
 fn api_status(s: Status) -> ApiStatus {
     match s {
@@ -255,6 +256,18 @@ impl<E: EventSender> TaskService<E> {
             .as_ref()
             .map(|a| a.value.clone())
             .unwrap_or_default();
+        let json: serde_json::Value = if resources.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&resources).map_err(|e| {
+                Error::InvalidArgument(format!("malformed resources in the update: {e}"))
+            })?
+        };
+        let limits = PodLimits::from_linux_resources(&json)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        // Grow first: a limit the VM cannot hold yet would only be a
+        // promise.
+        self.grow_for(&c.sandbox, Some((&c.id, limits))).await?;
         let ureq = clh_agent_protocol::UpdateContainerRequest {
             container_id: req.id.clone(),
             resources,
@@ -264,6 +277,7 @@ impl<E: EventSender> TaskService<E> {
             .update_container(ctx(CALL_TIMEOUT), &ureq)
             .await
             .map_err(|e| agent_error("UpdateContainer", e))?;
+        *c.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
         Ok(())
     }
 

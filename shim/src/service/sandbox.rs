@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use clh_agent_protocol::AgentClient;
 use tokio::sync::watch;
@@ -17,7 +18,9 @@ use super::container::{connect_agent, ctx, Container, LONG_POLL};
 use super::error::{Error, Result};
 use super::events::EventSender;
 use super::oom;
+use crate::pod_cgroup::{CgroupError, PodCgroup};
 use crate::vm::{PodVm, VmOptions};
+use clh_hypervisor::VmSize;
 
 pub struct Sandbox {
     pub id: String,
@@ -28,9 +31,14 @@ pub struct Sandbox {
     /// Turns true when the VMM has exited.
     pub vm_dead: watch::Receiver<bool>,
     vm: Mutex<Option<Arc<PodVm>>>,
+    /// The VM's current size.
+    size: Mutex<VmSize>,
+    /// The host cgroup holding the VMM, its helpers and virtiofsd.
+    cgroup: Mutex<Option<PodCgroup>>,
     /// The containers in this VM, for the OOM loop.
     members: Mutex<HashMap<String, Weak<Container>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    stop_timeout: Duration,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -38,24 +46,47 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Sandbox {
-    /// Boots the VM and connects to its agent; on failure nothing is left.
+    /// Boots the VM, moves its host processes into the host cgroup
+    /// `cgroups_path` (when given) and connects to the agent; on failure
+    /// nothing is left.
     pub async fn boot<E: EventSender>(
         id: &str,
         state_dir: &Path,
         opts: &VmOptions,
+        cgroups_path: Option<&str>,
         events: Arc<E>,
     ) -> Result<Arc<Sandbox>> {
-        let vm = PodVm::start(id, state_dir, opts)
-            .await
-            .map_err(Error::Internal)?;
+        let mut cgroup = match cgroups_path.filter(|p| !p.is_empty()) {
+            Some(path) => Some(PodCgroup::create(path).map_err(cgroup_error)?),
+            None => None,
+        };
+        let vm = match PodVm::start(id, state_dir, opts).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                destroy_cgroup(cgroup.take(), opts.stop_timeout).await;
+                return Err(Error::Internal(e));
+            }
+        };
         let vsock = vm.vsock_socket();
-        let agent = match connect_agent(&vsock).await {
+        let joined = match cgroup.as_mut() {
+            Some(cg) => vm
+                .pids()
+                .into_iter()
+                .try_for_each(|pid| cg.add_process(pid)),
+            None => Ok(()),
+        };
+        let agent = match joined.map_err(cgroup_error) {
+            Ok(()) => connect_agent(&vsock).await.map_err(Error::Internal),
+            Err(e) => Err(e),
+        };
+        let agent = match agent {
             Ok(agent) => agent,
             Err(e) => {
                 if let Err(s) = vm.stop().await {
                     tracing::error!(error = format!("{s:#}"), "stopping the VM");
                 }
-                return Err(Error::Internal(e));
+                destroy_cgroup(cgroup.take(), opts.stop_timeout).await;
+                return Err(e);
             }
         };
         let vm = Arc::new(vm);
@@ -67,6 +98,12 @@ impl Sandbox {
             agent,
             vm_dead,
             vm: Mutex::new(Some(vm.clone())),
+            size: Mutex::new(VmSize {
+                vcpus: opts.vcpus,
+                memory_mib: opts.memory_mib,
+            }),
+            cgroup: Mutex::new(cgroup),
+            stop_timeout: opts.stop_timeout,
             members: Mutex::default(),
             tasks: Mutex::default(),
         });
@@ -110,22 +147,72 @@ impl Sandbox {
         self.pids().first().copied().unwrap_or_default()
     }
 
-    /// Stops the watchers and the VM. Idempotent.
+    pub fn size(&self) -> VmSize {
+        *locked(&self.size)
+    }
+
+    /// Grows the VM to `target`. A backend that cannot (QEMU) leaves the VM
+    /// as it is: the containers' limits still hold in the guest, they just
+    /// compete for less.
+    pub async fn grow(&self, target: VmSize) -> Result<()> {
+        let vm = locked(&self.vm).clone();
+        let Some(vm) = vm else {
+            return Ok(());
+        };
+        match vm.resize(target).await {
+            Ok(now) => {
+                tracing::info!(pod = %self.id, vcpus = now.vcpus, memory_mib = now.memory_mib, "VM resized");
+                *locked(&self.size) = now;
+                Ok(())
+            }
+            Err(clh_hypervisor::Error::Unsupported(what)) => {
+                tracing::warn!(pod = %self.id, what, "the VM cannot grow; its containers share its current size");
+                Ok(())
+            }
+            Err(e) => Err(Error::Internal(
+                anyhow::Error::new(e).context(format!("resizing the VM of {}", self.id)),
+            )),
+        }
+    }
+
+    /// Stops the watchers, the VM, and removes the host cgroup. Idempotent.
     pub async fn stop(&self) -> Result<()> {
         let tasks: Vec<_> = locked(&self.tasks).drain(..).collect();
         for t in tasks {
             t.abort();
             let _ = t.await;
         }
-        let Some(vm) = locked(&self.vm).take() else {
-            return Ok(());
-        };
-        match Arc::try_unwrap(vm) {
-            Ok(vm) => vm.stop().await.map_err(Error::Internal),
-            Err(_) => Err(Error::Internal(anyhow::anyhow!(
+        let vm = locked(&self.vm).take();
+        let stopped = match vm.map(Arc::try_unwrap) {
+            None => Ok(()),
+            Some(Ok(vm)) => vm.stop().await.map_err(Error::Internal),
+            Some(Err(_)) => Err(Error::Internal(anyhow::anyhow!(
                 "internal error: VM {} is still shared after its watchers ended",
                 self.id
             ))),
+        };
+        let cgroup = locked(&self.cgroup).take();
+        if let Some(cg) = cgroup {
+            cg.destroy(self.stop_timeout).await.map_err(cgroup_error)?;
+        }
+        stopped
+    }
+}
+
+fn cgroup_error(e: CgroupError) -> Error {
+    match e {
+        CgroupError::InvalidPath { .. } | CgroupError::SystemdNotRunning { .. } => {
+            Error::InvalidArgument(e.to_string())
+        }
+        CgroupError::InUse { .. } => Error::AlreadyExists(e.to_string()),
+        other => Error::Internal(anyhow::Error::new(other)),
+    }
+}
+
+async fn destroy_cgroup(cgroup: Option<PodCgroup>, timeout: Duration) {
+    if let Some(cg) = cgroup {
+        if let Err(e) = cg.destroy(timeout).await {
+            tracing::error!(error = %e, "removing the pod cgroup after a failed start");
         }
     }
 }

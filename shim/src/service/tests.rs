@@ -24,6 +24,7 @@ fn service() -> (
         state_dir: "/nonexistent/clh-test".into(),
         vm,
         cgroup: CgroupVersion::V2,
+        sizing: test_sizing(),
     };
     (
         TaskService::new(cfg, tx, Arc::new(ExitSignal::default())),
@@ -102,10 +103,15 @@ async fn shutdown_with_nothing_left_ends_the_shim() {
         state_dir: "/nonexistent".into(),
         vm,
         cgroup: CgroupVersion::V1,
+        sizing: test_sizing(),
     };
     let svc = TaskService::new(cfg, tx, exit.clone());
     svc.shutdown().await.unwrap();
     tokio::time::timeout(Duration::from_secs(1), exit.wait())
         .await
         .expect("the exit signal was not set");
+}
+
+fn test_sizing() -> crate::sizing::SizingPolicy {
+    crate::sizing::SizingPolicy::from_config(&clh_config::Config::default().guest, 1)
 }
