@@ -8,6 +8,7 @@ apt_packages=(
   protobuf-compiler # the agent protocol is compiled at build time
   libseccomp-dev # the agent's seccomp filters (libseccomp.a, linked statically)
   zstd xz-utils kmod file binutils python3 gcc make # guest image build
+  containernetworking-plugins # CNI static + loopback (/usr/lib/cni) for the CRI tests
 )
 missing=()
 for p in "${apt_packages[@]}"; do

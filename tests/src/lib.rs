@@ -209,4 +209,5 @@ fn leaked_processes(root: &Path) -> Vec<(u32, String)> {
         .collect()
 }
 pub mod containerd;
+pub mod cri;
 pub mod ctr;

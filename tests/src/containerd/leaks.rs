@@ -46,7 +46,7 @@ impl PrivateContainerd {
     }
 
     /// Mount points under our dir, deepest first.
-    pub(super) fn mounts(&self) -> Vec<PathBuf> {
+    pub fn mounts(&self) -> Vec<PathBuf> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut mounts: Vec<PathBuf> = mountinfo
             .lines()
@@ -71,15 +71,20 @@ impl PrivateContainerd {
     }
 
     /// Host-global dirs named after our (unique) namespace: the runc shim's
-    /// state and, with cgroup v1, one parent cgroup per hierarchy.
+    /// state and, with cgroup v1, one parent cgroup per hierarchy, for ctr's
+    /// containers and for the CRI pods' (the CRI cgroup root).
     pub(super) fn namespace_dirs(&self) -> Vec<PathBuf> {
         let mut dirs = vec![Path::new(RUNC_ROOT).join(&self.namespace)];
-        if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
-            for e in entries.flatten() {
-                dirs.push(e.path().join(&self.namespace));
+        let cri_root = self.cri_cgroup_root();
+        let cri_root = cri_root.trim_start_matches('/');
+        for cgroup in [self.namespace.as_str(), cri_root] {
+            if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+                for e in entries.flatten() {
+                    dirs.push(e.path().join(cgroup));
+                }
             }
+            dirs.push(Path::new("/sys/fs/cgroup").join(cgroup));
         }
-        dirs.push(Path::new("/sys/fs/cgroup").join(&self.namespace));
         dirs.sort();
         dirs.dedup();
         dirs.into_iter().filter(|d| d.exists()).collect()

@@ -8,6 +8,12 @@
 //! everything it made: tasks, shims and their descendants, mounts, the
 //! namespace's cgroups and runc state, the temp dir.
 //!
+//! The CRI plugin is set up as on a node (cri.rs): pinned pause image, a
+//! loopback-only CNI network, and inside the temp dir the network
+//! namespaces and the runc state of CRI containers (whose containerd
+//! namespace is the shared `k8s.io`); pods' cgroups go under a cgroup root
+//! named after the instance.
+//!
 //! Binaries come from `packaging/install-containerd.sh`: containerd 1.6 from
 //! Debian 12 in /usr/bin, containerd 2.1 unpacked under the cache dir.
 
@@ -19,9 +25,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod cri;
 mod leaks;
 mod procs;
 
+pub use cri::{CNI_BIN_DIR, CRI_NAMESPACE, SANDBOX_IMAGE};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 pub use procs::check;
@@ -100,18 +108,11 @@ impl ContainerdVersion {
             .collect::<Vec<_>>()
             .join(", ");
         // The opt plugin would otherwise write to /opt/containerd; CNI
-        // configs are read from our dir so the host's never apply.
-        let (version, opt, cni) = match self {
-            ContainerdVersion::V2 => (
-                3,
-                "[plugins.'io.containerd.internal.v1.opt']",
-                "[plugins.'io.containerd.cri.v1.runtime'.cni]\n  conf_dir",
-            ),
-            ContainerdVersion::V1_6 => (
-                2,
-                "[plugins.\"io.containerd.internal.v1.opt\"]",
-                "[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  conf_dir",
-            ),
+        // configs are read from our dir so the host's never apply. The CRI
+        // section (`cri`) is in cri.rs.
+        let (version, opt) = match self {
+            ContainerdVersion::V2 => (3, "[plugins.'io.containerd.internal.v1.opt']"),
+            ContainerdVersion::V1_6 => (2, "[plugins.\"io.containerd.internal.v1.opt\"]"),
         };
         format!(
             "version = {version}\n\
@@ -120,10 +121,9 @@ impl ContainerdVersion {
              disabled_plugins = [{disabled}]\n\n\
              [grpc]\n  address = \"{sock}\"\n\n\
              {opt}\n  path = \"{d}/opt\"\n\n\
-             {cni} = \"{d}/cni/net.d\"\n\n\
-             {snippet}\n",
+             {cri}\n",
             sock = socket.display(),
-            snippet = self.clh_snippet(),
+            cri = self.cri_config(dir, &self.clh_snippet()),
         )
     }
 }
@@ -228,7 +228,12 @@ impl PrivateContainerd {
     fn spawn(&mut self) -> Result<()> {
         let config = self.config_path();
         fs::write(&config, self.version.config(&self.dir, &self.socket))?;
-        let log = fs::File::create(self.log_path())?;
+        self.write_cni_config()?;
+        // Appending: a restart keeps the log of the previous run.
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let child = Command::new(self.version.bin_dir().join("containerd"))
             .arg("--config")
             .arg(&config)
@@ -339,21 +344,28 @@ impl PrivateContainerd {
         run_with_timeout(cmd, timeout)
     }
 
-    /// Imports an OCI image tarball and checks `name` is then listed.
+    /// Imports an OCI image tarball into our namespace and checks `name`
+    /// is then listed.
     pub fn import_image(&self, tar: &Path, name: &str) -> Result<()> {
+        self.import_image_in(&self.namespace, tar, name)
+    }
+
+    /// [`import_image`](Self::import_image) into namespace `ns` (the CRI
+    /// plugin's is `k8s.io`).
+    pub fn import_image_in(&self, ns: &str, tar: &Path, name: &str) -> Result<()> {
         let tar = tar.display().to_string();
         // The tarball names the image (io.containerd.image.name annotation),
         // which 1.6 and 2.x both honour without flags. (For a tarball with
         // only the OCI ref name, the tag, `--base-name <repo>` works in both;
         // `--index-name` names the index, and 1.6 then also adds an
         // `import-<date>` image.)
-        let out = self.ctr(&["images", "import", &tar])?;
+        let out = self.ctr_in(ns, &["images", "import", &tar], CTR_TIMEOUT)?;
         check(&out, "ctr images import")?;
-        let out = self.ctr(&["images", "ls", "-q"])?;
+        let out = self.ctr_in(ns, &["images", "ls", "-q"], CTR_TIMEOUT)?;
         check(&out, "ctr images ls")?;
         let listed = String::from_utf8_lossy(&out.stdout);
         if !listed.lines().any(|l| l.trim() == name) {
-            bail!("image {name} not listed after importing {tar}: {listed}");
+            bail!("image {name} not listed in {ns} after importing {tar}: {listed}");
         }
         Ok(())
     }

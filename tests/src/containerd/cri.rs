@@ -1,0 +1,166 @@
+//! What a private containerd needs to serve the CRI like a node's: the
+//! pause image as sandbox image, a loopback-only CNI network, network
+//! namespaces and runc state inside its dir, a kubelet-like cgroup root,
+//! and a restart that keeps the shims running.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::procs::{listening_sockets, wait_deadline};
+use super::{ContainerdVersion, PrivateContainerd, STOP_TIMEOUT};
+
+/// Where Debian's `containernetworking-plugins` puts the CNI plugins
+/// (packaging/install-deps.sh installs it); we use `static` and `loopback`.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// The sandbox (pause) image the CRI plugin is pinned to; tests import it
+/// from tests/images/build-pause-image.sh (no registry is reachable).
+pub const SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.10";
+
+/// The containerd namespace of the CRI plugin.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+/// The loopback-only network: nothing outside the pod's netns changes (no
+/// bridge, veth, route, IPAM state or sysctl on the host). containerd takes
+/// the pod IP from the result's `eth0` and fails RunPodSandbox without
+/// one, and the loopback plugin alone reports only `lo`. So the chain
+/// starts with the `static` IPAM plugin run as a plugin of its own: its
+/// result holds 127.0.0.1 bound to no interface, which go-cni gives to
+/// `eth0`; `loopback` then brings `lo` up and passes that result on.
+const CNI_CONFIG: &str = r#"{
+  "cniVersion": "1.0.0",
+  "name": "clh-test-lo",
+  "plugins": [
+    { "type": "static", "ipam": { "addresses": [ { "address": "127.0.0.1/8" } ] } },
+    { "type": "loopback" }
+  ]
+}
+"#;
+
+impl ContainerdVersion {
+    /// The CRI part of the config: the shipped clh snippet plus our keys.
+    /// The snippet already opens the CRI runtime table (TOML allows a table
+    /// once), so keys of that table are inserted below its header.
+    pub(super) fn cri_config(self, dir: &Path, snippet: &str) -> String {
+        let d = dir.display();
+        let runtime_keys = "  netns_mounts_under_state_dir = true";
+        match self {
+            ContainerdVersion::V2 => {
+                let runtime = "[plugins.'io.containerd.cri.v1.runtime']";
+                format!(
+                    "{snippet}\n\n\
+                     [plugins.'io.containerd.cri.v1.runtime'.cni]\n  \
+                     conf_dir = \"{d}/cni/net.d\"\n  bin_dirs = [\"{CNI_BIN_DIR}\"]\n\n\
+                     [plugins.'io.containerd.cri.v1.images'.pinned_images]\n  \
+                     sandbox = \"{SANDBOX_IMAGE}\"\n\n\
+                     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]\n  \
+                     runtime_type = \"io.containerd.runc.v2\"\n\n\
+                     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]\n  \
+                     Root = \"{d}/runc\"\n",
+                    snippet = insert_keys(snippet, runtime, runtime_keys),
+                )
+            }
+            ContainerdVersion::V1_6 => {
+                let cri = "[plugins.\"io.containerd.grpc.v1.cri\"]";
+                let keys = format!("{runtime_keys}\n  sandbox_image = \"{SANDBOX_IMAGE}\"");
+                format!(
+                    "{snippet}\n\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  \
+                     conf_dir = \"{d}/cni/net.d\"\n  bin_dir = \"{CNI_BIN_DIR}\"\n\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n  \
+                     Root = \"{d}/runc\"\n",
+                    snippet = insert_keys(snippet, cri, &keys),
+                )
+            }
+        }
+    }
+}
+
+/// `text` with `keys` inserted below the line `header`, or with both
+/// appended when it has no such line.
+fn insert_keys(text: &str, header: &str, keys: &str) -> String {
+    let mut out = Vec::new();
+    let mut found = false;
+    for line in text.lines() {
+        out.push(line.to_owned());
+        if !found && line.trim() == header {
+            out.push(keys.to_owned());
+            found = true;
+        }
+    }
+    if !found {
+        out.push(format!("\n{header}\n{keys}"));
+    }
+    out.join("\n")
+}
+
+impl PrivateContainerd {
+    /// Writes the loopback-only CNI network into our CNI conf dir.
+    pub(super) fn write_cni_config(&self) -> Result<()> {
+        let conf_dir = self.dir.join("cni/net.d");
+        fs::create_dir_all(&conf_dir)?;
+        let path = conf_dir.join("10-clh-test-lo.conflist");
+        fs::write(&path, CNI_CONFIG).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The cgroup (cgroupfs path) under which tests put their pods'
+    /// cgroups, as a kubelet's `kubepods`: unique to this instance, and
+    /// removed by [`stop`](Self::stop) in every hierarchy.
+    pub fn cri_cgroup_root(&self) -> String {
+        format!("/clh-test-{}", self.namespace)
+    }
+
+    /// Where the CRI plugin mounts the pods' network namespaces
+    /// (`netns_mounts_under_state_dir`), instead of the host's /var/run/netns.
+    pub fn netns_dir(&self) -> PathBuf {
+        self.dir.join("state/io.containerd.grpc.v1.cri/netns")
+    }
+
+    /// The runc root of CRI containers run by the runc handler.
+    pub fn runc_root(&self) -> PathBuf {
+        self.dir.join("runc")
+    }
+
+    /// The shims' processes (command lines naming our socket).
+    pub fn shims(&self) -> Vec<i32> {
+        self.shim_pids()
+    }
+
+    /// The Unix sockets the running shims listen on (containerd 2.x puts
+    /// them in the host-global /run/containerd/s); a test notes them while
+    /// its pods run, to check afterwards that none was left.
+    pub fn shim_sockets_now(&self) -> Vec<PathBuf> {
+        let mut sockets: Vec<PathBuf> = self
+            .shim_pids()
+            .into_iter()
+            .flat_map(listening_sockets)
+            .collect();
+        sockets.sort();
+        sockets.dedup();
+        sockets
+    }
+
+    /// Stops containerd with SIGTERM, as a service manager would, and
+    /// starts it again on the same config, root and state; the shims keep
+    /// running and containerd reconnects to them. Fails if containerd does
+    /// not exit on SIGTERM within its stop timeout (it is then killed).
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let pid = Pid::from_raw(i32::try_from(child.id())?);
+            kill(pid, Signal::SIGTERM).context("sending SIGTERM to containerd")?;
+            if wait_deadline(&mut child, STOP_TIMEOUT)?.is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "containerd did not exit within {STOP_TIMEOUT:?} of SIGTERM:\n{}",
+                    self.log_tail(40)
+                );
+            }
+        }
+        self.spawn()
+    }
+}

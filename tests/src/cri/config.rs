@@ -1,0 +1,235 @@
+//! Builders for the configs a kubelet sends: PodSandboxConfig and
+//! ContainerConfig, with only the fields our scenarios set.
+
+use std::collections::HashMap;
+
+use k8s_cri::v1 as cri;
+
+/// Linux resources of a container, or of a pod (pod-level resources).
+/// Unset values stay 0, which the CRI reads as "no limit".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub memory_limit_bytes: i64,
+    pub cpu_quota: i64,
+    pub cpu_period: i64,
+    pub cpu_shares: i64,
+}
+
+impl Resources {
+    pub fn to_cri(self) -> cri::LinuxContainerResources {
+        cri::LinuxContainerResources {
+            memory_limit_in_bytes: self.memory_limit_bytes,
+            cpu_quota: self.cpu_quota,
+            cpu_period: self.cpu_period,
+            cpu_shares: self.cpu_shares,
+            ..Default::default()
+        }
+    }
+}
+
+/// A PodSandboxConfig as the kubelet fills it for a pod.
+#[derive(Debug, Clone)]
+pub struct PodBuilder {
+    name: String,
+    uid: String,
+    namespace: String,
+    attempt: u32,
+    hostname: String,
+    log_directory: String,
+    cgroup_parent: String,
+    resources: Option<Resources>,
+    overhead: Option<Resources>,
+    labels: HashMap<String, String>,
+    annotations: HashMap<String, String>,
+}
+
+impl PodBuilder {
+    /// A pod `name` in namespace "default", uid `name`-uid, hostname `name`.
+    /// [`Kubelet::pod`](super::Kubelet::pod) also sets a unique uid, the
+    /// cgroup parent and the log directory.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            uid: format!("{name}-uid"),
+            namespace: "default".to_owned(),
+            attempt: 0,
+            hostname: name.to_owned(),
+            log_directory: String::new(),
+            cgroup_parent: String::new(),
+            resources: None,
+            overhead: None,
+            labels: HashMap::new(),
+            annotations: HashMap::new(),
+        }
+    }
+
+    pub fn uid(mut self, uid: &str) -> Self {
+        uid.clone_into(&mut self.uid);
+        self
+    }
+
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        namespace.clone_into(&mut self.namespace);
+        self
+    }
+
+    pub fn attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    pub fn hostname(mut self, hostname: &str) -> Self {
+        hostname.clone_into(&mut self.hostname);
+        self
+    }
+
+    pub fn log_directory(mut self, dir: &str) -> Self {
+        dir.clone_into(&mut self.log_directory);
+        self
+    }
+
+    /// The pod's cgroup (cgroupfs driver: a path such as
+    /// `/clh-test-x/pod<uid>`); containers' cgroups are made below it.
+    pub fn cgroup_parent(mut self, parent: &str) -> Self {
+        parent.clone_into(&mut self.cgroup_parent);
+        self
+    }
+
+    /// Pod-level resources (`LinuxPodSandboxConfig.resources`, the sum of
+    /// the containers' limits plus overhead as the kubelet computes it).
+    /// containerd 2.x turns them into the sandbox spec's annotations
+    /// `io.kubernetes.cri.sandbox-cpu-period`, `-cpu-quota`, `-cpu-shares`
+    /// and `-memory` (podsandbox/sandbox_run_linux.go), which a VM runtime
+    /// sizes the VM from. Overhead alone produces no annotation.
+    pub fn resources(mut self, r: Resources) -> Self {
+        self.resources = Some(r);
+        self
+    }
+
+    /// The RuntimeClass overhead (`LinuxPodSandboxConfig.overhead`).
+    pub fn overhead(mut self, r: Resources) -> Self {
+        self.overhead = Some(r);
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn build(&self) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: self.name.clone(),
+                uid: self.uid.clone(),
+                namespace: self.namespace.clone(),
+                attempt: self.attempt,
+            }),
+            hostname: self.hostname.clone(),
+            log_directory: self.log_directory.clone(),
+            labels: self.labels.clone(),
+            annotations: self.annotations.clone(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: self.cgroup_parent.clone(),
+                resources: self.resources.map(Resources::to_cri),
+                overhead: self.overhead.map(Resources::to_cri),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// A ContainerConfig: image, command and args, resources, log path.
+#[derive(Debug, Clone)]
+pub struct ContainerBuilder {
+    name: String,
+    image: String,
+    command: Vec<String>,
+    args: Vec<String>,
+    resources: Option<Resources>,
+    attempt: u32,
+}
+
+impl ContainerBuilder {
+    pub fn new(name: &str, image: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            image: image.to_owned(),
+            command: Vec::new(),
+            args: Vec::new(),
+            resources: None,
+            attempt: 0,
+        }
+    }
+
+    /// The entrypoint (replaces the image's).
+    pub fn command(mut self, command: &[&str]) -> Self {
+        self.command = command.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// The arguments (replace the image's cmd).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// `sh -c <script>`.
+    pub fn shell(self, script: &str) -> Self {
+        self.command(&["sh", "-c", script])
+    }
+
+    pub fn memory_limit(mut self, bytes: i64) -> Self {
+        self.resources
+            .get_or_insert_with(Resources::default)
+            .memory_limit_bytes = bytes;
+        self
+    }
+
+    /// CFS quota and period, in microseconds.
+    pub fn cpu(mut self, quota: i64, period: i64) -> Self {
+        let r = self.resources.get_or_insert_with(Resources::default);
+        r.cpu_quota = quota;
+        r.cpu_period = period;
+        self
+    }
+
+    pub fn attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The config; the log path is relative to the pod's log directory, as
+    /// the kubelet sets it (`<name>/<attempt>.log`).
+    pub fn build(&self) -> cri::ContainerConfig {
+        cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: self.name.clone(),
+                attempt: self.attempt,
+            }),
+            image: Some(super::image_spec(&self.image)),
+            command: self.command.clone(),
+            args: self.args.clone(),
+            log_path: format!("{}/{}.log", self.name, self.attempt),
+            linux: Some(cri::LinuxContainerConfig {
+                resources: self.resources.map(Resources::to_cri),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! End-to-end scenarios through the CRI, generic over the runtime handler:
+//! each starts its own [`Kubelet`] (a private containerd) from a
+//! [`CriSetup`], runs what a kubelet would, checks the outcome, removes its
+//! pods and fails on anything left behind. tests/tests/cri_runc.rs runs
+//! them with `runc` as the baseline; a VM runtime's test runs the same ones
+//! with its handler and adds its own assertions on what they return.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+
+use super::{ContainerBuilder, ContainerState, Cri, CriSetup, Kubelet, Resources, BUSYBOX};
+
+/// Deadline of one exec'd command.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+
+const MIB: i64 = 1024 * 1024;
+
+/// A container that idles until it is killed.
+fn sleeper(name: &str) -> ContainerBuilder {
+    ContainerBuilder::new(name, BUSYBOX).command(&["sleep", "100000"])
+}
+
+/// `cat /proc/sys/kernel/random/boot_id` in container `id`: containers of
+/// one VM share the guest's, runc containers share the host's.
+pub fn boot_id(cri: &Cri, id: &str) -> Result<String> {
+    let r = cri.exec_sync(
+        id,
+        &["cat", "/proc/sys/kernel/random/boot_id"],
+        EXEC_TIMEOUT,
+    )?;
+    ensure!(r.exit_code == 0, "reading boot_id in {id}: {r:?}");
+    Ok(r.stdout.trim().to_owned())
+}
+
+/// What [`two_containers`] saw, for handler-specific assertions.
+#[derive(Debug, Clone)]
+pub struct TwoContainers {
+    /// The kernel boot id read in each of the two containers.
+    pub boot_ids: [String; 2],
+}
+
+/// (a) A pod with two containers: both run, ExecSync in each returns the
+/// command's stdout, stderr and exit code; returns their boot ids.
+pub fn two_containers(setup: &CriSetup) -> Result<TwoContainers> {
+    let k = Kubelet::start(setup)?;
+    let cri = k.cri();
+    let pod = k.run_pod(&k.pod("two"))?;
+    // The address comes from our loopback-only CNI network.
+    let status = cri.pod_sandbox_status(&pod.id)?;
+    let ip = status.network.as_ref().map(|n| n.ip.as_str());
+    ensure!(ip == Some("127.0.0.1"), "pod IP {ip:?}");
+    let ids = [
+        k.run_container(&pod, &sleeper("first"))?,
+        k.run_container(&pod, &sleeper("second"))?,
+    ];
+    for id in &ids {
+        cri.wait_container_state(id, ContainerState::ContainerRunning, k.timeout())?;
+        let r = cri.exec_sync(id, &["sh", "-c", "echo hi; exit 3"], EXEC_TIMEOUT)?;
+        ensure!(
+            r.stdout == "hi\n" && r.exit_code == 3,
+            "exec in {id}: {r:?}"
+        );
+        let r = cri.exec_sync(id, &["sh", "-c", "echo oops >&2"], EXEC_TIMEOUT)?;
+        ensure!(
+            r.stderr == "oops\n" && r.stdout.is_empty() && r.exit_code == 0,
+            "{r:?}"
+        );
+    }
+    let listed = cri.list_containers(Some(&pod.id))?;
+    ensure!(
+        ids.iter().all(|id| listed.iter().any(|c| &c.id == id)),
+        "{ids:?} not all listed in {listed:?}"
+    );
+    let boot_ids = [boot_id(cri, &ids[0])?, boot_id(cri, &ids[1])?];
+    k.remove_pod(&pod)?;
+    k.finish()?;
+    Ok(TwoContainers { boot_ids })
+}
+
+/// (b) ContainerStats and ListContainerStats report non-zero CPU usage and
+/// memory working set for a container that has done some work.
+pub fn container_stats(setup: &CriSetup) -> Result<()> {
+    let k = Kubelet::start(setup)?;
+    let cri = k.cri();
+    let pod = k.run_pod(&k.pod("stats"))?;
+    let busy = ContainerBuilder::new("busy", BUSYBOX)
+        .shell("i=0; while [ $i -lt 50000 ]; do i=$((i+1)); done; exec sleep 100000");
+    let id = k.run_container(&pod, &busy)?;
+    cri.wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
+    let nonzero = |s: &super::api::ContainerStats| {
+        let cpu = s
+            .cpu
+            .as_ref()
+            .and_then(|c| c.usage_core_nano_seconds.as_ref());
+        let mem = s.memory.as_ref().and_then(|m| m.working_set_bytes.as_ref());
+        cpu.is_some_and(|v| v.value > 0) && mem.is_some_and(|v| v.value > 0)
+    };
+    let mut last = None;
+    cri.wait_for("non-zero ContainerStats", k.timeout(), |c| {
+        let s = c.container_stats(&id)?;
+        let ok = nonzero(&s);
+        last = Some(s);
+        Ok(ok.then_some(()))
+    })
+    .with_context(|| format!("last: {last:?}"))?;
+    for pod_filter in [Some(pod.id.as_str()), None] {
+        let all = cri.list_container_stats(pod_filter)?;
+        let s = all
+            .iter()
+            .find(|s| s.attributes.as_ref().is_some_and(|a| a.id == id))
+            .with_context(|| format!("{id} not in ListContainerStats({pod_filter:?}): {all:?}"))?;
+        ensure!(nonzero(s), "ListContainerStats({pod_filter:?}): {s:?}");
+    }
+    k.remove_pod(&pod)?;
+    k.finish()
+}
+
+/// (c) A container over its memory limit (32 MiB; dd allocates a 64 MiB
+/// buffer) is killed: EXITED, exit code 137, reason "OOMKilled".
+pub fn oom_killed(setup: &CriSetup) -> Result<()> {
+    let k = Kubelet::start(setup)?;
+    let cri = k.cri();
+    let pod = k.run_pod(&k.pod("oom"))?;
+    let hog = ContainerBuilder::new("hog", BUSYBOX)
+        .command(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
+        .memory_limit(32 * MIB);
+    let id = k.run_container(&pod, &hog)?;
+    cri.wait_container_state(&id, ContainerState::ContainerExited, k.timeout())?;
+    // containerd records the reason from the TaskOOM event, which may be
+    // handled just after the exit.
+    let mut last = None;
+    let status = cri
+        .wait_for("reason OOMKilled", Duration::from_secs(10), |c| {
+            let s = c.container_status(&id)?;
+            let done = s.reason == "OOMKilled";
+            last = Some(s.clone());
+            Ok(done.then_some(s))
+        })
+        .with_context(|| format!("last status: {last:?}"))?;
+    ensure!(status.exit_code == 137, "exit code: {status:?}");
+    k.remove_pod(&pod)?;
+    k.finish()
+}
+
+/// A container whose shell traps SIGTERM with `action`, then signals
+/// readiness with /tmp/ready, then waits.
+fn trapper(name: &str, action: &str) -> ContainerBuilder {
+    let script = format!("trap '{action}' TERM; touch /tmp/ready; while :; do sleep 1; done");
+    ContainerBuilder::new(name, BUSYBOX).shell(&script)
+}
+
+/// Waits for `id`'s trap to be in place (its /tmp/ready).
+fn wait_trap(k: &Kubelet, id: &str) -> Result<()> {
+    k.cri()
+        .wait_container_state(id, ContainerState::ContainerRunning, k.timeout())?;
+    k.cri().wait_for(&format!("{id}'s trap"), k.timeout(), |c| {
+        let r = c.exec_sync(id, &["test", "-e", "/tmp/ready"], EXEC_TIMEOUT)?;
+        Ok((r.exit_code == 0).then_some(()))
+    })
+}
+
+/// (d) StopContainer honours the grace period: a container ignoring
+/// SIGTERM is killed once 3 s have passed (exit 137); one handling it
+/// exits at once with its own status.
+pub fn stop_grace_period(setup: &CriSetup) -> Result<()> {
+    const GRACE: Duration = Duration::from_secs(3);
+    let k = Kubelet::start(setup)?;
+    let cri = k.cri();
+    let pod = k.run_pod(&k.pod("grace"))?;
+    let stubborn = k.run_container(&pod, &trapper("stubborn", ""))?;
+    let polite = k.run_container(&pod, &trapper("polite", "exit 0"))?;
+    wait_trap(&k, &stubborn)?;
+    wait_trap(&k, &polite)?;
+
+    let t = Instant::now();
+    cri.stop_container(&stubborn, GRACE)?;
+    let took = t.elapsed();
+    let s = cri.container_status(&stubborn)?;
+    // 100 ms of slack: containerd's timer and our clock start apart.
+    ensure!(
+        took + Duration::from_millis(100) >= GRACE,
+        "stopped after {took:?}"
+    );
+    ensure!(
+        took < GRACE + Duration::from_secs(15),
+        "stopped after {took:?}"
+    );
+    ensure!(
+        s.state == ContainerState::ContainerExited as i32 && s.exit_code == 137,
+        "{s:?}"
+    );
+
+    let t = Instant::now();
+    cri.stop_container(&polite, Duration::from_secs(30))?;
+    let took = t.elapsed();
+    let s = cri.container_status(&polite)?;
+    ensure!(took < Duration::from_secs(10), "polite stop took {took:?}");
+    ensure!(
+        s.state == ContainerState::ContainerExited as i32 && s.exit_code == 0,
+        "{s:?}"
+    );
+    for id in [&stubborn, &polite] {
+        cri.remove_container(id)?;
+    }
+    ensure!(
+        cri.list_containers(Some(&pod.id))?.is_empty(),
+        "containers left"
+    );
+    k.remove_pod(&pod)?;
+    k.finish()
+}
+
+/// (e) StopPodSandbox and RemovePodSandbox on a pod whose containers still
+/// run leave nothing: no shim, socket, mount, netns, cgroup, CNI cache
+/// entry. The pod carries pod-level resources, which containerd must pass
+/// to the runtime as the sandbox spec's annotations.
+pub fn remove_running_pod(setup: &CriSetup) -> Result<()> {
+    let k = Kubelet::start(setup)?;
+    let cri = k.cri();
+    let resources = Resources {
+        memory_limit_bytes: 256 * MIB,
+        cpu_quota: 50_000,
+        cpu_period: 100_000,
+        cpu_shares: 512,
+    };
+    let pod = k.run_pod(&k.pod("doomed").resources(resources))?;
+    let spec = sandbox_annotations(&k, &pod.id)?;
+    for (key, want) in [
+        ("io.kubernetes.cri.sandbox-memory", "268435456"),
+        ("io.kubernetes.cri.sandbox-cpu-quota", "50000"),
+        ("io.kubernetes.cri.sandbox-cpu-period", "100000"),
+        ("io.kubernetes.cri.sandbox-cpu-shares", "512"),
+    ] {
+        let got = spec.get(key).and_then(|v| v.as_str());
+        ensure!(got == Some(want), "annotation {key}: {got:?} in {spec}");
+    }
+    let ids = [
+        k.run_container(&pod, &sleeper("one"))?,
+        k.run_container(&pod, &sleeper("two"))?,
+    ];
+    for id in &ids {
+        cri.wait_container_state(id, ContainerState::ContainerRunning, k.timeout())?;
+    }
+    // The leak check must see a running pod, or its silence proves nothing.
+    let running = k.leak_report();
+    for what in ["pod ", "shim process ", "socket ", "left in "] {
+        ensure!(
+            running.iter().any(|l| l.starts_with(what)),
+            "no {what:?} seen while the pod runs: {running:#?}"
+        );
+    }
+    k.remove_pod(&pod)?;
+    k.finish()
+}
+
+/// The OCI spec annotations of the sandbox `pod_id` as containerd stored
+/// them (`ctr containers info`), i.e. what the runtime was given.
+fn sandbox_annotations(k: &Kubelet, pod_id: &str) -> Result<serde_json::Value> {
+    let ctd = k.containerd();
+    let args = ["containers", "info", pod_id];
+    let out = ctd.ctr_in(crate::containerd::CRI_NAMESPACE, &args, k.timeout())?;
+    crate::containerd::check(&out, "ctr containers info")?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing ctr containers info")?;
+    Ok(info["Spec"]["annotations"].clone())
+}
+
+/// (f) Five pods run, exec and are removed in parallel.
+pub fn parallel_pods(setup: &CriSetup) -> Result<()> {
+    const PODS: usize = 5;
+    let k = Kubelet::start(setup)?;
+    let one = |i: usize| -> Result<()> {
+        let pod = k.run_pod(&k.pod(&format!("par{i}")))?;
+        let id = k.run_container(&pod, &sleeper("c"))?;
+        k.cri()
+            .wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
+        let r = k
+            .cri()
+            .exec_sync(&id, &["echo", &format!("pod {i}")], EXEC_TIMEOUT)?;
+        ensure!(
+            r.stdout == format!("pod {i}\n") && r.exit_code == 0,
+            "{r:?}"
+        );
+        k.remove_pod(&pod)
+    };
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..PODS).map(|i| s.spawn(move || one(i))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("pod thread panicked")))
+            })
+            .collect()
+    });
+    let errors: Vec<String> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| format!("pod {i}: {e:#}")))
+        .collect();
+    ensure!(errors.is_empty(), "{errors:#?}");
+    k.finish()
+}
+
+/// (g) containerd restarted (SIGTERM, start on the same state) while a pod
+/// runs: the shims kept running, the pod and its container are still
+/// listed and running, ExecSync works, and the pod is removed cleanly.
+pub fn containerd_restart(setup: &CriSetup) -> Result<()> {
+    let mut k = Kubelet::start(setup)?;
+    let pod = k.run_pod(&k.pod("survivor"))?;
+    let id = k.run_container(&pod, &sleeper("c"))?;
+    k.cri()
+        .wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
+    let shims = k.containerd().shims();
+    ensure!(!shims.is_empty(), "no shim process found");
+
+    k.restart_containerd()?;
+    ensure!(
+        k.containerd().shims() == shims,
+        "the shims changed across the restart"
+    );
+    let cri = k.cri();
+    let pods = cri.list_pod_sandbox()?;
+    let p = pods
+        .iter()
+        .find(|p| p.id == pod.id)
+        .with_context(|| format!("pod not listed after the restart: {pods:?}"))?;
+    ensure!(
+        p.state == super::api::PodSandboxState::SandboxReady as i32,
+        "{p:?}"
+    );
+    let listed = cri.list_containers(Some(&pod.id))?;
+    let c = listed
+        .iter()
+        .find(|c| c.id == id)
+        .with_context(|| format!("container not listed after the restart: {listed:?}"))?;
+    ensure!(c.state == ContainerState::ContainerRunning as i32, "{c:?}");
+    let r = cri.exec_sync(&id, &["sh", "-c", "echo still here"], EXEC_TIMEOUT)?;
+    ensure!(r.stdout == "still here\n" && r.exit_code == 0, "{r:?}");
+    k.remove_pod(&pod)?;
+    k.finish()
+}
