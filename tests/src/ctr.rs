@@ -136,6 +136,14 @@ pub fn assert_no_leaks_within(ctd: &PrivateContainerd, state_dir: &Path, settle:
 
 pub fn leaks(ctd: &PrivateContainerd, state_dir: &Path) -> Vec<String> {
     let mut leaks = ctd.leak_report();
+    leaks.extend(state_dir_leaks(state_dir));
+    leaks
+}
+
+/// The shim's own leftovers: entries in its state dir, processes naming
+/// it, mounts under it (also a CRI test's `CriSetup::extra_leaks`).
+pub fn state_dir_leaks(state_dir: &Path) -> Vec<String> {
+    let mut leaks = Vec::new();
     if let Ok(entries) = std::fs::read_dir(state_dir) {
         leaks.extend(
             entries

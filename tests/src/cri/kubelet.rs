@@ -27,10 +27,23 @@ const CNI_CACHE: &str = "/var/lib/cni/results";
 /// may take before what is left counts as leaked.
 const SETTLE: Duration = Duration::from_secs(15);
 
-/// A check of the handler's own leftovers (e.g. a VM shim's state dir).
-pub type LeakCheck = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+/// A check of the handler's own leftovers (e.g. a VM shim's state dir,
+/// `ctr::state_dir_leaks`), given the running containerd.
+pub type LeakCheck = Arc<dyn Fn(&PrivateContainerd) -> Vec<String> + Send + Sync>;
 
 /// What a scenario needs to know about the runtime handler under test.
+/// For our shim (cf. `ctr::setup`, which writes its config):
+///
+/// ```text
+/// let s = ctr::setup()?;
+/// let state_dir = s.state_dir.clone();
+/// let setup = CriSetup {
+///     shim_dir: Some(ctr::shim_dir()?),
+///     env: vec![("CLH_SHIM_CONFIG".into(), s.config.display().to_string())],
+///     extra_leaks: Some(Arc::new(move |_| ctr::state_dir_leaks(&state_dir))),
+///     ..CriSetup::new("clh", Path::new(env!("CARGO_TARGET_TMPDIR")))
+/// };
+/// ```
 #[derive(Clone)]
 pub struct CriSetup {
     /// The CRI runtime handler (`runc`, `clh`).
@@ -296,7 +309,7 @@ impl Kubelet {
             leaks.extend(cni_cache_entries(id));
         }
         if let Some(extra) = &self.setup.extra_leaks {
-            leaks.extend(extra());
+            leaks.extend(extra(&self.ctd));
         }
         leaks
     }
