@@ -69,8 +69,7 @@ impl Sandbox {
         };
         let vsock = vm.vsock_socket();
         let joined = match cgroup.as_mut() {
-            Some(cg) => vm
-                .pids()
+            Some(cg) => with_descendants(vm.pids())
                 .into_iter()
                 .try_for_each(|pid| cg.add_process(pid)),
             None => Ok(()),
@@ -197,6 +196,32 @@ impl Sandbox {
         }
         stopped
     }
+}
+
+/// `pids` and every process they forked (virtiofsd's sandboxed worker was
+/// born before its parent joined the pod cgroup, so it does not follow).
+fn with_descendants(pids: Vec<u32>) -> Vec<u32> {
+    let mut all = Vec::new();
+    let mut todo = pids;
+    while let Some(pid) = todo.pop() {
+        if all.contains(&pid) {
+            continue;
+        }
+        all.push(pid);
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            todo.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    all
 }
 
 fn cgroup_error(e: CgroupError) -> Error {
