@@ -2,6 +2,7 @@
 //! in its own microVM. The binary (`main.rs`) is a thin front; the logic
 //! lives in these modules.
 
+pub mod bind_mount;
 pub mod check;
 pub mod host;
 pub mod legacy;
@@ -9,7 +10,7 @@ mod options;
 pub mod pod;
 pub mod pod_cgroup;
 pub mod service;
-mod shared_mount;
+pub mod shared_mount;
 pub mod shim;
 pub mod sizing;
 pub mod task;

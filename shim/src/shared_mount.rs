@@ -1,44 +1,142 @@
-//! The VM's shared directory as a mount point with shared propagation.
+//! The VM's shared-directory layout, which a hostile guest cannot abuse.
+//!
+//! The host mounts container rootfs and volumes only under
+//! `<vm>/private/` (which the guest never sees by that name). virtiofsd
+//! exports `<vm>/shared/`: a read-only, slave bind of `private/`. So
+//! - the guest cannot create, rename or replace anything in the tree the
+//!   host mounts into (EROFS): it cannot plant a symlink where a later
+//!   host mount or unmount would follow it (CVE-2020-2026, CVE-2020-2024);
+//! - each mount made under `private/` after virtiofsd has entered its own
+//!   mount namespace still reaches it (`private/` is a shared mount, the
+//!   export and virtiofsd's copy of it are its slaves), with its own flags:
+//!   a rootfs stays writable, a read-only volume is read-only on the host;
+//! - nothing mounted under `shared/` (or in virtiofsd's namespace) ever
+//!   propagates back (slave).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-/// Makes `shared` a bind mount of itself with shared propagation, so that
-/// the rootfs mounts made under it after virtiofsd has entered its own mount
-/// namespace (sandbox=namespace) reach virtiofsd too. Needs CAP_SYS_ADMIN;
-/// without it (unprivileged tests) the VM still boots, without containers.
-pub fn make_shared_mount(shared: &Path) -> anyhow::Result<()> {
-    use nix::mount::{mount, MsFlags};
+/// Where the host mounts: `<vm>/private`.
+pub fn private_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("private")
+}
+
+/// What virtiofsd exports: `<vm>/shared`.
+pub fn export_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("shared")
+}
+
+/// Creates `private/` and `shared/` and mounts them as the module doc says.
+/// Needs CAP_SYS_ADMIN; without it (unprivileged tests) both stay plain
+/// directories and the VM still boots, without containers.
+pub fn make_export(vm_dir: &Path) -> anyhow::Result<()> {
+    let (private, export) = (private_dir(vm_dir), export_dir(vm_dir));
+    for dir in [&private, &export] {
+        std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     if !nix::unistd::geteuid().is_root() {
         tracing::debug!("not root: the shared directory is not a mount point");
         return Ok(());
     }
-    mount(
-        Some(shared),
-        shared,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .with_context(|| format!("cannot bind-mount {}", shared.display()))?;
-    if let Err(e) = mount(
-        None::<&str>,
-        shared,
-        None::<&str>,
-        MsFlags::MS_SHARED,
-        None::<&str>,
-    ) {
-        unmount_shared(shared);
-        return Err(e).with_context(|| format!("cannot make {} a shared mount", shared.display()));
+    let made = mount_export(&private, &export);
+    if made.is_err() {
+        unmount_export(vm_dir);
     }
+    made
+}
+
+fn mount_export(private: &Path, export: &Path) -> anyhow::Result<()> {
+    let none = None::<&str>;
+    let step = |what: &str, r: nix::Result<()>| {
+        r.with_context(|| format!("cannot {what} (VM shared directory layout)"))
+    };
+    // nosuid, nodev: nothing in the share is ever a device or a setuid
+    // program for the host (virtiofsd refuses to open special files too).
+    let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    step(
+        "bind-mount the private mount tree",
+        mount(Some(private), private, none, MsFlags::MS_BIND, none),
+    )?;
+    step(
+        "make the private mount tree shared",
+        mount(none, private, none, MsFlags::MS_SHARED, none),
+    )?;
+    step(
+        "bind the export to the private tree",
+        mount(Some(private), export, none, MsFlags::MS_BIND, none),
+    )?;
+    let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | hardened;
+    step(
+        "make the export read-only",
+        mount(none, export, none, ro, none),
+    )?;
+    step(
+        "make the export a slave of the private tree",
+        mount(none, export, none, MsFlags::MS_SLAVE, none),
+    )?;
     Ok(())
 }
 
-/// Lazily unmounts `shared` and everything under it (a rootfs left behind
-/// included), so that removing the directory never reaches into a mount.
-/// Not following symlinks: the guest writes under it.
-pub fn unmount_shared(shared: &Path) {
-    use nix::mount::{umount2, MntFlags};
-    while umount2(shared, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW).is_ok() {}
+/// Lazily unmounts the export and the private tree with everything under
+/// them (a rootfs or volume left behind included), so that removing the
+/// directory never reaches into a mount. Never follows symlinks.
+pub fn unmount_export(vm_dir: &Path) {
+    for dir in [export_dir(vm_dir), private_dir(vm_dir)] {
+        while umount2(&dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW).is_ok() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mountinfo_line(path: &Path) -> Option<String> {
+        let needle = format!(" {} ", path.display());
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()?
+            .lines()
+            .find(|l| l.contains(&needle))
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn the_export_is_a_read_only_slave_that_sees_later_mounts() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: mounts need root");
+            return;
+        }
+        let vm = tempfile::tempdir().unwrap();
+        make_export(vm.path()).unwrap();
+        let (private, export) = (private_dir(vm.path()), export_dir(vm.path()));
+        let line = mountinfo_line(&export).expect("export mounted");
+        assert!(line.contains(" ro,") && line.contains("master:"), "{line}");
+        // The guest's view is read-only: nothing can be planted.
+        let planted = std::os::unix::fs::symlink("/", export.join("c1"));
+        assert_eq!(
+            planted.unwrap_err().raw_os_error(),
+            Some(libc::EROFS),
+            "a symlink was planted in the export"
+        );
+        // A mount made under private/ later shows in the export, writable.
+        std::fs::create_dir(private.join("c1")).unwrap();
+        let tmpfs = MsFlags::empty();
+        mount(
+            Some("tmpfs"),
+            &private.join("c1"),
+            Some("tmpfs"),
+            tmpfs,
+            None::<&str>,
+        )
+        .unwrap();
+        std::fs::write(export.join("c1/file"), "x").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(private.join("c1/file")).unwrap(),
+            "x"
+        );
+        unmount_export(vm.path());
+        assert!(mountinfo_line(&export).is_none() && mountinfo_line(&private).is_none());
+        assert!(!private.join("c1/file").exists(), "the tmpfs survived");
+    }
 }

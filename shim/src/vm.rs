@@ -1,7 +1,9 @@
 //! One pod's VM: its state directory, virtiofsd, the hypervisor and the
 //! agent connection, started and stopped as one unit.
 //!
-//! Layout of `root/<id>/`: `shared/` (served by virtiofsd), `virtiofsd.sock`,
+//! Layout of `root/<id>/`: `private/` (where the host mounts) and `shared/`
+//! (its read-only export, served by virtiofsd; see shared_mount.rs),
+//! `virtiofsd.sock`,
 //! the backend's sockets and logs, `console.log`, and `state.json` (the pids
 //! and their command lines, so [`cleanup_leftovers`] can finish the job after
 //! a shim crash).
@@ -16,7 +18,7 @@ use clh_hypervisor::virtiofsd::Virtiofsd;
 use clh_hypervisor::{new_backend, Backend, Binaries, Hypervisor, SharedFs, VmSize, VmSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::shared_mount::{make_shared_mount, unmount_shared};
+use crate::shared_mount::{export_dir, make_export, private_dir, unmount_export};
 
 pub use clh_agent_protocol::SHARED_FS_TAG;
 /// Lines of each log quoted in a start error.
@@ -96,7 +98,7 @@ impl PodVm {
             Err(e) => {
                 let report = failure_report(&dir, opts.backend);
                 stop_parts(&mut parts, opts.stop_timeout).await;
-                unmount_shared(&dir.join("shared"));
+                unmount_export(&dir);
                 if let Err(rm) = std::fs::remove_dir_all(&dir) {
                     tracing::warn!(dir = %dir.display(), error = %rm, "cannot remove VM directory");
                 }
@@ -144,7 +146,7 @@ impl PodVm {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let vm = self.hypervisor.stop(self.stop_timeout).await;
         let fs = self.virtiofsd.stop(self.stop_timeout).await;
-        unmount_shared(&self.dir.join("shared"));
+        unmount_export(&self.dir);
         let rm = std::fs::remove_dir_all(&self.dir);
         vm.context("stopping the VM")?;
         fs.context("stopping virtiofsd")?;
@@ -177,9 +179,8 @@ async fn start_in(
     opts: &VmOptions,
     parts: &mut Parts,
 ) -> anyhow::Result<(AgentClient, Duration)> {
-    let shared = dir.join("shared");
-    std::fs::create_dir(&shared).context("cannot create the shared directory")?;
-    make_shared_mount(&shared)?;
+    make_export(dir)?;
+    let shared = export_dir(dir);
     let fs_socket = dir.join("virtiofsd.sock");
     let virtiofsd = Virtiofsd::start(
         &opts.binaries.virtiofsd,
@@ -312,18 +313,18 @@ pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
         tracing::info!(pid, "killing a leftover VM process");
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
     }
-    unmount_shared(&dir.join("shared"));
+    unmount_export(&dir);
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
 }
 
 /// After a shim crash, for one of a pod's containers: unmounts its rootfs
-/// and bind mounts under `root/<sandbox_id>/shared/<id>/` (not following
+/// and bind mounts under `root/<sandbox_id>/private/<id>/` (not following
 /// links) and removes the directory, without touching the rest of the VM.
 pub fn cleanup_container_leftovers(root: &Path, sandbox_id: &str, id: &str) -> anyhow::Result<()> {
     use nix::mount::{umount2, MntFlags};
     validate_id(sandbox_id)?;
     validate_id(id)?;
-    let dir = root.join(sandbox_id).join("shared").join(id);
+    let dir = private_dir(&root.join(sandbox_id)).join(id);
     let mut targets = vec![dir.join("rootfs")];
     if let Ok(entries) = std::fs::read_dir(dir.join("mounts")) {
         targets.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()));

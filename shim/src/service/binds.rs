@@ -2,16 +2,20 @@
 //!
 //! Each bind mount of the spec (`/etc/hosts`, `/etc/resolv.conf` and
 //! `/etc/hostname` from CRI, volumes) is bind-mounted on the host at
-//! `<vm>/shared/<cid>/mounts/<n>`, read-only there too when the spec asks
-//! for `ro`, and the spec's source becomes that path in the guest.
-//! Unmounting never follows links: the guest can write under `shared/`.
+//! `<vm>/private/<cid>/mounts/<n>` by file descriptor (bind_mount.rs:
+//! the source canonicalised, never the host's /proc, /sys or /dev;
+//! read-only there too, from birth, when the spec asks for `ro`), and the
+//! spec's source becomes its path in the guest's view of the export.
+//! Unmounting never follows links.
 
 use std::path::{Path, PathBuf};
 
 use clh_agent_protocol::GUEST_SHARED_DIR;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 
 use super::error::{Error, Result};
+use crate::bind_mount::{self, BindOptions};
+use crate::shared_mount::private_dir;
 
 /// The host-side mounts made for one container, undone by [`Binds::unmount`].
 #[derive(Debug, Default)]
@@ -42,7 +46,7 @@ impl Binds {
         let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
             return Ok(binds);
         };
-        let host_dir = vm_dir.join("shared").join(cid).join("mounts");
+        let host_dir = private_dir(vm_dir).join(cid).join("mounts");
         let mut made_dir = false;
         for (n, m) in mounts.iter_mut().enumerate() {
             if !is_bind(m) {
@@ -75,6 +79,8 @@ impl Binds {
                 "the bind mount for {dest} has source {source:?}: it must be an absolute host path"
             )));
         }
+        let source = &bind_mount::resolve(source)
+            .map_err(|e| Error::InvalidArgument(format!("{e} (for {dest})")))?;
         let meta = std::fs::metadata(source).map_err(|e| {
             Error::InvalidArgument(format!(
                 "the bind mount source {} for {dest} cannot be used: {e}",
@@ -97,29 +103,16 @@ impl Binds {
                 target.display()
             ))
         })?;
-        let mut flags = MsFlags::MS_BIND;
-        if has_option(m, "rbind") {
-            flags |= MsFlags::MS_REC;
-        }
-        mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| {
+        let opts = BindOptions {
+            recursive: has_option(m, "rbind"),
+            // Read-only on the host side too: guest root cannot write it.
+            readonly: has_option(m, "ro"),
+        };
+        bind_mount::bind(source, target, opts).map_err(|e| {
             let _ = remove_mount_point(target);
-            Error::InvalidArgument(format!(
-                "cannot bind-mount {} (for {dest}) into the VM's shared directory: {e}",
-                source.display()
-            ))
+            Error::InvalidArgument(format!("{e} (for {dest})"))
         })?;
         self.targets.push(target.to_path_buf());
-        if has_option(m, "ro") {
-            // A bind mount's flags change only on a remount; read-only on
-            // the host side means guest root cannot write it either.
-            let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            mount(None::<&str>, target, None::<&str>, ro, None::<&str>).map_err(|e| {
-                Error::Internal(anyhow::anyhow!(
-                    "cannot make the bind mount of {} read-only: {e}",
-                    source.display()
-                ))
-            })?;
-        }
         Ok(())
     }
 
@@ -193,7 +186,7 @@ mod tests {
         assert_eq!(spec["mounts"][0]["source"], "proc");
         assert_eq!(spec["mounts"][1]["source"], "/run/clh/shared/c1/mounts/1");
         assert_eq!(spec["mounts"][2]["source"], "/run/clh/shared/c1/mounts/2");
-        let shared = vm.path().join("shared/c1/mounts");
+        let shared = vm.path().join("private/c1/mounts");
         assert_eq!(
             std::fs::read_to_string(shared.join("1")).unwrap(),
             "127.0.0.1 pod\n"

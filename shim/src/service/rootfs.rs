@@ -8,10 +8,11 @@ use containerd_shim_protos::api::Mount;
 use nix::mount::MntFlags;
 
 use super::error::{Error, Result};
+use crate::shared_mount::private_dir;
 
-/// `<vmdir>/shared/<cid>/rootfs`.
+/// `<vmdir>/private/<cid>/rootfs` (the guest sees it in the export).
 pub fn host_path(vm_dir: &Path, container_id: &str) -> PathBuf {
-    vm_dir.join("shared").join(container_id).join("rootfs")
+    private_dir(vm_dir).join(container_id).join("rootfs")
 }
 
 /// The directory to bind-mount when containerd sends no mounts: the spec's
@@ -95,7 +96,7 @@ pub fn unmount(target: &Path) -> Result<()> {
 /// its mounts are gone. Not recursive: should a mount have survived, its
 /// contents are never touched (the VM's stop detaches and removes it all).
 pub fn remove_container_dir(vm_dir: &Path, container_id: &str) {
-    let dir = vm_dir.join("shared").join(container_id);
+    let dir = private_dir(vm_dir).join(container_id);
     for path in [dir.join("rootfs"), dir.join("mounts"), dir.clone()] {
         match std::fs::remove_dir(&path) {
             Ok(()) => {}
