@@ -35,5 +35,11 @@ pub const SHARED_FS_TAG: &str = "clh-shared";
 /// Where the agent mounts the shared directory in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/clh/shared";
 
+/// Where the guest keeps a pod's memory-backed volumes (`emptyDir` with
+/// `medium: Memory`): directories in the guest's RAM, shared by the pod's
+/// containers. A bind mount whose source is `<EPHEMERAL_DIR>/<name>` makes
+/// the agent create `<name>` (one plain component) before the container.
+pub const EPHEMERAL_DIR: &str = "/run/clh/ephemeral";
+
 pub use agent::*;
 pub use agent_ttrpc::{create_agent, Agent, AgentClient};

@@ -10,7 +10,7 @@ use super::{
     cgroup_dir, lock, Containers, CtrError, Entry, PendingExec, Result, BUNDLE_ROOT, CGROUP_PARENT,
     STATE_ROOT,
 };
-use clh_agent_protocol::Stdio;
+use clh_agent_protocol::{Stdio, EPHEMERAL_DIR};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::{kill, Signal};
@@ -63,6 +63,35 @@ fn builder(
 
 /// A console socket for a terminal process, at a short path (sun_path
 /// holds 108 bytes; bundle paths with long ids do not fit).
+/// Creates the guest directories of the spec's memory-backed volumes (see
+/// `EPHEMERAL_DIR`), refusing any source that is not one plain name below
+/// it.
+fn make_ephemeral_dirs(spec: &Spec) -> Result<()> {
+    let root = Path::new(EPHEMERAL_DIR);
+    for m in spec.mounts().iter().flatten() {
+        let Some(source) = m.source().as_ref() else {
+            continue;
+        };
+        let Ok(rest) = source.strip_prefix(root) else {
+            continue;
+        };
+        let mut parts = rest.components();
+        let plain = matches!(
+            (parts.next(), parts.next()),
+            (Some(std::path::Component::Normal(_)), None)
+        );
+        if !plain {
+            return Err(CtrError::InvalidArgument(format!(
+                "memory volume source {} must be one plain name below {EPHEMERAL_DIR}",
+                source.display()
+            )));
+        }
+        std::fs::create_dir_all(source)
+            .map_err(|e| CtrError::internal(format!("creating {}", source.display()), e))?;
+    }
+    Ok(())
+}
+
 fn console_socket(terminal: bool) -> Result<Option<ConsoleSocket>> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     if !terminal {
@@ -111,6 +140,7 @@ impl Containers {
         if let Some(linux) = spec.linux_mut() {
             linux.set_cgroups_path(Some(PathBuf::from(format!("/{CGROUP_PARENT}/{id}"))));
         }
+        make_ephemeral_dirs(&spec)?;
 
         let _build = self.build_lock.lock().await;
         if lock(&self.map).contains_key(id) {

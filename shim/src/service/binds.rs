@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use clh_agent_protocol::GUEST_SHARED_DIR;
+use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR};
 use nix::mount::{umount2, MntFlags};
 
 use super::error::{Error, Result};
@@ -32,6 +32,30 @@ fn is_bind(m: &serde_json::Value) -> bool {
     m.get("type").and_then(|t| t.as_str()) == Some("bind") || has_opt("bind") || has_opt("rbind")
 }
 
+/// The kubelet's directory for `emptyDir` volumes.
+const EMPTY_DIR_PLUGIN: &str = "kubernetes.io~empty-dir";
+
+/// The volume name of an `emptyDir` with `medium: Memory`: the kubelet
+/// makes it a tmpfs at `.../volumes/kubernetes.io~empty-dir/<name>`. In a
+/// VM it becomes guest memory instead (the pod's memory limit covers it
+/// there, as the kubelet's tmpfs is charged to the pod on a node).
+fn memory_volume(m: &serde_json::Value) -> Option<String> {
+    let source = Path::new(m.get("source")?.as_str()?);
+    let parent = source.parent()?;
+    if parent.file_name()? != EMPTY_DIR_PLUGIN {
+        return None;
+    }
+    let fs = nix::sys::statfs::statfs(source).ok()?;
+    if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        return None;
+    }
+    let name = source.file_name()?.to_str()?;
+    let plain = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    (plain && !name.starts_with('.')).then(|| name.to_string())
+}
+
 fn has_option(m: &serde_json::Value, opt: &str) -> bool {
     m.get("options")
         .and_then(|v| v.as_array())
@@ -50,6 +74,12 @@ impl Binds {
         let mut made_dir = false;
         for (n, m) in mounts.iter_mut().enumerate() {
             if !is_bind(m) {
+                continue;
+            }
+            if let Some(name) = memory_volume(m) {
+                // In guest RAM, shared by the pod's containers; nothing of
+                // it goes through the host.
+                m["source"] = serde_json::Value::String(format!("{EPHEMERAL_DIR}/{name}"));
                 continue;
             }
             if !made_dir {
@@ -198,6 +228,32 @@ mod tests {
         binds.unmount().unwrap();
         assert!(!shared.join("1").exists() && !shared.join("2").exists());
         assert!(dir.join("new").exists(), "unmounting touched the source");
+    }
+
+    #[test]
+    fn a_memory_empty_dir_becomes_guest_memory() {
+        if !root() {
+            eprintln!("SKIPPED: tmpfs needs root");
+            return;
+        }
+        let pod = tempfile::tempdir().unwrap();
+        let plugin = pod.path().join("kubernetes.io~empty-dir");
+        let (cache, disk) = (plugin.join("cache"), plugin.join("disk"));
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::create_dir_all(&disk).unwrap();
+        let tmpfs = nix::mount::MsFlags::empty();
+        nix::mount::mount(Some("tmpfs"), &cache, Some("tmpfs"), tmpfs, None::<&str>).unwrap();
+        let vm = tempfile::tempdir().unwrap();
+        let mut spec = json!({"mounts": [
+            {"destination": "/cache", "type": "bind", "source": cache, "options": ["rbind"]},
+            {"destination": "/disk", "type": "bind", "source": disk, "options": ["rbind"]},
+        ]});
+        let shared = Binds::share(&mut spec, vm.path(), "c1");
+        nix::mount::umount2(&cache, MntFlags::MNT_DETACH).unwrap();
+        let mut binds = shared.unwrap();
+        assert_eq!(spec["mounts"][0]["source"], "/run/clh/ephemeral/cache");
+        assert_eq!(spec["mounts"][1]["source"], "/run/clh/shared/c1/mounts/1");
+        binds.unmount().unwrap();
     }
 
     #[test]
