@@ -41,6 +41,7 @@ pub struct PodBuilder {
     overhead: Option<Resources>,
     labels: HashMap<String, String>,
     annotations: HashMap<String, String>,
+    privileged: bool,
 }
 
 impl PodBuilder {
@@ -60,7 +61,17 @@ impl PodBuilder {
             overhead: None,
             labels: HashMap::new(),
             annotations: HashMap::new(),
+            privileged: false,
         }
+    }
+
+    /// Lets the pod run privileged containers (the CRI refuses them in a
+    /// pod that is not privileged itself), and gives it the node's PID
+    /// namespace (in a VM: the guest's, whose PID 1 is the agent), as a
+    /// test needs to act as guest root.
+    pub fn privileged(mut self) -> Self {
+        self.privileged = true;
+        self
     }
 
     pub fn uid(mut self, uid: &str) -> Self {
@@ -142,6 +153,14 @@ impl PodBuilder {
                 cgroup_parent: self.cgroup_parent.clone(),
                 resources: self.resources.map(Resources::to_cri),
                 overhead: self.overhead.map(Resources::to_cri),
+                security_context: self.privileged.then(|| cri::LinuxSandboxSecurityContext {
+                    privileged: true,
+                    namespace_options: Some(cri::NamespaceOption {
+                        pid: cri::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -158,6 +177,8 @@ pub struct ContainerBuilder {
     args: Vec<String>,
     resources: Option<Resources>,
     attempt: u32,
+    mounts: Vec<cri::Mount>,
+    privileged: bool,
 }
 
 impl ContainerBuilder {
@@ -169,7 +190,27 @@ impl ContainerBuilder {
             args: Vec::new(),
             resources: None,
             attempt: 0,
+            mounts: Vec::new(),
+            privileged: false,
         }
+    }
+
+    /// A volume: `host_path` (as the kubelet resolved it, subPath included)
+    /// at `container_path`.
+    pub fn mount(mut self, host_path: &str, container_path: &str, readonly: bool) -> Self {
+        self.mounts.push(cri::Mount {
+            host_path: host_path.to_owned(),
+            container_path: container_path.to_owned(),
+            readonly,
+            ..Default::default()
+        });
+        self
+    }
+
+    /// `securityContext.privileged`: every capability, no seccomp.
+    pub fn privileged(mut self) -> Self {
+        self.privileged = true;
+        self
     }
 
     /// The entrypoint (replaces the image's).
@@ -225,8 +266,17 @@ impl ContainerBuilder {
             command: self.command.clone(),
             args: self.args.clone(),
             log_path: format!("{}/{}.log", self.name, self.attempt),
+            mounts: self.mounts.clone(),
             linux: Some(cri::LinuxContainerConfig {
                 resources: self.resources.map(Resources::to_cri),
+                security_context: self.privileged.then(|| cri::LinuxContainerSecurityContext {
+                    privileged: true,
+                    namespace_options: Some(cri::NamespaceOption {
+                        pid: cri::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()

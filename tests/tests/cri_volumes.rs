@@ -1,0 +1,166 @@
+//! Pod volumes through CRI with the `clh` handler, and shared-directory
+//! security tests of ../shared/reference/SECURITY-AND-RELIABILITY.md (what
+//! a malicious guest can send virtiofsd directly is tested with raw FUSE
+//! requests in tests/tests/virtiofsd_raw_fuse.rs):
+//!
+//! - read-write hostPath (reads the host's file, its write lands on the
+//!   host); read-only hostPath (the container's write fails; the bind is
+//!   read-only on the host side too, see bind_mount.rs); subPath of a
+//!   directory and of a single file; `emptyDir` with medium Memory, shared
+//!   by two containers in guest RAM and never reaching the host's tmpfs;
+//!   a volume that only the pod's second container, created later, mounts.
+//! - a host canary mount survives the pod's teardown (SEC-FS-02's
+//!   criterion; the swap itself is refused by the read-only export).
+//! - SEC-FS-08: hostPath through `..` or a symlinked component into the
+//!   host's /proc or /sys is refused (at StartContainer, where containerd
+//!   creates the task).
+//!
+//! Every test ends with the CRI and shim leak checks (no mount left,
+//! failed creates included).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use clh_tests::cri::{ContainerBuilder, CriSetup, Kubelet, BUSYBOX};
+use clh_tests::ctr;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn setup() -> (ctr::Setup, CriSetup) {
+    let s = ctr::setup().expect("shim setup");
+    let mut cri = CriSetup::new("clh", Path::new(env!("CARGO_TARGET_TMPDIR")));
+    cri.shim_dir = Some(ctr::shim_dir().expect("building the shim"));
+    cri.env = vec![("CLH_SHIM_CONFIG".into(), s.config.display().to_string())];
+    let state = s.state_dir.clone();
+    cri.extra_leaks = Some(Arc::new(move |_| ctr::state_dir_leaks(&state)));
+    (s, cri)
+}
+
+/// Runs `script` in container `id`; its stdout, failing on a non-zero exit.
+fn sh(k: &Kubelet, id: &str, script: &str) -> Result<String> {
+    let r = k.cri().exec_sync(id, &["sh", "-c", script], EXEC_TIMEOUT)?;
+    ensure!(r.exit_code == 0, "{script:?} in {id}: {r:?}");
+    Ok(r.stdout)
+}
+
+/// A tmpfs mounted at `path` for the test's life (a kubelet's memory
+/// emptyDir, or a canary), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path)?;
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting a tmpfs at {}", path.display()))?;
+        Ok(Tmpfs(path.to_path_buf()))
+    }
+
+    fn is_mounted(&self) -> bool {
+        let needle = format!(" {} ", self.0.display());
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(&needle))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = umount2(&self.0, MntFlags::MNT_DETACH);
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+#[test]
+fn volumes_and_escapes() {
+    let (_s, cri) = setup();
+    volumes(&cri).unwrap();
+}
+
+fn volumes(setup: &CriSetup) -> Result<()> {
+    let host = tempfile::Builder::new().prefix("vol-").tempdir_in("/tmp")?;
+    let h = host.path();
+    for dir in ["rw", "ro", "sub/deep", "late"] {
+        std::fs::create_dir_all(h.join(dir))?;
+    }
+    std::fs::write(h.join("rw/in"), "from the host\n")?;
+    std::fs::write(h.join("ro/f"), "original\n")?;
+    std::fs::write(h.join("sub/deep/file.txt"), "deep\n")?;
+    std::fs::write(h.join("single.conf"), "key=value\n")?;
+    std::fs::write(h.join("late/file"), "late\n")?;
+    let cache = Tmpfs::mount(&h.join("pod/volumes/kubernetes.io~empty-dir/cache"))?;
+    let canary = Tmpfs::mount(&h.join("canary"))?;
+
+    let k = Kubelet::start(setup)?;
+    let pod = k.run_pod(&k.pod("vols"))?;
+    let app = ContainerBuilder::new("app", BUSYBOX)
+        .command(&["sleep", "100000"])
+        .mount(s(&h.join("rw")), "/rw", false)
+        .mount(s(&h.join("ro")), "/ro", true)
+        .mount(s(&h.join("sub/deep")), "/deep", false)
+        .mount(s(&h.join("single.conf")), "/etc/single.conf", true)
+        .mount(s(&cache.0), "/cache", false);
+    let app = k.run_container(&pod, &app)?;
+    let out = sh(&k, &app, "cat /rw/in /deep/file.txt /etc/single.conf")?;
+    ensure!(out == "from the host\ndeep\nkey=value\n", "{out:?}");
+    sh(&k, &app, "echo written > /rw/out")?;
+    ensure!(std::fs::read_to_string(h.join("rw/out"))? == "written\n");
+    let ro = sh(&k, &app, "echo x > /ro/f && echo WRITABLE || echo refused")?;
+    ensure!(ro == "refused\n", "read-only volume: {ro:?}");
+    // The memory emptyDir is guest RAM, not the share, not the host.
+    sh(&k, &app, "echo in-memory > /cache/x")?;
+    let fstype = sh(&k, &app, "awk '$2 == \"/cache\" {print $3}' /proc/mounts")?;
+    ensure!(fstype.trim() != "virtiofs", "/cache is {fstype:?}");
+    ensure!(
+        std::fs::read_dir(&cache.0)?.next().is_none(),
+        "a memory volume reached the host"
+    );
+
+    // A second container, created after the VM started, with its own new
+    // volume and the shared memory volume.
+    let late = ContainerBuilder::new("late", BUSYBOX)
+        .command(&["sleep", "100000"])
+        .mount(s(&h.join("late")), "/late", true)
+        .mount(s(&cache.0), "/cache", false);
+    let late = k.run_container(&pod, &late)?;
+    let out = sh(&k, &late, "cat /late/file /cache/x")?;
+    ensure!(out == "late\nin-memory\n", "{out:?}");
+
+    // SEC-FS-08: host paths into the host's kernel trees are refused.
+    std::os::unix::fs::symlink("/", h.join("evil"))?;
+    for (n, (bad, tree)) in [
+        (format!("{}/../../proc", s(h)), "/proc"),
+        (format!("{}/evil/sys", s(h)), "/sys"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = ContainerBuilder::new(&format!("escape-{n}"), BUSYBOX)
+            .command(&["true"])
+            .mount(&bad, "/host", true);
+        // containerd's CRI creates the task, hence our Create, at
+        // StartContainer.
+        let err = match k.run_container(&pod, &c) {
+            Ok(id) => anyhow::bail!("{bad} was mounted (container {id})"),
+            Err(e) => format!("{e:#}"),
+        };
+        ensure!(err.contains(tree), "{bad}: {err}");
+    }
+
+    k.remove_pod(&pod)?;
+    ensure!(canary.is_mounted(), "the host canary mount is gone");
+    ensure!(std::fs::read_to_string(h.join("ro/f"))? == "original\n");
+    k.finish()
+}
