@@ -41,7 +41,6 @@ pub struct PodBuilder {
     overhead: Option<Resources>,
     labels: HashMap<String, String>,
     annotations: HashMap<String, String>,
-    privileged: bool,
 }
 
 impl PodBuilder {
@@ -61,17 +60,7 @@ impl PodBuilder {
             overhead: None,
             labels: HashMap::new(),
             annotations: HashMap::new(),
-            privileged: false,
         }
-    }
-
-    /// Lets the pod run privileged containers (the CRI refuses them in a
-    /// pod that is not privileged itself), and gives it the node's PID
-    /// namespace (in a VM: the guest's, whose PID 1 is the agent), as a
-    /// test needs to act as guest root.
-    pub fn privileged(mut self) -> Self {
-        self.privileged = true;
-        self
     }
 
     pub fn uid(mut self, uid: &str) -> Self {
@@ -153,14 +142,6 @@ impl PodBuilder {
                 cgroup_parent: self.cgroup_parent.clone(),
                 resources: self.resources.map(Resources::to_cri),
                 overhead: self.overhead.map(Resources::to_cri),
-                security_context: self.privileged.then(|| cri::LinuxSandboxSecurityContext {
-                    privileged: true,
-                    namespace_options: Some(cri::NamespaceOption {
-                        pid: cri::NamespaceMode::Node as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -178,7 +159,6 @@ pub struct ContainerBuilder {
     resources: Option<Resources>,
     attempt: u32,
     mounts: Vec<cri::Mount>,
-    privileged: bool,
 }
 
 impl ContainerBuilder {
@@ -191,7 +171,6 @@ impl ContainerBuilder {
             resources: None,
             attempt: 0,
             mounts: Vec::new(),
-            privileged: false,
         }
     }
 
@@ -204,12 +183,6 @@ impl ContainerBuilder {
             readonly,
             ..Default::default()
         });
-        self
-    }
-
-    /// `securityContext.privileged`: every capability, no seccomp.
-    pub fn privileged(mut self) -> Self {
-        self.privileged = true;
         self
     }
 
@@ -269,14 +242,6 @@ impl ContainerBuilder {
             mounts: self.mounts.clone(),
             linux: Some(cri::LinuxContainerConfig {
                 resources: self.resources.map(Resources::to_cri),
-                security_context: self.privileged.then(|| cri::LinuxContainerSecurityContext {
-                    privileged: true,
-                    namespace_options: Some(cri::NamespaceOption {
-                        pid: cri::NamespaceMode::Node as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
                 ..Default::default()
             }),
             ..Default::default()
