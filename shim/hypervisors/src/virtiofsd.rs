@@ -60,6 +60,9 @@ impl Virtiofsd {
             .arg("--socket-path")
             .arg(socket)
             .args(["--sandbox", "namespace", "--seccomp", "kill"])
+            // Guest root must not make host device nodes (virtiofsd would
+            // not open them, but any host process could).
+            .arg("--modcaps=-mknod")
             .args(["--cache", "auto"]);
         let process = ManagedProcess::spawn("virtiofsd", cmd, log)?;
         let virtiofsd = Self {

@@ -60,7 +60,14 @@ pub async fn mount(mounts: &[Mount], source: &Path, target: &Path) -> Result<()>
     }
 }
 
+/// Mounts one rootfs mount, nosuid and nodev on the host: the guest writes
+/// into it (inside the guest its own mount's flags apply, so setuid
+/// programs in the container still work there).
 async fn mount_one(m: &Mount, target: &Path) -> Result<()> {
+    let mut m = m.clone();
+    m.options
+        .extend(["nosuid".to_string(), "nodev".to_string()]);
+    let m = &m;
     containerd_shim::asynchronous::util::mount_rootfs(m, target)
         .await
         .map_err(|e| {
