@@ -47,7 +47,9 @@ pub fn make_export(vm_dir: &Path) -> anyhow::Result<()> {
     made
 }
 
-fn mount_export(private: &Path, export: &Path) -> anyhow::Result<()> {
+/// Mounts existing directories `private` and `export` as the module doc
+/// says (what [`make_export`] does under a VM directory).
+pub fn mount_export(private: &Path, export: &Path) -> anyhow::Result<()> {
     let none = None::<&str>;
     let step = |what: &str, r: nix::Result<()>| {
         r.with_context(|| format!("cannot {what} (VM shared directory layout)"))
