@@ -8,6 +8,9 @@
 //! - `pod_vm_sized_hostnamed_and_in_its_cgroup`: pod-level resources size
 //!   the VM (vCPUs and memory seen in the guest), the pod's hostname is the
 //!   guest's, and the VMM and virtiofsd run in the pod's host cgroup.
+//! - `restart_and_update_in_the_pod_vm`: a restarted container (a new
+//!   attempt) runs in the same VM; UpdateContainerResources reaches its
+//!   guest cgroup.
 //! - every scenario also fails on the shim's own leftovers: VM state
 //!   directories, VMM, virtiofsd or vhost processes, mounts.
 //!
@@ -80,6 +83,57 @@ fn parallel_pods() {
 #[test]
 fn containerd_restart() {
     scenarios::containerd_restart(&setup().1).unwrap();
+}
+
+/// A container restarted by the kubelet (a new attempt of the same name)
+/// runs in the same VM, and UpdateContainerResources reaches the
+/// container's cgroup in the guest.
+#[test]
+fn restart_and_update_in_the_pod_vm() {
+    let (_s, cri) = setup();
+    restart_and_update(&cri).unwrap();
+}
+
+fn restart_and_update(setup: &CriSetup) -> Result<()> {
+    let k = Kubelet::start(setup)?;
+    let cri = k.cri();
+    let pod = k.run_pod(&k.pod("restarts"))?;
+    let app = |attempt| {
+        ContainerBuilder::new("app", BUSYBOX)
+            .command(&["sleep", "100000"])
+            .memory_limit(64 * MIB)
+            .attempt(attempt)
+    };
+    let first = k.run_container(&pod, &app(0))?;
+    let boot = scenarios::boot_id(cri, &first)?;
+    cri.stop_container(&first, Duration::from_secs(1))?;
+    let second = k.run_container(&pod, &app(1))?;
+    ensure!(second != first, "a new attempt is a new container");
+    ensure!(
+        scenarios::boot_id(cri, &second)? == boot,
+        "the restarted container left the pod's VM"
+    );
+    let limit = |id: &str| -> Result<String> {
+        // The guest has no cgroup namespace for containers: their own
+        // cgroup is the one /proc/self/cgroup names.
+        let script = "cat /sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)/memory.max";
+        let r = cri.exec_sync(id, &["sh", "-c", script], Duration::from_secs(30))?;
+        ensure!(r.exit_code == 0, "{r:?}");
+        Ok(r.stdout.trim().to_owned())
+    };
+    ensure!(
+        limit(&second)? == (64 * MIB).to_string(),
+        "the initial limit"
+    );
+    let bigger = Resources {
+        memory_limit_bytes: 128 * MIB,
+        ..Default::default()
+    };
+    cri.update_container_resources(&second, bigger)?;
+    let now = limit(&second)?;
+    ensure!(now == (128 * MIB).to_string(), "after the update: {now}");
+    k.remove_pod(&pod)?;
+    k.finish()
 }
 
 #[test]

@@ -311,6 +311,20 @@ impl Cri {
         })
     }
 
+    /// UpdateContainerResources: the container's new Linux limits.
+    pub fn update_container_resources(&self, id: &str, r: Resources) -> Result<()> {
+        let msg = cri::UpdateContainerResourcesRequest {
+            container_id: id.to_owned(),
+            linux: Some(r.to_cri()),
+            ..Default::default()
+        };
+        let what = format!("UpdateContainerResources({id}, {r:?})");
+        self.call(&what, self.timeout, |mut rs, _, t| async move {
+            rs.update_container_resources(Self::req(msg, t)).await
+        })?;
+        Ok(())
+    }
+
     pub fn container_stats(&self, id: &str) -> Result<cri::ContainerStats> {
         let msg = cri::ContainerStatsRequest {
             container_id: id.to_owned(),
