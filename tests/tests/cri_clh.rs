@@ -55,6 +55,16 @@ fn two_containers() {
     assert_ne!(a, host.trim(), "the pod runs in a VM, not on the host");
 }
 
+/// The same pod on containerd 1.6 (task API v2, config version 2).
+#[test]
+fn two_containers_containerd_1_6() {
+    let (_s, mut cri) = setup();
+    cri.version = clh_tests::containerd::ContainerdVersion::V1_6;
+    let seen = scenarios::two_containers(&cri).unwrap();
+    let [a, b] = &seen.boot_ids;
+    assert_eq!(a, b, "the pod's containers run in one VM");
+}
+
 #[test]
 fn container_stats() {
     scenarios::container_stats(&setup().1).unwrap();
