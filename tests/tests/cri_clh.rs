@@ -86,6 +86,11 @@ fn remove_running_pod() {
 }
 
 #[test]
+fn streaming() {
+    scenarios::streaming(&setup().1).unwrap();
+}
+
+#[test]
 fn parallel_pods() {
     scenarios::parallel_pods(&setup().1).unwrap();
 }

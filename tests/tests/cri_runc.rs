@@ -17,6 +17,9 @@
 //! - `remove_running_pod`: StopPodSandbox and RemovePodSandbox with the
 //!   containers still running leave nothing; pod-level resources reach the
 //!   sandbox spec as `io.kubernetes.cri.sandbox-*` annotations.
+//! - `streaming`: streaming Exec (stdout, stderr, stdin, exit status) and
+//!   Attach through containerd's streaming server, over the Kubernetes
+//!   remote-command WebSocket protocol, as `kubectl exec`/`attach` use it.
 //! - `parallel_pods`: five pods run, exec and are removed concurrently.
 //! - `containerd_restart`: after containerd is restarted (SIGTERM) under a
 //!   running pod, the same shims serve it: pod and container still listed
@@ -60,6 +63,11 @@ fn stop_grace_period() {
 #[test]
 fn remove_running_pod() {
     scenarios::remove_running_pod(&setup()).unwrap();
+}
+
+#[test]
+fn streaming() {
+    scenarios::streaming(&setup()).unwrap();
 }
 
 #[test]

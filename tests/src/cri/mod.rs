@@ -27,11 +27,13 @@ use tonic::transport::{Channel, Endpoint, Uri};
 mod config;
 mod kubelet;
 pub mod scenarios;
+mod streaming;
 
 pub use config::{ContainerBuilder, PodBuilder, Resources};
 pub use k8s_cri::v1 as api;
 pub use k8s_cri::v1::ContainerState;
 pub use kubelet::{image_tar, CriSetup, Kubelet, LeakCheck, Pod, BUSYBOX, PAUSE};
+pub use streaming::Streamed;
 
 /// Default deadline of one call: containerd answers in milliseconds, but a
 /// VM runtime boots a guest in RunPodSandbox (seconds under TCG, more on a

@@ -341,3 +341,34 @@ pub fn containerd_restart(setup: &CriSetup) -> Result<()> {
     k.remove_pod(&pod)?;
     k.finish()
 }
+
+/// (h) Streaming Exec (stdout, stderr, stdin and the exit status) and
+/// Attach through containerd's streaming server, as `kubectl exec` and
+/// `kubectl attach` reach them.
+pub fn streaming(setup: &CriSetup) -> Result<()> {
+    let k = Kubelet::start(setup)?;
+    let cri = k.cri();
+    let pod = k.run_pod(&k.pod("stream"))?;
+    let ticker =
+        ContainerBuilder::new("ticker", BUSYBOX).shell("while true; do echo tick; sleep 1; done");
+    let id = k.run_container(&pod, &ticker)?;
+    cri.wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
+
+    let url = cri.exec_url(&id, &["sh", "-c", "echo out; echo err >&2; exit 5"], false)?;
+    let s = cri.stream(&url, None, None, EXEC_TIMEOUT)?;
+    ensure!(s.stdout == "out\n" && s.stderr == "err\n", "exec: {s:?}");
+    ensure!(
+        s.status.contains("Failure") && s.status.contains("\"5\""),
+        "exec status: {s:?}"
+    );
+    let url = cri.exec_url(&id, &["head", "-n", "1"], true)?;
+    let s = cri.stream(&url, Some(b"round trip\n"), None, EXEC_TIMEOUT)?;
+    ensure!(s.stdout == "round trip\n", "exec with stdin: {s:?}");
+    ensure!(s.status.contains("Success"), "exec status: {s:?}");
+
+    let url = cri.attach_url(&id)?;
+    let s = cri.stream(&url, None, Some("tick"), EXEC_TIMEOUT)?;
+    ensure!(s.stdout.contains("tick"), "attach: {s:?}");
+    k.remove_pod(&pod)?;
+    k.finish()
+}
