@@ -21,6 +21,7 @@ mod service;
 mod stdio_server;
 mod switch_root;
 mod sysinfo;
+mod volumes;
 
 use anyhow::Context;
 use server::ListenAddr;
@@ -71,7 +72,8 @@ fn run_as_init() -> anyhow::Result<Infallible> {
         containers.watch_oom();
         stdio_server::serve_vsock(clh_agent_protocol::STDIO_VSOCK_PORT, containers.clone())
             .context("listening for stdio streams")?;
-        let _server = server::serve(&addr, containers).await?;
+        let volumes = volumes::Volumes::new(clh_agent_protocol::GUEST_VOLUMES_DIR);
+        let _server = server::serve(&addr, containers, volumes).await?;
         info!("serving ttrpc on {addr}");
         // The server runs in background tasks; PID 1 waits forever.
         std::future::pending::<()>().await;
@@ -97,7 +99,11 @@ fn run_on_host(addr: ListenAddr, debug: bool) -> anyhow::Result<()> {
             .start()
             .context("installing the SIGCHLD handler")?;
         let containers = containers::Containers::new(reaper);
-        let mut server = server::serve(&addr, containers).await?;
+        // Not the host's /run/clh: a directory of this process's own.
+        let volumes_dir =
+            std::env::temp_dir().join(format!("clh-agent-{}-volumes", std::process::id()));
+        let volumes = volumes::Volumes::new(&volumes_dir);
+        let mut server = server::serve(&addr, containers, volumes).await?;
         info!("serving ttrpc on {addr} (host test mode, no init)");
         tokio::select! {
             _ = term.recv() => {}
@@ -110,6 +116,7 @@ fn run_on_host(addr: ListenAddr, debug: bool) -> anyhow::Result<()> {
         if let ListenAddr::Unix(path) = &addr {
             let _ = std::fs::remove_file(path);
         }
+        let _ = std::fs::remove_dir_all(&volumes_dir);
         Ok(())
     })
 }

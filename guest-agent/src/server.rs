@@ -2,6 +2,7 @@
 
 use crate::containers::Containers;
 use crate::service::AgentService;
+use crate::volumes::Volumes;
 use std::sync::Arc;
 use ttrpc::r#async::Server;
 
@@ -51,12 +52,19 @@ pub struct ServeError {
 
 /// Binds `addr` and starts accepting in the background. The returned server
 /// must be kept alive; dropping it stops the service.
-pub async fn serve(addr: &ListenAddr, containers: Containers) -> Result<Server, ServeError> {
+pub async fn serve(
+    addr: &ListenAddr,
+    containers: Containers,
+    volumes: Volumes,
+) -> Result<Server, ServeError> {
     let err = |source| ServeError {
         addr: addr.clone(),
         source,
     };
-    let services = clh_agent_protocol::create_agent(Arc::new(AgentService { containers }));
+    let services = clh_agent_protocol::create_agent(Arc::new(AgentService {
+        containers,
+        volumes,
+    }));
     let mut server = Server::new()
         .bind(&addr.ttrpc_addr())
         .map_err(err)?

@@ -4,12 +4,14 @@
 
 use crate::containers::{Containers, CtrError, Stats};
 use crate::sysinfo::{self, SysInfoError};
+use crate::volumes::{VolError, Volumes};
 use async_trait::async_trait;
 use clh_agent_protocol::{
     CheckRequest, CheckResponse, ContainerRequest, ContainerStatsResponse, CreateContainerRequest,
     CreateContainerResponse, Empty, ExecProcessRequest, ListPidsResponse, OomEvent, ProcessRequest,
-    ResizeTtyRequest, SignalProcessRequest, StartProcessResponse, UpdateContainerRequest,
-    VersionRequest, VersionResponse, WaitProcessResponse, PROTOCOL_VERSION,
+    ResizeTtyRequest, SignalProcessRequest, StartProcessResponse, SyncVolumeRequest,
+    SyncVolumeResponse, UpdateContainerRequest, VersionRequest, VersionResponse, VolumeRequest,
+    WaitProcessResponse, PROTOCOL_VERSION,
 };
 use tracing::{debug, info, warn};
 use ttrpc::r#async::TtrpcContext;
@@ -20,12 +22,19 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub struct AgentService {
     pub containers: Containers,
+    pub volumes: Volumes,
 }
 
 /// Maps a domain error to its ttrpc status, logging it.
 fn status(call: &str, e: CtrError) -> Error {
     let msg = e.to_string();
     debug!("{call} failed: {msg}");
+    Error::RpcStatus(ttrpc::get_status(e.code(), msg))
+}
+
+fn vol_status(call: &str, e: VolError) -> Error {
+    let msg = e.to_string();
+    warn!("{call} failed: {msg}");
     Error::RpcStatus(ttrpc::get_status(e.code(), msg))
 }
 
@@ -228,6 +237,35 @@ impl clh_agent_protocol::Agent for AgentService {
             "RemoveContainer",
             self.containers.remove(&req.container_id).await,
         )
+    }
+
+    async fn sync_volume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SyncVolumeRequest,
+    ) -> ttrpc::Result<SyncVolumeResponse> {
+        debug!(
+            id = %req.container_id,
+            volume = req.volume,
+            generation = req.generation,
+            entries = req.entries.len(),
+            commit = req.commit,
+            "sync volume"
+        );
+        let (dir, committed) =
+            (self.volumes.sync(req).await).map_err(|e| vol_status("SyncVolume", e))?;
+        Ok(SyncVolumeResponse {
+            guest_dir: dir.to_string_lossy().into_owned(),
+            committed_generation: committed,
+            ..Default::default()
+        })
+    }
+
+    async fn remove_volume(&self, _ctx: &TtrpcContext, req: VolumeRequest) -> ttrpc::Result<Empty> {
+        debug!(id = %req.container_id, volume = req.volume, "remove volume");
+        (self.volumes.remove(&req.container_id, req.volume).await)
+            .map(|()| Empty::default())
+            .map_err(|e| vol_status("RemoveVolume", e))
     }
 
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {

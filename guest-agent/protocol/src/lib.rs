@@ -21,7 +21,12 @@ pub mod agent_ttrpc {
 }
 
 /// The protocol version both sides must agree on. Bump on incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: SyncVolume/RemoveVolume. Additive on the wire, but a shim of version
+/// 2 needs them for nearly every pod (the service-account token is a
+/// projected volume), so an older agent is refused at connect with a clear
+/// message rather than failing each pod at its first volume.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The AF_VSOCK port the agent serves ttrpc on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -40,6 +45,10 @@ pub const GUEST_SHARED_DIR: &str = "/run/clh/shared";
 /// containers. A bind mount whose source is `<EPHEMERAL_DIR>/<name>` makes
 /// the agent create `<name>` (one plain component) before the container.
 pub const EPHEMERAL_DIR: &str = "/run/clh/ephemeral";
+
+/// Where the agent keeps the copies of synced volumes (SyncVolume):
+/// `<GUEST_VOLUMES_DIR>/<container_id>/<volume>`.
+pub const GUEST_VOLUMES_DIR: &str = "/run/clh/volumes";
 
 pub use agent::*;
 pub use agent_ttrpc::{create_agent, Agent, AgentClient};

@@ -29,7 +29,7 @@ const REMOVE_GRACE: Duration = Duration::from_secs(5);
 const CONSOLE_DIR: &str = "/run/clh/tty";
 
 /// Ids name directories and cgroups: keep them to a safe alphabet.
-fn validate_id(what: &str, id: &str) -> Result<()> {
+pub(crate) fn validate_id(what: &str, id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')

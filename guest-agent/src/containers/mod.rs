@@ -10,6 +10,8 @@ mod lifecycle;
 pub mod process;
 mod tty;
 
+pub(crate) use lifecycle::validate_id;
+
 use crate::reaper::Reaper;
 use libcontainer::container::Container;
 use process::Proc;

@@ -18,6 +18,7 @@ mod stdio;
 #[cfg(test)]
 mod tests;
 pub mod validate;
+pub mod volume_sync;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

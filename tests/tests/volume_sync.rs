@@ -1,0 +1,246 @@
+//! ConfigMap-style volumes reach a container in a real guest (QEMU TCG)
+//! through volume sync: a host directory laid out by the kubelet's atomic
+//! writer, a `VolumeSync` pushing it to the agent, a container mounting the
+//! guest copy and watching it with inotify. The kubelet's atomic update is
+//! reproduced on the host; the container must see the new set, whole,
+//! within 1 s, through an inotify event.
+//!
+//! Needs the guest image (`make guest-image`), busybox-static
+//! (`packaging/install-containerd.sh`) and gcc with a static libc (the
+//! busybox build has no inotify applet: `tests/images/inotify-wait.c`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use clh_agent_client::{connect_hybrid_vsock, open_stdio_stream, Stdio, StdioKind};
+use clh_agent_protocol::{AGENT_VSOCK_PORT, GUEST_SHARED_DIR};
+use clh_tests::{containerd::cache_dir, qemu_options, state_root, GuestImage, LeakCheck};
+use containerd_shim_clh_v2::service::volume_sync;
+use containerd_shim_clh_v2::vm::PodVm;
+use oci_spec::runtime::{MountBuilder, RootBuilder, Spec};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::net::UnixStream;
+
+/// TCG is slow; no single step should take longer.
+const STEP: Duration = Duration::from_secs(60);
+/// The target: an update is in the container within this.
+const UPDATE_DEADLINE: Duration = Duration::from_secs(1);
+const CID: &str = "vols";
+
+/// The kubelet's atomic writer (pkg/volume/util/atomic_writer.go), in
+/// order: new timestamped dir, `..data_tmp` renamed over `..data`, new
+/// user-visible links, removed keys' links, the old dir.
+fn atomic_write(dir: &Path, serial: u32, files: &[(&str, &[u8])]) -> Result<()> {
+    let ts = format!("..2026_11_22_10_00_00.{serial}");
+    std::fs::create_dir(dir.join(&ts))?;
+    for (key, value) in files {
+        std::fs::write(dir.join(&ts).join(key), value)?;
+    }
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    std::os::unix::fs::symlink(&ts, dir.join("..data_tmp"))?;
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
+    for (key, _) in files {
+        if std::fs::symlink_metadata(dir.join(key)).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{key}"), dir.join(key))?;
+        }
+    }
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name();
+        let name = name.to_string_lossy();
+        if !name.starts_with("..") && !files.iter().any(|(k, _)| *k == name) {
+            std::fs::remove_file(dir.join(&*name))?;
+        }
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old))?;
+    }
+    Ok(())
+}
+
+/// A busybox rootfs with `inotify-wait` compiled into it.
+fn make_rootfs(shared: &Path) -> Result<()> {
+    let rootfs = shared.join(CID).join("rootfs");
+    for dir in ["bin", "proc", "sys", "dev", "tmp", "etc", "vol"] {
+        std::fs::create_dir_all(rootfs.join(dir))?;
+    }
+    let busybox = cache_dir().join("busybox-static/bin/busybox");
+    ensure!(
+        busybox.is_file(),
+        "{} is missing: run packaging/install-containerd.sh first",
+        busybox.display()
+    );
+    std::fs::copy(&busybox, rootfs.join("bin/busybox")).context("copying busybox")?;
+    for applet in ["sh", "cat", "echo", "ls", "wc"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
+    }
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/inotify-wait.c");
+    let out = rootfs.join("bin/inotify-wait");
+    let status = std::process::Command::new("gcc")
+        .args(["-static", "-Os", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .context("running gcc (apt-get install gcc libc6-dev)")?;
+    ensure!(status.success(), "gcc -static {} failed", source.display());
+    Ok(())
+}
+
+/// The container: on each `..data` event in /vol, a line with the event,
+/// then one with what it then sees there.
+fn spec_json(guest_dir: &str) -> Result<Vec<u8>> {
+    let mut spec = Spec::default();
+    let root = format!("{GUEST_SHARED_DIR}/{CID}/rootfs");
+    spec.set_root(Some(
+        RootBuilder::default().path(root).readonly(false).build()?,
+    ));
+    // `echo $ev` is a builtin: the event's line leaves at once; reading the
+    // files takes a few fork/execs, slow under TCG.
+    let script = "inotify-wait /vol ..data | while read ev; do echo \"$ev\"; \
+                  echo \"a=$(cat /vol/a) keys=$(echo $(ls /vol)) big=$(cat /vol/big 2>/dev/null | wc -c)\"; \
+                  done";
+    let mut process = spec
+        .process()
+        .clone()
+        .context("default spec has a process")?;
+    process.set_args(Some(vec!["sh".into(), "-c".into(), script.into()]));
+    process.set_terminal(Some(false));
+    process.set_env(Some(vec!["PATH=/bin".into()]));
+    spec.set_process(Some(process));
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.push(
+        MountBuilder::default()
+            .destination("/vol")
+            .typ("bind")
+            .source(guest_dir)
+            .options(vec!["rbind".into(), "ro".into()])
+            .build()?,
+    );
+    spec.set_mounts(Some(mounts));
+    Ok(serde_json::to_vec(&spec)?)
+}
+
+async fn next_line(lines: &mut Lines<BufReader<UnixStream>>, deadline: Duration) -> Result<String> {
+    let line = tokio::time::timeout(deadline, lines.next_line())
+        .await
+        .with_context(|| format!("no line from the container within {deadline:?}"))??;
+    line.context("the container's stdout ended")
+}
+
+/// What one update took: until the agent had committed it (host side),
+/// and until the container's inotify watch fired.
+struct Timing {
+    committed: Duration,
+    event: Duration,
+}
+
+/// Reproduces an update on the host; returns the line the container
+/// printed for what it then saw, and the timing.
+async fn update(
+    lines: &mut Lines<BufReader<UnixStream>>,
+    sync: &volume_sync::VolumeSync,
+    host: &Path,
+    serial: u32,
+    files: &[(&str, &[u8])],
+) -> Result<(String, Timing)> {
+    let mut pushed = sync.pushed();
+    pushed.borrow_and_update();
+    let t0 = Instant::now();
+    atomic_write(host, serial, files)?;
+    let event = next_line(lines, STEP).await?;
+    let event_at = t0.elapsed();
+    ensure!(
+        event == "..data",
+        "expected the ..data event, got {event:?}"
+    );
+    tokio::time::timeout(STEP, pushed.changed()).await??;
+    let committed = pushed.borrow().at.saturating_duration_since(t0);
+    let seen = next_line(lines, STEP).await?;
+    let timing = Timing {
+        committed,
+        event: event_at,
+    };
+    println!(
+        "update {serial}: committed in the guest after {:?}, inotify event in the container after {:?}",
+        timing.committed, timing.event
+    );
+    Ok((seen, timing))
+}
+
+async fn run(vm: &PodVm, host: &Path) -> Result<()> {
+    let uds = vm.vsock_socket();
+    let stream = connect_hybrid_vsock(&uds, AGENT_VSOCK_PORT, STEP).await?;
+    let raw = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(stream));
+    let agent = clh_agent_protocol::AgentClient::new(raw);
+    vm.agent().version().await?;
+
+    atomic_write(host, 1, &[("a", b"1"), ("b", b"1")])?;
+    ensure!(
+        volume_sync::is_synced_volume(host),
+        "the host dir is not recognised"
+    );
+    let sync = volume_sync::start(agent, host.to_path_buf(), CID, 0).await?;
+    let guest_dir = sync.guest_dir().to_owned();
+    ensure!(guest_dir == volume_sync::guest_dir(CID, 0), "{guest_dir}");
+
+    make_rootfs(&vm.dir().join("shared"))?;
+    let stdio = Stdio {
+        stdout: true,
+        stderr: true,
+        ..Default::default()
+    };
+    vm.agent()
+        .create_container(CID, &spec_json(&guest_dir)?, stdio)
+        .await?;
+    let out = open_stdio_stream(&uds, CID, "", StdioKind::Stdout).await?;
+    let _err = open_stdio_stream(&uds, CID, "", StdioKind::Stderr).await?;
+    vm.agent().start_process(CID, "").await?;
+    let mut lines = BufReader::new(out).lines();
+    // inotify-wait's "ready" goes through the loop too: the first snapshot.
+    let ready = next_line(&mut lines, STEP).await?;
+    ensure!(ready == "ready", "{ready:?}");
+    let first = next_line(&mut lines, STEP).await?;
+    ensure!(first == "a=1 keys=a b big=0", "{first:?}");
+
+    // A ConfigMap update: a changed, b removed, c added.
+    let (line, small) = update(&mut lines, &sync, host, 2, &[("a", b"2"), ("c", b"2")]).await?;
+    ensure!(line == "a=2 keys=a c big=0", "{line:?}");
+    ensure!(
+        small.event < UPDATE_DEADLINE,
+        "the container saw the update after {:?}",
+        small.event
+    );
+
+    // 5 MiB: several SyncVolume calls for one generation.
+    let big = vec![b'x'; 5 << 20];
+    let files: [(&str, &[u8]); 2] = [("a", b"3"), ("big", &big)];
+    let (line, _) = update(&mut lines, &sync, host, 3, &files).await?;
+    let want = format!("a=3 keys=a big big={}", big.len());
+    ensure!(line == want, "{line:?}");
+
+    vm.agent().signal_process(CID, "", 9, true).await?;
+    tokio::time::timeout(STEP, vm.agent().wait_process(CID, "")).await??;
+    vm.agent().remove_container(CID).await?;
+    sync.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_updates_reach_the_container_whole_and_fire_inotify() {
+    let image = GuestImage::locate().unwrap();
+    let root = state_root().unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let leaks = LeakCheck::new(root.path());
+    let vm = PodVm::start("vols", root.path(), &qemu_options(&image))
+        .await
+        .unwrap();
+    let result = run(&vm, host.path()).await;
+    let console = std::fs::read_to_string(vm.dir().join("console.log")).unwrap_or_default();
+    vm.stop().await.unwrap();
+    if let Err(e) = result {
+        let lines: Vec<&str> = console.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        panic!("{e:#}\n--- guest console (tail) ---\n{tail}");
+    }
+    leaks.assert_clean().await;
+}
