@@ -208,6 +208,7 @@ fn leaked_processes(root: &Path) -> Vec<(u32, String)> {
         })
         .collect()
 }
+pub mod atomic_writer;
 pub mod containerd;
 pub mod cri;
 pub mod ctr;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clh_agent_client::{connect_hybrid_vsock, open_stdio_stream, Stdio, StdioKind};
 use clh_agent_protocol::{AGENT_VSOCK_PORT, GUEST_SHARED_DIR};
+use clh_tests::atomic_writer::{atomic_write, build_inotify_wait};
 use clh_tests::{containerd::cache_dir, qemu_options, state_root, GuestImage, LeakCheck};
 use containerd_shim_clh_v2::service::volume_sync;
 use containerd_shim_clh_v2::vm::PodVm;
@@ -27,36 +28,6 @@ const STEP: Duration = Duration::from_secs(60);
 /// The target: an update is in the container within this.
 const UPDATE_DEADLINE: Duration = Duration::from_secs(1);
 const CID: &str = "vols";
-
-/// The kubelet's atomic writer (pkg/volume/util/atomic_writer.go), in
-/// order: new timestamped dir, `..data_tmp` renamed over `..data`, new
-/// user-visible links, removed keys' links, the old dir.
-fn atomic_write(dir: &Path, serial: u32, files: &[(&str, &[u8])]) -> Result<()> {
-    let ts = format!("..2026_11_22_10_00_00.{serial}");
-    std::fs::create_dir(dir.join(&ts))?;
-    for (key, value) in files {
-        std::fs::write(dir.join(&ts).join(key), value)?;
-    }
-    let old = std::fs::read_link(dir.join("..data")).ok();
-    std::os::unix::fs::symlink(&ts, dir.join("..data_tmp"))?;
-    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
-    for (key, _) in files {
-        if std::fs::symlink_metadata(dir.join(key)).is_err() {
-            std::os::unix::fs::symlink(format!("..data/{key}"), dir.join(key))?;
-        }
-    }
-    for e in std::fs::read_dir(dir)? {
-        let name = e?.file_name();
-        let name = name.to_string_lossy();
-        if !name.starts_with("..") && !files.iter().any(|(k, _)| *k == name) {
-            std::fs::remove_file(dir.join(&*name))?;
-        }
-    }
-    if let Some(old) = old {
-        std::fs::remove_dir_all(dir.join(old))?;
-    }
-    Ok(())
-}
 
 /// A busybox rootfs with `inotify-wait` compiled into it.
 fn make_rootfs(shared: &Path) -> Result<()> {
@@ -74,15 +45,7 @@ fn make_rootfs(shared: &Path) -> Result<()> {
     for applet in ["sh", "cat", "echo", "ls", "wc"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
     }
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/inotify-wait.c");
-    let out = rootfs.join("bin/inotify-wait");
-    let status = std::process::Command::new("gcc")
-        .args(["-static", "-Os", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&source)
-        .status()
-        .context("running gcc (apt-get install gcc libc6-dev)")?;
-    ensure!(status.success(), "gcc -static {} failed", source.display());
+    build_inotify_wait(&rootfs.join("bin/inotify-wait"))?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR};
+use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR, GUEST_VOLUMES_DIR};
 use nix::mount::{umount2, MntFlags};
 
 use super::error::{Error, Result};
@@ -23,7 +23,7 @@ pub struct Binds {
     targets: Vec<PathBuf>,
 }
 
-fn is_bind(m: &serde_json::Value) -> bool {
+pub(super) fn is_bind(m: &serde_json::Value) -> bool {
     let has_opt = |o: &str| {
         m.get("options")
             .and_then(|v| v.as_array())
@@ -56,6 +56,12 @@ fn memory_volume(m: &serde_json::Value) -> Option<String> {
     (plain && !name.starts_with('.')).then(|| name.to_string())
 }
 
+/// A source already rewritten to a guest path (a synced volume's copy).
+fn is_guest_source(m: &serde_json::Value) -> bool {
+    let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
+    Path::new(source).starts_with(GUEST_VOLUMES_DIR)
+}
+
 fn has_option(m: &serde_json::Value, opt: &str) -> bool {
     m.get("options")
         .and_then(|v| v.as_array())
@@ -73,7 +79,7 @@ impl Binds {
         let host_dir = private_dir(vm_dir).join(cid).join("mounts");
         let mut made_dir = false;
         for (n, m) in mounts.iter_mut().enumerate() {
-            if !is_bind(m) {
+            if !is_bind(m) || is_guest_source(m) {
                 continue;
             }
             if let Some(name) = memory_volume(m) {

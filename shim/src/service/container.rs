@@ -18,6 +18,7 @@ use super::binds::Binds;
 use super::error::{agent_error, Error, Result};
 use super::sandbox::Sandbox;
 use super::stdio::{Pumps, StdioPaths};
+use super::volume_sync::VolumeSync;
 use crate::pod::Role;
 use crate::sizing::PodLimits;
 
@@ -107,6 +108,9 @@ pub struct Container {
     pub oom_published: std::sync::atomic::AtomicU64,
     /// The container's CPU and memory limits, which the VM's size covers.
     pub limits: Mutex<PodLimits>,
+    /// Its ConfigMap, Secret, projected and downward-API volumes, copied
+    /// into the guest and kept current (volume_sync.rs).
+    pub synced: Mutex<Vec<VolumeSync>>,
 }
 
 impl Container {
@@ -133,6 +137,7 @@ impl Container {
             tasks: Mutex::new(Vec::new()),
             oom_published: Default::default(),
             limits: Mutex::default(),
+            synced: Mutex::default(),
         }
     }
 

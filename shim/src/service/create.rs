@@ -16,7 +16,8 @@ use super::error::{agent_error, Error, Result};
 use super::events::EventSender;
 use super::sandbox::Sandbox;
 use super::stdio::{self, Pumps, StdioPaths};
-use super::{pod_spec, rootfs, validate, TaskService};
+use super::volume_sync::{self, VolumeSync};
+use super::{binds, pod_spec, rootfs, validate, TaskService};
 use crate::pod::Role;
 use crate::sizing::{self, PodLimits};
 use serde_json::Value;
@@ -25,6 +26,7 @@ use serde_json::Value;
 struct InGuest {
     rootfs: std::path::PathBuf,
     binds: Binds,
+    synced: Vec<VolumeSync>,
     pid: u32,
     pumps: Pumps,
 }
@@ -137,7 +139,9 @@ impl<E: EventSender> TaskService<E> {
     ) -> Container {
         let init = Process::new(g.pid, stdio, g.pumps);
         let rootfs = Some(g.rootfs);
-        Container::new(&req.id, &req.bundle, role, sandbox, rootfs, g.binds, init)
+        let c = Container::new(&req.id, &req.bundle, role, sandbox, rootfs, g.binds, init);
+        *c.synced.lock().unwrap_or_else(|p| p.into_inner()) = g.synced;
+        c
     }
 
     /// Boots a pod's VM, named after the sandbox, with its hostname, sized
@@ -220,9 +224,11 @@ async fn create_in_guest(
     validate::rewrite_root(spec, &req.id)?;
     let rootfs = rootfs::host_path(&sandbox.dir, &req.id);
     let mut binds = Binds::default();
+    let mut synced = Vec::new();
     let mut created = false;
     let result = async {
         rootfs::mount(&req.rootfs, &source, &rootfs).await?;
+        synced = sync_volumes(sandbox, spec, &req.id).await?;
         binds = Binds::share(spec, &sandbox.dir, &req.id)?;
         let creq = clh_agent_protocol::CreateContainerRequest {
             container_id: req.id.clone(),
@@ -244,12 +250,16 @@ async fn create_in_guest(
         Ok((pid, pumps)) => Ok(InGuest {
             rootfs,
             binds,
+            synced,
             pid,
             pumps,
         }),
         Err(e) => {
             if created {
                 remove_in_guest(sandbox, &req.id).await;
+            }
+            for s in synced {
+                s.stop().await;
             }
             if let Err(u) = binds.unmount() {
                 tracing::error!(error = %u, "after a failed create");
@@ -261,6 +271,48 @@ async fn create_in_guest(
             Err(e)
         }
     }
+}
+
+/// Starts a [`VolumeSync`] for every bind mount that is a kubelet
+/// atomic-writer volume (ConfigMap, Secret, projected, downward API) and
+/// points the mount at the guest's copy, read-only. Each sync has pushed
+/// its first snapshot when this returns.
+async fn sync_volumes(sandbox: &Sandbox, spec: &mut Value, cid: &str) -> Result<Vec<VolumeSync>> {
+    let mut synced = Vec::new();
+    let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+        return Ok(synced);
+    };
+    for (n, m) in mounts.iter_mut().enumerate() {
+        let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
+        if !binds::is_bind(m) || !volume_sync::is_synced_volume(Path::new(source)) {
+            continue;
+        }
+        let host = std::path::PathBuf::from(source);
+        match volume_sync::start(sandbox.agent.clone(), host, cid, n).await {
+            Ok(sync) => {
+                m["source"] = Value::String(sync.guest_dir().to_string());
+                let options = m.as_object_mut().map(|o| {
+                    o.entry("options")
+                        .or_insert_with(|| Value::Array(Vec::new()))
+                });
+                if let Some(Value::Array(opts)) = options {
+                    if !opts.iter().any(|o| o == "ro") {
+                        opts.push(Value::String("ro".into()));
+                    }
+                }
+                synced.push(sync);
+            }
+            Err(e) => {
+                for s in synced {
+                    s.stop().await;
+                }
+                return Err(Error::Internal(anyhow::Error::new(e).context(format!(
+                    "cannot copy the volume {source} into the guest"
+                ))));
+            }
+        }
+    }
+    Ok(synced)
 }
 
 /// The spec's `linux.cgroupsPath`: the host cgroup for the VM's processes.

@@ -215,6 +215,15 @@ impl<E: EventSender> TaskService<E> {
         if c.rootfs.is_some() {
             create::remove_in_guest(&c.sandbox, &c.id).await;
         }
+        let synced: Vec<_> = c
+            .synced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for s in synced {
+            s.stop().await;
+        }
         c.stop_tasks().await;
         c.sandbox.leave(&c.id);
         let binds = c.binds.lock().unwrap_or_else(|p| p.into_inner()).unmount();
