@@ -211,3 +211,4 @@ fn leaked_processes(root: &Path) -> Vec<(u32, String)> {
 pub mod containerd;
 pub mod cri;
 pub mod ctr;
+pub mod podmem;
