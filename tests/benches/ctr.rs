@@ -37,7 +37,7 @@ const STREAM_BYTES: u64 = 100 * 1024 * 1024;
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn main() -> Result<()> {
-    let shim_dir = release_shim_dir()?;
+    let shim_dir = clh_tests::ctr::release_shim_dir()?;
     let image = GuestImage::locate()?;
     // Short, under /tmp: the shim's sockets live in its state dir.
     let tmp = tempfile::Builder::new().prefix("clh-").tempdir_in("/tmp")?;
@@ -139,34 +139,6 @@ fn main() -> Result<()> {
 
     println!("cleanup: containerd stopped, no shim, VM process, mount or state left");
     Ok(())
-}
-
-/// Runs the release shim, as a benchmark should: builds it (cheap when
-/// fresh) and returns its directory, put first on containerd's PATH.
-fn release_shim_dir() -> Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "--release", "-p", "containerd-shim-clh-v2"])
-        .current_dir(&workspace)
-        .status()
-        .context("running cargo build --release -p containerd-shim-clh-v2")?;
-    ensure!(
-        status.success(),
-        "building the release shim failed: {status}"
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    let dir = target.join("release");
-    ensure!(
-        dir.join("containerd-shim-clh-v2").is_file(),
-        "no containerd-shim-clh-v2 in {}",
-        dir.display()
-    );
-    Ok(dir)
 }
 
 /// The same tarball the ctr_run tests build and cache.

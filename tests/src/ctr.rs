@@ -4,11 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
 use crate::containerd::{ContainerdVersion, PrivateContainerd};
+use crate::cri::CriSetup;
 use crate::GuestImage;
 
 pub const BUSYBOX: &str = "docker.io/library/busybox:latest";
@@ -21,26 +23,68 @@ pub fn workspace() -> PathBuf {
 /// The shim binary's directory: builds it (`cargo build -p
 /// containerd-shim-clh-v2`, cheap when fresh) into target/debug.
 pub fn shim_dir() -> Result<PathBuf> {
+    built_shim_dir(false)
+}
+
+/// The release shim's directory, as a benchmark should run it: builds it
+/// (cheap when fresh) into target/release.
+pub fn release_shim_dir() -> Result<PathBuf> {
+    built_shim_dir(true)
+}
+
+fn built_shim_dir(release: bool) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut args = vec!["build", "-q", "-p", "containerd-shim-clh-v2"];
+    if release {
+        args.push("--release");
+    }
     let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "containerd-shim-clh-v2"])
+        .args(&args)
         .current_dir(workspace())
         .status()
-        .context("running cargo build -p containerd-shim-clh-v2")?;
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
     ensure!(
         status.success(),
-        "cargo build -p containerd-shim-clh-v2 failed: {status}"
+        "cargo {} failed: {status}",
+        args.join(" ")
     );
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"));
-    let dir = target.join("debug");
+    let dir = target.join(if release { "release" } else { "debug" });
     ensure!(
         dir.join("containerd-shim-clh-v2").is_file(),
         "no containerd-shim-clh-v2 in {}",
         dir.display()
     );
     Ok(dir)
+}
+
+/// The `clh` CRI handler as tests/tests/cri_clh.rs and the CRI bench run
+/// it: the shim from `shim_dir` with `s`'s config, whose agent deadline is
+/// raised to `agent_connect_ms` (several TCG boots at once on a small host
+/// take far longer than one), CRI calls bounded by 180 s, and the shim's
+/// state dir among the leak checks. `images_dir`: the caller's
+/// `CARGO_TARGET_TMPDIR`.
+pub fn cri_setup(
+    s: &Setup,
+    shim_dir: PathBuf,
+    images_dir: &Path,
+    agent_connect_ms: u64,
+) -> Result<CriSetup> {
+    let mut config = std::fs::read_to_string(&s.config)
+        .with_context(|| format!("reading {}", s.config.display()))?;
+    config.push_str(&format!(
+        "\n[timeouts]\nagent_connect_ms = {agent_connect_ms}\n"
+    ));
+    std::fs::write(&s.config, config).with_context(|| format!("writing {}", s.config.display()))?;
+    let mut cri = CriSetup::new("clh", images_dir);
+    cri.shim_dir = Some(shim_dir);
+    cri.env = vec![("CLH_SHIM_CONFIG".into(), s.config.display().to_string())];
+    cri.timeout = Duration::from_secs(180);
+    let state = s.state_dir.clone();
+    cri.extra_leaks = Some(Arc::new(move |_| state_dir_leaks(&state)));
+    Ok(cri)
 }
 
 /// A shim config: QEMU, the built guest image, a short state dir.

@@ -213,3 +213,4 @@ pub mod containerd;
 pub mod cri;
 pub mod ctr;
 pub mod fuse_frontend;
+pub mod podmem;

@@ -17,7 +17,6 @@
 //! Run one at a time (`-- --test-threads=1`): each boots VMs.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -31,17 +30,9 @@ const AGENT_TIMEOUT_MS: u64 = 120_000;
 /// The shim config (kept alive with the setup) and the CRI setup for `clh`.
 fn setup() -> (ctr::Setup, CriSetup) {
     let s = ctr::setup().expect("shim setup");
-    let mut config = std::fs::read_to_string(&s.config).expect("reading the shim config");
-    config.push_str(&format!(
-        "\n[timeouts]\nagent_connect_ms = {AGENT_TIMEOUT_MS}\n"
-    ));
-    std::fs::write(&s.config, config).expect("writing the shim config");
-    let mut cri = CriSetup::new("clh", Path::new(env!("CARGO_TARGET_TMPDIR")));
-    cri.shim_dir = Some(ctr::shim_dir().expect("building the shim"));
-    cri.env = vec![("CLH_SHIM_CONFIG".into(), s.config.display().to_string())];
-    cri.timeout = Duration::from_secs(180);
-    let state = s.state_dir.clone();
-    cri.extra_leaks = Some(Arc::new(move |_| ctr::state_dir_leaks(&state)));
+    let shim_dir = ctr::shim_dir().expect("building the shim");
+    let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let cri = ctr::cri_setup(&s, shim_dir, images, AGENT_TIMEOUT_MS).expect("CRI setup");
     (s, cri)
 }
 

@@ -102,7 +102,8 @@ pub(super) fn wait_gone(pids: impl Iterator<Item = i32> + Clone, timeout: Durati
     }
 }
 
-pub(super) fn all_pids() -> Vec<i32> {
+/// Every process id in /proc now.
+pub fn all_pids() -> Vec<i32> {
     fs::read_dir("/proc")
         .map(|d| {
             d.flatten()
@@ -112,7 +113,8 @@ pub(super) fn all_pids() -> Vec<i32> {
         .unwrap_or_default()
 }
 
-pub(super) fn cmdline(pid: i32) -> Vec<String> {
+/// `pid`'s argv; empty once it has gone (or for a kernel thread).
+pub fn cmdline(pid: i32) -> Vec<String> {
     fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
             b.split(|&c| c == 0)
@@ -124,7 +126,7 @@ pub(super) fn cmdline(pid: i32) -> Vec<String> {
 }
 
 /// All descendants of `root` (children, grandchildren...), from /proc.
-pub(super) fn descendants(root: i32) -> Vec<i32> {
+pub fn descendants(root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     for pid in all_pids() {
         let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {

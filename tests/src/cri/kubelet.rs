@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1 as cri;
@@ -172,6 +172,15 @@ impl Kubelet {
     /// Makes the pod's log dir and cgroups (the kubelet does both before
     /// RunPodSandbox), then runs it with the setup's handler.
     pub fn run_pod(&self, pod: &PodBuilder) -> Result<Pod> {
+        let handler = self.setup.handler.clone();
+        self.run_pod_as(pod, &handler).map(|(pod, _)| pod)
+    }
+
+    /// [`run_pod`](Self::run_pod) with `handler` instead of the setup's (a
+    /// bench compares two handlers on one containerd). Also returns when
+    /// RunPodSandbox was sent, after the kubelet-side preparation, so that
+    /// a start latency measures the CRI and the runtime only.
+    pub fn run_pod_as(&self, pod: &PodBuilder, handler: &str) -> Result<(Pod, Instant)> {
         let config = pod.build();
         let linux = config.linux.as_ref();
         let cgroup = linux.map(|l| l.cgroup_parent.clone()).unwrap_or_default();
@@ -184,15 +193,17 @@ impl Kubelet {
                     .with_context(|| format!("creating the pod cgroup {}", dir.display()))?;
             }
         }
-        let id = self.cri.run_pod_sandbox(&config, &self.setup.handler)?;
+        let sent = Instant::now();
+        let id = self.cri.run_pod_sandbox(&config, handler)?;
         lock(&self.pod_ids).push(id.clone());
         self.note_sockets();
-        Ok(Pod {
+        let pod = Pod {
             id,
             config,
             cgroup,
             log_dir,
-        })
+        };
+        Ok((pod, sent))
     }
 
     /// CreateContainer and StartContainer in `pod`; returns the id.

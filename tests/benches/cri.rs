@@ -1,0 +1,474 @@
+//! `make bench` (cri): pods through the CRI, handler `clh` beside `runc`,
+//! on one private containerd 2.1 with the same images, in one run.
+//!
+//! - start latency: RunPodSandbox sent → ContainerStatus reports the
+//!   container RUNNING, for a pod with one busybox sleeper (RunPodSandbox,
+//!   CreateContainer, StartContainer, then ContainerStatus). First pods one
+//!   at a time, then batches started at once (each pod's latency, and the
+//!   batch's wall time: first RunPodSandbox → last container RUNNING).
+//!   Pods are removed between rounds, untimed.
+//! - host memory per idle pod: a few pods with one sleeper each, the PSS
+//!   of each pod's host processes once their sum has settled (podmem.rs:
+//!   how the processes are found, why PSS). clh: shim, VMM, vhost-device-
+//!   vsock, virtiofsd and its sandboxed worker, with the guest RAM they
+//!   map shown apart beside its configured size; runc: shim, pause, the
+//!   container.
+//!
+//! Rounds alternate between the handlers, and which goes first, so both
+//! see the same host conditions. Under QEMU TCG the absolute clh figures
+//! say little about hardware KVM; the ratio to runc is the figure to
+//! track. No figure is printed unless every pod ran and nothing was left
+//! behind; a failure still removes the pods (here, or by the Kubelet's
+//! drop) and stops containerd.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, ensure, Context, Result};
+use clh_tests::cri::{ContainerBuilder, ContainerState, Kubelet, Pod, BUSYBOX};
+use clh_tests::ctr;
+use clh_tests::podmem::{self, ProcessMemory};
+
+const CLH: &str = "clh";
+const RUNC: &str = "runc";
+/// Pods per handler started one at a time.
+const SERIAL_PODS: usize = 10;
+/// Pods per batch started at once, and batches per handler.
+const PARALLEL_PODS: usize = 5;
+const PARALLEL_ROUNDS: usize = 2;
+/// Idle pods per handler whose memory is measured.
+const IDLE_PODS: usize = 3;
+/// Several TCG boots at once on a 2-core host take far longer than one.
+const AGENT_TIMEOUT_MS: u64 = 120_000;
+/// The idle pods' memory counts as settled once two samples this far apart
+/// differ by at most SETTLED_CHANGE of their sum...
+const SETTLE_STEP: Duration = Duration::from_secs(2);
+const SETTLED_CHANGE: f64 = 0.02;
+/// ...which must happen within this, or the figure is marked unsettled.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+const MIB: f64 = 1024.0;
+
+fn main() -> Result<()> {
+    progress("starting");
+    let s = ctr::setup()?;
+    let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let setup = ctr::cri_setup(&s, ctr::release_shim_dir()?, images, AGENT_TIMEOUT_MS)?;
+    let k = Kubelet::start(&setup)?;
+    // The header now, the figures only once everything has passed.
+    println!("{}", header(&k)?);
+    progress("containerd up, images imported");
+
+    // Unmeasured: the first pod of each handler pays one-off costs (page
+    // cache of the guest image and the binaries, snapshot preparation).
+    for handler in [CLH, RUNC] {
+        let (pod, _) = start_pod(&k, handler, &format!("warm-{handler}"))?;
+        k.remove_pod(&pod)?;
+    }
+    progress("warm-up pods done");
+    let serial = serial_starts(&k)?;
+    let parallel = parallel_starts(&k)?;
+    let memory = [
+        idle_memory(&k, &s, CLH).context("clh idle pods")?,
+        idle_memory(&k, &s, RUNC).context("runc idle pods")?,
+    ];
+    k.finish()
+        .context("leftovers after the bench; no figures printed")?;
+
+    print_starts(&serial, &parallel);
+    print_memory(&memory);
+    println!();
+    println!("{}", summary(&serial, &parallel, &memory));
+    println!("cleanup: every pod removed; no shim, VM process, mount, cgroup or state left");
+    Ok(())
+}
+
+/// What was measured on what: versions, sizes, host.
+fn header(k: &Kubelet) -> Result<String> {
+    let version = |bin: &Path| -> Result<String> {
+        let out = Command::new(bin)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {} --version", bin.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text.lines().next().unwrap_or_default().trim().to_owned())
+    };
+    let containerd = version(&k.containerd().version().bin_dir().join("containerd"))?;
+    let qemu = version(&clh_tests::binaries().qemu)?;
+    let host = nix::sys::utsname::uname().context("uname")?;
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    Ok(format!(
+        "CRI benchmark: {containerd}; handlers clh (QEMU TCG: {qemu}; pods without limits: \
+         1 vCPU, 512 MiB VM) and runc; busybox sleeper, loopback-only CNI\n\
+         host: {cores} cores, kernel {}; {SERIAL_PODS} serial pods, \
+         {PARALLEL_ROUNDS}x{PARALLEL_PODS} parallel, {IDLE_PODS} idle pods per handler",
+        host.release().to_string_lossy()
+    ))
+}
+
+/// A progress line on stderr, with the time since the bench began.
+fn progress(what: &str) {
+    static BEGAN: OnceLock<Instant> = OnceLock::new();
+    let began = BEGAN.get_or_init(Instant::now);
+    eprintln!("[{:>5.0} s] {what}", began.elapsed().as_secs_f64());
+}
+
+fn sleeper() -> ContainerBuilder {
+    ContainerBuilder::new("sleeper", BUSYBOX).command(&["sleep", "100000"])
+}
+
+/// Runs pod `name` with one sleeper through `handler`; returns it and the
+/// time from RunPodSandbox to the container seen RUNNING. A pod that
+/// fails after RunPodSandbox is removed before the error is returned.
+fn start_pod(k: &Kubelet, handler: &str, name: &str) -> Result<(Pod, Duration)> {
+    let (pod, sent) = k
+        .run_pod_as(&k.pod(name), handler)
+        .with_context(|| format!("{handler} pod {name}"))?;
+    let running = (|| -> Result<Duration> {
+        let id = k.run_container(&pod, &sleeper())?;
+        // StartContainer has returned: one status call normally shows
+        // RUNNING; the wait (polling, deadline) only covers a late state.
+        let status = k.cri().container_status(&id)?;
+        if status.state != ContainerState::ContainerRunning as i32 {
+            k.cri()
+                .wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
+        }
+        Ok(sent.elapsed())
+    })();
+    match running {
+        Ok(took) => Ok((pod, took)),
+        Err(e) => {
+            if let Err(r) = k.remove_pod(&pod) {
+                eprintln!("removing the failed pod {name}: {r:#}");
+            }
+            Err(e.context(format!("{handler} pod {name} ({})", pod.id)))
+        }
+    }
+}
+
+/// Even rounds start with clh, odd ones with runc.
+fn order(round: usize) -> [&'static str; 2] {
+    if round % 2 == 0 {
+        [CLH, RUNC]
+    } else {
+        [RUNC, CLH]
+    }
+}
+
+/// Latency samples of both handlers.
+#[derive(Default)]
+struct Samples {
+    clh: Vec<Duration>,
+    runc: Vec<Duration>,
+}
+
+impl Samples {
+    fn of(&mut self, handler: &str) -> &mut Vec<Duration> {
+        if handler == CLH {
+            &mut self.clh
+        } else {
+            &mut self.runc
+        }
+    }
+}
+
+fn serial_starts(k: &Kubelet) -> Result<Samples> {
+    let mut samples = Samples::default();
+    for round in 0..SERIAL_PODS {
+        for handler in order(round) {
+            let (pod, took) = start_pod(k, handler, &format!("s{round}-{handler}"))?;
+            k.remove_pod(&pod)?;
+            samples.of(handler).push(took);
+        }
+        progress(&format!("serial round {}/{SERIAL_PODS} done", round + 1));
+    }
+    Ok(samples)
+}
+
+/// Per-pod latencies of the parallel batches, and each batch's wall time.
+struct Parallel {
+    per_pod: Samples,
+    batches: Samples,
+}
+
+fn parallel_starts(k: &Kubelet) -> Result<Parallel> {
+    let (mut per_pod, mut batches) = (Samples::default(), Samples::default());
+    for round in 0..PARALLEL_ROUNDS {
+        for handler in order(round) {
+            let (took, wall) = batch(k, handler, round)?;
+            per_pod.of(handler).extend(took);
+            batches.of(handler).push(wall);
+            progress(&format!("parallel batch {} of {handler} done", round + 1));
+        }
+    }
+    Ok(Parallel { per_pod, batches })
+}
+
+/// Starts PARALLEL_PODS pods at once, then removes them (also at once);
+/// every pod that started is removed even when another failed.
+fn batch(k: &Kubelet, handler: &str, round: usize) -> Result<(Vec<Duration>, Duration)> {
+    let started = Instant::now();
+    let results: Vec<Result<(Pod, Duration)>> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..PARALLEL_PODS)
+            .map(|i| s.spawn(move || start_pod(k, handler, &format!("p{round}-{i}-{handler}"))))
+            .collect();
+        threads.into_iter().map(join).collect()
+    });
+    let wall = started.elapsed();
+    let mut pods = Vec::new();
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok(pod) => pods.push(pod),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    errors.extend(remove_all(k, pods.iter().map(|(p, _)| p)));
+    ensure!(errors.is_empty(), "{handler} batch {round}: {errors:#?}");
+    Ok((pods.into_iter().map(|(_, took)| took).collect(), wall))
+}
+
+fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+    h.join()
+        .unwrap_or_else(|_| Err(anyhow!("a pod thread panicked")))
+}
+
+/// Removes `pods` in parallel; returns the failures.
+fn remove_all<'a>(k: &Kubelet, pods: impl Iterator<Item = &'a Pod>) -> Vec<String> {
+    std::thread::scope(|s| {
+        let threads: Vec<_> = pods.map(|p| s.spawn(move || k.remove_pod(p))).collect();
+        threads
+            .into_iter()
+            .filter_map(|h| join(h).err().map(|e| format!("{e:#}")))
+            .collect()
+    })
+}
+
+/// The idle pods of one handler: each pod's processes, once settled.
+struct IdleMemory {
+    handler: &'static str,
+    pods: Vec<Vec<ProcessMemory>>,
+    /// The last change between two samples of the sum, as a fraction, and
+    /// whether it was within SETTLED_CHANGE before SETTLE_DEADLINE.
+    change: f64,
+    settled: bool,
+}
+
+fn idle_memory(k: &Kubelet, s: &ctr::Setup, handler: &'static str) -> Result<IdleMemory> {
+    let mut pods = Vec::new();
+    let measured = (|| -> Result<IdleMemory> {
+        for i in 0..IDLE_PODS {
+            pods.push(start_pod(k, handler, &format!("idle{i}-{handler}"))?.0);
+        }
+        progress(&format!(
+            "{IDLE_PODS} idle {handler} pods running; settling"
+        ));
+        settle(handler, || {
+            pods.iter()
+                .map(|pod| {
+                    let vm_dir = (handler == CLH).then(|| s.state_dir.join(&pod.id));
+                    let shim = format!("containerd-shim-{handler}-v2");
+                    podmem::pod_processes(&shim, &pod.id, &pod.cgroup, vm_dir.as_deref())?
+                        .into_iter()
+                        .map(podmem::measure)
+                        .collect::<Result<Vec<_>>>()
+                })
+                .collect()
+        })
+    })();
+    let removed = remove_all(k, pods.iter());
+    let measured = measured.map_err(|e| match removed.is_empty() {
+        true => e,
+        false => e.context(format!("also, removing the idle pods: {removed:#?}")),
+    })?;
+    ensure!(removed.is_empty(), "removing the idle pods: {removed:#?}");
+    Ok(measured)
+}
+
+/// Samples `measure` every SETTLE_STEP until the sum of PSS changes by at
+/// most SETTLED_CHANGE between two samples, or SETTLE_DEADLINE passes.
+fn settle(
+    handler: &'static str,
+    mut measure: impl FnMut() -> Result<Vec<Vec<ProcessMemory>>>,
+) -> Result<IdleMemory> {
+    let total = |pods: &[Vec<ProcessMemory>]| -> f64 {
+        pods.iter().flatten().map(|p| p.pss_kib as f64).sum()
+    };
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    let mut last = measure()?;
+    loop {
+        // A sampling interval, not a synchronization: the question is
+        // whether the figure still moves over this much time.
+        std::thread::sleep(SETTLE_STEP);
+        let now = measure()?;
+        let (before, after) = (total(&last), total(&now));
+        let change = (after - before).abs() / before.max(1.0);
+        let settled = change <= SETTLED_CHANGE;
+        if settled || Instant::now() >= deadline {
+            return Ok(IdleMemory {
+                handler,
+                pods: now,
+                change,
+                settled,
+            });
+        }
+        last = now;
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Nearest-rank percentile of `samples` (p in 0..=100).
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.clamp(1, sorted.len().max(1)) - 1)
+        .copied()
+        .unwrap_or_default()
+}
+
+fn print_starts(serial: &Samples, parallel: &Parallel) {
+    println!();
+    println!(
+        "{:<56} {:>9} {:>9} {:>9} {:>9}",
+        "pod + container start (RunPodSandbox -> RUNNING)", "p50", "p95", "min", "max"
+    );
+    let row = |label: String, samples: &[Duration]| {
+        let p = |q| ms(percentile(samples, q));
+        println!(
+            "{label:<56} {:>6.0} ms {:>6.0} ms {:>6.0} ms {:>6.0} ms",
+            p(50.0),
+            p(95.0),
+            p(0.0),
+            p(100.0)
+        );
+    };
+    for (h, samples) in [(CLH, &serial.clh), (RUNC, &serial.runc)] {
+        row(
+            format!("{h}: {} pods one at a time", samples.len()),
+            samples,
+        );
+    }
+    let (pp, b) = (&parallel.per_pod, &parallel.batches);
+    for (h, samples) in [(CLH, &pp.clh), (RUNC, &pp.runc)] {
+        let label = format!(
+            "{h}: {PARALLEL_PODS} at once, per pod ({} pods)",
+            samples.len()
+        );
+        row(label, samples);
+    }
+    for (h, samples) in [(CLH, &b.clh), (RUNC, &b.runc)] {
+        let label = format!(
+            "{h}: {PARALLEL_PODS} at once, batch wall ({} batches)",
+            samples.len()
+        );
+        row(label, samples);
+    }
+    let ratio = |a: &[Duration], b: &[Duration]| ms(percentile(a, 50.0)) / ms(percentile(b, 50.0));
+    println!(
+        "start ratio clh/runc (p50): {:.1}x serial, {:.1}x per pod in parallel, {:.1}x batch wall",
+        ratio(&serial.clh, &serial.runc),
+        ratio(&pp.clh, &pp.runc),
+        ratio(&b.clh, &b.runc)
+    );
+}
+
+/// Mean over the pods of the sum over each pod's processes of `f`, in KiB.
+fn mean_kib(m: &IdleMemory, f: impl Fn(&ProcessMemory) -> u64) -> f64 {
+    let sum: u64 = m.pods.iter().flatten().map(f).sum();
+    sum as f64 / m.pods.len().max(1) as f64
+}
+
+fn roles(m: &IdleMemory) -> Vec<&'static str> {
+    let mut roles: Vec<&'static str> = Vec::new();
+    for p in m.pods.iter().flatten() {
+        if !roles.contains(&p.role) {
+            roles.push(p.role);
+        }
+    }
+    roles
+}
+
+/// The configured guest RAM of a clh pod (the same for every pod here).
+fn guest_configured_mib(m: &IdleMemory) -> Option<u64> {
+    m.pods
+        .iter()
+        .flatten()
+        .find_map(|p| p.guest_ram_configured_mib)
+}
+
+fn print_memory(memory: &[IdleMemory]) {
+    println!();
+    println!(
+        "{:<56} {:>11} {:>11} {:>11}",
+        "host memory per idle pod (PSS, mean over pods)", "total", "guest RAM", "the rest"
+    );
+    for m in memory {
+        let h = m.handler;
+        for role in roles(m) {
+            let of_role = |p: &ProcessMemory| p.role == role;
+            let n = m.pods.iter().flatten().filter(|p| of_role(p)).count();
+            let per_pod = n as f64 / m.pods.len().max(1) as f64;
+            let plural = if per_pod > 1.0 { "es" } else { "" };
+            let label = format!("{h}: {role} ({per_pod:.0} process{plural} per pod)");
+            let pss = mean_kib(m, |p| if of_role(p) { p.pss_kib } else { 0 });
+            let guest = mean_kib(m, |p| if of_role(p) { p.guest_ram_kib } else { 0 });
+            println!(
+                "{label:<56} {:>7.1} MiB {:>7.1} MiB {:>7.1} MiB",
+                pss / MIB,
+                guest / MIB,
+                (pss - guest) / MIB
+            );
+        }
+        let pss = mean_kib(m, |p| p.pss_kib);
+        let guest = mean_kib(m, |p| p.guest_ram_kib);
+        let label = format!("{h}: all ({} pods)", m.pods.len());
+        println!(
+            "{label:<56} {:>7.1} MiB {:>7.1} MiB {:>7.1} MiB",
+            pss / MIB,
+            guest / MIB,
+            (pss - guest) / MIB
+        );
+        if let Some(c) = guest_configured_mib(m) {
+            println!("{h}: guest RAM configured {c} MiB per pod; the guest RAM column is what is resident");
+        }
+        let state = if m.settled { "settled" } else { "NOT settled" };
+        println!(
+            "{h}: {state}: the sum moved {:.1}% over the last {SETTLE_STEP:?}",
+            m.change * 100.0
+        );
+    }
+}
+
+fn summary(serial: &Samples, parallel: &Parallel, memory: &[IdleMemory]) -> String {
+    let s = |d: &[Duration]| ms(percentile(d, 50.0)) / 1e3;
+    let (pp, b) = (&parallel.per_pod, &parallel.batches);
+    let mem = |m: &IdleMemory| {
+        let pss = mean_kib(m, |p| p.pss_kib) / MIB;
+        let guest = mean_kib(m, |p| p.guest_ram_kib) / MIB;
+        (pss, guest)
+    };
+    let [clh, runc] = [&memory[0], &memory[1]].map(mem);
+    let configured = guest_configured_mib(&memory[0]).unwrap_or(0);
+    format!(
+        "summary (QEMU TCG, this host): pod+container start p50 clh {:.2} s vs runc {:.2} s \
+         serially; {PARALLEL_PODS} at once {:.2} s vs {:.2} s per pod, batch {:.2} s vs {:.2} s; \
+         idle pod host PSS clh {:.0} MiB ({:.0} MiB of it resident guest RAM of {configured} MiB, \
+         {:.0} MiB the rest) vs runc {:.1} MiB",
+        s(&serial.clh),
+        s(&serial.runc),
+        s(&pp.clh),
+        s(&pp.runc),
+        s(&b.clh),
+        s(&b.runc),
+        clh.0,
+        clh.1,
+        clh.0 - clh.1,
+        runc.0
+    )
+}
