@@ -12,6 +12,7 @@ use anyhow::{ensure, Context, Result};
 use clh_agent_client::{open_stdio_stream, AgentClient, Stdio, StdioKind};
 use clh_agent_protocol::GUEST_SHARED_DIR;
 use clh_tests::{containerd::cache_dir, qemu_options, state_root, GuestImage, LeakCheck};
+use containerd_shim_clh_v2::shared_mount::private_dir;
 use containerd_shim_clh_v2::vm::PodVm;
 use oci_spec::runtime::{ProcessBuilder, RootBuilder, Spec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -112,7 +113,7 @@ fn vsock_socket(vm: &PodVm) -> PathBuf {
 /// Init prints and exits with a code; stdin round trip through `cat`.
 async fn run_and_cat(vm: &PodVm) -> Result<()> {
     let (agent, uds) = (vm.agent(), vsock_socket(vm));
-    let shared = vm.dir().join("shared");
+    let shared = private_dir(vm.dir());
 
     make_rootfs(&shared, "c1")?;
     // pivot_root detached the guest's root (the initramfs "rootfs"): it is
@@ -157,7 +158,7 @@ async fn run_and_cat(vm: &PodVm) -> Result<()> {
 /// Execs, a signal, stats, pids, kill-all.
 async fn exec_signal_stats(vm: &PodVm) -> Result<()> {
     let (agent, uds) = (vm.agent(), vsock_socket(vm));
-    make_rootfs(&vm.dir().join("shared"), "c3")?;
+    make_rootfs(&private_dir(vm.dir()), "c3")?;
     let spec = spec_json("c3", &["sleep", "1000"])?;
     agent
         .create_container("c3", &spec, stdio(false, false, false))
@@ -199,7 +200,7 @@ async fn exec_signal_stats(vm: &PodVm) -> Result<()> {
 /// GetOomEvent reports.
 async fn limits_and_oom(vm: &PodVm) -> Result<()> {
     let agent = vm.agent();
-    make_rootfs(&vm.dir().join("shared"), "c6")?;
+    make_rootfs(&private_dir(vm.dir()), "c6")?;
     let spec = spec_json("c6", &["sleep", "1000"])?;
     agent
         .create_container("c6", &spec, stdio(false, false, false))
@@ -235,7 +236,7 @@ async fn limits_and_oom(vm: &PodVm) -> Result<()> {
 /// The spec's seccomp filter is applied: mkdir fails with EPERM.
 async fn seccomp(vm: &PodVm) -> Result<()> {
     let (agent, uds) = (vm.agent(), vsock_socket(vm));
-    make_rootfs(&vm.dir().join("shared"), "c5")?;
+    make_rootfs(&private_dir(vm.dir()), "c5")?;
     let argv = [
         "sh",
         "-c",
@@ -262,7 +263,7 @@ async fn seccomp(vm: &PodVm) -> Result<()> {
 /// A terminal: attach before Start, resize, input echoes, EOF at exit.
 async fn terminal(vm: &PodVm) -> Result<()> {
     let (agent, uds) = (vm.agent(), vsock_socket(vm));
-    make_rootfs(&vm.dir().join("shared"), "c4")?;
+    make_rootfs(&private_dir(vm.dir()), "c4")?;
     let spec = spec_json("c4", &["sh", "-c", "read x; stty size; echo got-$x"])?;
     let tty = Stdio {
         terminal: true,

@@ -18,6 +18,7 @@ use clh_agent_protocol::{AGENT_VSOCK_PORT, GUEST_SHARED_DIR};
 use clh_tests::atomic_writer::{atomic_write, build_inotify_wait};
 use clh_tests::{containerd::cache_dir, qemu_options, state_root, GuestImage, LeakCheck};
 use containerd_shim_clh_v2::service::volume_sync;
+use containerd_shim_clh_v2::shared_mount::private_dir;
 use containerd_shim_clh_v2::vm::PodVm;
 use oci_spec::runtime::{MountBuilder, RootBuilder, Spec};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -146,7 +147,7 @@ async fn run(vm: &PodVm, host: &Path) -> Result<()> {
     let guest_dir = sync.guest_dir().to_owned();
     ensure!(guest_dir == volume_sync::guest_dir(CID, 0), "{guest_dir}");
 
-    make_rootfs(&vm.dir().join("shared"))?;
+    make_rootfs(&private_dir(vm.dir()))?;
     let stdio = Stdio {
         stdout: true,
         stderr: true,
