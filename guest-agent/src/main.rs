@@ -9,6 +9,7 @@
 mod cmdline;
 mod config;
 mod containers;
+mod hotplug;
 mod init;
 mod logging;
 mod modules;

@@ -8,10 +8,10 @@ use crate::volumes::{VolError, Volumes};
 use async_trait::async_trait;
 use clh_agent_protocol::{
     CheckRequest, CheckResponse, ContainerRequest, ContainerStatsResponse, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, ListPidsResponse, OomEvent, ProcessRequest,
-    ResizeTtyRequest, SignalProcessRequest, StartProcessResponse, SyncVolumeRequest,
-    SyncVolumeResponse, UpdateContainerRequest, VersionRequest, VersionResponse, VolumeRequest,
-    WaitProcessResponse, PROTOCOL_VERSION,
+    CreateContainerResponse, Empty, ExecProcessRequest, ListPidsResponse, OnlineResourcesResponse,
+    OomEvent, ProcessRequest, ResizeTtyRequest, SignalProcessRequest, StartProcessResponse,
+    SyncVolumeRequest, SyncVolumeResponse, UpdateContainerRequest, VersionRequest, VersionResponse,
+    VolumeRequest, WaitProcessResponse, PROTOCOL_VERSION,
 };
 use tracing::{debug, info, warn};
 use ttrpc::r#async::TtrpcContext;
@@ -30,6 +30,12 @@ fn status(call: &str, e: CtrError) -> Error {
     let msg = e.to_string();
     debug!("{call} failed: {msg}");
     Error::RpcStatus(ttrpc::get_status(e.code(), msg))
+}
+
+fn internal_status(call: &str, e: impl std::fmt::Display) -> Error {
+    let msg = format!("{call}: {e}");
+    warn!("{msg}");
+    Error::RpcStatus(ttrpc::get_status(Code::INTERNAL, msg))
 }
 
 fn vol_status(call: &str, e: VolError) -> Error {
@@ -266,6 +272,25 @@ impl clh_agent_protocol::Agent for AgentService {
         (self.volumes.remove(&req.container_id, req.volume).await)
             .map(|()| Empty::default())
             .map_err(|e| vol_status("RemoveVolume", e))
+    }
+
+    async fn online_resources(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: Empty,
+    ) -> ttrpc::Result<OnlineResourcesResponse> {
+        let (cpus, memory_blocks) = tokio::task::spawn_blocking(|| {
+            crate::hotplug::online_all(std::path::Path::new(crate::hotplug::SYSFS))
+        })
+        .await
+        .map_err(|e| internal_status("OnlineResources", e))?
+        .map_err(|e| internal_status("OnlineResources", e))?;
+        info!(cpus, memory_blocks, "brought hot-plugged resources online");
+        Ok(OnlineResourcesResponse {
+            cpus,
+            memory_blocks,
+            ..Default::default()
+        })
     }
 
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {

@@ -14,7 +14,7 @@ use clh_agent_protocol::AgentClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::container::{connect_agent, ctx, Container, LONG_POLL};
+use super::container::{connect_agent, ctx, Container, CALL_TIMEOUT, LONG_POLL};
 use super::error::{Error, Result};
 use super::events::EventSender;
 use super::oom;
@@ -162,6 +162,12 @@ impl Sandbox {
             Ok(now) => {
                 tracing::info!(pod = %self.id, vcpus = now.vcpus, memory_mib = now.memory_mib, "VM resized");
                 *locked(&self.size) = now;
+                // Linux leaves hot-added CPUs offline; the agent onlines them.
+                let online = self
+                    .agent
+                    .online_resources(ctx(CALL_TIMEOUT), &clh_agent_protocol::Empty::default())
+                    .await;
+                online.map_err(|e| super::error::agent_error("OnlineResources", e))?;
                 Ok(())
             }
             Err(clh_hypervisor::Error::Unsupported(what)) => {
