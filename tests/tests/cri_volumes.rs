@@ -23,7 +23,6 @@
 //! failed creates included).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -36,11 +35,9 @@ const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn setup() -> (ctr::Setup, CriSetup) {
     let s = ctr::setup().expect("shim setup");
-    let mut cri = CriSetup::new("clh", Path::new(env!("CARGO_TARGET_TMPDIR")));
-    cri.shim_dir = Some(ctr::shim_dir().expect("building the shim"));
-    cri.env = vec![("CLH_SHIM_CONFIG".into(), s.config.display().to_string())];
-    let state = s.state_dir.clone();
-    cri.extra_leaks = Some(Arc::new(move |_| ctr::state_dir_leaks(&state)));
+    let shim_dir = ctr::shim_dir().expect("building the shim");
+    let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let cri = ctr::cri_setup(&s, shim_dir, images, 30_000).expect("CRI setup");
     (s, cri)
 }
 
