@@ -23,14 +23,29 @@ pub use clh_agent_protocol::{ContainerStatsResponse, Stdio, WaitProcessResponse}
 pub use hybrid_vsock::{connect_hybrid_vsock, HandshakeError, MAX_REPLY_LINE};
 pub use stdio::{open_stdio_stream, open_stdio_stream_on, StdioKind, STDIO_OPEN_TIMEOUT};
 
-/// Deadline of one handshake attempt while the guest boots. Long enough
-/// for a slow TCG guest to answer, short enough that a connection the host
-/// side holds open while nothing in the guest listens yet is retried soon.
+/// Deadline of the first handshake attempt while the guest boots. Long
+/// enough for a slow TCG guest to answer, short enough that a connection
+/// the host side holds open while nothing in the guest listens yet is
+/// retried soon. Each attempt that times out doubles it (up to
+/// [`MAX_ATTEMPT_TIMEOUT`]): on a host so loaded that the guest takes
+/// longer than that to answer, fixed short attempts would each be given up
+/// just before their answer arrived, for ever (seen with five TCG VMs
+/// booting at once on two cores).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(16);
 
 /// Pause between attempts: first, and most, after the previous one.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
+
+/// The next attempt's deadline: doubled after an attempt that timed out
+/// (the guest may just be slow), unchanged after one the peer refused.
+fn next_attempt_timeout(current: Duration, failure: &HandshakeError) -> Duration {
+    match failure {
+        HandshakeError::Timeout { .. } => (current * 2).min(MAX_ATTEMPT_TIMEOUT),
+        _ => current,
+    }
+}
 
 /// Deadline of each RPC unless the caller gives one.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,14 +115,18 @@ impl AgentClient {
     pub async fn connect_to_port(uds: &Path, port: u32, timeout: Duration) -> Result<Self> {
         let deadline = Instant::now() + timeout;
         let mut backoff = FIRST_BACKOFF;
+        let mut attempt_timeout = ATTEMPT_TIMEOUT;
         let mut attempts = 0;
         loop {
             attempts += 1;
             let left = deadline.saturating_duration_since(Instant::now());
             let last: Box<dyn std::error::Error + Send + Sync> =
-                match Self::try_once(uds, port, left.min(ATTEMPT_TIMEOUT)).await {
+                match Self::try_once(uds, port, left.min(attempt_timeout)).await {
                     Ok(client) => return Ok(client),
-                    Err(Error::Handshake(e)) if e.is_retryable() => Box::new(e),
+                    Err(Error::Handshake(e)) if e.is_retryable() => {
+                        attempt_timeout = next_attempt_timeout(attempt_timeout, &e);
+                        Box::new(e)
+                    }
                     // The stream broke before Version was answered: the agent
                     // may not be fully up; retry. An answered call that fails
                     // is final.

@@ -303,3 +303,25 @@ async fn typed_calls_map_replies_and_codes() {
     let err = client.list_pids("c1").await.unwrap_err();
     assert!(err.rpc_code().is_some(), "{err:?}");
 }
+
+#[test]
+fn attempts_that_time_out_get_longer_up_to_a_cap() {
+    let timed_out = HandshakeError::Timeout {
+        port: PORT,
+        timeout: ATTEMPT_TIMEOUT,
+        received: String::new(),
+    };
+    let closed = HandshakeError::PeerClosed { port: PORT };
+    let mut t = ATTEMPT_TIMEOUT;
+    let mut seen = vec![t];
+    for _ in 0..5 {
+        t = next_attempt_timeout(t, &timed_out);
+        seen.push(t);
+    }
+    let secs: Vec<u64> = seen.iter().map(Duration::as_secs).collect();
+    assert_eq!(secs, [2, 4, 8, 16, 16, 16]);
+    assert_eq!(
+        next_attempt_timeout(ATTEMPT_TIMEOUT, &closed),
+        ATTEMPT_TIMEOUT
+    );
+}
