@@ -14,7 +14,7 @@
 //! say little about hardware KVM; the ratio to runc is the figure to track.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ const STREAM_BYTES: u64 = 100 * 1024 * 1024;
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn main() -> Result<()> {
-    let shim_dir = release_shim_dir()?;
+    let shim_dir = clh_tests::ctr::release_shim_dir()?;
     let image = GuestImage::locate()?;
     // Short, under /tmp: the shim's sockets live in its state dir.
     let tmp = tempfile::Builder::new().prefix("clh-").tempdir_in("/tmp")?;
@@ -50,7 +50,10 @@ fn main() -> Result<()> {
         Some(&shim_dir),
         &[("CLH_SHIM_CONFIG", &config)],
     )?;
-    ctd.import_image(&busybox_tar()?, BUSYBOX)?;
+    ctd.import_image(
+        &clh_tests::ctr::busybox_tar(Path::new(env!("CARGO_TARGET_TMPDIR")))?,
+        BUSYBOX,
+    )?;
 
     let version = Command::new(ctd.version().bin_dir().join("containerd"))
         .arg("--version")
@@ -139,45 +142,6 @@ fn main() -> Result<()> {
 
     println!("cleanup: containerd stopped, no shim, VM process, mount or state left");
     Ok(())
-}
-
-/// Runs the release shim, as a benchmark should: builds it (cheap when
-/// fresh) and returns its directory, put first on containerd's PATH.
-fn release_shim_dir() -> Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "--release", "-p", "containerd-shim-clh-v2"])
-        .current_dir(&workspace)
-        .status()
-        .context("running cargo build --release -p containerd-shim-clh-v2")?;
-    ensure!(
-        status.success(),
-        "building the release shim failed: {status}"
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    let dir = target.join("release");
-    ensure!(
-        dir.join("containerd-shim-clh-v2").is_file(),
-        "no containerd-shim-clh-v2 in {}",
-        dir.display()
-    );
-    Ok(dir)
-}
-
-/// The same tarball the ctr_run tests build and cache.
-fn busybox_tar() -> Result<PathBuf> {
-    let tar = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ctr-run-busybox.tar");
-    if !tar.is_file() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build-busybox-image.sh");
-        let status = Command::new(script).arg(&tar).status()?;
-        ensure!(status.success(), "build-busybox-image.sh failed: {status}");
-    }
-    Ok(tar)
 }
 
 /// Even rounds start with clh, odd ones with runc.

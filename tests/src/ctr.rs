@@ -21,9 +21,23 @@ pub fn workspace() -> PathBuf {
 /// The shim binary's directory: builds it (`cargo build -p
 /// containerd-shim-clh-v2`, cheap when fresh) into target/debug.
 pub fn shim_dir() -> Result<PathBuf> {
+    build_shim(false)
+}
+
+/// The release shim's directory, as a benchmark should run it: built
+/// (cheap when fresh) into target/release.
+pub fn release_shim_dir() -> Result<PathBuf> {
+    build_shim(true)
+}
+
+fn build_shim(release: bool) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "containerd-shim-clh-v2"])
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "containerd-shim-clh-v2"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd
         .current_dir(workspace())
         .status()
         .context("running cargo build -p containerd-shim-clh-v2")?;
@@ -34,7 +48,7 @@ pub fn shim_dir() -> Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"));
-    let dir = target.join("debug");
+    let dir = target.join(if release { "release" } else { "debug" });
     ensure!(
         dir.join("containerd-shim-clh-v2").is_file(),
         "no containerd-shim-clh-v2 in {}",

@@ -32,8 +32,8 @@ mod procs;
 pub use cri::{CNI_BIN_DIR, CRI_NAMESPACE, SANDBOX_IMAGE};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-pub use procs::check;
 use procs::*;
+pub use procs::{check, run_with_timeout};
 
 /// How long containerd may take to open its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
