@@ -18,31 +18,33 @@
 //! scheduled, so the stamps are synchronous with the work. Their resolution
 //! is 10 ms, and a `date` fork per stamp would not do better here: on this
 //! loaded 2-core host two back-to-back forked stamps lie 1 to 70 ms apart.
-//! So every timed interval holds enough work to last well beyond that on
-//! the host too (passes over the same files where a step alone is short),
-//! and each figure is a median over rounds. The guest's clock is checked
-//! against the host's: one exec's stamps may not span more than its wall
-//! time seen from the host.
+//! So every timed interval must last many ticks on both sides, and the
+//! host is 10 to 100 times faster: the host repeats the same operations
+//! more often ([`Plan`]: more 128 MiB files, more passes, more
+//! create/unlink cycles), and rates are per byte or per operation. Each
+//! figure is a median over rounds. The guest's clock is checked against
+//! the host's: one exec's stamps may not span more than its wall time seen
+//! from the host.
 //!
 //! Caching, step by step:
-//! - write: `dd bs=1M conv=fsync` of 128 MiB from /dev/zero, so on both
-//!   sides the step ends with the data on the host's disk (without the
+//! - write: `dd bs=1M conv=fsync` of 128 MiB files from /dev/zero, so on
+//!   both sides the step ends with the data on the host's disk (without the
 //!   fsync the host figure would be its page cache's speed).
-//! - read, host cache evicted: after the write the bench evicts that file
-//!   from the host page cache (fdatasync + POSIX_FADV_DONTNEED on the file
-//!   alone, not drop_caches: others share this host). The guest page cache
+//! - read, host cache evicted: after the write the bench evicts the files
+//!   from the host page cache (fdatasync + POSIX_FADV_DONTNEED on those
+//!   files alone, not drop_caches: others share this host). The guest page cache
 //!   cannot serve it either: under virtiofsd's `--cache auto` the guest
 //!   kernel drops a file's cached pages at every open (no FOPEN_KEEP_CACHE).
-//! - read, host cache warm: the same file read 4 times more; the host page
-//!   cache now holds it for both sides, so this isolates the virtio-fs path.
+//! - read, host cache warm: the same files read 4 times more; the host page
+//!   cache now holds them for both sides, so this isolates the virtio-fs
+//!   path.
 //! - create, stat, readdir, unlink of 2000 small files: the host's dentry
 //!   and inode caches are warm for both sides. A guest keeps a looked-up
-//!   name for 1 s under `--cache auto`: the stat passes start once that has
-//!   lapsed (the script's `sleep 1.2`, outside the timed part: a cache TTL
-//!   running out, not a synchronisation), and when one pass over the 2000
-//!   names takes the guest longer than 1 s every stat is a FUSE LOOKUP round
-//!   trip; the report says when a pass was quicker (part served from the
-//!   guest's cache).
+//!   name for 1 s under `--cache auto`, so each guest stat pass starts once
+//!   that has lapsed (the script's `sleep 1.2`, outside the timed part: a
+//!   cache TTL running out, not a synchronisation) and stats each name once,
+//!   so every stat in it is a FUSE LOOKUP round trip. The host has no such
+//!   cache to wait for and runs its passes back to back.
 //!
 //! Rounds alternate which side goes first, so both see the same host load.
 
@@ -59,10 +61,41 @@ use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 const ROUNDS: usize = 3;
 const FILE_MIB: u64 = 128;
 const FILES: u64 = 2000;
-/// Passes where one alone would be short on the host (see the module doc).
-const READ_WARM_PASSES: u64 = 4;
-const STAT_PASSES: u64 = 5;
-const READDIR_PASSES: u64 = 30;
+/// How much each side repeats the steps, so that every timed interval
+/// lasts many /proc/uptime ticks on the faster host (see the module doc).
+struct Plan {
+    /// 128 MiB files written, then read cold, then read warm.
+    files: u64,
+    warm_passes: u64,
+    /// Timed stat intervals, each after `ttl_sleep`, of `stat_passes`.
+    stat_rounds: u64,
+    stat_passes: u64,
+    ttl_sleep: &'static str,
+    readdir_passes: u64,
+    /// create/unlink cycles over the 2000 files (stat and readdir: once).
+    cycles: u64,
+}
+
+const CLH_PLAN: Plan = Plan {
+    files: 1,
+    warm_passes: 4,
+    stat_rounds: 3,
+    stat_passes: 1,
+    ttl_sleep: "1.2",
+    readdir_passes: 30,
+    cycles: 1,
+};
+
+const HOST_PLAN: Plan = Plan {
+    files: 4,
+    warm_passes: 4,
+    stat_rounds: 1,
+    stat_passes: 200,
+    ttl_sleep: "0",
+    readdir_passes: 300,
+    cycles: 10,
+};
+
 /// One step under TCG takes seconds to tens of seconds; past this it hangs.
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 const CID: &str = "fsbench";
@@ -76,19 +109,27 @@ cd "$1"
 mark() { read -r up idle < /proc/uptime; echo "$1 $2 $up"; }
 "#;
 
-const WRITE: &str = r#"rm -f big
+const WRITE: &str = r#"rm -f big*
 mark begin write
-out=$(dd if=/dev/zero of=big bs=1M count=@MIB@ conv=fsync 2>&1)
+i=1
+while [ $i -le @FILES@ ]; do
+  out=$(dd if=/dev/zero of=big$i bs=1M count=@MIB@ conv=fsync 2>&1)
+  case "$out" in *"@MIB@+0 records out"*) ;; *) echo "dd: $out" >&2; exit 1 ;; esac
+  i=$((i + 1))
+done
 mark end write
-case "$out" in *"@MIB@+0 records out"*) ;; *) echo "dd: $out" >&2; exit 1 ;; esac
 "#;
 
 /// busybox's dd prints records, not bytes: whole 1 MiB blocks, no partial.
 const READ: &str = r#"mark begin @LABEL@
 k=0
 while [ $k -lt @PASSES@ ]; do
-  out=$(dd if=big of=/dev/null bs=1M 2>&1)
-  case "$out" in *"@MIB@+0 records in"*) ;; *) echo "dd: $out" >&2; exit 1 ;; esac
+  i=1
+  while [ $i -le @FILES@ ]; do
+    out=$(dd if=big$i of=/dev/null bs=1M 2>&1)
+    case "$out" in *"@MIB@+0 records in"*) ;; *) echo "dd: $out" >&2; exit 1 ;; esac
+    i=$((i + 1))
+  done
   k=$((k + 1))
 done
 mark end @LABEL@
@@ -98,31 +139,41 @@ mark end @LABEL@
 /// directory with the shell's own glob (readdir, no stat).
 const META: &str = r#"rm -rf m; mkdir m; cd m
 names=""; i=1
-while [ $i -le @FILES@ ]; do names="$names f$i"; i=$((i + 1)); done
-mark begin create
-for n in $names; do echo x > $n; done
-mark end create
-sleep 1.2
-mark begin stat
-k=0
-while [ $k -lt @STAT_PASSES@ ]; do
-  stat -c %s $names > /dev/null
-  k=$((k + 1))
-done
-mark end stat
-mark begin readdir
-k=0
-while [ $k -lt @READDIR_PASSES@ ]; do
+while [ $i -le @N@ ]; do names="$names f$i"; i=$((i + 1)); done
+c=0
+while [ $c -lt @CYCLES@ ]; do
+  mark begin create
+  for n in $names; do echo x > $n; done
+  mark end create
+  if [ $c -eq 0 ]; then
+    r=0
+    while [ $r -lt @STAT_ROUNDS@ ]; do
+      sleep @TTL@
+      mark begin stat
+      k=0
+      while [ $k -lt @STAT_PASSES@ ]; do
+        stat -c %s $names > /dev/null
+        k=$((k + 1))
+      done
+      mark end stat
+      r=$((r + 1))
+    done
+    mark begin readdir
+    k=0
+    while [ $k -lt @READDIR_PASSES@ ]; do
+      set -- *
+      [ $# -eq @N@ ] || { echo "readdir listed $# entries" >&2; exit 1; }
+      k=$((k + 1))
+    done
+    mark end readdir
+  fi
+  mark begin unlink
+  rm $names
+  mark end unlink
   set -- *
-  [ $# -eq @FILES@ ] || { echo "readdir listed $# entries" >&2; exit 1; }
-  k=$((k + 1))
+  [ "$1" = "*" ] || { echo "unlink left $# entries" >&2; exit 1; }
+  c=$((c + 1))
 done
-mark end readdir
-mark begin unlink
-rm $names
-mark end unlink
-set -- *
-[ "$1" = "*" ] || { echo "unlink left $# entries" >&2; exit 1; }
 cd .. && rmdir m
 "#;
 
@@ -132,37 +183,38 @@ enum Side {
     Host,
 }
 
-/// The measured steps: label in the scripts, row title, unit, and how
-/// much work one timed total stands for (MB or operations).
-const STEPS: [(&str, &str, &str, f64); 7] = [
-    ("write", "write 128 MiB, dd bs=1M conv=fsync", "MB/s", MB),
-    ("read_cold", "read 128 MiB, host cache evicted", "MB/s", MB),
-    (
-        "read_warm",
-        "read 128 MiB x4, host cache warm",
-        "MB/s",
-        MB * READ_WARM_PASSES as f64,
-    ),
-    (
-        "create",
-        "create 2000 files (echo x > f)",
-        "op/s",
-        FILES as f64,
-    ),
-    (
-        "stat",
-        "stat 2000 files x5, after the 1 s TTL",
-        "op/s",
-        (FILES * STAT_PASSES) as f64,
-    ),
-    (
-        "readdir",
-        "readdir 2000 entries x30 (entries)",
-        "op/s",
-        (FILES * READDIR_PASSES) as f64,
-    ),
-    ("unlink", "unlink 2000 files (rm)", "op/s", FILES as f64),
+/// The measured steps: label in the scripts, row title, unit.
+const STEPS: [(&str, &str, &str); 7] = [
+    ("write", "write 128 MiB files, dd conv=fsync", "MB/s"),
+    ("read_cold", "read them, host cache evicted", "MB/s"),
+    ("read_warm", "read them x4, host cache warm", "MB/s"),
+    ("create", "create 2000 files (echo x > f)", "op/s"),
+    ("stat", "stat them (guest: after 1 s TTL)", "op/s"),
+    ("readdir", "readdir, entries listed", "op/s"),
+    ("unlink", "unlink them (one rm)", "op/s"),
 ];
+
+impl Plan {
+    /// What one timed total of `label` stands for: MB or operations.
+    fn work(&self, label: &str) -> f64 {
+        let n = FILES as f64;
+        match label {
+            "write" | "read_cold" => MB * self.files as f64,
+            "read_warm" => MB * (self.files * self.warm_passes) as f64,
+            "create" | "unlink" => n * self.cycles as f64,
+            "stat" => n * (self.stat_rounds * self.stat_passes) as f64,
+            _ => n * self.readdir_passes as f64,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} x 128 MiB files; stat {} x {} passes; readdir {} passes; {} create/unlink cycles",
+            self.files, self.stat_rounds, self.stat_passes, self.readdir_passes, self.cycles
+        )
+    }
+}
+
 const MB: f64 = (FILE_MIB * 1024 * 1024) as f64 / 1e6;
 
 fn main() -> Result<()> {
@@ -192,8 +244,10 @@ fn main() -> Result<()> {
     )?;
     check(&out, "ctr run -d")?;
     let host_fs = bench.host_fs();
-    let guest = bench.exec("nproc; grep MemTotal /proc/meminfo; uname -r")?;
-    let guest = String::from_utf8_lossy(&guest.stdout).replace('\n', " ");
+    let guest = bench.exec(
+        "echo \"$(nproc) vCPU, $(awk '/MemTotal/ {print $2}' /proc/meminfo) KiB MemTotal, kernel $(uname -r)\"",
+    )?;
+    let guest = String::from_utf8_lossy(&guest.stdout).trim().to_string();
 
     let mut samples: BTreeMap<(&str, bool), Vec<f64>> = BTreeMap::new();
     for round in 0..ROUNDS {
@@ -203,16 +257,16 @@ fn main() -> Result<()> {
             [Side::Host, Side::Clh]
         };
         for side in order {
-            for (label, secs) in bench.round(side)? {
-                let work = STEPS
-                    .iter()
-                    .find(|s| s.0 == label)
-                    .with_context(|| format!("unknown step {label}"))?
-                    .3;
+            let plan = if side == Side::Clh {
+                &CLH_PLAN
+            } else {
+                &HOST_PLAN
+            };
+            for (label, secs) in bench.round(side, plan)? {
                 samples
                     .entry((label, side == Side::Clh))
                     .or_default()
-                    .push(work / secs);
+                    .push(plan.work(label) / secs);
             }
         }
     }
@@ -274,27 +328,38 @@ impl<'a> Bench<'a> {
     }
 
     /// One round on `side`: every step once; the seconds each step took.
-    fn round(&self, side: Side) -> Result<Vec<(&'static str, f64)>> {
+    fn round(&self, side: Side, plan: &Plan) -> Result<Vec<(&'static str, f64)>> {
         let fill = |script: &str, label: &str, passes: u64| {
             script
                 .replace("@MIB@", &FILE_MIB.to_string())
+                .replace("@FILES@", &plan.files.to_string())
                 .replace("@LABEL@", label)
                 .replace("@PASSES@", &passes.to_string())
-                .replace("@FILES@", &FILES.to_string())
-                .replace("@STAT_PASSES@", &STAT_PASSES.to_string())
-                .replace("@READDIR_PASSES@", &READDIR_PASSES.to_string())
+                .replace("@N@", &FILES.to_string())
+                .replace("@CYCLES@", &plan.cycles.to_string())
+                .replace("@STAT_ROUNDS@", &plan.stat_rounds.to_string())
+                .replace("@STAT_PASSES@", &plan.stat_passes.to_string())
+                .replace("@TTL@", plan.ttl_sleep)
+                .replace("@READDIR_PASSES@", &plan.readdir_passes.to_string())
         };
         let dir = if side == Side::Clh {
             &self.vm_dir
         } else {
             &self.host_dir
         };
+        let bigs: Vec<PathBuf> = (1..=plan.files)
+            .map(|i| dir.join(format!("big{i}")))
+            .collect();
         let mut totals = self.run(side, &fill(WRITE, "", 0))?;
-        evict(&dir.join("big"))?;
+        for big in &bigs {
+            evict(big)?;
+        }
         totals.extend(self.run(side, &fill(READ, "read_cold", 1))?);
-        totals.extend(self.run(side, &fill(READ, "read_warm", READ_WARM_PASSES))?);
+        totals.extend(self.run(side, &fill(READ, "read_warm", plan.warm_passes))?);
         totals.extend(self.run(side, &fill(META, "", 0))?);
-        std::fs::remove_file(dir.join("big"))?;
+        for big in &bigs {
+            std::fs::remove_file(big)?;
+        }
         STEPS
             .iter()
             .map(|s| {
@@ -410,7 +475,9 @@ fn report(samples: &BTreeMap<(&str, bool), Vec<f64>>, guest: &str, host_fs: &str
     println!(
         "fs benchmark: {ROUNDS} rounds; busybox-static 1.35 on both sides (the image's binary)"
     );
-    println!("clh:  QEMU TCG guest (nproc, MemTotal, kernel: {guest}), virtiofsd --cache auto, host dir bind-mounted rw");
+    println!("clh  plan: {}", CLH_PLAN.describe());
+    println!("host plan: {}", HOST_PLAN.describe());
+    println!("clh:  QEMU TCG guest ({guest}), virtiofsd --cache auto, host dir bind-mounted rw");
     println!("host: the same scripts on a sibling host directory ({host_fs})");
     println!();
     println!(
@@ -418,7 +485,7 @@ fn report(samples: &BTreeMap<(&str, bool), Vec<f64>>, guest: &str, host_fs: &str
         "", "clh median", "host median", "clh/host", "min-max clh | host"
     );
     let mut summary = Vec::new();
-    for (label, title, unit, _) in STEPS {
+    for (label, title, unit) in STEPS {
         let (clh, host) = (&samples[&(label, true)], &samples[&(label, false)]);
         let ratio = median(clh) / median(host);
         println!(
@@ -433,12 +500,6 @@ fn report(samples: &BTreeMap<(&str, bool), Vec<f64>>, guest: &str, host_fs: &str
         summary.push(format!("{label} {ratio:.3}"));
     }
     println!("fs ratio clh/host (median): {}", summary.join(", "));
-    let quickest_pass = FILES as f64 / max(&samples[&("stat", true)]);
-    if quickest_pass < 1.0 {
-        println!(
-            "note: a guest stat pass took {quickest_pass:.2} s, under the 1 s TTL: part of it came from the guest's cache"
-        );
-    }
     println!(
         "These are QEMU TCG figures on a shared 2-core host: the ratio to the host is the \
          figure to track, not the absolute rates."
