@@ -2,7 +2,7 @@
 #
 #   make demo    set everything up, ctr run a container in a microVM
 #   make test    set everything up and run every test
-#   make bench   boot-time, start-latency and memory benchmarks, beside their baselines
+#   make bench   boot, ctr, CRI (start latency, memory) and shared-fs benchmarks, beside their baselines
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -54,6 +54,7 @@ bench: deps guest-image
 	$(CARGO) bench -p clh-tests --bench boot
 	$(CARGO) bench -p clh-tests --bench ctr
 	$(CARGO) bench -p clh-tests --bench cri
+	$(CARGO) bench -p clh-tests --bench fs
 
 check: shim
 	$(SHIM_BIN) check --config $(BUILD_DIR)/demo-config.toml || true

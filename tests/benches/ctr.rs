@@ -14,7 +14,7 @@
 //! say little about hardware KVM; the ratio to runc is the figure to track.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -50,7 +50,10 @@ fn main() -> Result<()> {
         Some(&shim_dir),
         &[("CLH_SHIM_CONFIG", &config)],
     )?;
-    ctd.import_image(&busybox_tar()?, BUSYBOX)?;
+    ctd.import_image(
+        &clh_tests::ctr::busybox_tar(Path::new(env!("CARGO_TARGET_TMPDIR")))?,
+        BUSYBOX,
+    )?;
 
     let version = Command::new(ctd.version().bin_dir().join("containerd"))
         .arg("--version")
@@ -139,17 +142,6 @@ fn main() -> Result<()> {
 
     println!("cleanup: containerd stopped, no shim, VM process, mount or state left");
     Ok(())
-}
-
-/// The same tarball the ctr_run tests build and cache.
-fn busybox_tar() -> Result<PathBuf> {
-    let tar = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ctr-run-busybox.tar");
-    if !tar.is_file() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build-busybox-image.sh");
-        let status = Command::new(script).arg(&tar).status()?;
-        ensure!(status.success(), "build-busybox-image.sh failed: {status}");
-    }
-    Ok(tar)
 }
 
 /// Even rounds start with clh, odd ones with runc.

@@ -33,7 +33,7 @@ pub use cri::{CNI_BIN_DIR, CRI_NAMESPACE, SANDBOX_IMAGE};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use procs::*;
-pub use procs::{all_pids, check, cmdline, descendants};
+pub use procs::{all_pids, check, cmdline, descendants, run_with_timeout};
 
 /// How long containerd may take to open its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);

@@ -27,7 +27,7 @@ pub fn check(out: &Output, what: &str) -> Result<()> {
 }
 
 /// Runs `cmd` with piped output, killing it if it outlives `timeout`.
-pub(super) fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
