@@ -58,24 +58,57 @@ pub fn rewrite_root(spec: &mut serde_json::Value, container_id: &str) -> Result<
 }
 
 /// The runtime options we understand: none yet, runc's (containerd sends
-/// `io.containerd.runc.v1.Options` when a runtime is configured like runc)
-/// and CRI's generic `runtimeoptions.v1.Options` (what containerd's CRI
-/// sends for a runtime type it does not know), whose fields do not apply
-/// to a VM and are ignored.
+/// `io.containerd.runc.v1.Options` when a runtime is configured like runc),
+/// whose fields do not apply to a VM and are ignored, and an empty
+/// `runtimeoptions.v1.Options` (CRI's generic type). A config path or body
+/// in the latter (`ctr --runtime-config-path`) is refused rather than
+/// silently ignored.
 pub fn runtime_options(options: Option<&Any>) -> Result<()> {
-    const KNOWN: [&str; 3] = [
+    const RUNC: [&str; 2] = [
         "containerd.runc.v1.Options",
         "io.containerd.runc.v1.Options",
-        "runtimeoptions.v1.Options",
     ];
+    const GENERIC: &str = "runtimeoptions.v1.Options";
+    let refused = |what: &str| {
+        Error::InvalidArgument(format!(
+            "unsupported runtime options ({what}): io.containerd.clh.v2 takes its settings from its configuration file (CLH_SHIM_CONFIG), not from runtime options"
+        ))
+    };
     match options {
         None => Ok(()),
         Some(any) if any.type_url.is_empty() && any.value.is_empty() => Ok(()),
-        Some(any) if KNOWN.iter().any(|k| any.type_url.ends_with(k)) => Ok(()),
-        Some(any) => Err(Error::InvalidArgument(format!(
-            "unsupported runtime options of type {:?}: io.containerd.clh.v2 takes its settings from its configuration file (CLH_SHIM_CONFIG), not from runtime options",
-            any.type_url
-        ))),
+        Some(any) if RUNC.iter().any(|k| any.type_url.ends_with(k)) => Ok(()),
+        Some(any) if any.type_url.ends_with(GENERIC) => {
+            if generic_options_set(&any.value) {
+                Err(refused(
+                    "a config path or body in runtimeoptions.v1.Options",
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        Some(any) => Err(refused(&format!("of type {:?}", any.type_url))),
+    }
+}
+
+/// Whether `runtimeoptions.v1.Options` (type_url = 1, config_path = 2,
+/// config_body = 3, all strings) sets a config path or body. Malformed
+/// bytes count as set: they are refused.
+fn generic_options_set(bytes: &[u8]) -> bool {
+    let mut input = protobuf::CodedInputStream::from_bytes(bytes);
+    loop {
+        match input.read_raw_tag_or_eof() {
+            Ok(None) => return false,
+            Ok(Some(tag)) => {
+                let field = tag >> 3;
+                match input.read_bytes() {
+                    Ok(value) if (field == 2 || field == 3) && !value.is_empty() => return true,
+                    Ok(_) => {}
+                    Err(_) => return true,
+                }
+            }
+            Err(_) => return true,
+        }
     }
 }
 
@@ -138,5 +171,19 @@ mod tests {
             panic!("accepted");
         };
         assert!(msg.contains("example.com/Other"), "{msg}");
+        // CRI's generic options: empty is fine, a config path is refused.
+        let generic = |value: Vec<u8>| Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value,
+            ..Default::default()
+        };
+        assert!(runtime_options(Some(&generic(Vec::new()))).is_ok());
+        let type_only = [vec![0x0a, 3], b"abc".to_vec()].concat();
+        assert!(runtime_options(Some(&generic(type_only))).is_ok());
+        let path = [vec![0x12, 10], b"/etc/hosts".to_vec()].concat();
+        let Err(Error::InvalidArgument(msg)) = runtime_options(Some(&generic(path))) else {
+            panic!("a config path was accepted");
+        };
+        assert!(msg.contains("unsupported runtime options"), "{msg}");
     }
 }
