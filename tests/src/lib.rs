@@ -113,6 +113,20 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
 
 /// A short state root under /tmp (Unix socket paths are limited to 107
 /// bytes), removed on drop.
+/// Stops `vm`, then fails with `result`'s error and the tail of the guest
+/// console (read before the stop removes the VM's directory).
+pub async fn stop_vm_and_report(vm: containerd_shim_clh_v2::vm::PodVm, result: anyhow::Result<()>) {
+    let console = std::fs::read_to_string(vm.dir().join("console.log")).unwrap_or_default();
+    if let Err(e) = vm.stop().await {
+        panic!("stopping the VM: {e:#}");
+    }
+    if let Err(e) = result {
+        let lines: Vec<&str> = console.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        panic!("{e:#}\n--- guest console (tail) ---\n{tail}");
+    }
+}
+
 pub fn state_root() -> anyhow::Result<tempfile::TempDir> {
     tempfile::Builder::new()
         .prefix("clh-t")

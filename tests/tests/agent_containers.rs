@@ -314,13 +314,6 @@ async fn containers_run_in_the_guest() {
         limits_and_oom(&vm).await.context("limits and OOM")
     }
     .await;
-    // Read the console before stop() removes the VM's directory.
-    let console = std::fs::read_to_string(vm.dir().join("console.log")).unwrap_or_default();
-    vm.stop().await.unwrap();
-    if let Err(e) = result {
-        let lines: Vec<&str> = console.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        panic!("{e:#}\n--- guest console (tail) ---\n{tail}");
-    }
+    clh_tests::stop_vm_and_report(vm, result).await;
     leaks.assert_clean().await;
 }

@@ -199,12 +199,6 @@ async fn volume_updates_reach_the_container_whole_and_fire_inotify() {
         .await
         .unwrap();
     let result = run(&vm, host.path()).await;
-    let console = std::fs::read_to_string(vm.dir().join("console.log")).unwrap_or_default();
-    vm.stop().await.unwrap();
-    if let Err(e) = result {
-        let lines: Vec<&str> = console.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        panic!("{e:#}\n--- guest console (tail) ---\n{tail}");
-    }
+    clh_tests::stop_vm_and_report(vm, result).await;
     leaks.assert_clean().await;
 }
