@@ -81,6 +81,22 @@ pub fn mount_export(private: &Path, export: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes a pod container's directory in the private tree (its `rootfs`
+/// and `mounts` mount points, then itself) once its mounts are gone. Not
+/// recursive: should a mount have survived, its contents are never touched
+/// (the VM's stop detaches and removes it all). Missing is fine.
+pub fn remove_container_dir(vm_dir: &Path, container_id: &str) -> anyhow::Result<()> {
+    let dir = private_dir(vm_dir).join(container_id);
+    for path in [dir.join("rootfs"), dir.join("mounts"), dir.clone()] {
+        match std::fs::remove_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+        }
+    }
+    Ok(())
+}
+
 /// Lazily unmounts the export and the private tree with everything under
 /// them (a rootfs or volume left behind included), so that removing the
 /// directory never reaches into a mount. Never follows symlinks.

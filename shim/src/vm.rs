@@ -18,7 +18,9 @@ use clh_hypervisor::virtiofsd::Virtiofsd;
 use clh_hypervisor::{new_backend, Backend, Binaries, Hypervisor, SharedFs, VmSize, VmSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::shared_mount::{export_dir, make_export, private_dir, unmount_export};
+use crate::shared_mount::{
+    export_dir, make_export, private_dir, remove_container_dir, unmount_export,
+};
 
 pub use clh_agent_protocol::SHARED_FS_TAG;
 /// Lines of each log quoted in a start error.
@@ -336,14 +338,7 @@ pub fn cleanup_container_leftovers(root: &Path, sandbox_id: &str, id: &str) -> a
     for target in targets.iter().skip(1) {
         let _ = std::fs::remove_file(target).or_else(|_| std::fs::remove_dir(target));
     }
-    for d in [dir.join("rootfs"), dir.join("mounts"), dir.clone()] {
-        match std::fs::remove_dir(&d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", d.display())),
-        }
-    }
-    Ok(())
+    remove_container_dir(&root.join(sandbox_id), id)
 }
 
 /// The tails of the guest console and VMM logs, for a start error.

@@ -24,12 +24,9 @@ pub struct Binds {
 }
 
 pub(super) fn is_bind(m: &serde_json::Value) -> bool {
-    let has_opt = |o: &str| {
-        m.get("options")
-            .and_then(|v| v.as_array())
-            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(o)))
-    };
-    m.get("type").and_then(|t| t.as_str()) == Some("bind") || has_opt("bind") || has_opt("rbind")
+    m.get("type").and_then(|t| t.as_str()) == Some("bind")
+        || has_option(m, "bind")
+        || has_option(m, "rbind")
 }
 
 /// The kubelet's directory for `emptyDir` volumes.

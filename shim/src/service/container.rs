@@ -97,10 +97,8 @@ pub struct Container {
     pub rootfs: Option<PathBuf>,
     /// The spec's bind mounts, shared with the guest.
     pub binds: Mutex<Binds>,
+    /// The VM it runs in: its agent, vsock socket and death watch.
     pub sandbox: Arc<Sandbox>,
-    pub agent: AgentClient,
-    pub vsock: PathBuf,
-    pub vm_dead: watch::Receiver<bool>,
     pub procs: Mutex<HashMap<String, Process>>,
     /// The waiters; aborted at teardown.
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -130,9 +128,6 @@ impl Container {
             rootfs,
             binds: Mutex::new(binds),
             sandbox: sandbox.clone(),
-            agent: sandbox.agent.clone(),
-            vsock: sandbox.vsock.clone(),
-            vm_dead: sandbox.vm_dead.clone(),
             procs: Mutex::new(HashMap::from([(String::new(), init)])),
             tasks: Mutex::new(Vec::new()),
             oom_published: Default::default(),

@@ -19,6 +19,7 @@ use super::stdio::{self, Pumps, StdioPaths};
 use super::volume_sync::{self, VolumeSync};
 use super::{binds, pod_spec, rootfs, validate, TaskService};
 use crate::pod::Role;
+use crate::shared_mount::remove_container_dir;
 use crate::sizing::{self, PodLimits};
 use serde_json::Value;
 
@@ -267,7 +268,12 @@ async fn create_in_guest(
             if let Err(u) = rootfs::unmount(&rootfs) {
                 tracing::error!(error = %u, "after a failed create");
             }
-            rootfs::remove_container_dir(&sandbox.dir, &req.id);
+            if let Err(e) = remove_container_dir(&sandbox.dir, &req.id) {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "removing the container's directory"
+                );
+            }
             Err(e)
         }
     }

@@ -35,6 +35,7 @@ pub use error::{Error, Result};
 use events::{Event, EventSender};
 use stats::CgroupVersion;
 
+use crate::shared_mount::remove_container_dir;
 use crate::sizing::SizingPolicy;
 use crate::vm::VmOptions;
 
@@ -133,6 +134,7 @@ impl<E: EventSender> TaskService<E> {
                 ..Default::default()
             };
             let reply = c
+                .sandbox
                 .agent
                 .start_process(ctx(CALL_TIMEOUT), &preq)
                 .await
@@ -231,7 +233,12 @@ impl<E: EventSender> TaskService<E> {
         if c.owns_vm() {
             c.sandbox.stop().await?;
         } else if binds.is_ok() && rootfs.is_ok() {
-            rootfs::remove_container_dir(&c.sandbox.dir, &c.id);
+            if let Err(e) = remove_container_dir(&c.sandbox.dir, &c.id) {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "removing the container's directory"
+                );
+            }
         }
         binds.and(rootfs)
     }
@@ -300,9 +307,9 @@ async fn publish<E: EventSender>(
 /// Waits for a process's exit (or the VM's death), lets its output drain,
 /// records the exit and publishes TaskExit.
 async fn waiter<E: EventSender>(c: Arc<Container>, exec_id: String, events: Arc<E>) {
-    let mut dead = c.vm_dead.clone();
+    let mut dead = c.sandbox.vm_dead.clone();
     let exit = tokio::select! {
-        r = container::wait_process(&c.agent, &c.id, &exec_id) => match r {
+        r = container::wait_process(&c.sandbox.agent, &c.id, &exec_id) => match r {
             Ok(exit) => exit,
             Err(e) => {
                 tracing::warn!(id = %c.id, exec_id, error = %e, "lost the process");

@@ -24,7 +24,12 @@ pub(super) async fn publish_new_kills<E: EventSender>(c: &Container, events: &E)
         container_id: c.id.clone(),
         ..Default::default()
     };
-    let Ok(stats) = c.agent.container_stats(ctx(CALL_TIMEOUT), &req).await else {
+    let Ok(stats) = c
+        .sandbox
+        .agent
+        .container_stats(ctx(CALL_TIMEOUT), &req)
+        .await
+    else {
         return;
     };
     let kills = stats.memory_oom_kills;

@@ -108,7 +108,8 @@ impl<E: EventSender> TaskService<E> {
             all: req.all,
             ..Default::default()
         };
-        c.agent
+        c.sandbox
+            .agent
             .signal_process(ctx(CALL_TIMEOUT), &sreq)
             .await
             .map_err(|e| agent_error("SignalProcess", e))?;
@@ -128,6 +129,7 @@ impl<E: EventSender> TaskService<E> {
             });
         }
         let reply = c
+            .sandbox
             .agent
             .list_pids(ctx(CALL_TIMEOUT), &container_req(&req.id))
             .await
@@ -164,7 +166,8 @@ impl<E: EventSender> TaskService<E> {
             height: req.height,
             ..Default::default()
         };
-        c.agent
+        c.sandbox
+            .agent
             .resize_tty(ctx(CALL_TIMEOUT), &rreq)
             .await
             .map_err(|e| agent_error("ResizeTty", e))?;
@@ -201,11 +204,12 @@ impl<E: EventSender> TaskService<E> {
             stdio: MessageField::some(paths.wire()),
             ..Default::default()
         };
-        c.agent
+        c.sandbox
+            .agent
             .exec_process(ctx(CALL_TIMEOUT), &ereq)
             .await
             .map_err(|e| agent_error("ExecProcess", e))?;
-        let pumps = stdio::attach(&c.vsock, &req.id, &req.exec_id, &paths)
+        let pumps = stdio::attach(&c.sandbox.vsock, &req.id, &req.exec_id, &paths)
             .await
             .map_err(Error::Internal)?;
         c.procs()
@@ -232,6 +236,7 @@ impl<E: EventSender> TaskService<E> {
             });
         }
         let reply = c
+            .sandbox
             .agent
             .container_stats(ctx(CALL_TIMEOUT), &container_req(&req.id))
             .await
@@ -273,7 +278,8 @@ impl<E: EventSender> TaskService<E> {
             resources,
             ..Default::default()
         };
-        c.agent
+        c.sandbox
+            .agent
             .update_container(ctx(CALL_TIMEOUT), &ureq)
             .await
             .map_err(|e| agent_error("UpdateContainer", e))?;
@@ -284,7 +290,8 @@ impl<E: EventSender> TaskService<E> {
     pub async fn pause(&self, req: PauseRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
         no_pause(&c, "pause")?;
-        c.agent
+        c.sandbox
+            .agent
             .pause_container(ctx(CALL_TIMEOUT), &container_req(&req.id))
             .await
             .map_err(|e| agent_error("PauseContainer", e))?;
@@ -300,7 +307,8 @@ impl<E: EventSender> TaskService<E> {
     pub async fn resume(&self, req: ResumeRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
         no_pause(&c, "resume")?;
-        c.agent
+        c.sandbox
+            .agent
             .resume_container(ctx(CALL_TIMEOUT), &container_req(&req.id))
             .await
             .map_err(|e| agent_error("ResumeContainer", e))?;

@@ -99,20 +99,6 @@ pub fn unmount(target: &Path) -> Result<()> {
     }
 }
 
-/// Removes a pod container's directory in the VM's shared directory once
-/// its mounts are gone. Not recursive: should a mount have survived, its
-/// contents are never touched (the VM's stop detaches and removes it all).
-pub fn remove_container_dir(vm_dir: &Path, container_id: &str) {
-    let dir = private_dir(vm_dir).join(container_id);
-    for path in [dir.join("rootfs"), dir.join("mounts"), dir.clone()] {
-        match std::fs::remove_dir(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
