@@ -9,6 +9,8 @@ apt_packages=(
   libseccomp-dev # the agent's seccomp filters (libseccomp.a, linked statically)
   zstd xz-utils kmod file binutils python3 gcc make # guest image build
   containernetworking-plugins # CNI static + loopback (/usr/lib/cni) for the CRI tests
+  libcap-ng-dev # virtiofsd links libcap-ng (cargo install below)
+  pkg-config # how virtiofsd's build finds libcap-ng and libseccomp
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -45,7 +47,8 @@ PIN
   echo "install-deps: installing QEMU 10 from bookworm-backports"
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports qemu-system-data/bookworm-backports
+    qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports qemu-system-data/bookworm-backports \
+    seabios/bookworm-backports # QEMU 10's BIOS: it needs seabios >= 1.16.3, which only backports has
 fi
 echo "install-deps: $(qemu-system-x86_64 --version | head -n 1)"
 
