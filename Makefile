@@ -45,10 +45,16 @@ lint:
 
 # Every test: lints, unit tests, then the VM tests (real QEMU TCG guests,
 # real virtiofsd; Cloud Hypervisor API tests when cloud-hypervisor is on
-# PATH). VM tests run one at a time: the host has 2 cores.
+# PATH). VM tests run one at a time: the host has 2 cores. A test that
+# cannot run here records why in the skip log (crate clh-test-skip); the
+# count and the reasons are the last thing printed.
+SKIP_LOG := $(BUILD_DIR)/test-skips.log
+test: export CLH_TEST_SKIP_LOG := $(SKIP_LOG)
 test: deps guest-image lint
+	mkdir -p $(BUILD_DIR) && rm -f $(SKIP_LOG)
 	$(CARGO) test --workspace --exclude clh-tests
 	$(CARGO) test -p clh-tests -- --test-threads=1
+	tests/report-skips.sh $(SKIP_LOG)
 
 bench: deps guest-image
 	$(CARGO) bench -p clh-tests --bench boot

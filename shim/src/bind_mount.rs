@@ -198,7 +198,7 @@ mod tests {
     #[test]
     fn a_read_only_bind_is_read_only_from_birth() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED: mounts need root");
+            clh_test_skip::skip("mounts need root");
             return;
         }
         let src = tempfile::tempdir().unwrap();

@@ -72,7 +72,7 @@ fn bad_paths_are_refused_naming_the_path() {
 async fn a_systemd_path_without_systemd_says_what_to_configure() {
     let spec = "kubepods-burstable-pod123.slice:cri-containerd:abc";
     if systemd_running() {
-        println!("SKIPPED: systemd runs here, so the error under test cannot happen");
+        clh_test_skip::skip("systemd runs here, so the error under test cannot happen");
         return;
     }
     let err = PodCgroup::create(spec).unwrap_err();
@@ -143,7 +143,7 @@ impl Drop for TestParent {
 fn is_root() -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
-        println!("SKIPPED: making host cgroups needs root");
+        clh_test_skip::skip("making host cgroups needs root");
     }
     root
 }

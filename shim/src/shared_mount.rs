@@ -122,7 +122,7 @@ mod tests {
     #[test]
     fn the_export_is_a_read_only_slave_that_sees_later_mounts() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED: mounts need root");
+            clh_test_skip::skip("mounts need root");
             return;
         }
         let vm = tempfile::tempdir().unwrap();

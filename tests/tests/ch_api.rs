@@ -21,12 +21,12 @@ use clh_hypervisor::{Error, Hypervisor, SharedFs, VmSize, VmSpec};
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `cloud-hypervisor` on PATH, or `None` after printing the skip notice.
+/// `cloud-hypervisor` on PATH, or `None` after recording the skip.
 fn cloud_hypervisor() -> Option<PathBuf> {
     let found = find_on_path("cloud-hypervisor");
     if found.is_none() {
-        println!(
-            "SKIPPED: cloud-hypervisor not found on PATH (install it to run the CH API tests)"
+        clh_test_skip::skip(
+            "cloud-hypervisor not found on PATH (install it to run the CH API tests)",
         );
     }
     found

@@ -201,7 +201,7 @@ mod tests {
     #[test]
     fn binds_are_shared_read_only_where_asked_and_undone() {
         if !root() {
-            eprintln!("SKIPPED: bind mounts need root");
+            clh_test_skip::skip("bind mounts need root");
             return;
         }
         let host = tempfile::tempdir().unwrap();
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn a_memory_empty_dir_becomes_guest_memory() {
         if !root() {
-            eprintln!("SKIPPED: tmpfs needs root");
+            clh_test_skip::skip("tmpfs needs root");
             return;
         }
         let pod = tempfile::tempdir().unwrap();
