@@ -32,6 +32,29 @@ impl Drop for ExportMounts {
     }
 }
 
+/// virtiofsd on the shim's layout: `private/` with `dirs` made in it,
+/// exported read-only as the share, and two volume sources beside it,
+/// `ro-src/f` and `rw-src/f` holding `ro` and `rw`.
+async fn export_fixture(dirs: &[&str], ro: &str, rw: &str) -> (Fixture, ExportMounts) {
+    use containerd_shim_clh_v2::shared_mount::mount_export;
+    let fx = Fixture::start(|share| {
+        let parent = share.parent().expect("the share has a parent");
+        let private = parent.join("private");
+        for dir in dirs {
+            std::fs::create_dir_all(private.join(dir))?;
+        }
+        for (dir, content) in [("ro-src", ro), ("rw-src", rw)] {
+            std::fs::create_dir(parent.join(dir))?;
+            std::fs::write(parent.join(dir).join("f"), content)?;
+        }
+        mount_export(&private, share)
+    })
+    .await
+    .expect("fixture");
+    let mounts = ExportMounts(vec![fx.share.clone(), fx.parent().join("private")]);
+    (fx, mounts)
+}
+
 /// SEC-FS-01 and SEC-FS-05 against the shim's own layout: the share is the
 /// read-only slave export of a private tree (shared_mount.rs), and volumes
 /// are bound into the private tree after virtiofsd started, one read-only
@@ -40,23 +63,10 @@ impl Drop for ExportMounts {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_export_is_read_only_to_the_guest() {
     use containerd_shim_clh_v2::bind_mount::{bind, BindOptions};
-    use containerd_shim_clh_v2::shared_mount::mount_export;
-    let fx = Fixture::start(|share| {
-        let parent = share.parent().expect("the share has a parent");
-        let private = parent.join("private");
-        std::fs::create_dir_all(private.join("c1/mounts/0"))?;
-        std::fs::create_dir_all(private.join("c1/mounts/1"))?;
-        for (dir, content) in [("ro-src", "read only\n"), ("rw-src", "writable\n")] {
-            std::fs::create_dir(parent.join(dir))?;
-            std::fs::write(parent.join(dir).join("f"), content)?;
-        }
-        mount_export(&private, share)
-    })
-    .await
-    .expect("fixture");
+    let (fx, mounts) =
+        export_fixture(&["c1/mounts/0", "c1/mounts/1"], "read only\n", "writable\n").await;
     let parent = fx.parent().to_path_buf();
     let private = parent.join("private");
-    let mounts = ExportMounts(vec![fx.share.clone(), private.clone()]);
     // Volumes arrive after virtiofsd started, as a pod's containers do.
     for (n, src, readonly) in [(0, "ro-src", true), (1, "rw-src", false)] {
         let opts = BindOptions {
@@ -107,4 +117,135 @@ async fn the_export_is_read_only_to_the_guest() {
         Ok(())
     })
     .await;
+}
+
+/// How many times the guest tries each mutation in
+/// [`sec_fs_03_share_toctou_race`].
+const RACE_ROUNDS: usize = 10_000;
+/// The volume mountpoints the host makes and removes over and over.
+const RACE_SLOTS: usize = 8;
+
+/// SEC-FS-03: guest root races the host while the host makes volume
+/// mountpoints in the private tree and binds volumes onto them (a pod's
+/// containers coming and going), trying 10k times to plant, rename or
+/// remove entries where the host mounts. Every attempt fails (the export is
+/// read-only), and no bind of a volume ever lands outside the sandbox tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec_fs_03_share_toctou_race() {
+    use containerd_shim_clh_v2::bind_mount::{bind, BindOptions};
+    use nix::mount::{umount2, MntFlags};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let (fx, mounts) = export_fixture(&["c1/mounts"], "volume\n", "volume\n").await;
+    let parent = fx.parent().to_path_buf();
+    let private = parent.join("private");
+    fx.run(|fx| {
+        let _mounts = mounts;
+        let done = AtomicBool::new(false);
+        let binds = AtomicUsize::new(0);
+        let slot_dir = |n: usize| private.join(format!("c1/mounts/{n}"));
+        std::thread::scope(|scope| {
+            // The host: mountpoints made, bound, unbound and removed in turn.
+            let host = scope.spawn(|| -> anyhow::Result<()> {
+                let mut n = 0;
+                while !done.load(Ordering::Relaxed) {
+                    let target = slot_dir(n % RACE_SLOTS);
+                    std::fs::create_dir(&target)?;
+                    let (src, readonly) = if n % 2 == 0 {
+                        ("ro-src", true)
+                    } else {
+                        ("rw-src", false)
+                    };
+                    let opts = BindOptions {
+                        recursive: true,
+                        readonly,
+                    };
+                    bind(&parent.join(src), &target, opts)?;
+                    binds.fetch_add(1, Ordering::Relaxed);
+                    umount2(&target, MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH)?;
+                    std::fs::remove_dir(&target)?;
+                    n += 1;
+                }
+                Ok(())
+            });
+            let guest = race_as_guest(fx);
+            done.store(true, Ordering::Relaxed);
+            let host = host.join().expect("the host thread panicked");
+            guest.and(host)
+        })?;
+        let binds = binds.load(Ordering::Relaxed);
+        println!("the host made {binds} binds while the guest raced");
+        assert!(binds > 0, "the host made no bind while the guest raced");
+        // Every bind of a volume sits under the sandbox tree: a mount whose
+        // root is one of the sources and whose mount point is elsewhere
+        // would be the shim mounting through a guest-planted path.
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let tree = parent.to_string_lossy().into_owned();
+        for line in mountinfo.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (root, point) = (fields[3], fields[4]);
+            if root.contains("ro-src") || root.contains("rw-src") {
+                assert!(point.starts_with(&tree), "a volume landed outside: {line}");
+            }
+        }
+        assert!(listing(&private.join("c1/mounts")).is_empty());
+        assert_eq!(listing(&parent.join("share")), vec!["c1"]);
+        assert_eq!(
+            std::fs::read_to_string(fx.canary.join("secret"))?,
+            "host only\n"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+/// The guest side of [`sec_fs_03_share_toctou_race`]: plants, renames and
+/// removes entries at every level where the host mounts; fails on the
+/// first mutation that succeeds.
+fn race_as_guest(fx: &Fixture) -> anyhow::Result<()> {
+    let mut fs = fx.connect()?;
+    let c1 = fs.lookup(ROOT_ID, b"c1")?.expect("LOOKUP c1").nodeid;
+    let dirs = fs.lookup(c1, b"mounts")?.expect("LOOKUP mounts").nodeid;
+    let mut refused_read_only = 0usize;
+    for round in 0..RACE_ROUNDS {
+        let slot = format!("{}", round % RACE_SLOTS);
+        let slot = slot.as_bytes();
+        let (parent, name): (u64, &[u8]) = match round % 3 {
+            0 => (ROOT_ID, b"c1"),
+            1 => (c1, b"mounts"),
+            _ => (dirs, slot),
+        };
+        let attempts: [(&str, Result<(), Errno>); 5] = [
+            (
+                "SYMLINK",
+                fs.symlink(parent, name, b"/", Creds::ROOT)?.map(drop),
+            ),
+            (
+                "MKDIR",
+                fs.mkdir(parent, name, 0o755, Creds::ROOT)?.map(drop),
+            ),
+            ("RENAME", fs.rename(parent, name, parent, b"moved")?),
+            ("RMDIR", fs.rmdir(parent, name)?),
+            ("UNLINK", fs.unlink(parent, name)?),
+        ];
+        for (op, answer) in attempts {
+            match answer {
+                Ok(()) => anyhow::bail!(
+                    "round {round}: {op} {} in the read-only export succeeded",
+                    String::from_utf8_lossy(name)
+                ),
+                Err(Errno::EROFS) => refused_read_only += 1,
+                // The slot is not there at this instant, or is there and
+                // of the other kind: refused before the write check.
+                Err(Errno::ENOENT | Errno::EEXIST | Errno::ENOTDIR | Errno::EISDIR) => {}
+                Err(e) => anyhow::bail!("round {round}: {op} failed with {e}, not EROFS"),
+            }
+        }
+    }
+    println!("{refused_read_only} guest mutations refused with EROFS");
+    anyhow::ensure!(
+        refused_read_only > RACE_ROUNDS,
+        "only {refused_read_only} mutations reached the read-only check"
+    );
+    Ok(())
 }
