@@ -47,7 +47,11 @@ impl ContainerdVersion {
     /// once), so keys of that table are inserted below its header.
     pub(super) fn cri_config(self, dir: &Path, snippet: &str) -> String {
         let d = dir.display();
-        let runtime_keys = "  netns_mounts_under_state_dir = true";
+        // This host has no CAP_SYS_RESOURCE, so the CRI cannot lower a
+        // container's oom_score_adj below its own: clamp it instead of
+        // failing every create. A test-host setting only: the shipped
+        // snippets leave it to the node.
+        let runtime_keys = "  netns_mounts_under_state_dir = true\n  restrict_oom_score_adj = true";
         match self {
             ContainerdVersion::V2 => {
                 let runtime = "[plugins.'io.containerd.cri.v1.runtime']";
