@@ -37,11 +37,7 @@ fn scene() -> Scene {
     let vol = tmp.path().join("vol");
     std::fs::create_dir(&vol).unwrap();
     atomic_write(&vol, &[("a", "old")]);
-    Scene {
-        tmp,
-        vol,
-        canary,
-    }
+    Scene { tmp, vol, canary }
 }
 
 /// Points `..data` at `target` the way the atomic writer swaps it.
