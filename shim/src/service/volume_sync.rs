@@ -10,16 +10,17 @@
 //! out, then watches the host directory with inotify and sends a new
 //! snapshot whenever `..data` is swapped. The container mounts the copy.
 //!
-//! Wiring (create.rs / binds.rs): for a bind mount whose source passes
-//! [`is_synced_volume`], do not bind-mount it into the shared directory;
-//! [`start`] a [`VolumeSync`] before CreateContainer, set the mount's
-//! source to [`guest_dir`] (keep its type and options, `ro` included),
-//! keep the handle with the container and [`VolumeSync::stop`] it after
-//! RemoveContainer.
+//! Wiring (create.rs / binds.rs): record the container's read-write bind
+//! sources in the pod's [`WritableShares`] first; then for a bind mount
+//! that passes [`should_sync`], do not bind-mount it into the shared
+//! directory; [`start`] a [`VolumeSync`] before CreateContainer, set the
+//! mount's source to [`guest_dir`] (keep its type and options, `ro`
+//! included), keep the handle with the container and [`VolumeSync::stop`]
+//! it after RemoveContainer.
 //!
 //! What is synced, and how it is read, keeps the guest from choosing what
 //! the shim reads on the host as root (docs/design/0003-volume-sync.md,
-//! "Security"): a mount the container may write, or one overlapping a
+//! "Security: the host side"): a mount the container may write, or one overlapping a
 //! path the pod's guest can write ([`WritableShares`]), is never synced;
 //! a synced directory is held open and read through descriptors only,
 //! without following a link (volume_dir.rs).

@@ -8,6 +8,10 @@
 //! that target at the end; a file that vanished meanwhile (the old data was
 //! removed) or a changed target means an update overtook the read, which
 //! the caller then starts again.
+//!
+//! The read goes through descriptors only and never follows a link
+//! (volume_dir.rs): a guest that can write the directory can make it fail,
+//! never make it read a host file outside it.
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
