@@ -20,10 +20,10 @@
 //!
 //! What is synced, and how it is read, keeps the guest from choosing what
 //! the shim reads on the host as root (docs/design/0003-volume-sync.md,
-//! "Security: the host side"): a mount the container may write, or one overlapping a
-//! path the pod's guest can write ([`WritableShares`]), is never synced;
-//! a synced directory is held open and read through descriptors only,
-//! without following a link (volume_dir.rs).
+//! "Security: the host side"): a mount the container may write, or one
+//! overlapping a path the pod's guest can write ([`WritableShares`]), is
+//! never synced; a synced directory is held open and read through
+//! descriptors only, without following a link (volume_dir.rs).
 
 mod snapshot;
 mod volume_dir;
@@ -91,8 +91,8 @@ pub enum SyncError {
     #[error(
         "{dir} is not synced (any more): the pod's guest can write {share} through a \
          read-write mount, so it could choose what the shim reads; the container keeps \
-         the last copy. Mount such a directory read-write and unsynced, or keep \
-         read-write mounts of the pod away from it"
+         the last copy. To have the directory kept current, mount nothing that holds or \
+         lies in it read-write in the same pod"
     )]
     GuestWritable { dir: PathBuf, share: PathBuf },
 }
