@@ -143,7 +143,7 @@ async fn run(vm: &PodVm, host: &Path) -> Result<()> {
         volume_sync::is_synced_volume(host),
         "the host dir is not recognised"
     );
-    let sync = volume_sync::start(agent, host.to_path_buf(), CID, 0).await?;
+    let sync = volume_sync::start(agent, host.to_path_buf(), CID, 0, Default::default()).await?;
     let guest_dir = sync.guest_dir().to_owned();
     ensure!(guest_dir == volume_sync::guest_dir(CID, 0), "{guest_dir}");
 

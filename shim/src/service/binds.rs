@@ -14,6 +14,7 @@ use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR, GUEST_VOLUMES_DIR};
 use nix::mount::{umount2, MntFlags};
 
 use super::error::{Error, Result};
+use super::writable_shares::WritableShares;
 use crate::bind_mount::{self, BindOptions};
 use crate::shared_mount::private_dir;
 
@@ -57,6 +58,32 @@ fn memory_volume(m: &serde_json::Value) -> Option<String> {
 fn is_guest_source(m: &serde_json::Value) -> bool {
     let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
     Path::new(source).starts_with(GUEST_VOLUMES_DIR)
+}
+
+/// The spec mounts it read-only (`ro`; runc's default is read-write).
+pub(super) fn is_readonly(m: &serde_json::Value) -> bool {
+    has_option(m, "ro")
+}
+
+/// Records in `writable` the host source of every bind mount of `spec`
+/// that [`Binds::share`] will share read-write: the guest can write those
+/// (writable_shares.rs). Call it before anything of the container is
+/// synced or shared. A source that cannot be resolved is recorded as
+/// given (sharing it fails later anyway).
+pub fn record_writable(spec: &serde_json::Value, writable: &WritableShares) {
+    let Some(mounts) = spec.get("mounts").and_then(|m| m.as_array()) else {
+        return;
+    };
+    for m in mounts {
+        if !is_bind(m) || is_readonly(m) || is_guest_source(m) || memory_volume(m).is_some() {
+            continue;
+        }
+        let Some(source) = m.get("source").and_then(|s| s.as_str()) else {
+            continue;
+        };
+        let source = Path::new(source);
+        writable.add(bind_mount::resolve(source).unwrap_or_else(|_| source.to_path_buf()));
+    }
 }
 
 fn has_option(m: &serde_json::Value, opt: &str) -> bool {
@@ -139,7 +166,7 @@ impl Binds {
         let opts = BindOptions {
             recursive: has_option(m, "rbind"),
             // Read-only on the host side too: guest root cannot write it.
-            readonly: has_option(m, "ro"),
+            readonly: is_readonly(m),
         };
         bind_mount::bind(source, target, opts).map_err(|e| {
             let _ = remove_mount_point(target);

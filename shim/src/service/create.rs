@@ -229,6 +229,9 @@ async fn create_in_guest(
     let mut created = false;
     let result = async {
         rootfs::mount(&req.rootfs, &source, &rootfs).await?;
+        // Before any sync starts: this container's own read-write mounts
+        // count as guest-writable too.
+        binds::record_writable(spec, &sandbox.writable);
         synced = sync_volumes(sandbox, spec, &req.id).await?;
         binds = Binds::share(spec, &sandbox.dir, &req.id)?;
         let creq = clh_agent_protocol::CreateContainerRequest {
@@ -279,10 +282,11 @@ async fn create_in_guest(
     }
 }
 
-/// Starts a [`VolumeSync`] for every bind mount that is a kubelet
-/// atomic-writer volume (ConfigMap, Secret, projected, downward API) and
-/// points the mount at the guest's copy, read-only. Each sync has pushed
-/// its first snapshot when this returns.
+/// Starts a [`VolumeSync`] for every read-only bind mount that is a kubelet
+/// atomic-writer volume (ConfigMap, Secret, projected, downward API) the
+/// pod's guest cannot write ([`volume_sync::should_sync`]) and points the
+/// mount at the guest's copy. Each sync has pushed its first snapshot when
+/// this returns.
 async fn sync_volumes(sandbox: &Sandbox, spec: &mut Value, cid: &str) -> Result<Vec<VolumeSync>> {
     let mut synced = Vec::new();
     let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
@@ -290,22 +294,21 @@ async fn sync_volumes(sandbox: &Sandbox, spec: &mut Value, cid: &str) -> Result<
     };
     for (n, m) in mounts.iter_mut().enumerate() {
         let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
-        if !binds::is_bind(m) || !volume_sync::is_synced_volume(Path::new(source)) {
+        if !binds::is_bind(m)
+            || !volume_sync::should_sync(
+                Path::new(source),
+                binds::is_readonly(m),
+                &sandbox.writable,
+            )
+        {
             continue;
         }
         let host = std::path::PathBuf::from(source);
-        match volume_sync::start(sandbox.agent.clone(), host, cid, n).await {
+        let writable = sandbox.writable.clone();
+        match volume_sync::start(sandbox.agent.clone(), host, cid, n, writable).await {
             Ok(sync) => {
+                // Its options (`ro` among them) stay as they are.
                 m["source"] = Value::String(sync.guest_dir().to_string());
-                let options = m.as_object_mut().map(|o| {
-                    o.entry("options")
-                        .or_insert_with(|| Value::Array(Vec::new()))
-                });
-                if let Some(Value::Array(opts)) = options {
-                    if !opts.iter().any(|o| o == "ro") {
-                        opts.push(Value::String("ro".into()));
-                    }
-                }
                 synced.push(sync);
             }
             Err(e) => {

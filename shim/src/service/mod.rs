@@ -19,6 +19,7 @@ mod stdio;
 mod tests;
 pub mod validate;
 pub mod volume_sync;
+pub mod writable_shares;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

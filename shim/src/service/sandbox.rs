@@ -18,6 +18,7 @@ use super::container::{connect_agent, ctx, Container, CALL_TIMEOUT, LONG_POLL};
 use super::error::{Error, Result};
 use super::events::EventSender;
 use super::oom;
+use super::writable_shares::WritableShares;
 use crate::pod_cgroup::{CgroupError, PodCgroup};
 use crate::vm::{PodVm, VmOptions};
 use clh_hypervisor::VmSize;
@@ -30,6 +31,8 @@ pub struct Sandbox {
     pub agent: AgentClient,
     /// Turns true when the VMM has exited.
     pub vm_dead: watch::Receiver<bool>,
+    /// Host paths the guest can write through virtio-fs: never synced.
+    pub writable: Arc<WritableShares>,
     vm: Mutex<Option<Arc<PodVm>>>,
     /// The VM's current size.
     size: Mutex<VmSize>,
@@ -96,6 +99,7 @@ impl Sandbox {
             vsock,
             agent,
             vm_dead,
+            writable: Arc::default(),
             vm: Mutex::new(Some(vm.clone())),
             size: Mutex::new(VmSize {
                 vcpus: opts.vcpus,

@@ -10,17 +10,27 @@
 //! out, then watches the host directory with inotify and sends a new
 //! snapshot whenever `..data` is swapped. The container mounts the copy.
 //!
-//! Wiring (create.rs / binds.rs): for a bind mount whose source passes
-//! [`is_synced_volume`], do not bind-mount it into the shared directory;
-//! [`start`] a [`VolumeSync`] before CreateContainer, set the mount's
-//! source to [`guest_dir`] (keep its type and options, `ro` included),
-//! keep the handle with the container and [`VolumeSync::stop`] it after
-//! RemoveContainer.
+//! Wiring (create.rs / binds.rs): record the container's read-write bind
+//! sources in the pod's [`WritableShares`] first; then for a bind mount
+//! that passes [`should_sync`], do not bind-mount it into the shared
+//! directory; [`start`] a [`VolumeSync`] before CreateContainer, set the
+//! mount's source to [`guest_dir`] (keep its type and options, `ro`
+//! included), keep the handle with the container and [`VolumeSync::stop`]
+//! it after RemoveContainer.
+//!
+//! What is synced, and how it is read, keeps the guest from choosing what
+//! the shim reads on the host as root (docs/design/0003-volume-sync.md,
+//! "Security: the host side"): a mount the container may write, or one
+//! overlapping a path the pod's guest can write ([`WritableShares`]), is
+//! never synced; a synced directory is held open and read through
+//! descriptors only, without following a link (volume_dir.rs).
 
 mod snapshot;
+mod volume_dir;
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clh_agent_protocol::{
@@ -33,8 +43,10 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::container::ctx;
+use super::writable_shares::WritableShares;
 pub use snapshot::SnapshotError;
 use snapshot::{Outcome, DATA, MAX_CHUNK_BYTES};
+use volume_dir::VolumeDir;
 
 /// The deadline of one SyncVolume or RemoveVolume call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +88,13 @@ pub enum SyncError {
     Unstable { dir: PathBuf },
     #[error("volume index {0} is out of range")]
     Index(usize),
+    #[error(
+        "{dir} is not synced (any more): the pod's guest can write {share} through a \
+         read-write mount, so it could choose what the shim reads; the container keeps \
+         the last copy. To have the directory kept current, mount nothing that holds or \
+         lies in it read-write in the same pod"
+    )]
+    GuestWritable { dir: PathBuf, share: PathBuf },
 }
 
 impl SyncError {
@@ -83,6 +102,11 @@ impl SyncError {
     fn is_closed(&self) -> bool {
         matches!(self, SyncError::Agent { source, .. }
             if matches!(**source, ttrpc::Error::LocalClosed | ttrpc::Error::RemoteClosed))
+    }
+
+    /// The sync must end: nothing will ever be pushed again.
+    fn is_final(&self) -> bool {
+        self.is_closed() || matches!(self, SyncError::GuestWritable { .. })
     }
 }
 
@@ -97,12 +121,43 @@ impl SyncError {
 /// and the sync relies on it for consistent snapshots. A subPath mount of
 /// such a volume is a file or a plain subdirectory and stays on virtio-fs,
 /// as on a node, where subPath mounts do not receive updates either.
+///
+/// The layout alone does not make a mount synced: see [`should_sync`].
 pub fn is_synced_volume(host_source: &Path) -> bool {
-    let is_dir = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
     // The source itself may be reached through links (a kubelet root dir
     // that is a symlink); its `..data` target must be a real directory.
-    std::fs::metadata(host_source).is_ok_and(|m| m.is_dir())
-        && matches!(snapshot::data_target(host_source), Ok(Some(t)) if is_dir(&host_source.join(&t)))
+    let Ok(dir) = VolumeDir::open(host_source) else {
+        return false;
+    };
+    matches!(dir.data_target(), Ok(Some(t)) if dir.has_data_dir(&t))
+}
+
+/// Whether a bind mount of `host_source` is synced: only when the spec
+/// mounts it read-only (a mount the container may write is the container's
+/// to write: it stays shared), it has the atomic writer's layout, and the
+/// pod's guest cannot write it, nor anything in it, nor a directory
+/// holding it (`writable`). The kubelet mounts every ConfigMap, Secret,
+/// projected and downward-API volume read-only, in its own directory that
+/// no other volume shares; an `emptyDir` or `hostPath` a guest laid out
+/// like one stays a plain virtio-fs mount.
+pub fn should_sync(host_source: &Path, readonly: bool, writable: &WritableShares) -> bool {
+    if !readonly || !is_synced_volume(host_source) {
+        return false;
+    }
+    let Ok(canonical) = std::fs::canonicalize(host_source) else {
+        return false;
+    };
+    match writable.overlapping(&canonical) {
+        Some(share) => {
+            info!(
+                dir = %host_source.display(),
+                share = %share.display(),
+                "the pod's guest can write this atomic-writer directory; it is shared, not synced"
+            );
+            false
+        }
+        None => true,
+    }
 }
 
 /// The guest path of the copy of mount `n` of container `cid`: the mount's
@@ -132,19 +187,23 @@ pub struct VolumeSync {
 
 /// Sends the first snapshot of `host_dir` as volume `n` of container `cid`
 /// (so the copy is complete before the container is created), then keeps
-/// the copy current until stopped.
+/// the copy current until stopped, or until a path in `writable` (the
+/// pod's guest-writable host paths) overlaps it.
 pub async fn start(
     agent: AgentClient,
     host_dir: PathBuf,
     cid: &str,
     n: usize,
+    writable: Arc<WritableShares>,
 ) -> Result<VolumeSync, SyncError> {
     let volume = u32::try_from(n).map_err(|_| SyncError::Index(n))?;
+    let dir = Arc::new(VolumeDir::open(&host_dir)?);
     let mut pusher = Pusher {
         agent,
         cid: cid.to_owned(),
         volume,
-        host_dir,
+        dir,
+        writable,
         generation: 0,
     };
     // Watch first: an update during the first push is then not missed.
@@ -156,7 +215,7 @@ pub async fn start(
             return Err(e);
         }
     };
-    info!(dir = %pusher.host_dir.display(), cid, volume, "volume synced into the guest");
+    info!(dir = %pusher.dir.path().display(), cid, volume, "volume synced into the guest");
     let (pushed_tx, pushed) = watch::channel(Pushed {
         generation: pusher.generation,
         at: Instant::now(),
@@ -249,7 +308,7 @@ async fn watch_loop(
     mut stop: oneshot::Receiver<()>,
     pushed: watch::Sender<Pushed>,
 ) {
-    let dir = pusher.host_dir.clone();
+    let dir = pusher.dir.path().to_path_buf();
     let mut recheck = tokio::time::interval(RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -264,19 +323,25 @@ async fn watch_loop(
             Trigger::Update => debounce(&mut events).await,
             Trigger::WatchGone => Trigger::WatchGone,
         };
+        // Checked at every turn: while we hold the directory open, its
+        // removal may not end the watch (the inode lives on).
+        if pusher.dir.is_removed() {
+            info!(dir = %dir.display(), "the volume's directory is gone; its sync ends");
+            return;
+        }
         if trigger == Trigger::WatchGone {
-            if !is_synced_volume(&dir) {
-                info!(dir = %dir.display(), "the volume's directory is gone; its sync ends");
-                return;
-            }
-            // Still there (e.g. a mount replaced under it): watch it anew,
-            // or fall back to the rechecks alone.
+            // Still there (the watch was dropped): watch the directory we
+            // hold anew, or fall back to the rechecks alone.
             events = pusher
                 .watch()
                 .inspect_err(|e| warn!("{e}; relying on rechecks every {RECHECK:?}"))
                 .ok();
         }
-        match snapshot::data_target(&dir) {
+        if let Err(e) = pusher.check_writable() {
+            warn!("{e}");
+            return;
+        }
+        match pusher.dir.data_target() {
             Ok(Some(t)) if t == last => continue,
             Ok(_) => {}
             Err(e) => {
@@ -295,6 +360,10 @@ async fn watch_loop(
             }
             Err(e) if e.is_closed() => {
                 info!(dir = %dir.display(), "the agent is gone; the volume's sync ends");
+                return;
+            }
+            Err(e) if e.is_final() => {
+                warn!("{e}");
                 return;
             }
             // Retried at the next recheck: `last` is unchanged.
@@ -340,14 +409,27 @@ struct Pusher {
     agent: AgentClient,
     cid: String,
     volume: u32,
-    host_dir: PathBuf,
+    /// Held open for the sync's life; read only through descriptors.
+    dir: Arc<VolumeDir>,
+    writable: Arc<WritableShares>,
     generation: u64,
 }
 
 impl Pusher {
+    /// Refuses to go on once the pod's guest can write the directory.
+    fn check_writable(&self) -> Result<(), SyncError> {
+        match self.writable.overlapping(self.dir.canonical()) {
+            Some(share) => Err(SyncError::GuestWritable {
+                dir: self.dir.path().to_path_buf(),
+                share,
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn watch(&self) -> Result<Events, SyncError> {
         let err = |source| SyncError::Watch {
-            dir: self.host_dir.clone(),
+            dir: self.dir.path().to_path_buf(),
             source,
         };
         let inotify = Inotify::init().map_err(err)?;
@@ -356,7 +438,12 @@ impl Pusher {
             | WatchMask::DELETE_SELF
             | WatchMask::MOVE_SELF
             | WatchMask::ONLYDIR;
-        inotify.watches().add(&self.host_dir, mask).map_err(err)?;
+        // Through our descriptor: the directory held, not whatever is at
+        // its path now.
+        inotify
+            .watches()
+            .add(self.dir.watch_path(), mask)
+            .map_err(err)?;
         inotify.into_event_stream(vec![0; 4096]).map_err(err)
     }
 
@@ -367,26 +454,33 @@ impl Pusher {
             if let Some(target) = self.push_generation().await? {
                 return Ok(target);
             }
-            debug!(dir = %self.host_dir.display(), "an update overtook the read; reading again");
+            debug!(dir = %self.dir.path().display(), "an update overtook the read; reading again");
         }
         Err(SyncError::Unstable {
-            dir: self.host_dir.clone(),
+            dir: self.dir.path().to_path_buf(),
         })
     }
 
     /// One generation: pieces as they are read, then the commit once
     /// `..data` is seen unchanged. None: an update overtook the read.
+    ///
+    /// The guest-writable check runs before the read and again before the
+    /// commit: a read-write share recorded while the read ran (before its
+    /// mount, so before any guest write through it) stops the commit.
     async fn push_generation(&self) -> Result<Option<OsString>, SyncError> {
-        let dir = self.host_dir.clone();
-        let target =
-            snapshot::data_target(&dir)?.ok_or_else(|| SnapshotError::NotAtomicWriter {
+        self.check_writable()?;
+        let dir = self.dir.path().to_path_buf();
+        let target = self
+            .dir
+            .data_target()?
+            .ok_or_else(|| SnapshotError::NotAtomicWriter {
                 dir: dir.clone(),
                 reason: "it has no ..data".into(),
             })?;
         // One batch in flight while the next is read: memory stays at
         // about two chunks whatever the volume's size.
         let (tx, mut rx) = mpsc::channel::<Vec<VolumeEntry>>(1);
-        let (read_dir, read_target) = (dir.clone(), target.clone());
+        let (read_dir, read_target) = (self.dir.clone(), target.clone());
         let reader = tokio::task::spawn_blocking(move || {
             let mut emit = |entries| tx.blocking_send(entries).is_ok();
             snapshot::read(&read_dir, &read_target, MAX_CHUNK_BYTES, &mut emit)
@@ -403,7 +497,8 @@ impl Pusher {
                 return Err(SnapshotError::Read { path: dir, source }.into());
             }
         };
-        if snapshot::data_target(&dir)?.as_ref() != Some(&target) {
+        self.check_writable()?;
+        if self.dir.data_target()?.as_ref() != Some(&target) {
             return Ok(None);
         }
         self.call(rest, true).await?;
@@ -420,13 +515,9 @@ impl Pusher {
             ..Default::default()
         };
         if commit {
-            use std::os::unix::fs::MetadataExt;
-            let meta = std::fs::metadata(&self.host_dir).map_err(|source| SnapshotError::Read {
-                path: self.host_dir.clone(),
-                source,
-            })?;
+            let st = self.dir.stat()?;
             (req.root_mode, req.root_uid, req.root_gid) =
-                (meta.mode() & 0o7777, meta.uid(), meta.gid());
+                (st.st_mode & 0o7777, st.st_uid, st.st_gid);
         }
         self.agent
             .sync_volume(ctx(CALL_TIMEOUT), &req)
@@ -453,7 +544,7 @@ impl Pusher {
     fn agent_error(&self, call: &'static str, source: ttrpc::Error) -> SyncError {
         SyncError::Agent {
             call,
-            dir: self.host_dir.clone(),
+            dir: self.dir.path().to_path_buf(),
             cid: self.cid.clone(),
             volume: self.volume,
             source: Box::new(source),

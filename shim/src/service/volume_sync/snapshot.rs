@@ -8,13 +8,22 @@
 //! that target at the end; a file that vanished meanwhile (the old data was
 //! removed) or a changed target means an update overtook the read, which
 //! the caller then starts again.
+//!
+//! The read goes through descriptors only and never follows a link
+//! (volume_dir.rs): a guest that can write the directory can make it fail,
+//! never make it read a host file outside it.
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use clh_agent_protocol::{VolumeEntry, VolumeEntryKind};
+use rustix::fs::{fstat, readlinkat, Dir, FileType, OFlags, Stat};
+use rustix::io::Errno;
+
+use super::volume_dir::{file_type, open_beneath, VolumeDir};
 
 /// The atomic writer's pointer to the current data.
 pub const DATA: &str = "..data";
@@ -59,61 +68,44 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// `..data`'s target if `host_dir` has the atomic writer's layout: a
-/// symlink to one name starting with `..`; None if it has no `..data`.
-pub fn data_target(host_dir: &Path) -> Result<Option<OsString>, SnapshotError> {
-    let link = host_dir.join(DATA);
-    let target = match std::fs::read_link(&link) {
-        Ok(t) => t.into_os_string(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINVAL as i32) => {
-            return Err(not_atomic(host_dir, "its ..data is not a symlink"))
-        }
-        Err(source) => return Err(SnapshotError::Read { path: link, source }),
-    };
-    let ok = target.as_encoded_bytes().starts_with(b"..")
-        && Path::new(&target).components().count() == 1
-        && target != ".."
-        && target != DATA;
-    if !ok {
-        let reason =
-            format!("its ..data points to {target:?}, not to a sibling ..<timestamp> directory");
-        return Err(not_atomic(host_dir, &reason));
-    }
-    Ok(Some(target))
-}
-
-fn not_atomic(dir: &Path, reason: &str) -> SnapshotError {
-    SnapshotError::NotAtomicWriter {
-        dir: dir.to_path_buf(),
-        reason: reason.to_owned(),
-    }
-}
-
-/// Reads `<host_dir>/<target>` into entries (parents first, names sorted),
-/// handing each full batch to `emit` (false: stop, the receiver is gone).
-/// Blocking: run it off the async runtime.
+/// Reads `..data`'s `target` in `dir` into entries (parents first, names
+/// sorted), handing each full batch to `emit` (false: stop, the receiver
+/// is gone). Blocking: run it off the async runtime.
+///
+/// Every entry is opened relative to its parent's descriptor, one name at
+/// a time, without following a link (volume_dir.rs); its type, mode and
+/// owner come from that descriptor. A directory or file is read through
+/// the descriptor that was checked; a link is copied as a link.
 pub fn read(
-    host_dir: &Path,
+    dir: &VolumeDir,
     target: &OsStr,
     chunk: usize,
     emit: &mut dyn FnMut(Vec<VolumeEntry>) -> bool,
 ) -> Result<Outcome, SnapshotError> {
+    let Some(data) = dir.open_data(target)? else {
+        return Ok(Outcome::Vanished);
+    };
     let mut reader = Reader {
         batch: Batch::new(chunk),
         emit,
         cancelled: false,
     };
-    match reader.dir(&host_dir.join(target), "", 0) {
+    match reader.dir(&data, &dir.path().join(target), "", 0) {
         Ok(()) if reader.cancelled => Ok(Outcome::Cancelled),
         Ok(()) => Ok(Outcome::Complete(reader.batch.entries)),
-        Err(SnapshotError::Read { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Ok(Outcome::Vanished)
-        }
+        Err(SnapshotError::Read { source, .. }) if overtaken(&source) => Ok(Outcome::Vanished),
         Err(e) => Err(e),
     }
+}
+
+/// An error that means the data changed under the read. The kubelet never
+/// changes a published directory, so it is an update that overtook us
+/// (the old data removed), or a guest rewriting a directory it can write:
+/// either way the read starts again and, if it never settles, fails.
+fn overtaken(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
+        || e.raw_os_error()
+            .is_some_and(|n| [libc::ELOOP, libc::EAGAIN, libc::ESTALE].contains(&n))
 }
 
 /// Entries gathered for the next call, within the chunk budget.
@@ -170,103 +162,132 @@ impl Reader<'_> {
         self.batch.entries.push(e);
     }
 
-    fn dir(&mut self, dir: &Path, rel: &str, depth: usize) -> Result<(), SnapshotError> {
+    /// The entries of the directory open at `fd` (`path` for messages).
+    fn dir(
+        &mut self,
+        fd: &OwnedFd,
+        path: &Path,
+        rel: &str,
+        depth: usize,
+    ) -> Result<(), SnapshotError> {
         if depth > MAX_DEPTH {
             return Err(SnapshotError::Unsupported {
-                path: dir.to_path_buf(),
+                path: path.to_path_buf(),
                 reason: format!("nested deeper than {MAX_DEPTH} directories"),
             });
         }
-        let read_err = |source| SnapshotError::Read {
-            path: dir.to_path_buf(),
-            source,
+        let read_err = |e: Errno| SnapshotError::Read {
+            path: path.to_path_buf(),
+            source: e.into(),
         };
-        let mut names: Vec<OsString> = std::fs::read_dir(dir)
-            .map_err(read_err)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(read_err)?;
+        let mut names: Vec<OsString> = Vec::new();
+        for entry in Dir::read_from(fd).map_err(read_err)? {
+            let name = entry.map_err(read_err)?.file_name().to_bytes().to_vec();
+            if name != b"." && name != b".." {
+                names.push(OsString::from_vec(name));
+            }
+        }
         names.sort();
         for name in names {
             if self.cancelled {
                 return Ok(());
             }
-            let path = dir.join(&name);
-            let name = name.to_str().ok_or_else(|| SnapshotError::Unsupported {
+            let path = path.join(&name);
+            let text = name.to_str().ok_or_else(|| SnapshotError::Unsupported {
                 path: path.clone(),
                 reason: "the name is not UTF-8".into(),
             })?;
             let rel = if rel.is_empty() {
-                name.to_owned()
+                text.to_owned()
             } else {
-                format!("{rel}/{name}")
+                format!("{rel}/{text}")
             };
-            self.entry(&path, rel, depth)?;
+            self.entry(fd, &name, &path, rel, depth)?;
         }
         Ok(())
     }
 
-    fn entry(&mut self, path: &Path, rel: String, depth: usize) -> Result<(), SnapshotError> {
-        let read_err = |source| SnapshotError::Read {
+    /// Entry `name` of the directory open at `parent`: opened as itself
+    /// (`O_PATH | O_NOFOLLOW`, a link included), described by `fstat` of
+    /// that descriptor, then read through it.
+    fn entry(
+        &mut self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        path: &Path,
+        rel: String,
+        depth: usize,
+    ) -> Result<(), SnapshotError> {
+        let read_err = |e: Errno| SnapshotError::Read {
             path: path.to_path_buf(),
-            source,
+            source: e.into(),
         };
-        let meta = std::fs::symlink_metadata(path).map_err(read_err)?;
+        let fd = open_beneath(parent, name, OFlags::PATH).map_err(read_err)?;
+        let st = fstat(&fd).map_err(read_err)?;
         let base = VolumeEntry {
             path: rel.clone(),
-            mode: meta.mode() & 0o7777,
-            uid: meta.uid(),
-            gid: meta.gid(),
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
             ..Default::default()
         };
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            self.push(VolumeEntry {
-                kind: VolumeEntryKind::DIR.into(),
-                ..base
-            });
-            self.dir(path, &rel, depth + 1)
-        } else if ft.is_symlink() {
-            let target = std::fs::read_link(path).map_err(read_err)?;
-            let target =
-                target
-                    .into_os_string()
+        match file_type(&st) {
+            FileType::Directory => {
+                // "." of the checked descriptor: the same directory.
+                let dir = open_beneath(&fd, OsStr::new("."), OFlags::RDONLY | OFlags::DIRECTORY)
+                    .map_err(read_err)?;
+                self.push(VolumeEntry {
+                    kind: VolumeEntryKind::DIR.into(),
+                    ..base
+                });
+                self.dir(&dir, path, &rel, depth + 1)
+            }
+            FileType::Symlink => {
+                // The link itself (an empty path reads the O_PATH fd's).
+                let target = readlinkat(&fd, "", Vec::new()).map_err(read_err)?;
+                let target = target
                     .into_string()
                     .map_err(|_| SnapshotError::Unsupported {
                         path: path.to_path_buf(),
                         reason: "the symlink's target is not UTF-8".into(),
                     })?;
-            self.push(VolumeEntry {
-                kind: VolumeEntryKind::SYMLINK.into(),
-                target,
-                ..base
-            });
-            Ok(())
-        } else if ft.is_file() {
-            self.file(path, base)
-        } else {
-            let kind = if ft.is_fifo() {
-                "a FIFO"
-            } else if ft.is_socket() {
-                "a socket"
-            } else {
-                "a device"
-            };
-            Err(SnapshotError::Unsupported {
-                path: path.to_path_buf(),
-                reason: format!("it is {kind}"),
-            })
+                self.push(VolumeEntry {
+                    kind: VolumeEntryKind::SYMLINK.into(),
+                    target,
+                    ..base
+                });
+                Ok(())
+            }
+            FileType::RegularFile => {
+                let file = open_file(parent, name, &st).map_err(read_err)?;
+                self.file(file, path, base)
+            }
+            other => {
+                let kind = match other {
+                    FileType::Fifo => "a FIFO",
+                    FileType::Socket => "a socket",
+                    _ => "a device",
+                };
+                Err(SnapshotError::Unsupported {
+                    path: path.to_path_buf(),
+                    reason: format!("it is {kind}"),
+                })
+            }
         }
     }
 
     /// A file's content in pieces: the first (offset 0) always, even when
     /// empty; the next ones each in a batch of their own once one is full.
-    fn file(&mut self, path: &Path, base: VolumeEntry) -> Result<(), SnapshotError> {
+    fn file(
+        &mut self,
+        mut file: std::fs::File,
+        path: &Path,
+        base: VolumeEntry,
+    ) -> Result<(), SnapshotError> {
         let read_err = |source| SnapshotError::Read {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = std::fs::File::open(path).map_err(read_err)?;
         let mut offset = 0u64;
         loop {
             if self.batch.room(&base.path) < MIN_PIECE {
@@ -296,4 +317,23 @@ impl Reader<'_> {
             }
         }
     }
+}
+
+/// Opens regular file `name` of `parent` for reading, the object that was
+/// checked (`checked`, from its `O_PATH` descriptor) and nothing else: no
+/// link (`O_NOFOLLOW`), never blocking on a FIFO swapped in meanwhile
+/// (`O_NONBLOCK`); a different object now is ELOOP or ESTALE, which the
+/// caller takes as a change under the read.
+pub(super) fn open_file(
+    parent: &OwnedFd,
+    name: &OsStr,
+    checked: &Stat,
+) -> Result<std::fs::File, Errno> {
+    let fd = open_beneath(parent, name, OFlags::RDONLY | OFlags::NONBLOCK)?;
+    let st = fstat(&fd)?;
+    let same = (st.st_dev, st.st_ino) == (checked.st_dev, checked.st_ino);
+    if !same || file_type(&st) != FileType::RegularFile {
+        return Err(Errno::STALE);
+    }
+    Ok(std::fs::File::from(fd))
 }

@@ -16,7 +16,8 @@ use inotify::EventMask;
 use ttrpc::r#async::TtrpcContext;
 
 use super::snapshot::{self, Outcome};
-use super::{classify, is_synced_volume, start, Trigger};
+use super::volume_dir::VolumeDir;
+use super::{classify, is_synced_volume, start, Trigger, WritableShares};
 
 /// Writes `files` as the kubelet's atomic writer does: a new timestamped
 /// dir, `..data_tmp` renamed over `..data`, the user-visible links, then
@@ -104,7 +105,8 @@ fn a_snapshot_is_read_through_one_target_in_pieces() {
     let tmp = tempfile::tempdir().unwrap();
     let vol = tmp.path();
     atomic_write(vol, &[("a", "alpha"), ("empty", "")]);
-    let target = snapshot::data_target(vol).unwrap().unwrap();
+    let dir = VolumeDir::open(vol).unwrap();
+    let target = dir.data_target().unwrap().unwrap();
     let data = vol.join(&target);
     std::fs::create_dir(data.join("sub")).unwrap();
     let big: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
@@ -113,7 +115,7 @@ fn a_snapshot_is_read_through_one_target_in_pieces() {
 
     let mut calls: Vec<Vec<VolumeEntry>> = Vec::new();
     let chunk = 300;
-    let outcome = snapshot::read(vol, &target, chunk, &mut |e| {
+    let outcome = snapshot::read(&dir, &target, chunk, &mut |e| {
         calls.push(e);
         true
     });
@@ -144,7 +146,7 @@ fn a_snapshot_is_read_through_one_target_in_pieces() {
     assert!(empty.data.is_empty() && empty.offset == 0);
 
     // The data went away under the read: an update overtook it.
-    let gone = snapshot::read(vol, OsStr::new("..gone"), chunk, &mut |_| true);
+    let gone = snapshot::read(&dir, OsStr::new("..gone"), chunk, &mut |_| true);
     assert!(matches!(gone, Ok(Outcome::Vanished)), "{gone:?}");
 }
 
@@ -234,7 +236,8 @@ async fn updates_are_pushed_until_the_directory_goes() {
     let fake = FakeAgent::default();
     let (_server, client) = serve(tmp.path(), fake.clone()).await;
 
-    let sync = start(client, vol.clone(), "c1", 4).await.unwrap();
+    let writable = Arc::new(WritableShares::default());
+    let sync = start(client, vol.clone(), "c1", 4, writable).await.unwrap();
     assert_eq!(sync.guest_dir(), "/run/clh/volumes/c1/4");
     // The first snapshot is in before start returns.
     assert_eq!(fake.latest(), Some(files(&[("a", "1"), ("b", "1")])));
@@ -265,10 +268,13 @@ async fn updates_are_pushed_until_the_directory_goes() {
 async fn a_directory_without_the_layout_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (_server, client) = serve(tmp.path(), FakeAgent::default()).await;
-    let err = start(client, tmp.path().to_path_buf(), "c1", 0).await;
+    let err = start(client, tmp.path().to_path_buf(), "c1", 0, Arc::default()).await;
     let err = err.err().expect("a plain directory was synced").to_string();
     assert!(
         err.contains("atomic writer") && err.contains("virtio-fs"),
         "{err}"
     );
 }
+
+/// What a guest that can write a synced directory tries.
+mod attacks;
