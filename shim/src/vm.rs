@@ -19,7 +19,7 @@ use clh_hypervisor::{new_backend, Backend, Binaries, Hypervisor, SharedFs, VmSiz
 use serde::{Deserialize, Serialize};
 
 use crate::shared_mount::{
-    export_dir, make_export, private_dir, remove_container_dir, unmount_export,
+    export_dir, make_export, private_dir, remove_container_dir, remove_vm_dir,
 };
 
 pub use clh_agent_protocol::SHARED_FS_TAG;
@@ -100,9 +100,8 @@ impl PodVm {
             Err(e) => {
                 let report = failure_report(&dir, opts.backend);
                 stop_parts(&mut parts, opts.stop_timeout).await;
-                unmount_export(&dir);
-                if let Err(rm) = std::fs::remove_dir_all(&dir) {
-                    tracing::warn!(dir = %dir.display(), error = %rm, "cannot remove VM directory");
+                if let Err(rm) = remove_vm_dir(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %format!("{rm:#}"), "cannot remove VM directory");
                 }
                 Err(e.context(format!("failed to start VM {id}{report}")))
             }
@@ -148,11 +147,10 @@ impl PodVm {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let vm = self.hypervisor.stop(self.stop_timeout).await;
         let fs = self.virtiofsd.stop(self.stop_timeout).await;
-        unmount_export(&self.dir);
-        let rm = std::fs::remove_dir_all(&self.dir);
+        let rm = remove_vm_dir(&self.dir);
         vm.context("stopping the VM")?;
         fs.context("stopping virtiofsd")?;
-        rm.with_context(|| format!("removing {}", self.dir.display()))
+        rm
     }
 }
 
@@ -315,8 +313,7 @@ pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
         tracing::info!(pid, "killing a leftover VM process");
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
     }
-    unmount_export(&dir);
-    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
+    remove_vm_dir(&dir)
 }
 
 /// After a shim crash, for one of a pod's containers: unmounts its rootfs
