@@ -59,8 +59,10 @@ pub fn make_export(vm_dir: &Path) -> anyhow::Result<()> {
     made
 }
 
-/// A private self-bind: nothing attached below it propagates anywhere.
-fn mount_staging(staging: &Path) -> anyhow::Result<()> {
+/// Makes the existing directory `staging` a private self-bind: nothing
+/// attached below it propagates anywhere (what [`make_export`] does for
+/// `<vm>/staging`).
+pub fn mount_staging(staging: &Path) -> anyhow::Result<()> {
     let none = None::<&str>;
     mount(Some(staging), staging, none, MsFlags::MS_BIND, none)
         .and_then(|()| mount(none, staging, none, MsFlags::MS_PRIVATE, none))

@@ -39,8 +39,8 @@ impl Drop for ExportMounts {
 /// layout, cannot write the read-only volume, and can write the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_export_is_read_only_to_the_guest() {
-    use containerd_shim_clh_v2::bind_mount::{bind, BindOptions};
-    use containerd_shim_clh_v2::shared_mount::mount_export;
+    use containerd_shim_clh_v2::bind_mount::{bind, BindOptions, SubmountPolicy};
+    use containerd_shim_clh_v2::shared_mount::{mount_export, mount_staging};
     let fx = Fixture::start(|share| {
         let parent = share.parent().expect("the share has a parent");
         let private = parent.join("private");
@@ -50,13 +50,20 @@ async fn the_export_is_read_only_to_the_guest() {
             std::fs::create_dir(parent.join(dir))?;
             std::fs::write(parent.join(dir).join("f"), content)?;
         }
-        mount_export(&private, share)
+        std::fs::create_dir(parent.join("staging"))?;
+        mount_export(&private, share)?;
+        mount_staging(&parent.join("staging"))
     })
     .await
     .expect("fixture");
     let parent = fx.parent().to_path_buf();
     let private = parent.join("private");
-    let mounts = ExportMounts(vec![fx.share.clone(), private.clone()]);
+    let staging = parent.join("staging");
+    let mounts = ExportMounts(vec![fx.share.clone(), private.clone(), staging.clone()]);
+    let policy = SubmountPolicy {
+        staging,
+        hidden: Vec::new(),
+    };
     // Volumes arrive after virtiofsd started, as a pod's containers do.
     for (n, src, readonly) in [(0, "ro-src", true), (1, "rw-src", false)] {
         let opts = BindOptions {
@@ -67,6 +74,7 @@ async fn the_export_is_read_only_to_the_guest() {
             &parent.join(src),
             &private.join(format!("c1/mounts/{n}")),
             opts,
+            &policy,
         )
         .expect("binding a volume");
     }
