@@ -23,7 +23,7 @@ pub enum RemoveError {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("{dir:?} was not removed: {} still mounted there ({}); unmount it (umount -l) and remove {dir:?}", if mounts.len() == 1 { "a filesystem is" } else { "filesystems are" }, list(mounts))]
+    #[error("{dir:?} was not removed, nor anything on a mount in it: still mounted there: {}; unmount (umount -l) and remove {dir:?}", list(mounts))]
     MountsLeft { dir: PathBuf, mounts: Vec<PathBuf> },
     #[error("cannot remove {}", list(failed))]
     Failed { failed: Vec<PathBuf> },

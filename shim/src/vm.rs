@@ -449,6 +449,67 @@ mod tests {
         bystander.wait().unwrap();
     }
 
+    /// Set in the child of the test below: the state root to clean up.
+    const LOCKED_ROOT_ENV: &str = "CLH_TEST_LOCKED_CLEANUP_ROOT";
+
+    /// Hole 9: a VM directory whose mounts cannot be detached (a mount
+    /// namespace owned by a user namespace inherits them locked: umount2
+    /// answers EINVAL, as if nothing were mounted). The crash cleanup runs
+    /// there, in a child; it must fail naming the mounts, and the canary
+    /// file in a volume mounted below must survive (remove_dir_all deleted
+    /// it through the mount).
+    #[test]
+    fn cleanup_never_deletes_through_a_mount_it_cannot_detach() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: mounts need root");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("pod");
+        // The private tree, a mount as make_export makes it, with a volume;
+        // no read-only export beside it, whose EROFS could stop a careless
+        // removal before it reached the volume.
+        let private = private_dir(&dir);
+        let volume = private.join("c1/mounts/0");
+        std::fs::create_dir_all(&volume).unwrap();
+        let none = None::<&str>;
+        let bind = nix::mount::MsFlags::MS_BIND;
+        nix::mount::mount(Some(&private), &private, none, bind, none).unwrap();
+        let tmpfs = nix::mount::MsFlags::empty();
+        nix::mount::mount(Some("tmpfs"), &volume, Some("tmpfs"), tmpfs, none).unwrap();
+        std::fs::write(volume.join("canary"), "host data").unwrap();
+        let child = std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "vm::tests::locked_cleanup_child", "--nocapture"])
+            .env(LOCKED_ROOT_ENV, root.path())
+            .output()
+            .unwrap();
+        let canary = std::fs::read_to_string(volume.join("canary"));
+        let cleaned = crate::shared_mount::remove_vm_dir(&dir);
+        let output = String::from_utf8_lossy(&child.stdout).into_owned();
+        assert!(child.status.success(), "the child failed: {child:?}");
+        assert_eq!(canary.unwrap(), "host data", "deleted through a mount");
+        assert!(output.contains("CLEANUP-REFUSED"), "{output}");
+        assert!(output.contains("still mounted there"), "{output}");
+        assert!(output.contains(&private.display().to_string()), "{output}");
+        cleaned.unwrap();
+        assert!(!dir.exists());
+    }
+
+    /// The child of the test above, in its user and mount namespaces;
+    /// without the variable (a plain test run) it does nothing.
+    #[test]
+    fn locked_cleanup_child() {
+        let Some(root) = std::env::var_os(LOCKED_ROOT_ENV) else {
+            return;
+        };
+        match cleanup_leftovers(Path::new(&root), "pod") {
+            Ok(()) => println!("CLEANUP-SUCCEEDED"),
+            Err(e) => println!("CLEANUP-REFUSED: {e:#}"),
+        }
+    }
+
     #[test]
     fn the_command_line_carries_a_fresh_seed_and_extras() {
         let opts = VmOptions {

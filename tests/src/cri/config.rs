@@ -267,7 +267,6 @@ impl ContainerBuilder {
                     privileged: true,
                     ..Default::default()
                 }),
-                ..Default::default()
             }),
             ..Default::default()
         }
