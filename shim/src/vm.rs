@@ -3,10 +3,11 @@
 //!
 //! Layout of `root/<id>/`: `private/` (where the host mounts) and `shared/`
 //! (its read-only export, served by virtiofsd; see shared_mount.rs),
-//! `virtiofsd.sock`,
-//! the backend's sockets and logs, `console.log`, and `state.json` (the pids
-//! and their command lines, so [`cleanup_leftovers`] can finish the job after
-//! a shim crash).
+//! `staging/` (where recursive binds are trimmed; submounts.rs),
+//! `virtiofsd.sock`, the backend's sockets and logs, `console.log`, and
+//! `state.json` (the pids and their command lines, so [`cleanup_leftovers`]
+//! can finish the job after a shim crash). It is removed without ever
+//! crossing a mount (remove_tree.rs).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
