@@ -22,6 +22,7 @@
 //! Older kernels cannot unmount inside a detached tree nor mount into one,
 //! hence the staging mount rather than working on the detached clone.
 
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,7 +125,8 @@ impl SubmountPolicy {
     fn trim(&self, tree: &OwnedFd, source: &Path) -> std::io::Result<Vec<LeftOut>> {
         let root = mountinfo::mount_id(tree)?;
         let mut left_out: Vec<LeftOut> = Vec::new();
-        // Each round detaches at least one mount of a finite, private tree.
+        // Each round detaches at least one mount of a finite, private tree
+        // (the topmost hidden ones at once: a node may have thousands).
         let mut rounds = mountinfo::descendants(&mountinfo::read()?, root).len() + 1;
         loop {
             let table = mountinfo::read()?;
@@ -138,28 +140,47 @@ impl SubmountPolicy {
                     ))
                 })?;
             let below = mountinfo::descendants(&table, root);
-            let hidden = below.iter().find_map(|m| {
-                let rel = m.mount_point.strip_prefix(&root_at).ok()?;
-                self.hides(&source.join(rel), &m.fstype)
-                    .then(|| (*m, rel.to_path_buf()))
-            });
-            let Some((m, rel)) = hidden else {
+            let hidden: Vec<(&MountEntry, PathBuf)> = below
+                .iter()
+                .filter_map(|m| {
+                    let rel = m.mount_point.strip_prefix(&root_at).ok()?;
+                    self.hides(&source.join(rel), &m.fstype)
+                        .then(|| (*m, rel.to_path_buf()))
+                })
+                .collect();
+            // The topmost hidden mounts: detaching one takes its subtree.
+            let hidden_ids: HashSet<u64> = hidden.iter().map(|(m, _)| m.id).collect();
+            let parents: HashMap<u64, u64> = below.iter().map(|m| (m.id, m.parent)).collect();
+            let under_hidden = |m: &MountEntry| {
+                let mut id = m.parent;
+                while let Some(&parent) = parents.get(&id) {
+                    if hidden_ids.contains(&id) {
+                        return true;
+                    }
+                    id = parent;
+                }
+                false
+            };
+            let topmost: Vec<_> = hidden.iter().filter(|(m, _)| !under_hidden(m)).collect();
+            let Some((first, _)) = topmost.first() else {
                 return Ok(left_out);
             };
             if rounds == 0 {
                 return Err(other(format!(
                     "{} is still mounted after every hidden submount was detached",
-                    m.mount_point.display()
+                    first.mount_point.display()
                 )));
             }
             rounds -= 1;
-            detach_below(tree, &rel, m, &below)?;
-            let path = source.join(&rel);
-            if !left_out.iter().any(|l| l.path == path) {
-                left_out.push(LeftOut {
-                    path,
-                    fstype: m.fstype.clone(),
-                });
+            for (m, rel) in topmost {
+                detach_below(tree, rel, m, &below)?;
+                let path = source.join(rel);
+                if !left_out.iter().any(|l| l.path == path) {
+                    left_out.push(LeftOut {
+                        path,
+                        fstype: m.fstype.clone(),
+                    });
+                }
             }
         }
     }
@@ -316,6 +337,11 @@ mod tests {
         mounts.fs("sysfs", &src.join("ok/sys"));
         mounts.fs("tmpfs", &src.join("state/pod/private"));
         std::fs::write(src.join("state/pod/private/secret"), "other pod").unwrap();
+        mounts.fs("tmpfs", &src.join("state/pod/private/rootfs"));
+        // An ordinary mount stacked on a proc goes with it.
+        mounts.fs("proc", &src.join("b"));
+        mounts.fs("tmpfs", &src.join("b"));
+        std::fs::write(src.join("b/over"), "over proc").unwrap();
 
         let vm = tempfile::tempdir().unwrap();
         make_export(vm.path()).unwrap();
@@ -335,6 +361,7 @@ mod tests {
         let seen = |p: &str| std::fs::read_to_string(target.join(p)).ok();
         let (canary, ok) = (seen("canary"), seen("ok/file"));
         let (proc_self, secret) = (seen("a/proc/self/status"), seen("state/pod/private/secret"));
+        let stacked = target.join("b/over").exists() || target.join("b/self").exists();
         let sys = target.join("ok/sys/kernel").exists();
         let late_seen = target.join("late/self/status").exists();
         let staged = mounted_below(&policy.staging);
@@ -348,6 +375,7 @@ mod tests {
         left_out.sort_by(|a, b| a.path.cmp(&b.path));
         let expected = [
             ("a/proc", "proc"),
+            ("b", "proc"),
             ("ok/sys", "sysfs"),
             ("state/pod/private", "tmpfs"),
         ];
@@ -369,6 +397,10 @@ mod tests {
         assert_eq!(proc_self, None, "a proc mount came along");
         assert!(!sys && !exported_proc, "sysfs or proc reached the export");
         assert_eq!(secret, None, "a mount in a hidden tree came along");
+        assert!(
+            !stacked,
+            "the proc at b, or the tmpfs stacked on it, came along"
+        );
         assert!(!late_seen, "a later host mount propagated into the bind");
         assert!(staged.is_empty(), "left in staging: {staged:?}");
     }
