@@ -32,7 +32,7 @@ impl Drop for ExportMounts {
     }
 }
 
-/// SEC-FS-01 and SEC-FS-05 against the shim's own layout: the share is the
+/// SEC-FS-01, SEC-FS-02 (the swap half) and SEC-FS-05 against the shim's own layout: the share is the
 /// read-only slave export of a private tree (shared_mount.rs), and volumes
 /// are bound into the private tree after virtiofsd started, one read-only
 /// and one read-write (bind_mount.rs). Guest root can plant nothing in the
@@ -89,6 +89,15 @@ async fn the_export_is_read_only_to_the_guest() {
             assert_eq!(planted.err(), Some(Errno::EROFS), "SYMLINK {name}");
             let made = fs.mkdir(parent, name.as_bytes(), 0o755, Creds::ROOT)?;
             assert_eq!(made.err(), Some(Errno::EROFS), "MKDIR {name}");
+        }
+        // SEC-FS-02: nor can the container's directory or its mount points
+        // be moved aside or removed, so no symlink can take their place
+        // before the host's teardown unmounts there.
+        for (parent, name) in [(ROOT_ID, "c1"), (c1.nodeid, "mounts"), (dirs.nodeid, "0")] {
+            let moved = fs.rename(parent, name.as_bytes(), parent, b"swapped")?;
+            assert_eq!(moved.err(), Some(Errno::EROFS), "RENAME {name}");
+            let removed = fs.rmdir(parent, name.as_bytes())?;
+            assert_eq!(removed.err(), Some(Errno::EROFS), "RMDIR {name}");
         }
         // SEC-FS-05: the read-only volume is read-only to guest root.
         let ro = fs.lookup(dirs.nodeid, b"0")?.expect("LOOKUP 0");

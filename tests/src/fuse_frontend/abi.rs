@@ -28,6 +28,8 @@ pub enum Opcode {
     Symlink = 6,
     Mknod = 8,
     Mkdir = 9,
+    Rmdir = 11,
+    Rename = 12,
     Link = 13,
     Open = 14,
     Release = 18,

@@ -307,6 +307,28 @@ impl FuseFrontend {
             .map(drop))
     }
 
+    /// RENAME of `name` in `parent` to `new_name` in `new_parent`.
+    pub fn rename(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+    ) -> anyhow::Result<Answer<()>> {
+        // fuse_rename_in: newdir, then both names.
+        let body = Body::new().u64(new_parent).name(name).name(new_name);
+        Ok(self
+            .call(Opcode::Rename, parent, Creds::ROOT, &body.into_bytes())?
+            .map(drop))
+    }
+
+    pub fn rmdir(&mut self, parent: u64, name: &[u8]) -> anyhow::Result<Answer<()>> {
+        let body = Body::new().name(name).into_bytes();
+        Ok(self
+            .call(Opcode::Rmdir, parent, Creds::ROOT, &body)?
+            .map(drop))
+    }
+
     /// LINK: a new name `name` in `parent` for the existing node `old`.
     pub fn link(&mut self, old: u64, parent: u64, name: &[u8]) -> anyhow::Result<Answer<Entry>> {
         let body = Body::new().u64(old).name(name).into_bytes();
