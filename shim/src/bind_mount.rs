@@ -4,11 +4,15 @@
 //! The source is opened once with every symlink refused (it was
 //! canonicalised first, so a symlink met now is a swap in progress), the
 //! opened object is checked against where it must not be (the host's
-//! /proc, /sys, /dev), then cloned as a detached mount whose read-only,
-//! nosuid and nodev flags are set recursively before `move_mount` attaches
-//! it. A remount after attaching would not reach the copies already
-//! propagated to the VM's export and into virtiofsd's namespace (the
-//! CVE-2020-28914 class): here they are born read-only.
+//! /proc, /sys, /dev, a kernel filesystem anywhere), then cloned as a
+//! detached mount whose read-only, nosuid and nodev flags and private
+//! propagation are set recursively before `move_mount` attaches it. A
+//! remount after attaching would not reach the copies already propagated
+//! to the VM's export and into virtiofsd's namespace (the CVE-2020-28914
+//! class): here they are born read-only. Private: mounts the host makes
+//! later below the source never reach the guest. A recursive clone's
+//! submounts are trimmed first (submounts.rs): the host's kernel trees and
+//! runtime state never come along.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -16,9 +20,11 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{openat2, Mode, OFlags, ResolveFlags, CWD};
 use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
 
+use crate::mountinfo;
 /// Host trees a container must never get through a bind mount: the
 /// host's own kernel interfaces and devices (kata#6082, kata#7030).
-const FORBIDDEN: [&str; 3] = ["/proc", "/sys", "/dev"];
+use crate::submounts::HOST_KERNEL_TREES as FORBIDDEN;
+pub use crate::submounts::{LeftOut, SubmountPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -33,6 +39,8 @@ pub enum BindError {
         resolved: PathBuf,
         forbidden: &'static str,
     },
+    #[error("bind mount source {path:?} is on a {fstype} filesystem, a kernel interface of the host: containers in a VM must not see the host's kernel interfaces")]
+    KernelFilesystem { path: PathBuf, fstype: String },
     #[error("bind mount source {path:?} changed while it was being mounted (a symlink appeared): {error}")]
     Raced {
         path: PathBuf,
@@ -76,8 +84,14 @@ fn check_allowed(source: &Path, resolved: &Path) -> Result<(), BindError> {
 }
 
 /// Bind-mounts `source` at `target` (which must exist) as the module doc
-/// says.
-pub fn bind(source: &Path, target: &Path, opts: BindOptions) -> Result<(), BindError> {
+/// says; a recursive bind is prepared and trimmed as `submounts` says.
+/// Returns the submounts left out.
+pub fn bind(
+    source: &Path,
+    target: &Path,
+    opts: BindOptions,
+    submounts: &SubmountPolicy,
+) -> Result<Vec<LeftOut>, BindError> {
     let resolved = resolve(source)?;
     let raced = |error: std::io::Error| BindError::Raced {
         path: source.to_path_buf(),
@@ -94,6 +108,7 @@ pub fn bind(source: &Path, target: &Path, opts: BindOptions) -> Result<(), BindE
     // What was opened is what gets mounted: check it once more.
     let opened = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(raced)?;
     check_allowed(source, &opened)?;
+    check_filesystem(source, &fd)?;
     let mount_err = |what| {
         move |e: rustix::io::Errno| BindError::Mount {
             what,
@@ -113,6 +128,19 @@ pub fn bind(source: &Path, target: &Path, opts: BindOptions) -> Result<(), BindE
         path: source.to_path_buf(),
         error,
     })?;
+    // A file has no submounts.
+    let is_dir = rustix::fs::fstat(&fd)
+        .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir())
+        .map_err(mount_err("inspect the source"))?;
+    if opts.recursive && is_dir {
+        return submounts
+            .attach(&tree, &opened, target)
+            .map_err(|error| BindError::Mount {
+                what: "attach the mount without the host's kernel and runtime submounts",
+                path: source.to_path_buf(),
+                error,
+            });
+    }
     move_mount(
         &tree,
         "",
@@ -120,11 +148,32 @@ pub fn bind(source: &Path, target: &Path, opts: BindOptions) -> Result<(), BindE
         target,
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
-    .map_err(mount_err("attach the mount"))
+    .map_err(mount_err("attach the mount"))?;
+    Ok(Vec::new())
+}
+
+/// Refuses a source on a kernel filesystem of the host (a cgroup or nsfs
+/// mount outside /proc, /sys and /dev).
+fn check_filesystem(source: &Path, fd: &OwnedFd) -> Result<(), BindError> {
+    let resolve_err = |error| BindError::Resolve {
+        path: source.to_path_buf(),
+        error,
+    };
+    let id = mountinfo::mount_id(fd).map_err(resolve_err)?;
+    let table = mountinfo::read().map_err(resolve_err)?;
+    match table.iter().find(|m| m.id == id) {
+        Some(m) if crate::submounts::is_kernel_filesystem(&m.fstype) => {
+            Err(BindError::KernelFilesystem {
+                path: source.to_path_buf(),
+                fstype: m.fstype.clone(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `mount_setattr(2)` on a detached tree: nosuid and nodev always,
-/// read-only when asked, on every mount of the tree.
+/// read-only when asked, private propagation, on every mount of the tree.
 fn set_attributes(tree: &OwnedFd, readonly: bool) -> std::io::Result<()> {
     /// `struct mount_attr` of linux/mount.h.
     #[repr(C)]
@@ -137,6 +186,7 @@ fn set_attributes(tree: &OwnedFd, readonly: bool) -> std::io::Result<()> {
     const MOUNT_ATTR_RDONLY: u64 = 0x1;
     const MOUNT_ATTR_NOSUID: u64 = 0x2;
     const MOUNT_ATTR_NODEV: u64 = 0x4;
+    const MS_PRIVATE: u64 = 1 << 18;
     let mut attr_set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
     if readonly {
         attr_set |= MOUNT_ATTR_RDONLY;
@@ -144,7 +194,7 @@ fn set_attributes(tree: &OwnedFd, readonly: bool) -> std::io::Result<()> {
     let attr = MountAttr {
         attr_set,
         attr_clr: 0,
-        propagation: 0,
+        propagation: MS_PRIVATE,
         userns_fd: 0,
     };
     // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from
@@ -208,7 +258,15 @@ mod tests {
             recursive: true,
             readonly: true,
         };
-        bind(src.path(), target.path(), opts).unwrap();
+        let policy = SubmountPolicy {
+            staging: PathBuf::from("/nonexistent"),
+            hidden: Vec::new(),
+        };
+        let opts = BindOptions {
+            recursive: false,
+            ..opts
+        };
+        bind(src.path(), target.path(), opts, &policy).unwrap();
         let read = std::fs::read_to_string(target.path().join("f"));
         let write = std::fs::write(target.path().join("f"), "x");
         nix::mount::umount2(target.path(), nix::mount::MntFlags::MNT_DETACH).unwrap();

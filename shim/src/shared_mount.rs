@@ -12,6 +12,11 @@
 //!   a rootfs stays writable, a read-only volume is read-only on the host;
 //! - nothing mounted under `shared/` (or in virtiofsd's namespace) ever
 //!   propagates back (slave).
+//!
+//! `<vm>/staging/` is a private self-bind: a recursive bind is attached
+//! there while the host's kernel and runtime submounts are cut out of it
+//! (submounts.rs), where neither the guest nor any other mount namespace
+//! sees it.
 
 use std::path::{Path, PathBuf};
 
@@ -28,23 +33,40 @@ pub fn export_dir(vm_dir: &Path) -> PathBuf {
     vm_dir.join("shared")
 }
 
-/// Creates `private/` and `shared/` and mounts them as the module doc says.
-/// Needs CAP_SYS_ADMIN; without it (unprivileged tests) both stay plain
-/// directories and the VM still boots, without containers.
+/// Where recursive binds are trimmed: `<vm>/staging`.
+pub fn staging_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("staging")
+}
+
+/// Creates `private/`, `shared/` and `staging/` and mounts them as the
+/// module doc says. Needs CAP_SYS_ADMIN; without it (unprivileged tests)
+/// they stay plain directories and the VM still boots, without containers.
 pub fn make_export(vm_dir: &Path) -> anyhow::Result<()> {
-    let (private, export) = (private_dir(vm_dir), export_dir(vm_dir));
-    for dir in [&private, &export] {
+    let (private, export, staging) = (private_dir(vm_dir), export_dir(vm_dir), staging_dir(vm_dir));
+    for dir in [&private, &export, &staging] {
         std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     if !nix::unistd::geteuid().is_root() {
         tracing::debug!("not root: the shared directory is not a mount point");
         return Ok(());
     }
-    let made = mount_export(&private, &export);
+    let made = mount_export(&private, &export).and_then(|()| mount_staging(&staging));
     if made.is_err() {
-        unmount_export(vm_dir);
+        if let Err(e) = unmount_export(vm_dir) {
+            tracing::error!(error = %e, "undoing the shared directory layout");
+        }
     }
     made
+}
+
+/// Makes the existing directory `staging` a private self-bind: nothing
+/// attached below it propagates anywhere (what [`make_export`] does for
+/// `<vm>/staging`).
+pub fn mount_staging(staging: &Path) -> anyhow::Result<()> {
+    let none = None::<&str>;
+    mount(Some(staging), staging, none, MsFlags::MS_BIND, none)
+        .and_then(|()| mount(none, staging, none, MsFlags::MS_PRIVATE, none))
+        .with_context(|| format!("cannot make {} a private mount", staging.display()))
 }
 
 /// Mounts existing directories `private` and `export` as the module doc
@@ -97,12 +119,43 @@ pub fn remove_container_dir(vm_dir: &Path, container_id: &str) -> anyhow::Result
     Ok(())
 }
 
-/// Lazily unmounts the export and the private tree with everything under
-/// them (a rootfs or volume left behind included), so that removing the
-/// directory never reaches into a mount. Never follows symlinks.
-pub fn unmount_export(vm_dir: &Path) {
-    for dir in [export_dir(vm_dir), private_dir(vm_dir)] {
-        while umount2(&dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW).is_ok() {}
+/// Lazily unmounts the export, the private tree and the staging mount with
+/// everything under them (a rootfs or volume left behind included). Never
+/// follows symlinks. An error names what could not be unmounted; the
+/// caller's removal (remove_tree.rs) never crosses into a mount anyway.
+pub fn unmount_export(vm_dir: &Path) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for dir in [export_dir(vm_dir), private_dir(vm_dir), staging_dir(vm_dir)] {
+        loop {
+            match umount2(&dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+                Ok(()) => continue, // stacked mounts: until none is left
+                // Not (or no longer) a mount point; or missing.
+                Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => break,
+                Err(e) => {
+                    failed.push(format!("{}: {e}", dir.display()));
+                    break;
+                }
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("cannot unmount {}", failed.join(", "))
+    }
+}
+
+/// Unmounts the VM directory's mounts (as [`unmount_export`]) and removes
+/// it without ever crossing into a mount that is still there: files on a
+/// mount that could not be detached are never deleted. The error names
+/// what is left.
+pub fn remove_vm_dir(vm_dir: &Path) -> anyhow::Result<()> {
+    let unmounted = unmount_export(vm_dir);
+    let removed = crate::remove_tree::remove_tree(vm_dir);
+    match (unmounted, removed) {
+        (_, Ok(())) => Ok(()),
+        (Ok(()), Err(e)) => Err(e.into()),
+        (Err(u), Err(e)) => Err(anyhow::Error::new(e).context(u.to_string())),
     }
 }
 
@@ -153,7 +206,7 @@ mod tests {
             std::fs::read_to_string(private.join("c1/file")).unwrap(),
             "x"
         );
-        unmount_export(vm.path());
+        unmount_export(vm.path()).unwrap();
         assert!(mountinfo_line(&export).is_none() && mountinfo_line(&private).is_none());
         assert!(!private.join("c1/file").exists(), "the tmpfs survived");
     }

@@ -3,10 +3,11 @@
 //!
 //! Layout of `root/<id>/`: `private/` (where the host mounts) and `shared/`
 //! (its read-only export, served by virtiofsd; see shared_mount.rs),
-//! `virtiofsd.sock`,
-//! the backend's sockets and logs, `console.log`, and `state.json` (the pids
-//! and their command lines, so [`cleanup_leftovers`] can finish the job after
-//! a shim crash).
+//! `staging/` (where recursive binds are trimmed; submounts.rs),
+//! `virtiofsd.sock`, the backend's sockets and logs, `console.log`, and
+//! `state.json` (the pids and their command lines, so [`cleanup_leftovers`]
+//! can finish the job after a shim crash). It is removed without ever
+//! crossing a mount (remove_tree.rs).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use clh_hypervisor::{new_backend, Backend, Binaries, Hypervisor, SharedFs, VmSiz
 use serde::{Deserialize, Serialize};
 
 use crate::shared_mount::{
-    export_dir, make_export, private_dir, remove_container_dir, unmount_export,
+    export_dir, make_export, private_dir, remove_container_dir, remove_vm_dir,
 };
 
 pub use clh_agent_protocol::SHARED_FS_TAG;
@@ -100,9 +101,8 @@ impl PodVm {
             Err(e) => {
                 let report = failure_report(&dir, opts.backend);
                 stop_parts(&mut parts, opts.stop_timeout).await;
-                unmount_export(&dir);
-                if let Err(rm) = std::fs::remove_dir_all(&dir) {
-                    tracing::warn!(dir = %dir.display(), error = %rm, "cannot remove VM directory");
+                if let Err(rm) = remove_vm_dir(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %format!("{rm:#}"), "cannot remove VM directory");
                 }
                 Err(e.context(format!("failed to start VM {id}{report}")))
             }
@@ -148,11 +148,10 @@ impl PodVm {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let vm = self.hypervisor.stop(self.stop_timeout).await;
         let fs = self.virtiofsd.stop(self.stop_timeout).await;
-        unmount_export(&self.dir);
-        let rm = std::fs::remove_dir_all(&self.dir);
+        let rm = remove_vm_dir(&self.dir);
         vm.context("stopping the VM")?;
         fs.context("stopping virtiofsd")?;
-        rm.with_context(|| format!("removing {}", self.dir.display()))
+        rm
     }
 }
 
@@ -315,8 +314,7 @@ pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
         tracing::info!(pid, "killing a leftover VM process");
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
     }
-    unmount_export(&dir);
-    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))
+    remove_vm_dir(&dir)
 }
 
 /// After a shim crash, for one of a pod's containers: unmounts its rootfs
@@ -450,6 +448,67 @@ mod tests {
         assert!(!dir.exists());
         bystander.kill().unwrap();
         bystander.wait().unwrap();
+    }
+
+    /// Set in the child of the test below: the state root to clean up.
+    const LOCKED_ROOT_ENV: &str = "CLH_TEST_LOCKED_CLEANUP_ROOT";
+
+    /// Hole 9: a VM directory whose mounts cannot be detached (a mount
+    /// namespace owned by a user namespace inherits them locked: umount2
+    /// answers EINVAL, as if nothing were mounted). The crash cleanup runs
+    /// there, in a child; it must fail naming the mounts, and the canary
+    /// file in a volume mounted below must survive (remove_dir_all deleted
+    /// it through the mount).
+    #[test]
+    fn cleanup_never_deletes_through_a_mount_it_cannot_detach() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: mounts need root");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("pod");
+        // The private tree, a mount as make_export makes it, with a volume;
+        // no read-only export beside it, whose EROFS could stop a careless
+        // removal before it reached the volume.
+        let private = private_dir(&dir);
+        let volume = private.join("c1/mounts/0");
+        std::fs::create_dir_all(&volume).unwrap();
+        let none = None::<&str>;
+        let bind = nix::mount::MsFlags::MS_BIND;
+        nix::mount::mount(Some(&private), &private, none, bind, none).unwrap();
+        let tmpfs = nix::mount::MsFlags::empty();
+        nix::mount::mount(Some("tmpfs"), &volume, Some("tmpfs"), tmpfs, none).unwrap();
+        std::fs::write(volume.join("canary"), "host data").unwrap();
+        let child = std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "vm::tests::locked_cleanup_child", "--nocapture"])
+            .env(LOCKED_ROOT_ENV, root.path())
+            .output()
+            .unwrap();
+        let canary = std::fs::read_to_string(volume.join("canary"));
+        let cleaned = crate::shared_mount::remove_vm_dir(&dir);
+        let output = String::from_utf8_lossy(&child.stdout).into_owned();
+        assert!(child.status.success(), "the child failed: {child:?}");
+        assert_eq!(canary.unwrap(), "host data", "deleted through a mount");
+        assert!(output.contains("CLEANUP-REFUSED"), "{output}");
+        assert!(output.contains("still mounted there"), "{output}");
+        assert!(output.contains(&private.display().to_string()), "{output}");
+        cleaned.unwrap();
+        assert!(!dir.exists());
+    }
+
+    /// The child of the test above, in its user and mount namespaces;
+    /// without the variable (a plain test run) it does nothing.
+    #[test]
+    fn locked_cleanup_child() {
+        let Some(root) = std::env::var_os(LOCKED_ROOT_ENV) else {
+            return;
+        };
+        match cleanup_leftovers(Path::new(&root), "pod") {
+            Ok(()) => println!("CLEANUP-SUCCEEDED"),
+            Err(e) => println!("CLEANUP-REFUSED: {e:#}"),
+        }
     }
 
     #[test]

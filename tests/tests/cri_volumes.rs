@@ -15,6 +15,14 @@
 //!   host's /proc or /sys is refused (at StartContainer, where containerd
 //!   creates the task).
 //!
+//! - SEC-FS-08 (recursive binds): hostPath `/` and `/run` reach the
+//!   container without the host's /proc, /sys and /dev, without kernel
+//!   filesystems mounted elsewhere, without the mounts in the shim's state
+//!   directory, and without what the host mounts below them later; a host
+//!   canary file and an ordinary submount are there.
+//! - SEC-FS-09: a privileged pod's container sees the guest's devices, not
+//!   the host's (`privileged_without_host_devices` in packaging/containerd).
+//!
 //! - a ConfigMap volume updated by the kubelet's atomic writer: the
 //!   container sees the whole new set and its inotify watch fires, within
 //!   1 s (volume_sync.rs copies such volumes into the guest).
@@ -48,22 +56,27 @@ fn sh(k: &Kubelet, id: &str, script: &str) -> Result<String> {
     Ok(r.stdout)
 }
 
-/// A tmpfs mounted at `path` for the test's life (a kubelet's memory
-/// emptyDir, or a canary), unmounted on drop.
-struct Tmpfs(PathBuf);
+/// A filesystem mounted at `path` for the test's life (a kubelet's memory
+/// emptyDir, a canary, a kernel filesystem outside /proc), unmounted on
+/// drop.
+struct HostMount(PathBuf);
 
-impl Tmpfs {
-    fn mount(path: &Path) -> Result<Self> {
+impl HostMount {
+    fn tmpfs(path: &Path) -> Result<Self> {
+        Self::of_type("tmpfs", path)
+    }
+
+    fn of_type(fstype: &str, path: &Path) -> Result<Self> {
         std::fs::create_dir_all(path)?;
         mount(
-            Some("tmpfs"),
+            Some(fstype),
             path,
-            Some("tmpfs"),
+            Some(fstype),
             MsFlags::empty(),
             None::<&str>,
         )
-        .with_context(|| format!("mounting a tmpfs at {}", path.display()))?;
-        Ok(Tmpfs(path.to_path_buf()))
+        .with_context(|| format!("mounting a {fstype} at {}", path.display()))?;
+        Ok(HostMount(path.to_path_buf()))
     }
 
     fn is_mounted(&self) -> bool {
@@ -75,7 +88,7 @@ impl Tmpfs {
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for HostMount {
     fn drop(&mut self) {
         let _ = umount2(&self.0, MntFlags::MNT_DETACH);
     }
@@ -102,8 +115,8 @@ fn volumes(setup: &CriSetup) -> Result<()> {
     std::fs::write(h.join("sub/deep/file.txt"), "deep\n")?;
     std::fs::write(h.join("single.conf"), "key=value\n")?;
     std::fs::write(h.join("late/file"), "late\n")?;
-    let cache = Tmpfs::mount(&h.join("pod/volumes/kubernetes.io~empty-dir/cache"))?;
-    let canary = Tmpfs::mount(&h.join("canary"))?;
+    let cache = HostMount::tmpfs(&h.join("pod/volumes/kubernetes.io~empty-dir/cache"))?;
+    let canary = HostMount::tmpfs(&h.join("canary"))?;
 
     let k = Kubelet::start(setup)?;
     let pod = k.run_pod(&k.pod("vols"))?;
@@ -164,6 +177,141 @@ fn volumes(setup: &CriSetup) -> Result<()> {
     k.remove_pod(&pod)?;
     ensure!(canary.is_mounted(), "the host canary mount is gone");
     ensure!(std::fs::read_to_string(h.join("ro/f"))? == "original\n");
+    k.finish()
+}
+
+/// A random hex string: a canary no one else writes.
+fn secret() -> Result<String> {
+    let mut bytes = [0u8; 8];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The paths of `paths` that exist in container `id`.
+fn existing(k: &Kubelet, id: &str, paths: &[String]) -> Result<Vec<String>> {
+    let script = format!(
+        "for p in {}; do [ -e \"$p\" ] && echo \"$p\"; done; true",
+        paths.join(" ")
+    );
+    Ok(sh(k, id, &script)?.lines().map(str::to_owned).collect())
+}
+
+/// SEC-FS-08 for recursive binds (CRI hostPaths are `rbind`): hostPath `/`
+/// and `/run` mounted into a container. The host's kernel trees, a proc
+/// mounted under /run, the pod's own rootfs mount in the shim's state
+/// directory, and a proc the host mounts under `/` after the container
+/// started are all absent; a canary file, an ordinary tmpfs submount of
+/// `/` and one of `/run` are there, so the binds themselves work.
+#[test]
+fn sec_fs_08_host_path_root_and_run_carry_no_host_kernel_or_runtime_mounts() {
+    let (s, cri) = setup();
+    host_path_root(&s, &cri).unwrap();
+}
+
+fn host_path_root(shim: &ctr::Setup, setup: &CriSetup) -> Result<()> {
+    let secret = secret()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("sec-fs-08-")
+        .tempdir_in("/tmp")?;
+    let run = tempfile::Builder::new()
+        .prefix("sec-fs-08-")
+        .tempdir_in("/run")?;
+    let (t, r) = (s(tmp.path()), s(run.path()));
+    std::fs::write(tmp.path().join("secret"), &secret)?;
+    let sub = HostMount::tmpfs(&tmp.path().join("sub"))?;
+    std::fs::write(sub.0.join("file"), format!("{secret}-sub"))?;
+    let run_sub = HostMount::tmpfs(&run.path().join("tmp"))?;
+    std::fs::write(run_sub.0.join("file"), format!("{secret}-run"))?;
+    let _run_proc = HostMount::of_type("proc", &run.path().join("proc"))?;
+
+    let k = Kubelet::start(setup)?;
+    let pod = k.run_pod(&k.pod("hostroot"))?;
+    let app = ContainerBuilder::new("app", BUSYBOX)
+        .command(&["sleep", "100000"])
+        .mount("/", "/host", true)
+        .mount("/run", "/hostrun", true);
+    let app = k.run_container(&pod, &app)?;
+    // Mounted on the host after the container started, below `/`.
+    let late = HostMount::of_type("proc", &tmp.path().join("late"))?;
+
+    let seen = sh(
+        &k,
+        &app,
+        &format!(
+            "cat /host{t}/secret /host{t}/sub/file /hostrun{}/tmp/file",
+            &r[4..]
+        ),
+    )?;
+    ensure!(
+        seen == format!("{secret}{secret}-sub{secret}-run"),
+        "the binds do not show the host's files: {seen:?}"
+    );
+    let vm_dir = format!("/host{}/{}", s(&shim.state_dir), pod.id);
+    let absent = [
+        "/host/proc/1/cmdline".to_string(),
+        "/host/proc/self".into(),
+        "/host/sys/kernel".into(),
+        "/host/sys/fs/cgroup/memory".into(),
+        "/host/dev/null".into(),
+        "/host/dev/kvm".into(),
+        "/host/dev/vda".into(),
+        format!("/hostrun{}/proc/1", &r[4..]),
+        format!("/host{r}/proc/1"),
+        format!("/host{t}/late/1"),
+        format!("{vm_dir}/private/{app}/rootfs/bin"),
+        format!("{vm_dir}/shared/{app}"),
+    ];
+    let leaked = existing(&k, &app, &absent)?;
+    drop(late);
+    ensure!(
+        leaked.is_empty(),
+        "host trees reached the container: {leaked:?}"
+    );
+
+    k.remove_pod(&pod)?;
+    k.finish()
+}
+
+/// SEC-FS-09: a privileged container (in a privileged pod) on `clh` has
+/// every capability in its VM, but its /dev holds only the guest's
+/// devices: none of the host's device nodes (kvm, vda, loop*, tty*, ...)
+/// that containerd would list in the spec without
+/// `privileged_without_host_devices`.
+#[test]
+fn sec_fs_09_privileged_no_host_devices() {
+    let (_s, cri) = setup();
+    privileged(&cri).unwrap();
+}
+
+fn privileged(setup: &CriSetup) -> Result<()> {
+    /// What a container's /dev holds without any device of the spec.
+    const CONTAINER_DEV: &[&str] = &[
+        "console", "core", "fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm",
+        "stderr", "stdin", "stdout", "tty", "urandom", "zero",
+    ];
+    let k = Kubelet::start(setup)?;
+    let pod = k.run_pod(&k.pod("priv").privileged())?;
+    let app = ContainerBuilder::new("app", BUSYBOX)
+        .command(&["sleep", "100000"])
+        .privileged();
+    let app = k.run_container(&pod, &app)?;
+    let caps = sh(&k, &app, "grep CapEff /proc/self/status")?;
+    // All capabilities the host gives (CAP_SYS_RESOURCE may be missing here).
+    ensure!(caps.contains("000001ff"), "not privileged: {caps:?}");
+    let dev = sh(&k, &app, "ls /dev")?;
+    let host: Vec<String> = std::fs::read_dir("/dev")?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let leaked: Vec<&str> = dev
+        .split_whitespace()
+        .filter(|d| !CONTAINER_DEV.contains(d) && host.iter().any(|h| h == d))
+        .collect();
+    ensure!(
+        leaked.is_empty(),
+        "host devices in the privileged container: {leaked:?} (all of /dev: {dev:?})"
+    );
+    k.remove_pod(&pod)?;
     k.finish()
 }
 

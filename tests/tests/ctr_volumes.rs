@@ -1,7 +1,8 @@
 //! Volumes through `ctr run --mount` with our runtime: a read-write bind
 //! (the container reads the host's file and its write lands on the host),
 //! a read-only bind (the write fails, the host file is untouched), a single
-//! file, and a host path through `..` into the host's /proc, refused before
+//! file, and a host path through `..` into the host's /proc and a source
+//! through `..` out of the guest's volume directory, both refused before
 //! any VM is left behind. Then the usual leak check.
 
 use std::path::Path;
@@ -71,28 +72,33 @@ fn ctr_mounts() -> Result<()> {
     ensure!(std::fs::read_to_string(rw.join("out"))? == "written\n");
     ensure!(std::fs::read_to_string(ro.join("f"))? == "original\n");
 
-    // A host path that resolves into the host's /proc is refused.
-    let escape = format!(
-        "type=bind,src={}/../../proc,dst=/p,options=rbind:ro",
-        host.path().display()
-    );
-    let out = ctd.ctr(&[
-        "run",
-        "--runtime",
-        RUNTIME,
-        "--rm",
-        "--mount",
-        &escape,
-        BUSYBOX,
-        "esc",
-        "true",
-    ])?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    ensure!(
-        !out.status.success() && stderr.contains("/proc"),
-        "a bind of the host's /proc was not refused: {out:?}"
-    );
-    // ctr leaves the container record after a failed start.
-    let _ = ctd.ctr(&["container", "rm", "esc"]);
+    // A host path that resolves into the host's /proc is refused; so is a
+    // source in the guest's volume directory, which would name a guest path
+    // (SEC-FS-08: `..` does not get it past the check).
+    let escapes = [
+        (format!("{}/../../proc", host.path().display()), "/proc"),
+        ("/run/clh/volumes/../../etc".to_string(), "reserved"),
+    ];
+    for (src, needle) in escapes {
+        let escape = format!("type=bind,src={src},dst=/p,options=rbind:ro");
+        let out = ctd.ctr(&[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            "--mount",
+            &escape,
+            BUSYBOX,
+            "esc",
+            "true",
+        ])?;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(
+            !out.status.success() && stderr.contains(needle),
+            "a bind of {src} was not refused: {out:?}"
+        );
+        // ctr leaves the container record after a failed start.
+        let _ = ctd.ctr(&["container", "rm", "esc"]);
+    }
     finish(ctd, &s)
 }

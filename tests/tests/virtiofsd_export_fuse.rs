@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use containerd_shim_clh_v2::bind_mount::SubmountPolicy;
 use clh_tests::fuse_frontend::{Creds, Fixture, ROOT_ID};
 use nix::errno::Errno;
 use nix::libc;
@@ -33,10 +34,15 @@ impl Drop for ExportMounts {
 }
 
 /// virtiofsd on the shim's layout: `private/` with `dirs` made in it,
-/// exported read-only as the share, and two volume sources beside it,
-/// `ro-src/f` and `rw-src/f` holding `ro` and `rw`.
-async fn export_fixture(dirs: &[&str], ro: &str, rw: &str) -> (Fixture, ExportMounts) {
-    use containerd_shim_clh_v2::shared_mount::mount_export;
+/// exported read-only as the share, the staging mount beside it (where
+/// recursive binds are trimmed), and two volume sources, `ro-src/f` and
+/// `rw-src/f` holding `ro` and `rw`. Returns the policy `bind` needs.
+async fn export_fixture(
+    dirs: &[&str],
+    ro: &str,
+    rw: &str,
+) -> (Fixture, ExportMounts, SubmountPolicy) {
+    use containerd_shim_clh_v2::shared_mount::{mount_export, mount_staging};
     let fx = Fixture::start(|share| {
         let parent = share.parent().expect("the share has a parent");
         let private = parent.join("private");
@@ -47,15 +53,26 @@ async fn export_fixture(dirs: &[&str], ro: &str, rw: &str) -> (Fixture, ExportMo
             std::fs::create_dir(parent.join(dir))?;
             std::fs::write(parent.join(dir).join("f"), content)?;
         }
-        mount_export(&private, share)
+        std::fs::create_dir(parent.join("staging"))?;
+        mount_export(&private, share)?;
+        mount_staging(&parent.join("staging"))
     })
     .await
     .expect("fixture");
-    let mounts = ExportMounts(vec![fx.share.clone(), fx.parent().join("private")]);
-    (fx, mounts)
+    let staging = fx.parent().join("staging");
+    let mounts = ExportMounts(vec![
+        fx.share.clone(),
+        fx.parent().join("private"),
+        staging.clone(),
+    ]);
+    let policy = SubmountPolicy {
+        staging,
+        hidden: Vec::new(),
+    };
+    (fx, mounts, policy)
 }
 
-/// SEC-FS-01 and SEC-FS-05 against the shim's own layout: the share is the
+/// SEC-FS-01, SEC-FS-02 (the swap half) and SEC-FS-05 against the shim's own layout: the share is the
 /// read-only slave export of a private tree (shared_mount.rs), and volumes
 /// are bound into the private tree after virtiofsd started, one read-only
 /// and one read-write (bind_mount.rs). Guest root can plant nothing in the
@@ -63,7 +80,7 @@ async fn export_fixture(dirs: &[&str], ro: &str, rw: &str) -> (Fixture, ExportMo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_export_is_read_only_to_the_guest() {
     use containerd_shim_clh_v2::bind_mount::{bind, BindOptions};
-    let (fx, mounts) =
+    let (fx, mounts, policy) =
         export_fixture(&["c1/mounts/0", "c1/mounts/1"], "read only\n", "writable\n").await;
     let parent = fx.parent().to_path_buf();
     let private = parent.join("private");
@@ -77,6 +94,7 @@ async fn the_export_is_read_only_to_the_guest() {
             &parent.join(src),
             &private.join(format!("c1/mounts/{n}")),
             opts,
+            &policy,
         )
         .expect("binding a volume");
     }
@@ -91,6 +109,15 @@ async fn the_export_is_read_only_to_the_guest() {
             assert_eq!(planted.err(), Some(Errno::EROFS), "SYMLINK {name}");
             let made = fs.mkdir(parent, name.as_bytes(), 0o755, Creds::ROOT)?;
             assert_eq!(made.err(), Some(Errno::EROFS), "MKDIR {name}");
+        }
+        // SEC-FS-02: nor can the container's directory or its mount points
+        // be moved aside or removed, so no symlink can take their place
+        // before the host's teardown unmounts there.
+        for (parent, name) in [(ROOT_ID, "c1"), (c1.nodeid, "mounts"), (dirs.nodeid, "0")] {
+            let moved = fs.rename(parent, name.as_bytes(), parent, b"swapped")?;
+            assert_eq!(moved.err(), Some(Errno::EROFS), "RENAME {name}");
+            let removed = fs.rmdir(parent, name.as_bytes())?;
+            assert_eq!(removed.err(), Some(Errno::EROFS), "RMDIR {name}");
         }
         // SEC-FS-05: the read-only volume is read-only to guest root.
         let ro = fs.lookup(dirs.nodeid, b"0")?.expect("LOOKUP 0");
@@ -136,7 +163,7 @@ async fn sec_fs_03_share_toctou_race() {
     use nix::mount::{umount2, MntFlags};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    let (fx, mounts) = export_fixture(&["c1/mounts"], "volume\n", "volume\n").await;
+    let (fx, mounts, policy) = export_fixture(&["c1/mounts"], "volume\n", "volume\n").await;
     let parent = fx.parent().to_path_buf();
     let private = parent.join("private");
     fx.run(|fx| {
@@ -160,7 +187,7 @@ async fn sec_fs_03_share_toctou_race() {
                         recursive: true,
                         readonly,
                     };
-                    bind(&parent.join(src), &target, opts)?;
+                    bind(&parent.join(src), &target, opts, &policy)?;
                     binds.fetch_add(1, Ordering::Relaxed);
                     umount2(&target, MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH)?;
                     std::fs::remove_dir(&target)?;

@@ -6,7 +6,14 @@
 //! the source canonicalised, never the host's /proc, /sys or /dev;
 //! read-only there too, from birth, when the spec asks for `ro`), and the
 //! spec's source becomes its path in the guest's view of the export.
-//! Unmounting never follows links.
+//! A recursive bind (`rbind`: every hostPath) comes without the host's
+//! kernel filesystems and without any mount in the host's /proc, /sys,
+//! /dev, the shim's state directory or containerd's (submounts.rs); a
+//! warning names what was left out. Unmounting never follows links.
+//!
+//! A source is a guest path only when it is exactly the guest copy that
+//! volume_sync.rs made for that mount; any other source in the guest's
+//! volume directory is refused, so no spec can name guest paths.
 
 use std::path::{Path, PathBuf};
 
@@ -15,8 +22,15 @@ use nix::mount::{umount2, MntFlags};
 
 use super::error::{Error, Result};
 use super::writable_shares::WritableShares;
-use crate::bind_mount::{self, BindOptions};
-use crate::shared_mount::private_dir;
+use crate::bind_mount::{self, BindOptions, SubmountPolicy};
+use crate::shared_mount::{private_dir, staging_dir};
+
+/// containerd's default root and state directories.
+const CONTAINERD_DIRS: [&str; 2] = ["/var/lib/containerd", "/run/containerd"];
+
+/// The directory below containerd's state directory where shim v2 bundles
+/// live (`<state>/io.containerd.runtime.v2.task/<namespace>/<id>`).
+const CONTAINERD_TASK_DIR: &str = "io.containerd.runtime.v2.task";
 
 /// The host-side mounts made for one container, undone by [`Binds::unmount`].
 #[derive(Debug, Default)]
@@ -54,10 +68,66 @@ fn memory_volume(m: &serde_json::Value) -> Option<String> {
     (plain && !name.starts_with('.')).then(|| name.to_string())
 }
 
-/// A source already rewritten to a guest path (a synced volume's copy).
-fn is_guest_source(m: &serde_json::Value) -> bool {
+/// Whether mount `m`'s source is one of the guest copies `guest_sources`
+/// (what volume_sync.rs put there). Any other source in the guest's volume
+/// directory, however spelled (`..`, `//`, `.`), is refused: a spec must
+/// not make the shim skip the host bind and hand the guest a path of its
+/// own choosing.
+fn is_guest_source(m: &serde_json::Value, guest_sources: &[String]) -> Result<bool> {
     let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
-    Path::new(source).starts_with(GUEST_VOLUMES_DIR)
+    if guest_sources.iter().any(|g| g == source) {
+        return Ok(true);
+    }
+    let path = Path::new(source);
+    let dotdot = path
+        .components()
+        .any(|c| c == std::path::Component::ParentDir);
+    if path.starts_with(GUEST_VOLUMES_DIR)
+        || (dotdot && lexically_normal(path).starts_with(GUEST_VOLUMES_DIR))
+    {
+        let dest = m.get("destination").and_then(|d| d.as_str()).unwrap_or("?");
+        return Err(Error::InvalidArgument(format!(
+            "the bind mount for {dest} has source {source:?}, in {GUEST_VOLUMES_DIR}, which is reserved for the runtime's copies of synced volumes: use a host path outside it"
+        )));
+    }
+    Ok(false)
+}
+
+/// `path` with `.` and `..` applied lexically (`/a/../b` is `/b`).
+fn lexically_normal(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// What a recursive bind of this VM leaves out besides the host's kernel
+/// trees: the shim's state directory (the parent of `vm_dir`), containerd's
+/// state directory (above `bundle`) and containerd's default directories.
+fn submount_policy(vm_dir: &Path, bundle: &Path) -> SubmountPolicy {
+    let containerd_state = bundle
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == CONTAINERD_TASK_DIR))
+        .and_then(Path::parent);
+    let hidden = vm_dir
+        .parent()
+        .into_iter()
+        .chain(containerd_state)
+        .chain(CONTAINERD_DIRS.iter().map(Path::new))
+        // The mount table shows canonical paths.
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
+        .collect();
+    SubmountPolicy {
+        staging: staging_dir(vm_dir),
+        hidden,
+    }
 }
 
 /// The spec mounts it read-only (`ro`; runc's default is read-write).
@@ -75,7 +145,10 @@ pub fn record_writable(spec: &serde_json::Value, writable: &WritableShares) {
         return;
     };
     for m in mounts {
-        if !is_bind(m) || is_readonly(m) || is_guest_source(m) || memory_volume(m).is_some() {
+        // A source in the guest's volume directory is no host path (and
+        // Binds::share refuses any that is not a synced copy).
+        let host_source = matches!(is_guest_source(m, &[]), Ok(false));
+        if !is_bind(m) || is_readonly(m) || !host_source || memory_volume(m).is_some() {
             continue;
         }
         let Some(source) = m.get("source").and_then(|s| s.as_str()) else {
@@ -94,17 +167,34 @@ fn has_option(m: &serde_json::Value, opt: &str) -> bool {
 
 impl Binds {
     /// Shares every bind mount of `spec` (see the module doc) and rewrites
-    /// its source. On error the mounts already made are undone.
-    pub fn share(spec: &mut serde_json::Value, vm_dir: &Path, cid: &str) -> Result<Binds> {
+    /// its source; `guest_sources` are the guest copies of synced volumes
+    /// already in the spec, `bundle` the container's bundle. On error the
+    /// mounts already made are undone.
+    pub fn share(
+        spec: &mut serde_json::Value,
+        vm_dir: &Path,
+        cid: &str,
+        bundle: &Path,
+        guest_sources: &[String],
+    ) -> Result<Binds> {
         let mut binds = Binds::default();
         let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
             return Ok(binds);
         };
         let host_dir = private_dir(vm_dir).join(cid).join("mounts");
+        let policy = submount_policy(vm_dir, bundle);
         let mut made_dir = false;
         for (n, m) in mounts.iter_mut().enumerate() {
-            if !is_bind(m) || is_guest_source(m) {
+            if !is_bind(m) {
                 continue;
+            }
+            match is_guest_source(m, guest_sources) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    binds.undo();
+                    return Err(e);
+                }
             }
             if let Some(name) = memory_volume(m) {
                 // In guest RAM, shared by the pod's containers; nothing of
@@ -119,10 +209,8 @@ impl Binds {
                 made_dir = true;
             }
             let target = host_dir.join(n.to_string());
-            if let Err(e) = binds.share_one(m, &target) {
-                if let Err(u) = binds.unmount() {
-                    tracing::error!(error = %u, "undoing bind mounts after a failure");
-                }
+            if let Err(e) = binds.share_one(m, &target, &policy) {
+                binds.undo();
                 return Err(e);
             }
             m["source"] = serde_json::Value::String(format!("{GUEST_SHARED_DIR}/{cid}/mounts/{n}"));
@@ -130,7 +218,18 @@ impl Binds {
         Ok(binds)
     }
 
-    fn share_one(&mut self, m: &serde_json::Value, target: &Path) -> Result<()> {
+    fn undo(&mut self) {
+        if let Err(u) = self.unmount() {
+            tracing::error!(error = %u, "undoing bind mounts after a failure");
+        }
+    }
+
+    fn share_one(
+        &mut self,
+        m: &serde_json::Value,
+        target: &Path,
+        policy: &SubmountPolicy,
+    ) -> Result<()> {
         let dest = m.get("destination").and_then(|d| d.as_str()).unwrap_or("?");
         let source = m.get("source").and_then(|s| s.as_str()).unwrap_or("");
         let source = Path::new(source);
@@ -168,11 +267,20 @@ impl Binds {
             // Read-only on the host side too: guest root cannot write it.
             readonly: is_readonly(m),
         };
-        bind_mount::bind(source, target, opts).map_err(|e| {
+        let left_out = bind_mount::bind(source, target, opts, policy).map_err(|e| {
             let _ = remove_mount_point(target);
             Error::InvalidArgument(format!("{e} (for {dest})"))
         })?;
         self.targets.push(target.to_path_buf());
+        if !left_out.is_empty() {
+            let left_out: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+            tracing::warn!(
+                source = %source.display(),
+                destination = dest,
+                left_out = %left_out.join(", "),
+                "the bind mount comes without the host's kernel and runtime mounts below it"
+            );
+        }
         Ok(())
     }
 
@@ -225,6 +333,33 @@ mod tests {
         nix::unistd::geteuid().is_root()
     }
 
+    /// A VM directory laid out as the shim does (as root: mounted),
+    /// removed on drop.
+    struct TestVm(tempfile::TempDir);
+
+    impl TestVm {
+        fn new() -> TestVm {
+            let dir = tempfile::tempdir().unwrap();
+            crate::shared_mount::make_export(dir.path()).unwrap();
+            TestVm(dir)
+        }
+
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    impl Drop for TestVm {
+        fn drop(&mut self) {
+            let _ = crate::shared_mount::remove_vm_dir(self.0.path());
+        }
+    }
+
+    /// `Binds::share` for container c1 of `vm`, with no synced volume.
+    fn share(spec: &mut serde_json::Value, vm: &Path) -> Result<Binds> {
+        Binds::share(spec, vm, "c1", Path::new("/nonexistent/bundle"), &[])
+    }
+
     #[test]
     fn binds_are_shared_read_only_where_asked_and_undone() {
         if !root() {
@@ -232,7 +367,7 @@ mod tests {
             return;
         }
         let host = tempfile::tempdir().unwrap();
-        let vm = tempfile::tempdir().unwrap();
+        let vm = TestVm::new();
         let file = host.path().join("hosts");
         std::fs::write(&file, "127.0.0.1 pod\n").unwrap();
         let dir = host.path().join("vol");
@@ -242,7 +377,7 @@ mod tests {
             {"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["rbind", "ro"]},
             {"destination": "/data", "source": dir, "options": ["rbind", "rw"]},
         ]});
-        let mut binds = Binds::share(&mut spec, vm.path(), "c1").unwrap();
+        let mut binds = share(&mut spec, vm.path()).unwrap();
         assert_eq!(spec["mounts"][0]["source"], "proc");
         assert_eq!(spec["mounts"][1]["source"], "/run/clh/shared/c1/mounts/1");
         assert_eq!(spec["mounts"][2]["source"], "/run/clh/shared/c1/mounts/2");
@@ -273,12 +408,12 @@ mod tests {
         std::fs::create_dir_all(&disk).unwrap();
         let tmpfs = nix::mount::MsFlags::empty();
         nix::mount::mount(Some("tmpfs"), &cache, Some("tmpfs"), tmpfs, None::<&str>).unwrap();
-        let vm = tempfile::tempdir().unwrap();
+        let vm = TestVm::new();
         let mut spec = json!({"mounts": [
             {"destination": "/cache", "type": "bind", "source": cache, "options": ["rbind"]},
             {"destination": "/disk", "type": "bind", "source": disk, "options": ["rbind"]},
         ]});
-        let shared = Binds::share(&mut spec, vm.path(), "c1");
+        let shared = share(&mut spec, vm.path());
         nix::mount::umount2(&cache, MntFlags::MNT_DETACH).unwrap();
         let mut binds = shared.unwrap();
         assert_eq!(spec["mounts"][0]["source"], "/run/clh/ephemeral/cache");
@@ -288,13 +423,77 @@ mod tests {
 
     #[test]
     fn a_relative_or_missing_source_is_an_invalid_argument() {
-        let vm = tempfile::tempdir().unwrap();
+        let vm = TestVm::new();
         for source in ["relative/path", "/nonexistent/clh-test"] {
             let mut spec =
                 json!({"mounts": [{"destination": "/x", "type": "bind", "source": source}]});
-            let err = Binds::share(&mut spec, vm.path(), "c1").unwrap_err();
+            let err = share(&mut spec, vm.path()).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
             assert!(err.to_string().contains(source), "{err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod guest_source_tests {
+    use super::*;
+    use serde_json::json;
+
+    /// SEC-FS-08 (hole 7): only the exact guest copy volume_sync made skips
+    /// the host bind; other spellings of the guest's volume directory are
+    /// refused, `..` included.
+    #[test]
+    fn only_the_synced_copy_is_a_guest_source() {
+        let vm = tempfile::tempdir().unwrap();
+        let copy = format!("{GUEST_VOLUMES_DIR}/c1/0");
+        let mut spec = json!({"mounts": [
+            {"destination": "/etc/config", "type": "bind", "source": copy, "options": ["rbind", "ro"]},
+        ]});
+        let bundle = Path::new("/nonexistent/bundle");
+        let binds = Binds::share(
+            &mut spec,
+            vm.path(),
+            "c1",
+            bundle,
+            std::slice::from_ref(&copy),
+        )
+        .unwrap();
+        assert!(binds.targets.is_empty());
+        assert_eq!(spec["mounts"][0]["source"], copy.as_str());
+        for source in [
+            format!("{GUEST_VOLUMES_DIR}/../../etc"),
+            format!("{GUEST_VOLUMES_DIR}/c1/0/../../c2/0"),
+            format!("{GUEST_VOLUMES_DIR}/c1/0"),
+            "/run//clh/./volumes/x".to_string(),
+            "/tmp/../run/clh/volumes/x".to_string(),
+        ] {
+            let mut spec = json!({"mounts": [
+                {"destination": "/x", "type": "bind", "source": source, "options": ["rbind"]},
+            ]});
+            let err = Binds::share(&mut spec, vm.path(), "c1", bundle, &[]).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{source}: {err}");
+            assert!(err.to_string().contains("reserved"), "{source}: {err}");
+            assert_eq!(spec["mounts"][0]["source"], source.as_str());
+        }
+    }
+
+    #[test]
+    fn the_hidden_trees_are_the_state_dirs_of_the_shim_and_containerd() {
+        let bundle = Path::new("/nonexistent/ctd/io.containerd.runtime.v2.task/k8s.io/abc");
+        let policy = submount_policy(Path::new("/nonexistent/clh/pod"), bundle);
+        for dir in [
+            "/nonexistent/clh",
+            "/nonexistent/ctd",
+            "/var/lib/containerd",
+        ] {
+            assert!(
+                policy
+                    .hidden
+                    .iter()
+                    .any(|h| h.ends_with(dir.trim_start_matches('/')) || h == Path::new(dir)),
+                "{dir} not hidden: {policy:?}"
+            );
+        }
+        assert_eq!(policy.staging, Path::new("/nonexistent/clh/pod/staging"));
     }
 }

@@ -233,7 +233,9 @@ async fn create_in_guest(
         // count as guest-writable too.
         binds::record_writable(spec, &sandbox.writable);
         synced = sync_volumes(sandbox, spec, &req.id).await?;
-        binds = Binds::share(spec, &sandbox.dir, &req.id)?;
+        let guest_sources: Vec<String> = synced.iter().map(|s| s.guest_dir().to_string()).collect();
+        let bundle = Path::new(&req.bundle);
+        binds = Binds::share(spec, &sandbox.dir, &req.id, bundle, &guest_sources)?;
         let creq = clh_agent_protocol::CreateContainerRequest {
             container_id: req.id.clone(),
             oci_spec: serde_json::to_vec(spec).context("serializing the OCI spec")?,

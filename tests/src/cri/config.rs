@@ -41,6 +41,7 @@ pub struct PodBuilder {
     overhead: Option<Resources>,
     labels: HashMap<String, String>,
     annotations: HashMap<String, String>,
+    privileged: bool,
 }
 
 impl PodBuilder {
@@ -60,7 +61,15 @@ impl PodBuilder {
             overhead: None,
             labels: HashMap::new(),
             annotations: HashMap::new(),
+            privileged: false,
         }
+    }
+
+    /// A pod that may hold privileged containers (the CRI refuses them in
+    /// a sandbox that is not).
+    pub fn privileged(mut self) -> Self {
+        self.privileged = true;
+        self
     }
 
     pub fn uid(mut self, uid: &str) -> Self {
@@ -142,6 +151,10 @@ impl PodBuilder {
                 cgroup_parent: self.cgroup_parent.clone(),
                 resources: self.resources.map(Resources::to_cri),
                 overhead: self.overhead.map(Resources::to_cri),
+                security_context: self.privileged.then(|| cri::LinuxSandboxSecurityContext {
+                    privileged: true,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -159,6 +172,7 @@ pub struct ContainerBuilder {
     resources: Option<Resources>,
     attempt: u32,
     mounts: Vec<cri::Mount>,
+    privileged: bool,
 }
 
 impl ContainerBuilder {
@@ -171,7 +185,14 @@ impl ContainerBuilder {
             resources: None,
             attempt: 0,
             mounts: Vec::new(),
+            privileged: false,
         }
+    }
+
+    /// `securityContext.privileged` (its pod must be privileged too).
+    pub fn privileged(mut self) -> Self {
+        self.privileged = true;
+        self
     }
 
     /// A volume: `host_path` (as the kubelet resolved it, subPath included)
@@ -242,7 +263,10 @@ impl ContainerBuilder {
             mounts: self.mounts.clone(),
             linux: Some(cri::LinuxContainerConfig {
                 resources: self.resources.map(Resources::to_cri),
-                ..Default::default()
+                security_context: self.privileged.then(|| cri::LinuxContainerSecurityContext {
+                    privileged: true,
+                    ..Default::default()
+                }),
             }),
             ..Default::default()
         }
