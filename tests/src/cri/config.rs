@@ -159,6 +159,33 @@ pub struct ContainerBuilder {
     resources: Option<Resources>,
     attempt: u32,
     mounts: Vec<cri::Mount>,
+    seccomp: Option<cri::SecurityProfile>,
+}
+
+/// A seccomp profile as the kubelet sends it (`securityContext.seccompProfile`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seccomp {
+    /// `RuntimeDefault`: containerd's default profile.
+    RuntimeDefault,
+    /// `Localhost`: a profile file on the node, by its absolute path (the
+    /// kubelet resolves `localhostProfile` below its seccomp directory).
+    Localhost(String),
+}
+
+impl Seccomp {
+    fn to_cri(&self) -> cri::SecurityProfile {
+        use cri::security_profile::ProfileType;
+        match self {
+            Seccomp::RuntimeDefault => cri::SecurityProfile {
+                profile_type: ProfileType::RuntimeDefault as i32,
+                localhost_ref: String::new(),
+            },
+            Seccomp::Localhost(path) => cri::SecurityProfile {
+                profile_type: ProfileType::Localhost as i32,
+                localhost_ref: path.clone(),
+            },
+        }
+    }
 }
 
 impl ContainerBuilder {
@@ -171,7 +198,14 @@ impl ContainerBuilder {
             resources: None,
             attempt: 0,
             mounts: Vec::new(),
+            seccomp: None,
         }
+    }
+
+    /// The container's seccomp profile (none: unconfined, CRI's default).
+    pub fn seccomp(mut self, profile: Seccomp) -> Self {
+        self.seccomp = Some(profile.to_cri());
+        self
     }
 
     /// A volume: `host_path` (as the kubelet resolved it, subPath included)
@@ -242,6 +276,12 @@ impl ContainerBuilder {
             mounts: self.mounts.clone(),
             linux: Some(cri::LinuxContainerConfig {
                 resources: self.resources.map(Resources::to_cri),
+                security_context: self.seccomp.clone().map(|seccomp| {
+                    cri::LinuxContainerSecurityContext {
+                        seccomp: Some(seccomp),
+                        ..Default::default()
+                    }
+                }),
                 ..Default::default()
             }),
             ..Default::default()
