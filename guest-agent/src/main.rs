@@ -23,6 +23,7 @@ mod stdio_server;
 mod switch_root;
 mod sysinfo;
 mod volumes;
+mod vsock_peer;
 
 use anyhow::Context;
 use server::ListenAddr;

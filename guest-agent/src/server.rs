@@ -4,12 +4,14 @@ use crate::containers::Containers;
 use crate::service::AgentService;
 use crate::volumes::Volumes;
 use std::sync::Arc;
+use ttrpc::r#async::transport::Listener;
 use ttrpc::r#async::Server;
 
 /// A listening address: vsock in the guest, a Unix socket in host test mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
-    /// AF_VSOCK, any CID, this port.
+    /// AF_VSOCK, this port on any local CID; only the host may connect
+    /// (see `vsock_peer`).
     Vsock(u32),
     /// A Unix socket at this path.
     Unix(String),
@@ -65,10 +67,19 @@ pub async fn serve(
         containers,
         volumes,
     }));
-    let mut server = Server::new()
-        .bind(&addr.ttrpc_addr())
-        .map_err(err)?
-        .register_service(services);
+    let server = match addr {
+        // Our own accept loop, so that only the host gets through.
+        ListenAddr::Vsock(port) => {
+            let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+                tokio_vsock::VMADDR_CID_ANY,
+                *port,
+            ))
+            .map_err(|e| err(ttrpc::Error::Others(format!("binding: {e}"))))?;
+            Server::new().add_listener(Listener::new(crate::vsock_peer::host_connections(listener)))
+        }
+        ListenAddr::Unix(_) => Server::new().bind(&addr.ttrpc_addr()).map_err(err)?,
+    };
+    let mut server = server.register_service(services);
     server.start().await.map_err(err)?;
     Ok(server)
 }

@@ -14,14 +14,14 @@ const MAX_HEADER: usize = 300;
 /// A peer that connects must send its header within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts on vsock `port` forever.
+/// Accepts the host's connections on vsock `port` forever.
 pub fn serve_vsock(port: u32, containers: Containers) -> std::io::Result<()> {
     let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
     let listener = tokio_vsock::VsockListener::bind(addr)?;
     info!("serving stdio streams on vsock port {port}");
     tokio::spawn(async move {
         loop {
-            match listener.accept().await {
+            match crate::vsock_peer::accept_from_host(&listener).await {
                 Ok((stream, _)) => {
                     tokio::spawn(handle(stream, containers.clone()));
                 }

@@ -91,6 +91,13 @@ fn containerd_restart() {
     scenarios::containerd_restart(&setup().1).unwrap();
 }
 
+/// The guest enforces the CRI's seccomp profiles as runc does, execs
+/// included (libcontainer alone filtered only the init).
+#[test]
+fn seccomp_profiles() {
+    scenarios::seccomp_profiles(&setup().1).unwrap();
+}
+
 /// A container restarted by the kubelet (a new attempt of the same name)
 /// runs in the same VM, and UpdateContainerResources reaches the
 /// container's cgroup in the guest.

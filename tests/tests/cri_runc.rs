@@ -79,3 +79,8 @@ fn parallel_pods() {
 fn containerd_restart() {
     scenarios::containerd_restart(&setup()).unwrap();
 }
+
+#[test]
+fn seccomp_profiles() {
+    scenarios::seccomp_profiles(&setup()).unwrap();
+}

@@ -4,6 +4,7 @@
 //! `spawn_registered`, so a process that exits at once is still delivered
 //! to us and not reaped as an orphan.
 
+use super::exec_seccomp;
 use super::process::{ChildStdio, Proc};
 use super::tty::ConsoleSocket;
 use super::{
@@ -184,6 +185,7 @@ impl Containers {
             }
         };
         let pid = container.pid().map_or(0, |p| p.as_raw());
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         proc.started(pid, rx);
         if let Some(master) = master {
             (proc.set_terminal(master)).map_err(|e| CtrError::internal("keeping the pty", e))?;
@@ -195,6 +197,7 @@ impl Containers {
             execs: Mutex::default(),
             pending: Mutex::default(),
             bundle,
+            seccomp,
         };
         lock(&self.map).insert(id.to_owned(), Arc::new(entry));
         info!(id, pid, "container created");
@@ -210,6 +213,9 @@ impl Containers {
             .map_err(|e| CtrError::InvalidArgument(format!("bad OCI process JSON: {e}")))?;
         let terminal = stdio.terminal || process.terminal() == Some(true);
         process.set_terminal(Some(terminal));
+        let seccomp = (entry.seccomp.as_ref())
+            .map(|filter| exec_seccomp::prepare(&mut process, filter))
+            .transpose()?;
         let mut execs = lock(&entry.execs);
         if execs.contains_key(exec_id) {
             return Err(CtrError::AlreadyExists(format!(
@@ -227,6 +233,7 @@ impl Containers {
             spec_path,
             stdio: child,
             terminal,
+            seccomp,
         };
         lock(&entry.pending).insert(exec_id.to_owned(), pending);
         Ok(())
@@ -261,7 +268,11 @@ impl Containers {
         let (pid, rx, master) = blocking(move || {
             let console = console_socket(pending.terminal)?;
             let (pid, rx) = reaper.spawn_registered(|| {
-                let pid = builder(&owned_id, pending.stdio, console.as_ref())?
+                let mut builder = builder(&owned_id, pending.stdio, console.as_ref())?;
+                if let Some(filtered) = pending.seccomp {
+                    builder = builder.with_executor(filtered);
+                }
+                let pid = builder
                     .as_tenant()
                     .with_process(Some(&pending.spec_path))
                     .with_detach(true)

@@ -6,6 +6,7 @@
 //! watch channel, so no lock is ever held across an await.
 
 mod cgroup;
+mod exec_seccomp;
 mod lifecycle;
 pub mod process;
 mod tty;
@@ -72,6 +73,8 @@ struct PendingExec {
     spec_path: PathBuf,
     stdio: process::ChildStdio,
     terminal: bool,
+    /// The container's seccomp filter, when it has one.
+    seccomp: Option<exec_seccomp::FilteredExec>,
 }
 
 struct Entry {
@@ -81,6 +84,8 @@ struct Entry {
     execs: Mutex<HashMap<String, Arc<Proc>>>,
     pending: Mutex<HashMap<String, PendingExec>>,
     bundle: PathBuf,
+    /// The spec's seccomp filter, for its execs (see `exec_seccomp`).
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
 }
 
 impl Entry {

@@ -2,6 +2,8 @@
 //! protocol-version check, and a deadline on every call.
 
 mod calls;
+#[cfg(test)]
+mod hostile_tests;
 mod hybrid_vsock;
 mod stdio;
 #[cfg(test)]

@@ -26,7 +26,7 @@ enum Peer {
     EndlessLine,
 }
 
-async fn read_connect_line(stream: &mut UnixStream) -> String {
+pub(super) async fn read_connect_line(stream: &mut UnixStream) -> String {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while stream.read(&mut byte).await.unwrap_or(0) == 1 && byte[0] != b'\n' {

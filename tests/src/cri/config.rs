@@ -173,6 +173,33 @@ pub struct ContainerBuilder {
     attempt: u32,
     mounts: Vec<cri::Mount>,
     privileged: bool,
+    seccomp: Option<cri::SecurityProfile>,
+}
+
+/// A seccomp profile as the kubelet sends it (`securityContext.seccompProfile`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seccomp {
+    /// `RuntimeDefault`: containerd's default profile.
+    RuntimeDefault,
+    /// `Localhost`: a profile file on the node, by its absolute path (the
+    /// kubelet resolves `localhostProfile` below its seccomp directory).
+    Localhost(String),
+}
+
+impl Seccomp {
+    fn to_cri(&self) -> cri::SecurityProfile {
+        use cri::security_profile::ProfileType;
+        match self {
+            Seccomp::RuntimeDefault => cri::SecurityProfile {
+                profile_type: ProfileType::RuntimeDefault as i32,
+                localhost_ref: String::new(),
+            },
+            Seccomp::Localhost(path) => cri::SecurityProfile {
+                profile_type: ProfileType::Localhost as i32,
+                localhost_ref: path.clone(),
+            },
+        }
+    }
 }
 
 impl ContainerBuilder {
@@ -186,12 +213,19 @@ impl ContainerBuilder {
             attempt: 0,
             mounts: Vec::new(),
             privileged: false,
+            seccomp: None,
         }
     }
 
     /// `securityContext.privileged` (its pod must be privileged too).
     pub fn privileged(mut self) -> Self {
         self.privileged = true;
+        self
+    }
+
+    /// The container's seccomp profile (none: unconfined, CRI's default).
+    pub fn seccomp(mut self, profile: Seccomp) -> Self {
+        self.seccomp = Some(profile.to_cri());
         self
     }
 
@@ -263,9 +297,12 @@ impl ContainerBuilder {
             mounts: self.mounts.clone(),
             linux: Some(cri::LinuxContainerConfig {
                 resources: self.resources.map(Resources::to_cri),
-                security_context: self.privileged.then(|| cri::LinuxContainerSecurityContext {
-                    privileged: true,
-                    ..Default::default()
+                security_context: (self.privileged || self.seccomp.is_some()).then(|| {
+                    cri::LinuxContainerSecurityContext {
+                        privileged: self.privileged,
+                        seccomp: self.seccomp.clone(),
+                        ..Default::default()
+                    }
                 }),
             }),
             ..Default::default()

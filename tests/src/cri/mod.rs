@@ -29,7 +29,7 @@ mod kubelet;
 pub mod scenarios;
 mod streaming;
 
-pub use config::{ContainerBuilder, PodBuilder, Resources};
+pub use config::{ContainerBuilder, PodBuilder, Resources, Seccomp};
 pub use k8s_cri::v1 as api;
 pub use k8s_cri::v1::ContainerState;
 pub use kubelet::{image_tar, CriSetup, Kubelet, LeakCheck, Pod, BUSYBOX, PAUSE};

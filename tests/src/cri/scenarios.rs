@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
-use super::{ContainerBuilder, ContainerState, Cri, CriSetup, Kubelet, Resources, BUSYBOX};
+use super::{
+    ContainerBuilder, ContainerState, Cri, CriSetup, Kubelet, Resources, Seccomp, BUSYBOX,
+};
 
 /// Deadline of one exec'd command.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -369,6 +371,97 @@ pub fn streaming(setup: &CriSetup) -> Result<()> {
     let url = cri.attach_url(&id)?;
     let s = cri.stream(&url, None, Some("tick"), EXEC_TIMEOUT)?;
     ensure!(s.stdout.contains("tick"), "attach: {s:?}");
+    k.remove_pod(&pod)?;
+    k.finish()
+}
+
+/// The errno our Localhost profile returns for mkdir: ENOSYS, which no
+/// permission check gives, so a denial can only come from the filter.
+const DENIED_ERRNO: u32 = 38;
+/// How busybox reports [`DENIED_ERRNO`].
+const DENIED_TEXT: &str = "Function not implemented";
+
+/// A Localhost seccomp profile: everything allowed but mkdir.
+fn mkdir_denying_profile() -> serde_json::Value {
+    serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [{
+            "names": ["mkdir", "mkdirat"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": DENIED_ERRNO,
+        }]
+    })
+}
+
+/// What a seccomp container's init recorded and an exec in it sees.
+const SECCOMP_PROBE: &str = "grep '^Seccomp:' /proc/self/status > /tmp/init-mode; \
+     mkdir /tmp/init-dir 2> /tmp/init-mkdir; touch /tmp/probed; exec sleep 100000";
+
+/// `(init, exec)` results of `script`: the init's from the files
+/// [`SECCOMP_PROBE`] wrote, the exec's from running `script` itself.
+fn init_and_exec(cri: &Cri, id: &str, file: &str, script: &str) -> Result<(String, String)> {
+    let init = cri.exec_sync(id, &["cat", file], EXEC_TIMEOUT)?;
+    ensure!(init.exit_code == 0, "reading {file} in {id}: {init:?}");
+    let exec = cri.exec_sync(id, &["sh", "-c", script], EXEC_TIMEOUT)?;
+    Ok((init.stdout.trim().to_owned(), exec.stdout.trim().to_owned()))
+}
+
+/// (i) Seccomp profiles from the CRI config are enforced, in the
+/// container's init and in processes exec'd into it: `RuntimeDefault`
+/// puts both in filter mode (`Seccomp: 2`); a `Localhost` profile (a file
+/// on the node) that denies mkdir with ENOSYS makes mkdir fail with that
+/// errno in both; an unconfined container beside them makes directories
+/// and has no filter (the canary that proves the profile did it).
+pub fn seccomp_profiles(setup: &CriSetup) -> Result<()> {
+    let profiles = tempfile::tempdir()?;
+    let profile = profiles.path().join("deny-mkdir.json");
+    std::fs::write(&profile, serde_json::to_vec(&mkdir_denying_profile())?)?;
+    let profile = profile.to_str().context("profile path")?.to_owned();
+
+    let k = Kubelet::start(setup)?;
+    let cri = k.cri();
+    let pod = k.run_pod(&k.pod("seccomp"))?;
+    let probe = |name: &str| ContainerBuilder::new(name, BUSYBOX).shell(SECCOMP_PROBE);
+    let default = k.run_container(&pod, &probe("default").seccomp(Seccomp::RuntimeDefault))?;
+    let local = k.run_container(&pod, &probe("local").seccomp(Seccomp::Localhost(profile)))?;
+    let unconfined = k.run_container(&pod, &probe("unconfined"))?;
+    for id in [&default, &local, &unconfined] {
+        cri.wait_container_state(id, ContainerState::ContainerRunning, k.timeout())?;
+        // The probe's files are written before it sleeps.
+        cri.wait_for(&format!("{id}'s probe"), k.timeout(), |c| {
+            let r = c.exec_sync(id, &["test", "-e", "/tmp/probed"], EXEC_TIMEOUT)?;
+            Ok((r.exit_code == 0).then_some(()))
+        })?;
+    }
+    let mode = "grep '^Seccomp:' /proc/self/status | tr -d ' \\t'";
+    let mkdir = "mkdir /tmp/exec-dir 2>&1 && echo made";
+    let modes = |id: &str| -> Result<(String, String)> {
+        let (init, exec) = init_and_exec(cri, id, "/tmp/init-mode", mode)?;
+        Ok((init.replace(['\t', ' '], ""), exec))
+    };
+    let expect = |id: &str, want: &str| -> Result<()> {
+        let seen = modes(id)?;
+        ensure!(
+            seen == (want.to_owned(), want.to_owned()),
+            "{id}: (init, exec) {seen:?}, want {want}"
+        );
+        Ok(())
+    };
+    expect(&default, "Seccomp:2")?;
+    expect(&local, "Seccomp:2")?;
+    expect(&unconfined, "Seccomp:0")?;
+
+    let (init, exec) = init_and_exec(cri, &local, "/tmp/init-mkdir", mkdir)?;
+    ensure!(
+        init.contains(DENIED_TEXT) && exec.contains(DENIED_TEXT),
+        "mkdir under the Localhost profile: init {init:?}, exec {exec:?}"
+    );
+    let (init, exec) = init_and_exec(cri, &unconfined, "/tmp/init-mkdir", mkdir)?;
+    ensure!(
+        init.is_empty() && exec == "made",
+        "mkdir unconfined: init {init:?}, exec {exec:?}"
+    );
     k.remove_pod(&pod)?;
     k.finish()
 }
