@@ -8,6 +8,7 @@
 //! the daemon serves the Task service under both names. `delete` and
 //! `-info` stay with the crate's bootstrap.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,6 +140,10 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
         .bind(&flags.socket)
         .with_context(|| format!("cannot listen on {}", flags.socket))?
         .register_service(services);
+    // Bound under our umask (077); made exactly 0600 like containerd's own
+    // shim sockets. The shim API is root's only (CVE-2020-15257).
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {path} owner-only"))?;
     server
         .start()
         .await

@@ -13,6 +13,7 @@
 //! - nothing mounted under `shared/` (or in virtiofsd's namespace) ever
 //!   propagates back (slave).
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -34,7 +35,10 @@ pub fn export_dir(vm_dir: &Path) -> PathBuf {
 pub fn make_export(vm_dir: &Path) -> anyhow::Result<()> {
     let (private, export) = (private_dir(vm_dir), export_dir(vm_dir));
     for dir in [&private, &export] {
-        std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     if !nix::unistd::geteuid().is_root() {
         tracing::debug!("not root: the shared directory is not a mount point");

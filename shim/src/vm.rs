@@ -8,7 +8,9 @@
 //! and their command lines, so [`cleanup_leftovers`] can finish the job after
 //! a shim crash).
 
-use std::io::Read;
+use std::fs::Permissions;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -78,11 +80,18 @@ impl PodVm {
         validate_id(id)?;
         let dir = root.join(id);
         check_socket_path_room(&dir)?;
-        std::fs::create_dir_all(root)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
             .with_context(|| format!("cannot create the VM state root {}", root.display()))?;
-        // create_dir (not _all): an existing directory means another VM or
-        // a leftover, and must not be reused.
-        std::fs::create_dir(&dir)
+        // Not recursive: an existing directory means another VM or a
+        // leftover, and must not be reused. Owner-only whatever the umask:
+        // it holds the VMM's API and vsock sockets.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, Permissions::from_mode(0o700)))
             .with_context(|| format!("cannot create the VM directory {}", dir.display()))?;
         let mut parts = Parts::default();
         match start_in(id, &dir, opts, &mut parts).await {
@@ -222,6 +231,7 @@ async fn start_in(
     pids.push(fs.pid());
     persist_state(dir, &pids)?;
     let uds = hypervisor.vsock_socket();
+    restrict_sockets(dir)?;
     let agent = tokio::select! {
         agent = AgentClient::connect(&uds, opts.agent_timeout) => agent.context("the guest agent did not answer")?,
         exit = hypervisor.wait_exit() => bail!("the VMM exited before the agent answered ({exit})"),
@@ -287,9 +297,36 @@ fn persist_state(dir: &Path, pids: &[u32]) -> anyhow::Result<()> {
     };
     let path = dir.join("state.json");
     let tmp = dir.join("state.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&state)?)
+    let bytes = serde_json::to_vec(&state)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut file| file.write_all(&bytes))
         .and_then(|()| std::fs::rename(&tmp, &path))
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Makes the sockets the VMM and its helpers bound directly in `dir`
+/// owner-only (0600), as the shim's own files are. They bind with the
+/// shim's umask (077), so they are at most 0700 already, and `dir` is 0700;
+/// this makes their mode say so on its own. Only `dir`'s own entries:
+/// `shared/` and `private/` are the guest's view and are never walked.
+fn restrict_sockets(dir: &Path) -> anyhow::Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        // file_type() does not follow links: a symlink is left alone.
+        if entry.file_type().is_ok_and(|t| t.is_socket()) {
+            let path = entry.path();
+            std::fs::set_permissions(&path, Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot make {} owner-only", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// After a shim crash: SIGKILLs the processes recorded in
@@ -450,6 +487,38 @@ mod tests {
         assert!(!dir.exists());
         bystander.kill().unwrap();
         bystander.wait().unwrap();
+    }
+
+    #[test]
+    fn sockets_in_the_vm_dir_become_owner_only_and_links_are_not_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let _ours = std::os::unix::net::UnixListener::bind(root.path().join("a.sock")).unwrap();
+        let _theirs =
+            std::os::unix::net::UnixListener::bind(outside.path().join("b.sock")).unwrap();
+        for dir in [root.path(), outside.path()] {
+            let sock = std::fs::read_dir(dir)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path();
+            std::fs::set_permissions(&sock, Permissions::from_mode(0o777)).unwrap();
+        }
+        std::os::unix::fs::symlink(outside.path().join("b.sock"), root.path().join("link"))
+            .unwrap();
+        restrict_sockets(root.path()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&root.path().join("a.sock")), 0o600);
+        assert_eq!(mode(&outside.path().join("b.sock")), 0o777);
+    }
+
+    #[test]
+    fn state_json_is_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        persist_state(dir.path(), &[std::process::id()]).unwrap();
+        let meta = std::fs::metadata(dir.path().join("state.json")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o077, 0);
     }
 
     #[test]
