@@ -43,6 +43,8 @@ pub struct VmOptions {
     pub max: Option<VmSize>,
     pub extra_kernel_params: Vec<String>,
     pub debug: bool,
+    /// Cap of the guest console log (`console.log` and `console.log.1`).
+    pub console_log_max_bytes: u64,
     pub vmm_start_timeout: Duration,
     pub agent_timeout: Duration,
     pub stop_timeout: Duration,
@@ -211,12 +213,13 @@ async fn start_in(
         max: opts.max,
         kernel: opts.kernel.clone(),
         initramfs: opts.initramfs.clone(),
-        cmdline: kernel_cmdline(opts, &random_seed()?),
+        cmdline: kernel_cmdline(opts),
         shared_fs: Some(SharedFs {
             socket: fs.socket().to_path_buf(),
             tag: SHARED_FS_TAG.to_string(),
         }),
         console_log: dir.join("console.log"),
+        console_log_max_bytes: opts.console_log_max_bytes,
         start_timeout: opts.vmm_start_timeout,
     };
     let spawned = Instant::now();
@@ -236,28 +239,55 @@ async fn start_in(
         agent = AgentClient::connect(&uds, opts.agent_timeout) => agent.context("the guest agent did not answer")?,
         exit = hypervisor.wait_exit() => bail!("the VMM exited before the agent answered ({exit})"),
     };
+    seed_guest_rng(&agent).await?;
     Ok((agent, spawned.elapsed()))
 }
 
+/// Sends the guest a fresh RNG seed over the agent connection and checks
+/// that its CRNG is initialised, before any container can start. Not on
+/// the kernel command line: the guest's /proc/cmdline is readable by every
+/// container, and the host's by every process (QEMU's argv).
+async fn seed_guest_rng(agent: &AgentClient) -> anyhow::Result<()> {
+    let seed = random_seed()?;
+    let reply = agent
+        .seed_random(&seed)
+        .await
+        .context("the guest agent refused the RNG seed")?;
+    if !reply.crng_ready {
+        bail!(
+            "the guest's RNG is not initialised after crediting {} bytes of host entropy (entropy_avail {}); its kernel must support RNDADDENTROPY",
+            reply.credited_bytes,
+            reply.entropy_avail
+        );
+    }
+    tracing::debug!(
+        credited = reply.credited_bytes,
+        entropy_avail = reply.entropy_avail,
+        "guest RNG seeded"
+    );
+    Ok(())
+}
+
 /// The kernel command line: serial console, reboot on panic (the VMM then
-/// exits and the shim notices), a fresh seed for the guest's RNG, then the
-/// configured extra parameters.
-fn kernel_cmdline(opts: &VmOptions, seed: &str) -> String {
+/// exits and the shim notices), then the configured extra parameters.
+/// Nothing secret: the guest's containers read it in /proc/cmdline, and it
+/// is in QEMU's argv on the host. The RNG seed goes over vsock instead
+/// ([`seed_guest_rng`]).
+fn kernel_cmdline(opts: &VmOptions) -> String {
     let mut params = vec!["console=ttyS0".to_string(), "panic=-1".to_string()];
     params.push(if opts.debug { "clh.debug" } else { "quiet" }.to_string());
-    params.push(format!("clh.seed={seed}"));
     params.extend(opts.extra_kernel_params.iter().cloned());
     params.join(" ")
 }
 
-/// 32 random bytes, hex-encoded. Read from /dev/urandom, which is the
-/// getrandom(2) pool without a new dependency.
-fn random_seed() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 32];
+/// 64 random bytes (512 bits, twice the kernel pool's 256), read from
+/// /dev/urandom, which is the getrandom(2) pool without a new dependency.
+fn random_seed() -> anyhow::Result<[u8; 64]> {
+    let mut bytes = [0u8; 64];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("cannot read /dev/urandom for the guest RNG seed")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(bytes)
 }
 
 /// Refuses ids that could escape `root` or make unwieldy paths.
@@ -382,7 +412,7 @@ pub fn cleanup_container_leftovers(root: &Path, sandbox_id: &str, id: &str) -> a
 fn failure_report(dir: &Path, backend: Backend) -> String {
     let vmm_log = match backend {
         Backend::Qemu => clh_hypervisor::qemu::Qemu::log_path(dir),
-        Backend::CloudHypervisor => dir.join("cloud-hypervisor.log"),
+        Backend::CloudHypervisor => clh_hypervisor::ch::CloudHypervisor::log_path(dir),
     };
     let mut report = String::new();
     for (what, path) in [
@@ -522,7 +552,7 @@ mod tests {
     }
 
     #[test]
-    fn the_command_line_carries_a_fresh_seed_and_extras() {
+    fn the_command_line_carries_no_seed_only_the_extras() {
         let opts = VmOptions {
             backend: Backend::Qemu,
             binaries: Binaries {
@@ -538,16 +568,12 @@ mod tests {
             max: None,
             extra_kernel_params: vec!["foo=1".into()],
             debug: false,
+            console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
             vmm_start_timeout: Duration::from_secs(1),
             agent_timeout: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(1),
         };
-        let seed = random_seed().unwrap();
-        assert_eq!(seed.len(), 64);
-        assert_ne!(seed, random_seed().unwrap());
-        assert_eq!(
-            kernel_cmdline(&opts, &seed),
-            format!("console=ttyS0 panic=-1 quiet clh.seed={seed} foo=1")
-        );
+        assert_ne!(random_seed().unwrap(), random_seed().unwrap());
+        assert_eq!(kernel_cmdline(&opts), "console=ttyS0 panic=-1 quiet foo=1");
     }
 }
