@@ -71,6 +71,9 @@ pub struct GuestConfig {
     pub kernel_params: Vec<String>,
     /// Verbose guest kernel and agent logs on the console log.
     pub debug_console: bool,
+    /// Cap of a VM's console log on the host (`console.log` plus the
+    /// rotated `console.log.1`), in KiB: the guest decides what it prints.
+    pub console_log_max_kib: u32,
 }
 
 /// Where `make install` puts the guest image.
@@ -90,6 +93,7 @@ impl Default for GuestConfig {
             max_memory_mib: 8192,
             kernel_params: Vec::new(),
             debug_console: false,
+            console_log_max_kib: 4096,
         }
     }
 }
@@ -134,7 +138,14 @@ impl Default for RuntimeConfig {
 /// The guest's vCPU and memory keys: each in range, and the defaults and
 /// overheads within the maxima.
 fn validate_sizes(g: &GuestConfig) -> Result<(), (&'static str, String)> {
-    let rows: [(&'static str, u32, u32, u32, &str); 6] = [
+    let rows: [(&'static str, u32, u32, u32, &str); 7] = [
+        (
+            "guest.console_log_max_kib",
+            g.console_log_max_kib,
+            16,
+            MAX_CONSOLE_LOG_KIB,
+            " (KiB)",
+        ),
         ("guest.max_vcpus", g.max_vcpus, 1, MAX_VCPUS, ""),
         (
             "guest.max_memory_mib",
@@ -180,6 +191,8 @@ fn validate_sizes(g: &GuestConfig) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
+/// 1 GiB: a console log beyond that is a disk filler, not a log.
+const MAX_CONSOLE_LOG_KIB: u32 = 1 << 20;
 /// Cloud Hypervisor's limit on vCPUs (and far above any pod).
 const MAX_VCPUS: u32 = 255;
 /// 1 TiB.

@@ -1,11 +1,11 @@
 //! The PID 1 duties done once at boot, before serving: mounts, config,
-//! logging, hostname, RNG seed, kernel modules. Each step names what it was
+//! logging, hostname, kernel modules. Each step names what it was
 //! doing when it fails; the caller turns any failure into a power-off.
 
 use crate::config::Config;
 use crate::modules::{self, Loaded};
 use crate::mounts::{self, Outcome, SysMounter};
-use crate::{logging, rng, sysinfo};
+use crate::{logging, sysinfo};
 use anyhow::Context;
 use tracing::{debug, info, warn};
 
@@ -37,15 +37,9 @@ pub fn init() -> anyhow::Result<Config> {
         .with_context(|| format!("setting hostname to {:?}", config.hostname))?;
     debug!("hostname {}", config.hostname);
 
-    // A missing seed is survivable (the kernel's jitter entropy will get
-    // there, slowly), but a seed we were given and failed to use is a bug.
-    match &config.seed {
-        Some(seed) => {
-            let n = rng::credit_seed(seed).context("seeding the RNG")?;
-            debug!("credited {n} bytes of host entropy");
-        }
-        None => warn!("no clh.seed on the kernel command line; RNG not seeded by the host"),
-    }
+    // The host's RNG seed arrives over vsock (SeedRandom), before the
+    // first container: never on the command line, which every container
+    // can read in /proc/cmdline.
 
     let release = sysinfo::kernel_release()?;
     let loaded = modules::load_all(&release, &config.params).context("loading kernel modules")?;

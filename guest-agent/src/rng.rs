@@ -1,16 +1,18 @@
 //! Seeding the guest RNG with entropy from the host.
 //!
 //! A fresh VM has almost no entropy sources, and getrandom(2) blocks until
-//! the pool is initialised. The host passes a random seed on the kernel
-//! command line (`clh.seed=<hex>`); RNDADDENTROPY both mixes it in and
-//! credits it, which plain writes to /dev/urandom would not.
+//! the pool is initialised. The host sends a random seed over vsock
+//! (SeedRandom) right after connecting, before any container exists; not on
+//! the kernel command line, which every container can read. RNDADDENTROPY
+//! both mixes it in and credits it, which plain writes to /dev/urandom
+//! would not.
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 
 /// Bytes we credit at most: the kernel's pool is 256 bits; more is harmless
 /// but pointless, and keeps a bogus huge value from allocating much.
-const MAX_SEED: usize = 512;
+pub const MAX_SEED: usize = 512;
 
 /// `_IOW('R', 0x03, int[2])` from include/uapi/linux/random.h.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
@@ -39,6 +41,25 @@ pub fn credit_seed(seed: &[u8]) -> Result<usize, RngError> {
         return Err(RngError::Ioctl(std::io::Error::last_os_error()));
     }
     Ok(seed.len())
+}
+
+/// Whether the kernel's CRNG is initialised: getrandom(2) with
+/// GRND_NONBLOCK fails with EAGAIN until then.
+pub fn crng_ready() -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: the kernel writes at most one byte into `byte`, which lives
+    // across the call.
+    let n = unsafe { libc::getrandom(byte.as_mut_ptr().cast(), 1, libc::GRND_NONBLOCK) };
+    n == 1
+}
+
+/// The kernel's entropy estimate in bits (`entropy_avail`).
+pub fn entropy_avail() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/random/entropy_avail")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Lays out `struct rand_pool_info { int entropy_count; int buf_size;

@@ -9,9 +9,10 @@ use async_trait::async_trait;
 use clh_agent_protocol::{
     CheckRequest, CheckResponse, ContainerRequest, ContainerStatsResponse, CreateContainerRequest,
     CreateContainerResponse, Empty, ExecProcessRequest, ListPidsResponse, OnlineResourcesResponse,
-    OomEvent, ProcessRequest, ResizeTtyRequest, SignalProcessRequest, StartProcessResponse,
-    SyncVolumeRequest, SyncVolumeResponse, UpdateContainerRequest, VersionRequest, VersionResponse,
-    VolumeRequest, WaitProcessResponse, PROTOCOL_VERSION,
+    OomEvent, ProcessRequest, ResizeTtyRequest, SeedRandomRequest, SeedRandomResponse,
+    SignalProcessRequest, StartProcessResponse, SyncVolumeRequest, SyncVolumeResponse,
+    UpdateContainerRequest, VersionRequest, VersionResponse, VolumeRequest, WaitProcessResponse,
+    PROTOCOL_VERSION,
 };
 use tracing::{debug, info, warn};
 use ttrpc::r#async::TtrpcContext;
@@ -83,6 +84,37 @@ impl clh_agent_protocol::Agent for AgentService {
             let msg = crate::error_chain(&e);
             warn!("check failed: {msg}");
             Error::RpcStatus(ttrpc::get_status(Code::INTERNAL, msg))
+        })
+    }
+
+    async fn seed_random(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SeedRandomRequest,
+    ) -> ttrpc::Result<SeedRandomResponse> {
+        if req.seed.is_empty() || req.seed.len() > crate::rng::MAX_SEED {
+            return Err(Error::RpcStatus(ttrpc::get_status(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "SeedRandom: a seed is 1 to {} bytes, not {}",
+                    crate::rng::MAX_SEED,
+                    req.seed.len()
+                ),
+            )));
+        }
+        let credited = crate::rng::credit_seed(&req.seed)
+            .map_err(|e| internal_status("SeedRandom", crate::error_chain(&e)))?;
+        let crng_ready = crate::rng::crng_ready();
+        let entropy_avail = crate::rng::entropy_avail().unwrap_or(0);
+        info!(
+            credited,
+            crng_ready, entropy_avail, "host entropy credited to the RNG"
+        );
+        Ok(SeedRandomResponse {
+            credited_bytes: u32::try_from(credited).unwrap_or(u32::MAX),
+            crng_ready,
+            entropy_avail,
+            ..Default::default()
         })
     }
 

@@ -8,6 +8,7 @@
 //! the daemon serves the Task service under both names. `delete` and
 //! `-info` stay with the crate's bootstrap.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,10 @@ const SANDBOX_SHIM_TIMEOUT: Duration = Duration::from_secs(5);
 /// per pod); a sandbox or a standalone container gets a new daemon, printed
 /// once it serves. containerd runs `start` in the container's bundle.
 pub async fn start(flags: &Flags) -> anyhow::Result<()> {
+    // Before anything is created: a broken configuration fails the
+    // container's creation with the file and key named (containerd shows
+    // our stderr), instead of running it on defaults.
+    crate::shim::load_config()?;
     // An unreadable or odd spec is Create's to report, with its reason.
     let role = Role::of_bundle(Path::new(".")).unwrap_or(Role::Standalone);
     let address = match role {
@@ -113,13 +118,15 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
         bail!("-socket is required");
     }
     init_logging(flags.debug);
+    // Checked again: the file may have changed since `start`.
+    let (_, service_config) = crate::shim::load_config()?;
     let mut config = Config::default();
     let mut shim = ClhShim::new(runtime_id, flags, &mut config).await;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
     let publisher = RemotePublisher::new(&ttrpc_address)
         .await
         .context("cannot connect to containerd's event service")?;
-    let task: Arc<dyn Task + Send + Sync> = Arc::new(shim.create_task_service(publisher).await);
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(shim.task_service(publisher, service_config));
     let mut services = create_task(task.clone());
     if let Some(v3) = create_task(task).remove(TASK_V3) {
         services.insert(TASK_V2.to_string(), v3);
@@ -133,6 +140,10 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
         .bind(&flags.socket)
         .with_context(|| format!("cannot listen on {}", flags.socket))?
         .register_service(services);
+    // Bound under our umask (077); made exactly 0600 like containerd's own
+    // shim sockets. The shim API is root's only (CVE-2020-15257).
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {path} owner-only"))?;
     server
         .start()
         .await

@@ -17,6 +17,11 @@ Any other arguments are containerd's (shim v2 protocol: start, delete, serve).";
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Everything this binary and its children (VMM, virtiofsd,
+    // vhost-device-vsock) create is owner-only, whatever umask containerd
+    // runs with: state directories 0700, logs, state.json and sockets
+    // 0600 (sockets are chmod'ed to exactly that where they are bound).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("check") => check(&args[1..]).await,

@@ -33,6 +33,7 @@ impl VmOptions {
                 .then(|| SizingPolicy::from_config(g, host_cpus()).max),
             extra_kernel_params: g.kernel_params.clone(),
             debug: g.debug_console,
+            console_log_max_bytes: u64::from(g.console_log_max_kib) << 10,
             vmm_start_timeout: Duration::from_millis(t.vmm_start_ms),
             agent_timeout: Duration::from_millis(t.agent_connect_ms),
             stop_timeout: Duration::from_millis(t.stop_ms),

@@ -18,6 +18,7 @@
 //! (submounts.rs), where neither the guest nor any other mount namespace
 //! sees it.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -44,7 +45,10 @@ pub fn staging_dir(vm_dir: &Path) -> PathBuf {
 pub fn make_export(vm_dir: &Path) -> anyhow::Result<()> {
     let (private, export, staging) = (private_dir(vm_dir), export_dir(vm_dir), staging_dir(vm_dir));
     for dir in [&private, &export, &staging] {
-        std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     if !nix::unistd::geteuid().is_root() {
         tracing::debug!("not root: the shared directory is not a mount point");

@@ -2,7 +2,6 @@
 //! `delete` cleans up after a crashed one, the daemon serves the Task
 //! service.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
@@ -29,10 +28,22 @@ pub struct ClhShim {
 }
 
 /// The configuration ($CLH_SHIM_CONFIG or the default path), as the
-/// service needs it.
-fn load_config() -> Result<(clh_config::Config, ServiceConfig), ShimError> {
-    let (config, _) = clh_config::Config::load_default()
-        .map_err(|e| ShimError::InvalidArgument(format!("configuration: {e:#}")))?;
+/// service needs it. A file that cannot be read or is invalid is an error
+/// naming the file and the key: the shim refuses to run rather than fall
+/// back to defaults the operator did not choose.
+pub fn load_config() -> Result<(clh_config::Config, ServiceConfig), ShimError> {
+    service_config(clh_config::Config::load_default())
+}
+
+fn service_config(
+    loaded: Result<(clh_config::Config, clh_config::Source), clh_config::ConfigError>,
+) -> Result<(clh_config::Config, ServiceConfig), ShimError> {
+    let (config, _) = loaded.map_err(|e| {
+        ShimError::InvalidArgument(format!(
+            "refusing to run with a broken configuration: {e:#}; fix it (or point {} at a valid file) and retry",
+            clh_config::PATH_ENV
+        ))
+    })?;
     let kvm = host::KvmFlavour::detect();
     let (vm, reason) = VmOptions::from_config(&config, &kvm);
     tracing::info!(backend = ?vm.backend, reason, "VM backend");
@@ -115,27 +126,31 @@ impl Shim for ClhShim {
         }
     }
 
+    /// Not reached through our `main` (legacy::serve loads the
+    /// configuration before it binds and calls [`ClhShim::task_service`]);
+    /// kept for the bootstrap's own serve path, which has no way to fail
+    /// here, so a broken configuration ends the process instead of
+    /// serving on defaults.
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        let events = RemoteEventSender::new(publisher, &self.namespace);
-        let cfg = match load_config() {
-            Ok((_, cfg)) => cfg,
+        match load_config() {
+            Ok((_, cfg)) => self.task_service(publisher, cfg),
             Err(e) => {
-                tracing::error!(error = %e, "cannot load the configuration; every Create will fail");
-                ServiceConfig {
-                    state_dir: PathBuf::from("/run/clh-shim"),
-                    vm: VmOptions::from_config(
-                        &clh_config::Config::default(),
-                        &host::KvmFlavour::detect(),
-                    )
-                    .0,
-                    cgroup: CgroupVersion::of_host(),
-                    sizing: SizingPolicy::from_config(
-                        &clh_config::Config::default().guest,
-                        sizing::host_cpus(),
-                    ),
-                }
+                tracing::error!(error = %e, "not serving");
+                eprintln!("{e}");
+                std::process::exit(1);
             }
-        };
+        }
+    }
+}
+
+impl ClhShim {
+    /// The Task service on `cfg`, with events published through `publisher`.
+    pub fn task_service(
+        &self,
+        publisher: RemotePublisher,
+        cfg: ServiceConfig,
+    ) -> TaskAdapter<RemoteEventSender> {
+        let events = RemoteEventSender::new(publisher, &self.namespace);
         let svc = Arc::new(TaskService::new(cfg, events, self.exit.clone()));
         let _ = self.service.set(svc.clone());
         TaskAdapter::new(svc)
@@ -150,5 +165,23 @@ fn now() -> containerd_shim_protos::protobuf::well_known_types::timestamp::Times
         seconds: i64::try_from(d.as_secs()).unwrap_or_default(),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or_default(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_configuration_is_an_error_naming_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clh-shim.toml");
+        std::fs::write(&path, "[guest]\nvcpus = 0\n").unwrap();
+        let loaded =
+            clh_config::Config::load(&path).map(|c| (c, clh_config::Source::File(path.clone())));
+        let err = service_config(loaded).err().unwrap().to_string();
+        assert!(err.contains("guest.vcpus"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("refusing to run"), "{err}");
     }
 }

@@ -9,7 +9,9 @@
 //! can finish the job after a shim crash). It is removed without ever
 //! crossing a mount (remove_tree.rs).
 
-use std::io::Read;
+use std::fs::Permissions;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -42,6 +44,8 @@ pub struct VmOptions {
     pub max: Option<VmSize>,
     pub extra_kernel_params: Vec<String>,
     pub debug: bool,
+    /// Cap of the guest console log (`console.log` and `console.log.1`).
+    pub console_log_max_bytes: u64,
     pub vmm_start_timeout: Duration,
     pub agent_timeout: Duration,
     pub stop_timeout: Duration,
@@ -79,11 +83,18 @@ impl PodVm {
         validate_id(id)?;
         let dir = root.join(id);
         check_socket_path_room(&dir)?;
-        std::fs::create_dir_all(root)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
             .with_context(|| format!("cannot create the VM state root {}", root.display()))?;
-        // create_dir (not _all): an existing directory means another VM or
-        // a leftover, and must not be reused.
-        std::fs::create_dir(&dir)
+        // Not recursive: an existing directory means another VM or a
+        // leftover, and must not be reused. Owner-only whatever the umask:
+        // it holds the VMM's API and vsock sockets.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, Permissions::from_mode(0o700)))
             .with_context(|| format!("cannot create the VM directory {}", dir.display()))?;
         let mut parts = Parts::default();
         match start_in(id, &dir, opts, &mut parts).await {
@@ -201,12 +212,13 @@ async fn start_in(
         max: opts.max,
         kernel: opts.kernel.clone(),
         initramfs: opts.initramfs.clone(),
-        cmdline: kernel_cmdline(opts, &random_seed()?),
+        cmdline: kernel_cmdline(opts),
         shared_fs: Some(SharedFs {
             socket: fs.socket().to_path_buf(),
             tag: SHARED_FS_TAG.to_string(),
         }),
         console_log: dir.join("console.log"),
+        console_log_max_bytes: opts.console_log_max_bytes,
         start_timeout: opts.vmm_start_timeout,
     };
     let spawned = Instant::now();
@@ -221,32 +233,60 @@ async fn start_in(
     pids.push(fs.pid());
     persist_state(dir, &pids)?;
     let uds = hypervisor.vsock_socket();
+    restrict_sockets(dir)?;
     let agent = tokio::select! {
         agent = AgentClient::connect(&uds, opts.agent_timeout) => agent.context("the guest agent did not answer")?,
         exit = hypervisor.wait_exit() => bail!("the VMM exited before the agent answered ({exit})"),
     };
+    seed_guest_rng(&agent).await?;
     Ok((agent, spawned.elapsed()))
 }
 
+/// Sends the guest a fresh RNG seed over the agent connection and checks
+/// that its CRNG is initialised, before any container can start. Not on
+/// the kernel command line: the guest's /proc/cmdline is readable by every
+/// container, and the host's by every process (QEMU's argv).
+async fn seed_guest_rng(agent: &AgentClient) -> anyhow::Result<()> {
+    let seed = random_seed()?;
+    let reply = agent
+        .seed_random(&seed)
+        .await
+        .context("the guest agent refused the RNG seed")?;
+    if !reply.crng_ready {
+        bail!(
+            "the guest's RNG is not initialised after crediting {} bytes of host entropy (entropy_avail {}); its kernel must support RNDADDENTROPY",
+            reply.credited_bytes,
+            reply.entropy_avail
+        );
+    }
+    tracing::debug!(
+        credited = reply.credited_bytes,
+        entropy_avail = reply.entropy_avail,
+        "guest RNG seeded"
+    );
+    Ok(())
+}
+
 /// The kernel command line: serial console, reboot on panic (the VMM then
-/// exits and the shim notices), a fresh seed for the guest's RNG, then the
-/// configured extra parameters.
-fn kernel_cmdline(opts: &VmOptions, seed: &str) -> String {
+/// exits and the shim notices), then the configured extra parameters.
+/// Nothing secret: the guest's containers read it in /proc/cmdline, and it
+/// is in QEMU's argv on the host. The RNG seed goes over vsock instead
+/// ([`seed_guest_rng`]).
+fn kernel_cmdline(opts: &VmOptions) -> String {
     let mut params = vec!["console=ttyS0".to_string(), "panic=-1".to_string()];
     params.push(if opts.debug { "clh.debug" } else { "quiet" }.to_string());
-    params.push(format!("clh.seed={seed}"));
     params.extend(opts.extra_kernel_params.iter().cloned());
     params.join(" ")
 }
 
-/// 32 random bytes, hex-encoded. Read from /dev/urandom, which is the
-/// getrandom(2) pool without a new dependency.
-fn random_seed() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 32];
+/// 64 random bytes (512 bits, twice the kernel pool's 256), read from
+/// /dev/urandom, which is the getrandom(2) pool without a new dependency.
+fn random_seed() -> anyhow::Result<[u8; 64]> {
+    let mut bytes = [0u8; 64];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("cannot read /dev/urandom for the guest RNG seed")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(bytes)
 }
 
 /// Refuses ids that could escape `root` or make unwieldy paths.
@@ -286,9 +326,36 @@ fn persist_state(dir: &Path, pids: &[u32]) -> anyhow::Result<()> {
     };
     let path = dir.join("state.json");
     let tmp = dir.join("state.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&state)?)
+    let bytes = serde_json::to_vec(&state)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut file| file.write_all(&bytes))
         .and_then(|()| std::fs::rename(&tmp, &path))
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Makes the sockets the VMM and its helpers bound directly in `dir`
+/// owner-only (0600), as the shim's own files are. They bind with the
+/// shim's umask (077), so they are at most 0700 already, and `dir` is 0700;
+/// this makes their mode say so on its own. Only `dir`'s own entries:
+/// `shared/` and `private/` are the guest's view and are never walked.
+fn restrict_sockets(dir: &Path) -> anyhow::Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        // file_type() does not follow links: a symlink is left alone.
+        if entry.file_type().is_ok_and(|t| t.is_socket()) {
+            let path = entry.path();
+            std::fs::set_permissions(&path, Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot make {} owner-only", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// After a shim crash: SIGKILLs the processes recorded in
@@ -343,7 +410,7 @@ pub fn cleanup_container_leftovers(root: &Path, sandbox_id: &str, id: &str) -> a
 fn failure_report(dir: &Path, backend: Backend) -> String {
     let vmm_log = match backend {
         Backend::Qemu => clh_hypervisor::qemu::Qemu::log_path(dir),
-        Backend::CloudHypervisor => dir.join("cloud-hypervisor.log"),
+        Backend::CloudHypervisor => clh_hypervisor::ch::CloudHypervisor::log_path(dir),
     };
     let mut report = String::new();
     for (what, path) in [
@@ -512,7 +579,39 @@ mod tests {
     }
 
     #[test]
-    fn the_command_line_carries_a_fresh_seed_and_extras() {
+    fn sockets_in_the_vm_dir_become_owner_only_and_links_are_not_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let _ours = std::os::unix::net::UnixListener::bind(root.path().join("a.sock")).unwrap();
+        let _theirs =
+            std::os::unix::net::UnixListener::bind(outside.path().join("b.sock")).unwrap();
+        for dir in [root.path(), outside.path()] {
+            let sock = std::fs::read_dir(dir)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path();
+            std::fs::set_permissions(&sock, Permissions::from_mode(0o777)).unwrap();
+        }
+        std::os::unix::fs::symlink(outside.path().join("b.sock"), root.path().join("link"))
+            .unwrap();
+        restrict_sockets(root.path()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&root.path().join("a.sock")), 0o600);
+        assert_eq!(mode(&outside.path().join("b.sock")), 0o777);
+    }
+
+    #[test]
+    fn state_json_is_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        persist_state(dir.path(), &[std::process::id()]).unwrap();
+        let meta = std::fs::metadata(dir.path().join("state.json")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o077, 0);
+    }
+
+    #[test]
+    fn the_command_line_carries_no_seed_only_the_extras() {
         let opts = VmOptions {
             backend: Backend::Qemu,
             binaries: Binaries {
@@ -528,16 +627,12 @@ mod tests {
             max: None,
             extra_kernel_params: vec!["foo=1".into()],
             debug: false,
+            console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
             vmm_start_timeout: Duration::from_secs(1),
             agent_timeout: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(1),
         };
-        let seed = random_seed().unwrap();
-        assert_eq!(seed.len(), 64);
-        assert_ne!(seed, random_seed().unwrap());
-        assert_eq!(
-            kernel_cmdline(&opts, &seed),
-            format!("console=ttyS0 panic=-1 quiet clh.seed={seed} foo=1")
-        );
+        assert_ne!(random_seed().unwrap(), random_seed().unwrap());
+        assert_eq!(kernel_cmdline(&opts), "console=ttyS0 panic=-1 quiet foo=1");
     }
 }

@@ -85,6 +85,7 @@ async fn bare_kernel_boot(
         cmdline: "console=ttyS0 panic=-1 quiet".into(),
         shared_fs: None,
         console_log: console.clone(),
+        console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
         start_timeout: opts.vmm_start_timeout,
     };
     let mut vm = Qemu::new(

@@ -105,6 +105,7 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
         memory_mib: 256,
         extra_kernel_params: Vec::new(),
         debug: false,
+        console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
         vmm_start_timeout: Duration::from_secs(20),
         agent_timeout: Duration::from_secs(90),
         stop_timeout: Duration::from_secs(5),

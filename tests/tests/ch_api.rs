@@ -116,6 +116,7 @@ fn vm_spec(dir: &Path, kernel: PathBuf, shared_fs: Option<SharedFs>) -> VmSpec {
         cmdline: "console=ttyS0".into(),
         shared_fs,
         console_log: dir.join("console.log"),
+        console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
         start_timeout: START_TIMEOUT,
     }
 }

@@ -26,7 +26,10 @@ pub mod agent_ttrpc {
 /// 2 needs them for nearly every pod (the service-account token is a
 /// projected volume), so an older agent is refused at connect with a clear
 /// message rather than failing each pod at its first volume.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: SeedRandom; the RNG seed left the kernel command line, so an agent
+/// of version 2 would run unseeded by the host.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The AF_VSOCK port the agent serves ttrpc on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

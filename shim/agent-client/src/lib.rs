@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use clh_agent_protocol::{
-    CheckRequest, CheckResponse, VersionRequest, VersionResponse, AGENT_VSOCK_PORT,
-    PROTOCOL_VERSION,
+    CheckRequest, CheckResponse, SeedRandomRequest, SeedRandomResponse, VersionRequest,
+    VersionResponse, AGENT_VSOCK_PORT, PROTOCOL_VERSION,
 };
 use tokio::time::Instant;
 use ttrpc::r#async::transport::Socket;
@@ -201,6 +201,22 @@ impl AgentClient {
             .await
             .map_err(|source| Error::Rpc {
                 method: "Version",
+                source,
+            })
+    }
+
+    /// Credits `seed` to the guest's RNG; the reply says whether the
+    /// guest's CRNG is initialised now.
+    pub async fn seed_random(&self, seed: &[u8]) -> Result<SeedRandomResponse> {
+        let req = SeedRandomRequest {
+            seed: seed.to_vec(),
+            ..Default::default()
+        };
+        self.inner
+            .seed_random(self.ctx(), &req)
+            .await
+            .map_err(|source| Error::Rpc {
+                method: "SeedRandom",
                 source,
             })
     }

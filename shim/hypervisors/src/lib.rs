@@ -12,6 +12,7 @@
 //! a `stop` that leaves no process or socket behind.
 
 pub mod ch;
+pub mod console_log;
 mod error;
 pub mod process;
 pub mod qemu;
@@ -46,8 +47,12 @@ pub struct VmSpec {
     pub cmdline: String,
     /// The virtio-fs device to attach at boot, if any.
     pub shared_fs: Option<SharedFs>,
-    /// Where the guest console goes (a file inside `dir`).
+    /// Where the guest console goes (a file inside `dir`). The VMM writes
+    /// into a FIFO and the backend copies it here, rotating to `<file>.1`
+    /// (see [`console_log`]).
     pub console_log: PathBuf,
+    /// Cap of the console log and its rotated file together, in bytes.
+    pub console_log_max_bytes: u64,
     /// Deadline for the VMM to come up and accept the VM configuration.
     pub start_timeout: Duration,
 }

@@ -8,6 +8,7 @@
 //! `ManagedProcess` is dropped.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -42,6 +43,7 @@ impl ManagedProcess {
         let out = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(log)
             .map_err(io_err)?;
         let err = out.try_clone().map_err(io_err)?;

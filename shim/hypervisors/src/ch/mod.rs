@@ -4,7 +4,9 @@
 //! Files in the VM's state directory:
 //! - `ch-api.sock`: the API socket;
 //! - `vsock.sock`: the hybrid-vsock socket (guest cid 3);
-//! - `vmm.log`: CH's stdout and stderr.
+//! - `vmm.log`: CH's stdout and stderr;
+//! - `console.pipe`: the FIFO CH writes the serial console into, copied
+//!   into the bounded `console.log` ([`crate::console_log`]).
 
 pub mod api;
 pub mod client;
@@ -26,6 +28,7 @@ use tokio::time::Instant;
 use self::api::VmmPingResponse;
 use self::api::{DiskConfig, FsConfig, NetConfig, PciDeviceInfo, VmCounters, VmInfo};
 use self::client::ApiClient;
+use crate::console_log::ConsoleLog;
 use crate::process::ManagedProcess;
 use crate::{Error, Hypervisor, Result, VmSize, VmSpec};
 
@@ -57,6 +60,8 @@ pub struct CloudHypervisor {
 /// A started CH process and what it created.
 struct Vmm {
     process: ManagedProcess,
+    /// Copies the guest console into its bounded log; dropped with the VMM.
+    console: ConsoleLog,
     client: ApiClient,
     vsock_socket: PathBuf,
     ping: VmmPingResponse,
@@ -70,6 +75,11 @@ struct Vmm {
 impl CloudHypervisor {
     pub fn new(binary: PathBuf) -> Self {
         Self { binary, vmm: None }
+    }
+
+    /// The CH log of the VM in `dir`, for error reports.
+    pub fn log_path(dir: &Path) -> PathBuf {
+        dir.join(VMM_LOG)
     }
 
     /// `vmm.ping` of the running VMM.
@@ -125,6 +135,8 @@ impl CloudHypervisor {
         remove_socket(&api_socket)?;
         remove_socket(&vsock_socket)?;
 
+        // Before CH, which opens its FIFO at vm.create.
+        let console = ConsoleLog::start(&spec.dir, &spec.console_log, spec.console_log_max_bytes)?;
         let mut cmd = Command::new(&self.binary);
         // -v: info level, so the log records each API request and CH's own
         // explanation of any failure.
@@ -142,6 +154,7 @@ impl CloudHypervisor {
         };
         let vmm = self.vmm.insert(Vmm {
             process,
+            console,
             client: ApiClient::new(&api_socket, API_TIMEOUT),
             vsock_socket: vsock_socket.clone(),
             ping: VmmPingResponse {
@@ -240,6 +253,7 @@ impl Hypervisor for CloudHypervisor {
             vmm.process.terminate(remaining(deadline)).await?;
         }
         remove_socket(vmm.client.socket())?;
+        remove_socket(vmm.console.pipe())?;
         remove_socket(&vmm.vsock_socket)
     }
 }

@@ -122,6 +122,7 @@ fn spec(dir: &Path) -> VmSpec {
             tag: "clh-shared".into(),
         }),
         console_log: dir.join("console.log"),
+        console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
         start_timeout: Duration::from_secs(5),
     }
 }
@@ -236,7 +237,7 @@ fn vm_create_body_golden() {
             "num_queues": 1,
             "queue_size": 1024
         }],
-        "serial": {"mode": "File", "file": "/run/clh/pod1/console.log"},
+        "serial": {"mode": "File", "file": "/run/clh/pod1/console.pipe"},
         "console": {"mode": "Off"},
         "vsock": {"cid": 3, "socket": "/run/clh/pod1/vsock.sock"}
     });

@@ -52,7 +52,10 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
         }),
         // The guest kernel logs to ttyS0 (the serial port); the virtio
         // console would default to CH's own tty, which a shim does not have.
-        serial: Some(ConsoleConfig::file(&spec.console_log)),
+        // Into the FIFO whose reader caps the log (crate::console_log).
+        serial: Some(ConsoleConfig::file(crate::console_log::pipe_path(
+            &spec.dir,
+        ))),
         console: Some(ConsoleConfig::off()),
         ..VmConfig::default()
     }

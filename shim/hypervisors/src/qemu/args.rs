@@ -39,6 +39,8 @@ pub fn vhost_vsock_args(vhost_socket: &Path, uds: &Path) -> Vec<OsString> {
 ///   vhost-device-vsock) map guest memory.
 /// - `-no-reboot`: a guest reboot or panic (`panic=-1`) ends QEMU; an ACPI
 ///   power-off ends it too (and `console.rs` is a backstop for a halt).
+/// - The serial console goes into the FIFO of [`crate::console_log`], never
+///   straight into a file the guest could grow without bound.
 /// - No network, no display, no default devices, no user config files.
 pub fn qemu_args(
     spec: &VmSpec,
@@ -46,6 +48,7 @@ pub fn qemu_args(
     qmp_socket: &Path,
 ) -> Result<Vec<OsString>> {
     let cmdline = format!("{} {BACKEND_KERNEL_PARAMS}", spec.cmdline.trim());
+    let console_pipe = crate::console_log::pipe_path(&spec.dir);
     if cmdline.contains(['\n', '\0']) {
         return Err(Error::InvalidSpec(
             "the kernel command line contains a newline or NUL byte".into(),
@@ -54,7 +57,7 @@ pub fn qemu_args(
     let in_options = [
         Some(vhost_vsock_socket),
         Some(qmp_socket),
-        Some(spec.console_log.as_path()),
+        Some(console_pipe.as_path()),
         spec.shared_fs.as_ref().map(|fs| fs.socket.as_path()),
     ];
     if let Some(path) = in_options
@@ -130,16 +133,11 @@ pub fn qemu_args(
             &format!("vhost-user-fs-pci,chardev=virtiofs,tag={}", fs.tag),
         ]);
     }
-    push(&[
-        &"-serial",
-        &file_arg("file:", &spec.console_log),
-        &"-qmp",
-        &{
-            let mut s = file_arg("unix:", qmp_socket);
-            s.push(",server=on,wait=off");
-            s
-        },
-    ]);
+    push(&[&"-serial", &file_arg("file:", &console_pipe), &"-qmp", &{
+        let mut s = file_arg("unix:", qmp_socket);
+        s.push(",server=on,wait=off");
+        s
+    }]);
     Ok(args)
 }
 
@@ -188,6 +186,7 @@ mod tests {
                 tag: "clh-shared".into(),
             }),
             console_log: PathBuf::from("/run/x/pod1/console.log"),
+            console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(5),
         }
     }
@@ -214,7 +213,7 @@ mod tests {
              -kernel /k/vmlinuz -initrd /k/initramfs.cpio.gz -append console=ttyS0 quiet reboot=t \
              -chardev socket,id=vsock,path=/run/x/pod1/vv.sock -device vhost-user-vsock-pci,chardev=vsock \
              -chardev socket,id=virtiofs,path=/run/x/pod1/fs.sock -device vhost-user-fs-pci,chardev=virtiofs,tag=clh-shared \
-             -serial file:/run/x/pod1/console.log -qmp unix:/run/x/pod1/qmp.sock,server=on,wait=off"
+             -serial file:/run/x/pod1/console.pipe -qmp unix:/run/x/pod1/qmp.sock,server=on,wait=off"
         );
     }
 

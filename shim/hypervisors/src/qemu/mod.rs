@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use crate::console_log::ConsoleLog;
 use crate::process::ManagedProcess;
 use crate::virtiofsd::socket_is_listening;
 use crate::wait::wait_until;
@@ -44,6 +45,8 @@ pub struct Qemu {
 /// `wait_exit` can still say how QEMU ended.
 struct Running {
     qemu: Arc<ManagedProcess>,
+    /// Copies the guest console into its bounded log; dropped with the VM.
+    console: ConsoleLog,
     vhost_vsock: ManagedProcess,
     hybrid_vsock: PathBuf,
     sockets: Vec<PathBuf>,
@@ -134,6 +137,8 @@ impl Qemu {
                 )));
             }
         }
+        // Before QEMU, which opens its FIFO at start.
+        let console = ConsoleLog::start(&spec.dir, &spec.console_log, spec.console_log_max_bytes)?;
         let vhost_vsock =
             start_vhost_vsock(&self.vhost_device_vsock, spec, vhost, uds, left()).await?;
         let mut cmd = Command::new(&self.binary);
@@ -146,14 +151,15 @@ impl Qemu {
                 return Err(e);
             }
         };
+        console::spawn_power_off_watcher(console.powered_off(), Arc::downgrade(&qemu));
         // Registered before anything else can fail, so `stop` cleans up.
         self.running = Some(Running {
             qemu: qemu.clone(),
+            console,
             vhost_vsock,
             hybrid_vsock: uds.clone(),
             sockets: sockets.to_vec(),
         });
-        console::spawn_power_off_watcher(spec.console_log.clone(), Arc::downgrade(&qemu));
         qmp::wait_running(qmp_socket, &qemu, left()).await?;
         // vhost-device-vsock opens the hybrid-vsock socket once QEMU has set
         // the device up.
@@ -239,6 +245,7 @@ impl Hypervisor for Qemu {
         let qemu_result = running.qemu.terminate(timeout).await;
         let vsock_result = running.vhost_vsock.terminate(timeout).await;
         remove_files(&running.sockets);
+        remove_files(&[running.console.pipe().to_path_buf()]);
         qemu_result.and(vsock_result)
     }
 }
@@ -268,6 +275,7 @@ mod tests {
             cmdline: String::new(),
             shared_fs: None,
             console_log: dir.path().join("console.log"),
+            console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(5),
         };
         let mut qemu = Qemu::new("/nonexistent/qemu".into(), "/nonexistent/vv".into());
