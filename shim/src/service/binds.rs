@@ -10,10 +10,11 @@
 
 use std::path::{Path, PathBuf};
 
-use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR, GUEST_VOLUMES_DIR};
+use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR};
 use nix::mount::{umount2, MntFlags};
 
 use super::error::{Error, Result};
+use super::volume_sync;
 use crate::bind_mount::{self, BindOptions};
 use crate::shared_mount::private_dir;
 
@@ -36,14 +37,11 @@ const EMPTY_DIR_PLUGIN: &str = "kubernetes.io~empty-dir";
 /// makes it a tmpfs at `.../volumes/kubernetes.io~empty-dir/<name>`. In a
 /// VM it becomes guest memory instead (the pod's memory limit covers it
 /// there, as the kubelet's tmpfs is charged to the pod on a node).
-fn memory_volume(m: &serde_json::Value) -> Option<String> {
+/// `is_tmpfs` tells whether a host path is a tmpfs ([`host_is_tmpfs`]).
+fn memory_volume(m: &serde_json::Value, is_tmpfs: impl Fn(&Path) -> bool) -> Option<String> {
     let source = Path::new(m.get("source")?.as_str()?);
     let parent = source.parent()?;
-    if parent.file_name()? != EMPTY_DIR_PLUGIN {
-        return None;
-    }
-    let fs = nix::sys::statfs::statfs(source).ok()?;
-    if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+    if parent.file_name()? != EMPTY_DIR_PLUGIN || !is_tmpfs(source) {
         return None;
     }
     let name = source.file_name()?.to_str()?;
@@ -53,10 +51,54 @@ fn memory_volume(m: &serde_json::Value) -> Option<String> {
     (plain && !name.starts_with('.')).then(|| name.to_string())
 }
 
-/// A source already rewritten to a guest path (a synced volume's copy).
-fn is_guest_source(m: &serde_json::Value) -> bool {
+/// Whether the host path `path` is a tmpfs.
+pub(super) fn host_is_tmpfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// Where the source of mount `n` of container `cid` is in the guest.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum GuestSource {
+    /// Not a bind mount, or the guest copy of a synced volume: as it is.
+    Unchanged,
+    /// A memory `emptyDir`: `<EPHEMERAL_DIR>/<name>`, in guest RAM.
+    Memory(String),
+    /// A host path: bind-mounted into the shared directory, seen in the
+    /// guest at `<GUEST_SHARED_DIR>/<cid>/mounts/<n>`.
+    Shared,
+}
+
+/// What becomes of mount `n` of container `cid` (see [`GuestSource`]).
+/// Only the exact path [`volume_sync::guest_dir`] gives mount `n` counts
+/// as a synced volume's copy: any other source, even one under
+/// `GUEST_VOLUMES_DIR` (`/run/clh/volumes/../..` is the guest's root), is a
+/// host path like every other.
+pub(super) fn guest_source(
+    m: &serde_json::Value,
+    cid: &str,
+    n: usize,
+    is_tmpfs: impl Fn(&Path) -> bool,
+) -> GuestSource {
     let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
-    Path::new(source).starts_with(GUEST_VOLUMES_DIR)
+    if !is_bind(m) || source == volume_sync::guest_dir(cid, n) {
+        return GuestSource::Unchanged;
+    }
+    match memory_volume(m, is_tmpfs) {
+        Some(name) => GuestSource::Memory(name),
+        None => GuestSource::Shared,
+    }
+}
+
+impl GuestSource {
+    /// The new source of mount `n` of container `cid`; `None`: unchanged.
+    pub(super) fn path(&self, cid: &str, n: usize) -> Option<String> {
+        match self {
+            Self::Unchanged => None,
+            Self::Memory(name) => Some(format!("{EPHEMERAL_DIR}/{name}")),
+            Self::Shared => Some(format!("{GUEST_SHARED_DIR}/{cid}/mounts/{n}")),
+        }
+    }
 }
 
 fn has_option(m: &serde_json::Value, opt: &str) -> bool {
@@ -76,13 +118,14 @@ impl Binds {
         let host_dir = private_dir(vm_dir).join(cid).join("mounts");
         let mut made_dir = false;
         for (n, m) in mounts.iter_mut().enumerate() {
-            if !is_bind(m) || is_guest_source(m) {
+            let guest = guest_source(m, cid, n, host_is_tmpfs);
+            let Some(path) = guest.path(cid, n) else {
                 continue;
-            }
-            if let Some(name) = memory_volume(m) {
+            };
+            if let GuestSource::Memory(_) = guest {
                 // In guest RAM, shared by the pod's containers; nothing of
                 // it goes through the host.
-                m["source"] = serde_json::Value::String(format!("{EPHEMERAL_DIR}/{name}"));
+                m["source"] = serde_json::Value::String(path);
                 continue;
             }
             if !made_dir {
@@ -98,7 +141,7 @@ impl Binds {
                 }
                 return Err(e);
             }
-            m["source"] = serde_json::Value::String(format!("{GUEST_SHARED_DIR}/{cid}/mounts/{n}"));
+            m["source"] = serde_json::Value::String(path);
         }
         Ok(binds)
     }
@@ -257,6 +300,43 @@ mod tests {
         assert_eq!(spec["mounts"][0]["source"], "/run/clh/ephemeral/cache");
         assert_eq!(spec["mounts"][1]["source"], "/run/clh/shared/c1/mounts/1");
         binds.unmount().unwrap();
+    }
+
+    /// A bind source anywhere under /run/clh/volumes used to reach the
+    /// guest as it was, so `/run/clh/volumes/../..` bind-mounted the
+    /// guest's root (every pod container's rootfs and synced Secrets) into
+    /// the container (the `oci_spec_to_guest` fuzz target's invariant).
+    #[test]
+    fn only_a_synced_volumes_own_copy_is_a_guest_source() {
+        let bind = |source: &str| json!({"destination": "/x", "type": "bind", "source": source});
+        let no_tmpfs = |_: &Path| false;
+        assert_eq!(
+            guest_source(&bind("/run/clh/volumes/c1/2"), "c1", 2, no_tmpfs),
+            GuestSource::Unchanged
+        );
+        for hostile in [
+            "/run/clh/volumes/../..",
+            "/run/clh/volumes/c1/2/../../../etc",
+            "/run/clh/volumes/c2/2",
+            "/run/clh/volumes/c1/1",
+            "/run/clh/volumes",
+        ] {
+            assert_eq!(
+                guest_source(&bind(hostile), "c1", 2, no_tmpfs),
+                GuestSource::Shared,
+                "{hostile}"
+            );
+        }
+        let proc = json!({"destination": "/proc", "type": "proc", "source": "/run/clh/volumes/.."});
+        assert_eq!(
+            guest_source(&proc, "c1", 0, no_tmpfs),
+            GuestSource::Unchanged
+        );
+        let memory = bind("/pod/volumes/kubernetes.io~empty-dir/cache");
+        assert_eq!(
+            guest_source(&memory, "c1", 0, |_: &Path| true),
+            GuestSource::Memory("cache".into())
+        );
     }
 
     #[test]
