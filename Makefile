@@ -2,6 +2,7 @@
 #
 #   make demo    set everything up, ctr run a container in a microVM
 #   make test    set everything up and run every test
+#   make fuzz    run each fuzz target for FUZZ_SECONDS (30) seconds
 #   make bench   boot, ctr, CRI (start latency, memory) and shared-fs benchmarks, beside their baselines
 
 SHELL := /bin/bash
@@ -18,7 +19,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/release/clh-agent
 SHIM_BIN := target/release/containerd-shim-clh-v2
 export CLH_GUEST_DIR := $(GUEST_DIR)
 
-.PHONY: all deps build shim agent guest-image test unit-test lint bench demo check clean install
+.PHONY: all deps build shim agent guest-image test unit-test lint fuzz bench demo check clean install
 
 all: build guest-image
 
@@ -53,8 +54,15 @@ test: export CLH_TEST_SKIP_LOG := $(SKIP_LOG)
 test: deps guest-image lint
 	mkdir -p $(BUILD_DIR) && rm -f $(SKIP_LOG)
 	$(CARGO) test --workspace --exclude clh-tests
+	FUZZ_SECONDS=20 tests/fuzz.sh
 	$(CARGO) test -p clh-tests -- --test-threads=1
 	tests/report-skips.sh $(SKIP_LOG)
+
+# The cargo-fuzz targets of fuzz/ (a package of its own, outside the
+# workspace), each for FUZZ_SECONDS seconds; a crash fails it.
+FUZZ_SECONDS ?= 30
+fuzz: deps
+	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/fuzz.sh
 
 bench: deps guest-image
 	$(CARGO) bench -p clh-tests --bench boot

@@ -11,6 +11,7 @@ apt_packages=(
   containernetworking-plugins # CNI static + loopback (/usr/lib/cni) for the CRI tests
   libcap-ng-dev # virtiofsd links libcap-ng (cargo install below)
   pkg-config # how virtiofsd's build finds libcap-ng and libseccomp
+  g++ # libfuzzer-sys builds libFuzzer (make fuzz)
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -52,8 +53,9 @@ PIN
 fi
 echo "install-deps: $(qemu-system-x86_64 --version | head -n 1)"
 
-# vhost-user backends, pinned versions, from crates.io.
-declare -A crates=([virtiofsd]=1.14.0 [vhost-device-vsock]=0.3.0)
+# vhost-user backends, and cargo-fuzz for make fuzz (it builds libFuzzer
+# with g++), pinned versions, from crates.io.
+declare -A crates=([virtiofsd]=1.14.0 [vhost-device-vsock]=0.3.0 [cargo-fuzz]=0.13.1)
 for bin in "${!crates[@]}"; do
   if [ -x "/usr/local/bin/$bin" ]; then continue; fi
   if [ -x "$HOME/.cargo/bin/$bin" ] && "$HOME/.cargo/bin/$bin" --version 2>/dev/null | grep -q "${crates[$bin]}"; then

@@ -6,24 +6,9 @@
 //! a Unix socket and does no init work, so the service is testable without
 //! a VM.
 
-mod cmdline;
-mod config;
-mod containers;
-mod hotplug;
-mod init;
-mod logging;
-mod modules;
-mod mounts;
-mod power;
-mod reaper;
-mod rng;
-mod server;
-mod service;
-mod stdio_server;
-mod switch_root;
-mod sysinfo;
-mod volumes;
-mod vsock_peer;
+use clh_agent::{
+    containers, init, logging, power, reaper, server, service, stdio_server, switch_root, volumes,
+};
 
 use anyhow::Context;
 use server::ListenAddr;
@@ -155,17 +140,4 @@ fn parse_host_args(
     }
     let addr = listen.ok_or("not PID 1, so --listen is required")?;
     Ok(Some((addr, debug)))
-}
-
-/// Formats an error and its sources as `outer: inner: root`, for errors
-/// that are not anyhow's (which does this itself with `{:#}`).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

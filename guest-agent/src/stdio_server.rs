@@ -37,7 +37,7 @@ pub fn serve_vsock(port: u32, containers: Containers) -> std::io::Result<()> {
 
 /// Reads the header one byte at a time (nothing after it may be consumed:
 /// it is stdin data).
-async fn read_header<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, String> {
+pub(crate) async fn read_header<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, String> {
     let mut line = Vec::new();
     loop {
         let b = s
@@ -55,7 +55,7 @@ async fn read_header<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, String> 
 }
 
 /// `<container_id> <exec_id or -> <kind>`.
-fn parse_header(line: &str) -> Result<(&str, &str, StreamKind), String> {
+pub(crate) fn parse_header(line: &str) -> Result<(&str, &str, StreamKind), String> {
     let mut parts = line.split(' ');
     let (Some(id), Some(exec), Some(kind), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())

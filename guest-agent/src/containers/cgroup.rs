@@ -112,7 +112,7 @@ pub fn freeze(dir: &Path, frozen: bool) -> io::Result<()> {
 
 /// The cgroup v2 file writes for OCI LinuxResources (the subset containerd
 /// updates: memory, CPU, pids, cpuset).
-fn resource_writes(r: &LinuxResources) -> Vec<(&'static str, String)> {
+pub(crate) fn resource_writes(r: &LinuxResources) -> Vec<(&'static str, String)> {
     let mut w = Vec::new();
     let limit = |v: i64| {
         if v < 0 {

@@ -62,13 +62,12 @@ fn builder(
         })
 }
 
-/// A console socket for a terminal process, at a short path (sun_path
-/// holds 108 bytes; bundle paths with long ids do not fit).
-/// Creates the guest directories of the spec's memory-backed volumes (see
+/// The guest directories of the spec's memory-backed volumes (see
 /// `EPHEMERAL_DIR`), refusing any source that is not one plain name below
-/// it.
-fn make_ephemeral_dirs(spec: &Spec) -> Result<()> {
+/// it. Pure: [`make_ephemeral_dirs`] creates them.
+pub(crate) fn ephemeral_dirs(spec: &Spec) -> Result<Vec<PathBuf>> {
     let root = Path::new(EPHEMERAL_DIR);
+    let mut dirs = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let Some(source) = m.source().as_ref() else {
             continue;
@@ -87,12 +86,22 @@ fn make_ephemeral_dirs(spec: &Spec) -> Result<()> {
                 source.display()
             )));
         }
-        std::fs::create_dir_all(source)
-            .map_err(|e| CtrError::internal(format!("creating {}", source.display()), e))?;
+        dirs.push(source.clone());
+    }
+    Ok(dirs)
+}
+
+/// Creates the guest directories of the spec's memory-backed volumes.
+fn make_ephemeral_dirs(spec: &Spec) -> Result<()> {
+    for dir in ephemeral_dirs(spec)? {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CtrError::internal(format!("creating {}", dir.display()), e))?;
     }
     Ok(())
 }
 
+/// A console socket for a terminal process, at a short path (sun_path
+/// holds 108 bytes; bundle paths with long ids do not fit).
 fn console_socket(terminal: bool) -> Result<Option<ConsoleSocket>> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     if !terminal {
@@ -119,17 +128,37 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| CtrError::internal("blocking task", e))?
 }
 
+/// CreateContainer's spec as the container gets it: `spec_json` parsed,
+/// a terminal if the spec or the request (`terminal`) asks for one, and
+/// our cgroup whatever the host chose. Pure: nothing is touched yet.
+pub(crate) fn prepare_spec(id: &str, spec_json: &[u8], terminal: bool) -> Result<(Spec, bool)> {
+    validate_id("container id", id)?;
+    let mut spec: Spec = serde_json::from_slice(spec_json)
+        .map_err(|e| CtrError::InvalidArgument(format!("bad OCI spec JSON: {e}")))?;
+    let terminal = terminal || spec.process().as_ref().and_then(|p| p.terminal()) == Some(true);
+    if let Some(process) = spec.process_mut() {
+        process.set_terminal(Some(terminal));
+    }
+    if let Some(linux) = spec.linux_mut() {
+        linux.set_cgroups_path(Some(PathBuf::from(format!("/{CGROUP_PARENT}/{id}"))));
+    }
+    Ok((spec, terminal))
+}
+
+/// ExecProcess's process as it will run: `process_json` parsed, with a
+/// terminal if it or the request (`terminal`) asks for one.
+pub(crate) fn prepare_process(process_json: &[u8], terminal: bool) -> Result<(Process, bool)> {
+    let mut process: Process = serde_json::from_slice(process_json)
+        .map_err(|e| CtrError::InvalidArgument(format!("bad OCI process JSON: {e}")))?;
+    let terminal = terminal || process.terminal() == Some(true);
+    process.set_terminal(Some(terminal));
+    Ok((process, terminal))
+}
+
 impl Containers {
     /// Sets up the container and its init process, not started.
     pub async fn create(&self, id: &str, spec_json: &[u8], stdio: &Stdio) -> Result<u32> {
-        validate_id("container id", id)?;
-        let mut spec: Spec = serde_json::from_slice(spec_json)
-            .map_err(|e| CtrError::InvalidArgument(format!("bad OCI spec JSON: {e}")))?;
-        let terminal =
-            stdio.terminal || spec.process().as_ref().and_then(|p| p.terminal()) == Some(true);
-        if let Some(process) = spec.process_mut() {
-            process.set_terminal(Some(terminal));
-        }
+        let (spec, terminal) = prepare_spec(id, spec_json, stdio.terminal)?;
         let root = spec.root().as_ref().map(|r| r.path().clone());
         let root = root.ok_or_else(|| CtrError::InvalidArgument("spec has no root".into()))?;
         if !root.is_dir() {
@@ -137,9 +166,6 @@ impl Containers {
                 "rootfs {} is not a directory in the guest",
                 root.display()
             )));
-        }
-        if let Some(linux) = spec.linux_mut() {
-            linux.set_cgroups_path(Some(PathBuf::from(format!("/{CGROUP_PARENT}/{id}"))));
         }
         make_ephemeral_dirs(&spec)?;
 
@@ -209,10 +235,7 @@ impl Containers {
     pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &Stdio) -> Result<()> {
         validate_id("exec id", exec_id)?;
         let entry = self.get(id)?;
-        let mut process: Process = serde_json::from_slice(process_json)
-            .map_err(|e| CtrError::InvalidArgument(format!("bad OCI process JSON: {e}")))?;
-        let terminal = stdio.terminal || process.terminal() == Some(true);
-        process.set_terminal(Some(terminal));
+        let (mut process, terminal) = prepare_process(process_json, stdio.terminal)?;
         let seccomp = (entry.seccomp.as_ref())
             .map(|filter| exec_seccomp::prepare(&mut process, filter))
             .transpose()?;

@@ -11,7 +11,8 @@ mod lifecycle;
 pub mod process;
 mod tty;
 
-pub(crate) use lifecycle::validate_id;
+pub(crate) use cgroup::resource_writes;
+pub(crate) use lifecycle::{ephemeral_dirs, prepare_process, prepare_spec, validate_id};
 
 use crate::reaper::Reaper;
 use libcontainer::container::Container;
@@ -177,8 +178,7 @@ impl Containers {
 
     pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
         let entry = self.get(id)?;
-        let resources = serde_json::from_slice(resources_json)
-            .map_err(|e| CtrError::InvalidArgument(format!("bad LinuxResources JSON: {e}")))?;
+        let resources = parse_resources(resources_json)?;
         cgroup::update(&entry.cgroup_dir(), &resources)
             .map_err(|e| CtrError::internal("applying resources", e))
     }
@@ -205,6 +205,12 @@ impl Containers {
             }
         });
     }
+}
+
+/// UpdateContainer's resources: OCI LinuxResources as JSON.
+pub(crate) fn parse_resources(json: &[u8]) -> Result<oci_spec::runtime::LinuxResources> {
+    serde_json::from_slice(json)
+        .map_err(|e| CtrError::InvalidArgument(format!("bad LinuxResources JSON: {e}")))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// The longest reply line accepted (`OK 4294967295\n` is 14 bytes).
@@ -110,9 +110,17 @@ pub async fn connect_hybrid_vsock(
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(timed_out(&received)),
     }
-    let line = String::from_utf8_lossy(&received);
+    check_reply(&received, port)?;
+    Ok(stream)
+}
+
+/// Whether the reply line `line` (without its newline) to `CONNECT port`
+/// accepts the connection: it must start with `OK `.
+#[doc(hidden)]
+pub fn check_reply(line: &[u8], port: u32) -> Result<(), HandshakeError> {
+    let line = String::from_utf8_lossy(line);
     if line.starts_with("OK ") {
-        Ok(stream)
+        Ok(())
     } else {
         Err(HandshakeError::Garbage {
             port,
@@ -123,8 +131,9 @@ pub async fn connect_hybrid_vsock(
 
 /// Reads up to and including the first `\n` into `line` (without it), one
 /// byte per read so nothing after the newline is consumed.
-async fn read_reply_line(
-    stream: &mut UnixStream,
+#[doc(hidden)]
+pub async fn read_reply_line(
+    stream: &mut (impl AsyncRead + Unpin),
     port: u32,
     line: &mut Vec<u8>,
 ) -> Result<(), HandshakeError> {

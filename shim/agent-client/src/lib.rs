@@ -22,6 +22,8 @@ use tokio::time::Instant;
 use ttrpc::r#async::transport::Socket;
 
 pub use clh_agent_protocol::{ContainerStatsResponse, Stdio, WaitProcessResponse};
+#[doc(hidden)]
+pub use hybrid_vsock::{check_reply, read_reply_line};
 pub use hybrid_vsock::{connect_hybrid_vsock, HandshakeError, MAX_REPLY_LINE};
 pub use stdio::{open_stdio_stream, open_stdio_stream_on, StdioKind, STDIO_OPEN_TIMEOUT};
 

@@ -17,11 +17,12 @@
 
 use std::path::{Path, PathBuf};
 
-use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR, GUEST_VOLUMES_DIR};
+use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR};
 use nix::mount::{umount2, MntFlags};
 
 use super::error::{Error, Result};
 use super::writable_shares::WritableShares;
+use super::volume_sync;
 use crate::bind_mount::{self, BindOptions, SubmountPolicy};
 use crate::shared_mount::{private_dir, staging_dir};
 
@@ -51,14 +52,11 @@ const EMPTY_DIR_PLUGIN: &str = "kubernetes.io~empty-dir";
 /// makes it a tmpfs at `.../volumes/kubernetes.io~empty-dir/<name>`. In a
 /// VM it becomes guest memory instead (the pod's memory limit covers it
 /// there, as the kubelet's tmpfs is charged to the pod on a node).
-fn memory_volume(m: &serde_json::Value) -> Option<String> {
+/// `is_tmpfs` tells whether a host path is a tmpfs ([`host_is_tmpfs`]).
+fn memory_volume(m: &serde_json::Value, is_tmpfs: impl Fn(&Path) -> bool) -> Option<String> {
     let source = Path::new(m.get("source")?.as_str()?);
     let parent = source.parent()?;
-    if parent.file_name()? != EMPTY_DIR_PLUGIN {
-        return None;
-    }
-    let fs = nix::sys::statfs::statfs(source).ok()?;
-    if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+    if parent.file_name()? != EMPTY_DIR_PLUGIN || !is_tmpfs(source) {
         return None;
     }
     let name = source.file_name()?.to_str()?;
@@ -68,16 +66,13 @@ fn memory_volume(m: &serde_json::Value) -> Option<String> {
     (plain && !name.starts_with('.')).then(|| name.to_string())
 }
 
-/// Whether mount `m`'s source is one of the guest copies `guest_sources`
-/// (what volume_sync.rs put there). Any other source in the guest's volume
-/// directory, however spelled (`..`, `//`, `.`), is refused: a spec must
-/// not make the shim skip the host bind and hand the guest a path of its
-/// own choosing.
-fn is_guest_source(m: &serde_json::Value, guest_sources: &[String]) -> Result<bool> {
+/// Refuses mount `m` when its source is in the guest's volume directory,
+/// however spelled (`..`, `//`, `.`): only the guest copies volume_sync.rs
+/// made may name guest paths, so a spec cannot make the shim skip the host
+/// bind and hand the guest a path of its own choosing
+/// (`/run/clh/volumes/../..` is the guest's root).
+fn refuse_guest_path(m: &serde_json::Value) -> Result<()> {
     let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
-    if guest_sources.iter().any(|g| g == source) {
-        return Ok(true);
-    }
     let path = Path::new(source);
     let dotdot = path
         .components()
@@ -90,7 +85,7 @@ fn is_guest_source(m: &serde_json::Value, guest_sources: &[String]) -> Result<bo
             "the bind mount for {dest} has source {source:?}, in {GUEST_VOLUMES_DIR}, which is reserved for the runtime's copies of synced volumes: use a host path outside it"
         )));
     }
-    Ok(false)
+    Ok(())
 }
 
 /// `path` with `.` and `..` applied lexically (`/a/../b` is `/b`).
@@ -147,8 +142,9 @@ pub fn record_writable(spec: &serde_json::Value, writable: &WritableShares) {
     for m in mounts {
         // A source in the guest's volume directory is no host path (and
         // Binds::share refuses any that is not a synced copy).
-        let host_source = matches!(is_guest_source(m, &[]), Ok(false));
-        if !is_bind(m) || is_readonly(m) || !host_source || memory_volume(m).is_some() {
+        let host_source = refuse_guest_path(m).is_ok();
+        if !is_bind(m) || is_readonly(m) || !host_source || memory_volume(m, host_is_tmpfs).is_some()
+        {
             continue;
         }
         let Some(source) = m.get("source").and_then(|s| s.as_str()) else {
@@ -156,6 +152,57 @@ pub fn record_writable(spec: &serde_json::Value, writable: &WritableShares) {
         };
         let source = Path::new(source);
         writable.add(bind_mount::resolve(source).unwrap_or_else(|_| source.to_path_buf()));
+    }
+}
+
+/// Whether the host path `path` is a tmpfs.
+pub(super) fn host_is_tmpfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// Where the source of mount `n` of container `cid` is in the guest.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum GuestSource {
+    /// Not a bind mount, or the guest copy of a synced volume: as it is.
+    Unchanged,
+    /// A memory `emptyDir`: `<EPHEMERAL_DIR>/<name>`, in guest RAM.
+    Memory(String),
+    /// A host path: bind-mounted into the shared directory, seen in the
+    /// guest at `<GUEST_SHARED_DIR>/<cid>/mounts/<n>`.
+    Shared,
+}
+
+/// What becomes of mount `n` of container `cid` (see [`GuestSource`]).
+/// Only the exact path [`volume_sync::guest_dir`] gives mount `n`, when
+/// volume_sync.rs made that copy (`synced`), counts as a synced volume's
+/// copy; any other source in `GUEST_VOLUMES_DIR` is refused.
+pub(super) fn guest_source(
+    m: &serde_json::Value,
+    cid: &str,
+    n: usize,
+    synced: bool,
+    is_tmpfs: impl Fn(&Path) -> bool,
+) -> Result<GuestSource> {
+    let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
+    if !is_bind(m) || (synced && source == volume_sync::guest_dir(cid, n)) {
+        return Ok(GuestSource::Unchanged);
+    }
+    refuse_guest_path(m)?;
+    Ok(match memory_volume(m, is_tmpfs) {
+        Some(name) => GuestSource::Memory(name),
+        None => GuestSource::Shared,
+    })
+}
+
+impl GuestSource {
+    /// The new source of mount `n` of container `cid`; `None`: unchanged.
+    pub(super) fn path(&self, cid: &str, n: usize) -> Option<String> {
+        match self {
+            Self::Unchanged => None,
+            Self::Memory(name) => Some(format!("{EPHEMERAL_DIR}/{name}")),
+            Self::Shared => Some(format!("{GUEST_SHARED_DIR}/{cid}/mounts/{n}")),
+        }
     }
 }
 
@@ -185,21 +232,21 @@ impl Binds {
         let policy = submount_policy(vm_dir, bundle);
         let mut made_dir = false;
         for (n, m) in mounts.iter_mut().enumerate() {
-            if !is_bind(m) {
-                continue;
-            }
-            match is_guest_source(m, guest_sources) {
-                Ok(true) => continue,
-                Ok(false) => {}
+            let synced = guest_sources.iter().any(|g| *g == volume_sync::guest_dir(cid, n));
+            let guest = match guest_source(m, cid, n, synced, host_is_tmpfs) {
+                Ok(guest) => guest,
                 Err(e) => {
                     binds.undo();
                     return Err(e);
                 }
-            }
-            if let Some(name) = memory_volume(m) {
+            };
+            let Some(path) = guest.path(cid, n) else {
+                continue;
+            };
+            if let GuestSource::Memory(_) = guest {
                 // In guest RAM, shared by the pod's containers; nothing of
                 // it goes through the host.
-                m["source"] = serde_json::Value::String(format!("{EPHEMERAL_DIR}/{name}"));
+                m["source"] = serde_json::Value::String(path);
                 continue;
             }
             if !made_dir {
@@ -213,7 +260,7 @@ impl Binds {
                 binds.undo();
                 return Err(e);
             }
-            m["source"] = serde_json::Value::String(format!("{GUEST_SHARED_DIR}/{cid}/mounts/{n}"));
+            m["source"] = serde_json::Value::String(path);
         }
         Ok(binds)
     }
@@ -419,6 +466,44 @@ mod tests {
         assert_eq!(spec["mounts"][0]["source"], "/run/clh/ephemeral/cache");
         assert_eq!(spec["mounts"][1]["source"], "/run/clh/shared/c1/mounts/1");
         binds.unmount().unwrap();
+    }
+
+    /// A bind source anywhere under /run/clh/volumes used to reach the
+    /// guest as it was, so `/run/clh/volumes/../..` bind-mounted the
+    /// guest's root (every pod container's rootfs and synced Secrets) into
+    /// the container (the `oci_spec_to_guest` fuzz target's invariant).
+    #[test]
+    fn only_a_synced_volumes_own_copy_is_a_guest_source() {
+        let bind = |source: &str| json!({"destination": "/x", "type": "bind", "source": source});
+        let no_tmpfs = |_: &Path| false;
+        assert_eq!(
+            guest_source(&bind("/run/clh/volumes/c1/2"), "c1", 2, true, no_tmpfs).unwrap(),
+            GuestSource::Unchanged
+        );
+        for (hostile, synced) in [
+            ("/run/clh/volumes/c1/2", false),
+            ("/run/clh/volumes/../..", true),
+            ("/run/clh/volumes/c1/2/../../../etc", true),
+            ("/run/clh/volumes/c2/2", true),
+            ("/run/clh/volumes/c1/1", true),
+            ("/run/clh/volumes", true),
+        ] {
+            let refused = guest_source(&bind(hostile), "c1", 2, synced, no_tmpfs);
+            assert!(
+                matches!(refused, Err(Error::InvalidArgument(_))),
+                "{hostile}: {refused:?}"
+            );
+        }
+        let proc = json!({"destination": "/proc", "type": "proc", "source": "/run/clh/volumes/.."});
+        assert_eq!(
+            guest_source(&proc, "c1", 0, false, no_tmpfs).unwrap(),
+            GuestSource::Unchanged
+        );
+        let memory = bind("/pod/volumes/kubernetes.io~empty-dir/cache");
+        assert_eq!(
+            guest_source(&memory, "c1", 0, false, |_: &Path| true).unwrap(),
+            GuestSource::Memory("cache".into())
+        );
     }
 
     #[test]

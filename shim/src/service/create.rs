@@ -43,13 +43,7 @@ impl<E: EventSender> TaskService<E> {
         }
         let mut spec = validate::read_spec(Path::new(&req.bundle))?;
         let role = Role::of_spec(&spec).map_err(Error::InvalidArgument)?;
-        let limits = match &role {
-            Role::Sandbox => PodLimits::from_sandbox_spec(&spec),
-            Role::Standalone | Role::Container { .. } => PodLimits::from_linux_resources(
-                spec.pointer("/linux/resources").unwrap_or(&Value::Null),
-            ),
-        }
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let limits = spec_limits(&role, &spec)?;
         let _reservation = self.reserve(&req.id).await?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
@@ -324,6 +318,18 @@ async fn sync_volumes(sandbox: &Sandbox, spec: &mut Value, cid: &str) -> Result<
         }
     }
     Ok(synced)
+}
+
+/// The limits a container's spec asks for: the pod's (annotations) for a
+/// sandbox, the container's own (`linux.resources`) otherwise.
+pub(super) fn spec_limits(role: &Role, spec: &Value) -> Result<PodLimits> {
+    match role {
+        Role::Sandbox => PodLimits::from_sandbox_spec(spec),
+        Role::Standalone | Role::Container { .. } => PodLimits::from_linux_resources(
+            spec.pointer("/linux/resources").unwrap_or(&Value::Null),
+        ),
+    }
+    .map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 /// The spec's `linux.cgroupsPath`: the host cgroup for the VM's processes.

@@ -7,6 +7,7 @@ mod container;
 mod create;
 pub mod error;
 pub mod events;
+mod guest_spec;
 mod oom;
 mod ops;
 mod pause;
@@ -20,6 +21,9 @@ mod tests;
 pub mod validate;
 pub mod volume_sync;
 pub mod writable_shares;
+
+#[doc(hidden)]
+pub use guest_spec::guest_spec;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -31,7 +31,12 @@ pub fn read_spec(bundle: &Path) -> Result<serde_json::Value> {
     let bytes = std::fs::read(&path).map_err(|e| {
         Error::InvalidArgument(format!("cannot read the OCI spec {}: {e}", path.display()))
     })?;
-    let spec: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+    parse_spec(&bytes, &path)
+}
+
+/// Parses the OCI spec read from `path`; it must be a JSON object.
+pub fn parse_spec(bytes: &[u8], path: &Path) -> Result<serde_json::Value> {
+    let spec: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         Error::InvalidArgument(format!("malformed OCI spec {}: {e}", path.display()))
     })?;
     if !spec.is_object() {
