@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-use containerd_shim_clh_v2::bind_mount::SubmountPolicy;
 use clh_tests::fuse_frontend::{Creds, Fixture, ROOT_ID};
+use containerd_shim_clh_v2::bind_mount::SubmountPolicy;
 use nix::errno::Errno;
 use nix::libc;
 

@@ -264,7 +264,9 @@ mod tests {
         assert!(carry.len() < 200);
     }
 
-    #[tokio::test]
+    // Two workers: the test writes into the FIFO with blocking calls while
+    // the copier drains it (the pipe holds less than the test writes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn what_is_written_into_the_fifo_lands_in_the_bounded_log() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("console.log");

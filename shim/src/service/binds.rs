@@ -17,12 +17,12 @@
 
 use std::path::{Path, PathBuf};
 
-use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR};
+use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR, GUEST_VOLUMES_DIR};
 use nix::mount::{umount2, MntFlags};
 
 use super::error::{Error, Result};
-use super::writable_shares::WritableShares;
 use super::volume_sync;
+use super::writable_shares::WritableShares;
 use crate::bind_mount::{self, BindOptions, SubmountPolicy};
 use crate::shared_mount::{private_dir, staging_dir};
 
@@ -143,7 +143,10 @@ pub fn record_writable(spec: &serde_json::Value, writable: &WritableShares) {
         // A source in the guest's volume directory is no host path (and
         // Binds::share refuses any that is not a synced copy).
         let host_source = refuse_guest_path(m).is_ok();
-        if !is_bind(m) || is_readonly(m) || !host_source || memory_volume(m, host_is_tmpfs).is_some()
+        if !is_bind(m)
+            || is_readonly(m)
+            || !host_source
+            || memory_volume(m, host_is_tmpfs).is_some()
         {
             continue;
         }
@@ -232,7 +235,9 @@ impl Binds {
         let policy = submount_policy(vm_dir, bundle);
         let mut made_dir = false;
         for (n, m) in mounts.iter_mut().enumerate() {
-            let synced = guest_sources.iter().any(|g| *g == volume_sync::guest_dir(cid, n));
+            let synced = guest_sources
+                .iter()
+                .any(|g| *g == volume_sync::guest_dir(cid, n));
             let guest = match guest_source(m, cid, n, synced, host_is_tmpfs) {
                 Ok(guest) => guest,
                 Err(e) => {
