@@ -194,7 +194,18 @@ impl Kubelet {
             }
         }
         let sent = Instant::now();
-        let id = self.cri.run_pod_sandbox(&config, handler)?;
+        let id = match self.cri.run_pod_sandbox(&config, handler) {
+            Ok(id) => id,
+            Err(e) => {
+                // As the kubelet does when a sandbox fails to start.
+                if !cgroup.is_empty() {
+                    for dir in cgroup_dirs(&cgroup) {
+                        let _ = fs::remove_dir(&dir);
+                    }
+                }
+                return Err(e);
+            }
+        };
         lock(&self.pod_ids).push(id.clone());
         self.note_sockets();
         let pod = Pod {
