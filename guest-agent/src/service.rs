@@ -123,7 +123,7 @@ impl clh_agent_protocol::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
-        debug!(id = %req.container_id, "create container");
+        info!(id = %req.container_id, "create container");
         let stdio = req.stdio.get_or_default();
         let pid = self
             .containers
