@@ -7,7 +7,8 @@
 //!   0700, every file and socket in it 0600 or stricter, all root's; none
 //!   of the sockets the shim, the VMM, virtiofsd or the vsock bridge hold
 //!   is abstract (reachable by any process in the host's network
-//!   namespace, hostNetwork pods included).
+//!   namespace, hostNetwork pods included); the shim's own API socket, in
+//!   containerd's socket directory, is 0600.
 //! - `rng_seed_is_on_no_command_line_and_credited_before_containers`: the
 //!   seed that makes the guest's RNG unpredictable is nowhere a container
 //!   or a host user can read it (the guest's /proc/cmdline, the VMM's argv,
@@ -169,6 +170,22 @@ fn owner_only(shim: &ctr::Setup, setup: &CriSetup) -> Result<()> {
     let abstract_inodes = abstract_socket_inodes()?;
     let processes = vm_processes(&vm_dir)?;
     ensure!(processes.len() >= 3, "the VM's processes: {processes:?}");
+    // The shim's own API socket, in containerd's socket directory: 0600.
+    let shim_sockets: Vec<&str> = processes
+        .iter()
+        .filter_map(|(_, argv)| argv.split(" -socket unix://").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    ensure!(!shim_sockets.is_empty(), "no shim socket in {processes:?}");
+    for socket in shim_sockets {
+        let meta = std::fs::symlink_metadata(socket)?;
+        let mode = meta.permissions().mode() & 0o7777;
+        ensure!(
+            meta.file_type().is_socket() && mode == 0o600 && meta.uid() == 0,
+            "the shim's socket {socket} is {mode:o}, uid {}",
+            meta.uid()
+        );
+    }
     for (pid, argv) in &processes {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
