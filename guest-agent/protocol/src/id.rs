@@ -4,14 +4,18 @@
 //! in the stdio header, so they are kept to a safe alphabet: 1 to
 //! [`MAX_ID_LEN`] bytes of `[A-Za-z0-9_.-]`, not starting with `.` (which
 //! also excludes `.` and `..`). Every id containerd and CRI produce passes:
-//! 64-hex sandbox and container ids, and the exec ids of ctr and crictl.
+//! 64-hex sandbox and container ids, CRI's 64-hex exec ids, and the exec
+//! ids of ctr (containerd's own rule: alphanumeric first).
 
-/// Longest id, in bytes (the stdio header reserves room for two).
-pub const MAX_ID_LEN: usize = 128;
+/// Longest id, in bytes. 64, what the shim has always taken (containerd
+/// takes up to 76): the sandbox id names the VM directory, whose socket
+/// paths must fit in `sun_path`, and the agent only sees ids the shim
+/// passed on.
+pub const MAX_ID_LEN: usize = 64;
 
 /// What an id may be, for error messages.
 pub const ID_RULE: &str =
-    "an id is 1 to 128 characters of [A-Za-z0-9_.-] and does not start with '.'";
+    "an id is 1 to 64 characters of [A-Za-z0-9_.-] and does not start with '.'";
 
 /// Why an id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
