@@ -9,7 +9,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tracing::{debug, info, warn};
 
-/// The longest header accepted (two ids of at most 128 bytes and a kind).
+/// The longest header accepted: two ids (at most
+/// [`clh_agent_protocol::MAX_ID_LEN`] bytes each) and a kind, with room.
 const MAX_HEADER: usize = 300;
 /// A peer that connects must send its header within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);

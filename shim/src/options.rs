@@ -28,8 +28,9 @@ impl VmOptions {
             initramfs: g.initramfs.clone(),
             vcpus: g.vcpus,
             memory_mib: g.memory_mib,
-            // Only Cloud Hypervisor hot-plugs; QEMU VMs keep their size.
-            max: (backend == Backend::CloudHypervisor)
+            // Room for growth only where the backend can use it.
+            max: backend
+                .can_resize()
                 .then(|| SizingPolicy::from_config(g, host_cpus()).max),
             extra_kernel_params: g.kernel_params.clone(),
             debug: g.debug_console,
@@ -55,6 +56,9 @@ mod tests {
         config.hypervisor.backend = clh_config::BackendChoice::CloudHypervisor;
         let (ch, _) = VmOptions::from_config(&config, &KvmFlavour::Hardware("kvm_intel"));
         assert_eq!(ch.kernel, config.guest.kernel);
+        // Room for growth only where the backend can resize.
+        assert!(ch.max.is_some());
+        assert_eq!(qemu.max, None);
         assert_eq!(
             ch.agent_timeout,
             Duration::from_millis(config.timeouts.agent_connect_ms)

@@ -28,9 +28,6 @@ use crate::shared_mount::{
 pub use clh_agent_protocol::SHARED_FS_TAG;
 /// Lines of each log quoted in a start error.
 const LOG_TAIL_LINES: usize = 30;
-/// `sun_path` holds 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
-const MAX_ID_LEN: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct VmOptions {
@@ -82,7 +79,7 @@ impl PodVm {
     pub async fn start(id: &str, root: &Path, opts: &VmOptions) -> anyhow::Result<PodVm> {
         validate_id(id)?;
         let dir = root.join(id);
-        check_socket_path_room(&dir)?;
+        clh_hypervisor::check_vm_dir(&dir)?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -193,7 +190,7 @@ async fn start_in(
 ) -> anyhow::Result<(AgentClient, Duration)> {
     make_export(dir)?;
     let shared = export_dir(dir);
-    let fs_socket = dir.join("virtiofsd.sock");
+    let fs_socket = dir.join(clh_hypervisor::virtiofsd::SOCKET_NAME);
     let virtiofsd = Virtiofsd::start(
         &opts.binaries.virtiofsd,
         &shared,
@@ -289,29 +286,10 @@ fn random_seed() -> anyhow::Result<[u8; 64]> {
     Ok(bytes)
 }
 
-/// Refuses ids that could escape `root` or make unwieldy paths.
+/// Refuses ids that could escape `root` or make unwieldy paths: the
+/// protocol's one id rule ([`clh_agent_protocol::check_id`]).
 pub fn validate_id(id: &str) -> anyhow::Result<()> {
-    let ok_chars = id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if id.is_empty() || id.len() > MAX_ID_LEN || !ok_chars || id == "." || id == ".." {
-        bail!("invalid sandbox id {id:?}: it must be 1 to {MAX_ID_LEN} characters of [A-Za-z0-9_.-] and not \".\" or \"..\"");
-    }
-    Ok(())
-}
-
-/// The longest socket name any backend puts in the VM directory
-/// (`vhost-vsock.sock` of QEMU), plus the separator.
-fn check_socket_path_room(dir: &Path) -> anyhow::Result<()> {
-    const LONGEST_SOCKET_NAME: usize = "/vhost-vsock.sock".len();
-    let len = dir.as_os_str().len() + LONGEST_SOCKET_NAME;
-    if len > MAX_SOCKET_PATH {
-        bail!(
-            "the VM directory {} is too long for Unix socket paths ({len} > {MAX_SOCKET_PATH} bytes); configure a shorter state root",
-            dir.display()
-        );
-    }
-    Ok(())
+    clh_agent_protocol::check_id(id).with_context(|| format!("invalid sandbox id {id:?}"))
 }
 
 fn persist_state(dir: &Path, pids: &[u32]) -> anyhow::Result<()> {
@@ -406,18 +384,14 @@ pub fn cleanup_container_leftovers(root: &Path, sandbox_id: &str, id: &str) -> a
     remove_container_dir(&root.join(sandbox_id), id)
 }
 
-/// The tails of the guest console and VMM logs, for a start error.
+/// The tails of the guest console, the backend's logs and virtiofsd's
+/// log, for a start error.
 fn failure_report(dir: &Path, backend: Backend) -> String {
-    let vmm_log = match backend {
-        Backend::Qemu => clh_hypervisor::qemu::Qemu::log_path(dir),
-        Backend::CloudHypervisor => clh_hypervisor::ch::CloudHypervisor::log_path(dir),
-    };
+    let mut logs = vec![("guest console", dir.join("console.log"))];
+    logs.extend(backend.log_files(dir));
+    logs.push(("virtiofsd log", dir.join("virtiofsd.log")));
     let mut report = String::new();
-    for (what, path) in [
-        ("guest console", dir.join("console.log")),
-        ("VMM log", vmm_log),
-        ("virtiofsd log", dir.join("virtiofsd.log")),
-    ] {
+    for (what, path) in logs {
         let tail = clh_hypervisor::process::log_tail(&path, LOG_TAIL_LINES);
         if !tail.trim().is_empty() {
             report.push_str(&format!(
@@ -433,21 +407,110 @@ fn failure_report(dir: &Path, backend: Backend) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ids_that_could_escape_the_root_are_refused() {
-        for bad in ["", ".", "..", "a/b", "../x", "a b", &"x".repeat(65), "é"] {
-            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+    /// The rule itself is tested in clh-agent-protocol; here, that the VM
+    /// layer refuses a bad sandbox id before touching the disk.
+    #[tokio::test]
+    async fn a_bad_sandbox_id_is_refused_before_anything_is_created() {
+        let root = tempfile::tempdir().unwrap();
+        for bad in ["..", "../x", "a/b"] {
+            let err = cleanup_leftovers(root.path(), bad).unwrap_err();
+            assert!(format!("{err:#}").contains("invalid sandbox id"), "{err:#}");
+            let Err(err) = PodVm::start(bad, root.path(), &test_options()).await else {
+                panic!("{bad:?} accepted");
+            };
+            assert!(format!("{err:#}").contains("invalid sandbox id"), "{err:#}");
         }
-        for good in ["pod-1", "a.b_c", &"x".repeat(64)] {
-            assert!(validate_id(good).is_ok(), "{good:?} refused");
-        }
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
     }
 
-    #[test]
-    fn a_root_too_long_for_sockets_is_refused() {
-        let dir = PathBuf::from(format!("/tmp/{}/id", "r".repeat(90)));
-        let err = check_socket_path_room(&dir).unwrap_err();
-        assert!(err.to_string().contains("shorter state root"), "{err}");
+    #[tokio::test]
+    async fn a_root_too_long_for_sockets_is_refused() {
+        let root = PathBuf::from(format!("/tmp/{}", "r".repeat(90)));
+        let Err(err) = PodVm::start("id", &root, &test_options()).await else {
+            panic!("started");
+        };
+        assert!(format!("{err:#}").contains("shorter state root"), "{err:#}");
+        assert!(!root.exists());
+    }
+
+    const FAKE_CH_LINE: &str = "fake-ch: error booting VM: no KVM here";
+
+    /// A stand-in `cloud-hypervisor` in `dir` that prints [`FAKE_CH_LINE`]
+    /// on stderr and exits 1, as CH does when it cannot start. Written by
+    /// a child shell, so no thread of this process holds it open for
+    /// writing while another forks (ETXTBSY at exec).
+    fn fake_ch(dir: &Path) -> PathBuf {
+        let path = dir.join("cloud-hypervisor");
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"printf '#!/bin/sh\necho "%s" >&2\nexit 1\n' "$2" > "$1" && chmod 755 "$1""#)
+            .arg("sh")
+            .arg(&path)
+            .arg(FAKE_CH_LINE)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        path
+    }
+
+    /// Issue 10: the report of a Cloud Hypervisor start failure quotes
+    /// CH's own log (`vmm.log`, named by the backend, not by this file).
+    #[tokio::test]
+    async fn a_cloud_hypervisor_failure_report_quotes_its_vmm_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = test_options();
+        opts.backend = Backend::CloudHypervisor;
+        opts.binaries.cloud_hypervisor = fake_ch(dir.path());
+        let spec = VmSpec {
+            id: "t".into(),
+            dir: dir.path().to_path_buf(),
+            vcpus: 1,
+            memory_mib: 128,
+            max: None,
+            kernel: dir.path().join("vmlinux"),
+            initramfs: dir.path().join("initrd"),
+            cmdline: String::new(),
+            shared_fs: None,
+            console_log: dir.path().join("console.log"),
+            console_log_max_bytes: opts.console_log_max_bytes,
+            start_timeout: Duration::from_secs(10),
+        };
+        let mut hypervisor = new_backend(opts.backend, &opts.binaries);
+        assert!(hypervisor.start(&spec).await.is_err());
+        let report = failure_report(dir.path(), opts.backend);
+        assert!(report.contains(FAKE_CH_LINE), "{report}");
+        let vmm_log = dir.path().join("vmm.log").display().to_string();
+        assert!(report.contains(&format!("VMM log ({vmm_log})")), "{report}");
+    }
+
+    /// The same through [`PodVm::start`], with the real virtiofsd: the
+    /// start error quotes CH's log and nothing is left behind.
+    #[tokio::test]
+    async fn a_pod_vm_whose_cloud_hypervisor_fails_quotes_its_log() {
+        let virtiofsd = std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("virtiofsd"))
+                .find(|p| p.is_file())
+        });
+        let Some(virtiofsd) = virtiofsd.filter(|_| nix::unistd::geteuid().is_root()) else {
+            clh_test_skip::skip("needs root and virtiofsd on PATH");
+            return;
+        };
+        let bin = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let mut opts = test_options();
+        opts.backend = Backend::CloudHypervisor;
+        opts.binaries.cloud_hypervisor = fake_ch(bin.path());
+        opts.binaries.virtiofsd = virtiofsd;
+        opts.vmm_start_timeout = Duration::from_secs(10);
+        let Err(err) = PodVm::start("pod", root.path(), &opts).await else {
+            panic!("the fake Cloud Hypervisor started a VM");
+        };
+        let err = format!("{err:#}");
+        assert!(err.contains("the VMM did not start"), "{err}");
+        assert!(err.contains("last lines of the VMM log"), "{err}");
+        assert!(err.contains(FAKE_CH_LINE), "{err}");
+        assert!(!root.path().join("pod").exists());
     }
 
     /// Polls (bounded) until `/proc/<pid>/cmdline` starts with `prefix`.
@@ -610,9 +673,8 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o077, 0);
     }
 
-    #[test]
-    fn the_command_line_carries_no_seed_only_the_extras() {
-        let opts = VmOptions {
+    fn test_options() -> VmOptions {
+        VmOptions {
             backend: Backend::Qemu,
             binaries: Binaries {
                 cloud_hypervisor: "ch".into(),
@@ -631,7 +693,12 @@ mod tests {
             vmm_start_timeout: Duration::from_secs(1),
             agent_timeout: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(1),
-        };
+        }
+    }
+
+    #[test]
+    fn the_command_line_carries_no_seed_only_the_extras() {
+        let opts = test_options();
         assert_ne!(random_seed().unwrap(), random_seed().unwrap());
         assert_eq!(kernel_cmdline(&opts), "console=ttyS0 panic=-1 quiet foo=1");
     }

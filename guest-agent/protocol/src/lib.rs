@@ -4,9 +4,8 @@
 //! format; [`PROTOCOL_VERSION`] guards against a shim and an agent built from
 //! different revisions of it.
 
-#![allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks)]
-
 /// Protocol messages (generated).
+#[allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks)]
 #[allow(dead_code, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_mut, unused_results, trivial_casts)]
 #[rustfmt::skip]
 pub mod agent {
@@ -14,6 +13,7 @@ pub mod agent {
 }
 
 /// Async ttrpc client and server stubs (generated).
+#[allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks)]
 #[allow(dead_code, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_mut, unused_results, trivial_casts)]
 #[rustfmt::skip]
 pub mod agent_ttrpc {
@@ -53,5 +53,8 @@ pub const EPHEMERAL_DIR: &str = "/run/clh/ephemeral";
 /// `<GUEST_VOLUMES_DIR>/<container_id>/<volume>`.
 pub const GUEST_VOLUMES_DIR: &str = "/run/clh/volumes";
 
+mod id;
+
 pub use agent::*;
 pub use agent_ttrpc::{create_agent, Agent, AgentClient};
+pub use id::{check_id, IdError, ID_RULE, MAX_ID_LEN};

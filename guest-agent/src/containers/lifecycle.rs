@@ -11,7 +11,7 @@ use super::{
     cgroup_dir, lock, Containers, CtrError, Entry, PendingExec, Result, BUNDLE_ROOT, CGROUP_PARENT,
     STATE_ROOT,
 };
-use clh_agent_protocol::{Stdio, EPHEMERAL_DIR};
+use clh_agent_protocol::{check_id, Stdio, EPHEMERAL_DIR};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::{kill, Signal};
@@ -29,21 +29,10 @@ const REMOVE_GRACE: Duration = Duration::from_secs(5);
 /// Console sockets (short names; see `console_socket`).
 const CONSOLE_DIR: &str = "/run/clh/tty";
 
-/// Ids name directories and cgroups: keep them to a safe alphabet.
+/// Ids name directories and cgroups: the protocol's one id rule
+/// ([`check_id`]), refused as InvalidArgument.
 pub(crate) fn validate_id(what: &str, id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(CtrError::InvalidArgument(format!(
-            "invalid {what} {id:?}: use 1-128 of [A-Za-z0-9_.-], not starting with '.'"
-        )))
-    }
+    check_id(id).map_err(|e| CtrError::InvalidArgument(format!("invalid {what} {id:?}: {e}")))
 }
 
 fn builder(
@@ -399,11 +388,19 @@ fn signal_all(entry: &Entry, sig: Signal) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The rule itself is tested in clh-agent-protocol; here, that a bad
+    /// id is refused as InvalidArgument, naming what it was.
     #[test]
-    fn ids_are_validated() {
-        assert!(validate_id("id", "abc-1_2.3").is_ok());
-        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(129)] {
-            assert!(validate_id("id", bad).is_err(), "{bad:?}");
+    fn a_bad_id_is_an_invalid_argument() {
+        assert!(validate_id("exec id", "abc-1_2.3").is_ok());
+        for bad in ["", "..", "a/b", &"x".repeat(65)] {
+            match validate_id("exec id", bad) {
+                Err(e @ CtrError::InvalidArgument(_)) => {
+                    assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
+                    assert!(e.to_string().contains("invalid exec id"), "{e}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ pub mod qemu;
 pub mod virtiofsd;
 pub mod wait;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -84,6 +84,70 @@ pub enum Backend {
     Qemu,
 }
 
+impl Backend {
+    /// Whether [`Hypervisor::resize`] can grow a VM of this backend, so
+    /// that a [`VmSpec::max`] is worth reserving. Cloud Hypervisor
+    /// hot-plugs vCPUs and memory; QEMU VMs keep their boot size.
+    pub fn can_resize(self) -> bool {
+        match self {
+            Backend::CloudHypervisor => true,
+            Backend::Qemu => false,
+        }
+    }
+
+    /// The logs this backend writes in the VM directory `dir` (its VMM's
+    /// and helpers' stdout and stderr), each with what it is, for quoting
+    /// in an error report. They may not exist (a start that failed early).
+    pub fn log_files(self, dir: &Path) -> Vec<(&'static str, PathBuf)> {
+        match self {
+            Backend::CloudHypervisor => ch::CloudHypervisor::log_files(dir),
+            Backend::Qemu => qemu::Qemu::log_files(dir),
+        }
+    }
+}
+
+/// Longest Unix socket path: `sun_path` holds 108 bytes including the
+/// terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// `dir/name` as the path of a socket to bind or connect to; an
+/// [`Error::InvalidSpec`] naming the path if it is longer than a Unix
+/// socket allows.
+pub fn socket_path(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(Error::InvalidSpec(format!(
+            "socket path {} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket allows; \
+             use a shorter VM state directory",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// Checks, before anything is created, that every socket any backend (or
+/// virtiofsd, as `virtiofsd.sock`) puts in the VM directory `dir` fits in
+/// a Unix socket path. An [`Error::InvalidSpec`] that says to shorten the
+/// state root otherwise.
+pub fn check_vm_dir(dir: &Path) -> Result<()> {
+    let longest = ch::SOCKET_NAMES
+        .iter()
+        .chain(qemu::SOCKET_NAMES)
+        .chain(&[virtiofsd::SOCKET_NAME])
+        .map(|name| name.len())
+        .max()
+        .unwrap_or(0);
+    // The separator, then the name.
+    let len = dir.as_os_str().len() + 1 + longest;
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::InvalidSpec(format!(
+            "the VM directory {} is too long for Unix socket paths ({len} > {MAX_SOCKET_PATH} bytes); configure a shorter state root",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// A VM's lifecycle, as the shim needs it. Implementations own every process
 /// and socket they create and release them in [`Hypervisor::stop`] and on
 /// drop.
@@ -143,4 +207,55 @@ pub struct Binaries {
     pub qemu: PathBuf,
     pub vhost_device_vsock: PathBuf,
     pub virtiofsd: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_dir_too_long_for_any_backends_sockets_is_refused() {
+        // QEMU's vhost-vsock.sock is the longest name: 17 bytes with the
+        // separator.
+        let fits = PathBuf::from(format!("/{}", "d".repeat(MAX_SOCKET_PATH - 18)));
+        assert!(check_vm_dir(&fits).is_ok());
+        let long = PathBuf::from(format!("/{}", "d".repeat(MAX_SOCKET_PATH - 17)));
+        let err = check_vm_dir(&long).unwrap_err();
+        assert!(matches!(err, Error::InvalidSpec(_)), "{err:?}");
+        assert!(err.to_string().contains("shorter state root"), "{err}");
+    }
+
+    #[test]
+    fn an_overlong_socket_path_is_a_clear_error() {
+        let dir = PathBuf::from(format!("/tmp/{}", "d".repeat(100)));
+        let err = socket_path(&dir, "vsock.sock").unwrap_err();
+        assert!(matches!(err, Error::InvalidSpec(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("shorter VM state directory"),
+            "{err}"
+        );
+        assert!(socket_path(Path::new("/run/x"), "vsock.sock").is_ok());
+    }
+
+    #[test]
+    fn only_cloud_hypervisor_can_resize() {
+        assert!(Backend::CloudHypervisor.can_resize());
+        assert!(!Backend::Qemu.can_resize());
+    }
+
+    #[test]
+    fn each_backend_names_its_own_logs() {
+        let dir = Path::new("/vm");
+        let ch = Backend::CloudHypervisor.log_files(dir);
+        assert_eq!(ch, vec![("VMM log", dir.join("vmm.log"))]);
+        let qemu: Vec<PathBuf> = Backend::Qemu
+            .log_files(dir)
+            .into_iter()
+            .map(|(_, path)| path)
+            .collect();
+        assert_eq!(
+            qemu,
+            vec![dir.join("qemu.log"), dir.join("vhost-device-vsock.log")]
+        );
+    }
 }

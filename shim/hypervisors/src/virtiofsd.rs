@@ -27,6 +27,10 @@ use crate::process::ManagedProcess;
 use crate::wait::wait_until;
 use crate::{Error, Result};
 
+/// The name the shim gives virtiofsd's socket in the VM directory (see
+/// [`crate::check_vm_dir`]).
+pub const SOCKET_NAME: &str = "virtiofsd.sock";
+
 /// The `__SO_ACCEPTCON` flag of `/proc/net/unix`: the socket is listening.
 const SO_ACCEPTCON: u32 = 0x0001_0000;
 

@@ -30,7 +30,7 @@ use self::api::{DiskConfig, FsConfig, NetConfig, PciDeviceInfo, VmCounters, VmIn
 use self::client::ApiClient;
 use crate::console_log::ConsoleLog;
 use crate::process::ManagedProcess;
-use crate::{Error, Hypervisor, Result, VmSize, VmSpec};
+use crate::{socket_path, Error, Hypervisor, Result, VmSize, VmSpec};
 
 pub use self::vm_config::vm_config;
 
@@ -49,8 +49,8 @@ const API_SOCKET: &str = "ch-api.sock";
 const VSOCK_SOCKET: &str = "vsock.sock";
 const VMM_LOG: &str = "vmm.log";
 
-/// `sun_path` is 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
+/// The sockets this backend binds in the VM directory.
+pub(crate) const SOCKET_NAMES: &[&str] = &[API_SOCKET, VSOCK_SOCKET];
 
 pub struct CloudHypervisor {
     binary: PathBuf,
@@ -77,9 +77,10 @@ impl CloudHypervisor {
         Self { binary, vmm: None }
     }
 
-    /// The CH log of the VM in `dir`, for error reports.
-    pub fn log_path(dir: &Path) -> PathBuf {
-        dir.join(VMM_LOG)
+    /// The logs of the VM in `dir`, for error reports (see
+    /// [`crate::Backend::log_files`]).
+    pub fn log_files(dir: &Path) -> Vec<(&'static str, PathBuf)> {
+        vec![("VMM log", dir.join(VMM_LOG))]
     }
 
     /// `vmm.ping` of the running VMM.
@@ -310,18 +311,6 @@ fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
-fn socket_path(dir: &Path, name: &str) -> Result<PathBuf> {
-    let path = dir.join(name);
-    if path.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(Error::InvalidSpec(format!(
-            "socket path {} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket allows; \
-             use a shorter VM state directory",
-            path.display()
-        )));
-    }
-    Ok(path)
-}
-
 fn remove_socket(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
@@ -330,5 +319,65 @@ fn remove_socket(path: &Path) -> Result<()> {
             source: e,
         }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The line the fake CH of [`fake_ch`] prints before failing.
+    pub(crate) const FAKE_CH_LINE: &str = "fake-ch: error booting VM: no KVM here";
+
+    /// A stand-in `cloud-hypervisor` in `dir` that prints [`FAKE_CH_LINE`]
+    /// on stderr and exits 1, as CH does when it cannot start. Written by
+    /// a child shell, so no thread of this test process ever holds it open
+    /// for writing while another forks (ETXTBSY at exec).
+    pub(crate) fn fake_ch(dir: &Path) -> PathBuf {
+        let path = dir.join("cloud-hypervisor");
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"printf '#!/bin/sh\necho "%s" >&2\nexit 1\n' "$2" > "$1" && chmod 755 "$1""#)
+            .arg("sh")
+            .arg(&path)
+            .arg(FAKE_CH_LINE)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        path
+    }
+
+    /// Issue 10: a CH start failure quotes CH's own log (`vmm.log`, where
+    /// its stdout and stderr go), both in the backend's error and in the
+    /// log files the backend names for the shim's report.
+    #[tokio::test]
+    async fn a_start_failure_quotes_the_vmm_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = fake_ch(dir.path());
+        let spec = VmSpec {
+            id: "t".into(),
+            dir: dir.path().to_path_buf(),
+            vcpus: 1,
+            memory_mib: 128,
+            max: None,
+            kernel: dir.path().join("vmlinux"),
+            initramfs: dir.path().join("initrd"),
+            cmdline: String::new(),
+            shared_fs: None,
+            console_log: dir.path().join("console.log"),
+            console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
+            start_timeout: Duration::from_secs(10),
+        };
+        let mut ch = CloudHypervisor::new(binary);
+        let err = ch.start(&spec).await.unwrap_err();
+        assert!(matches!(err, Error::ExitedEarly { .. }), "{err:?}");
+        assert!(err.to_string().contains(FAKE_CH_LINE), "{err}");
+        assert!(ch.pids().is_empty());
+        let logs = crate::Backend::CloudHypervisor.log_files(dir.path());
+        let quoted: String = logs
+            .iter()
+            .map(|(_, path)| crate::process::log_tail(path, 30))
+            .collect();
+        assert!(quoted.contains(FAKE_CH_LINE), "{logs:?}: {quoted:?}");
     }
 }

@@ -23,10 +23,7 @@ use crate::console_log::ConsoleLog;
 use crate::process::ManagedProcess;
 use crate::virtiofsd::socket_is_listening;
 use crate::wait::wait_until;
-use crate::{Error, Hypervisor, Result, VmSize, VmSpec};
-
-/// `sun_path` holds 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
+use crate::{socket_path, Error, Hypervisor, Result, VmSize, VmSpec};
 
 /// Files the backend creates in the VM directory.
 const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
@@ -34,6 +31,9 @@ const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
 const QMP_SOCKET: &str = "qmp.sock";
 const QEMU_LOG: &str = "qemu.log";
 const VHOST_VSOCK_LOG: &str = "vhost-device-vsock.log";
+
+/// The sockets this backend binds in the VM directory.
+pub(crate) const SOCKET_NAMES: &[&str] = &[VHOST_VSOCK_SOCKET, HYBRID_VSOCK_SOCKET, QMP_SOCKET];
 
 pub struct Qemu {
     binary: PathBuf,
@@ -61,21 +61,14 @@ impl Qemu {
         }
     }
 
-    /// The QEMU log of the VM in `dir`, for error reports.
-    pub fn log_path(dir: &Path) -> PathBuf {
-        dir.join(QEMU_LOG)
+    /// The logs of the VM in `dir`, for error reports (see
+    /// [`crate::Backend::log_files`]).
+    pub fn log_files(dir: &Path) -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("VMM log", dir.join(QEMU_LOG)),
+            ("vhost-device-vsock log", dir.join(VHOST_VSOCK_LOG)),
+        ]
     }
-}
-
-fn socket_path(dir: &Path, name: &str) -> Result<PathBuf> {
-    let path = dir.join(name);
-    if path.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(Error::InvalidSpec(format!(
-            "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter state directory",
-            path.display()
-        )));
-    }
-    Ok(path)
 }
 
 fn remove_files(paths: &[PathBuf]) {
@@ -253,13 +246,6 @@ impl Hypervisor for Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_overlong_socket_path_is_a_clear_error() {
-        let dir = PathBuf::from(format!("/tmp/{}", "d".repeat(100)));
-        let err = socket_path(&dir, HYBRID_VSOCK_SOCKET).unwrap_err();
-        assert!(err.to_string().contains("shorter state directory"), "{err}");
-    }
 
     #[tokio::test]
     async fn a_missing_kernel_fails_before_spawning_anything() {
