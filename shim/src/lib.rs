@@ -18,3 +18,4 @@ pub mod sizing;
 pub mod submounts;
 pub mod task;
 pub mod vm;
+pub mod writable_shares;
