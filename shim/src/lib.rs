@@ -4,8 +4,8 @@
 
 pub mod bind_mount;
 pub mod check;
+pub mod daemon;
 pub mod host;
-pub mod legacy;
 pub mod mountinfo;
 mod options;
 pub mod pod;
