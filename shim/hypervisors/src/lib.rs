@@ -16,6 +16,8 @@ pub mod console_log;
 mod error;
 pub mod process;
 pub mod qemu;
+#[doc(hidden)]
+pub mod testing;
 pub mod virtiofsd;
 pub mod wait;
 

@@ -9,6 +9,7 @@ use super::report::failure_report;
 use super::*;
 use crate::shared_mount::private_dir;
 use clh_hypervisor::new_backend;
+use clh_hypervisor::testing::{fake_ch, FAKE_CH_LINE};
 
 /// The rule itself is tested in clh-agent-protocol; here, that the VM
 /// layer refuses a bad sandbox id before touching the disk.
@@ -45,26 +46,6 @@ async fn a_root_too_long_for_sockets_is_refused() {
     assert!(!root.exists());
 }
 
-const FAKE_CH_LINE: &str = "fake-ch: error booting VM: no KVM here";
-
-/// A stand-in `cloud-hypervisor` in `dir` that prints [`FAKE_CH_LINE`]
-/// on stderr and exits 1, as CH does when it cannot start. Written by
-/// a child shell, so no thread of this process holds it open for
-/// writing while another forks (ETXTBSY at exec).
-fn fake_ch(dir: &Path) -> PathBuf {
-    let path = dir.join("cloud-hypervisor");
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(r#"printf '#!/bin/sh\necho "%s" >&2\nexit 1\n' "$2" > "$1" && chmod 755 "$1""#)
-        .arg("sh")
-        .arg(&path)
-        .arg(FAKE_CH_LINE)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    path
-}
-
 /// Issue 10: the report of a Cloud Hypervisor start failure quotes
 /// CH's own log (`vmm.log`, named by the backend, not by this file).
 #[tokio::test]
@@ -73,20 +54,7 @@ async fn a_cloud_hypervisor_failure_report_quotes_its_vmm_log() {
     let mut opts = test_options();
     opts.backend = Backend::CloudHypervisor;
     opts.binaries.cloud_hypervisor = fake_ch(dir.path());
-    let spec = VmSpec {
-        id: "t".into(),
-        dir: dir.path().to_path_buf(),
-        vcpus: 1,
-        memory_mib: 128,
-        max: None,
-        kernel: dir.path().join("vmlinux"),
-        initramfs: dir.path().join("initrd"),
-        cmdline: String::new(),
-        shared_fs: None,
-        console_log: dir.path().join("console.log"),
-        console_log_max_bytes: opts.console_log_max_bytes,
-        start_timeout: Duration::from_secs(10),
-    };
+    let spec = VmSpec::for_test(dir.path());
     let mut hypervisor = new_backend(opts.backend, &opts.binaries);
     assert!(hypervisor.start(&spec).await.is_err());
     let report = failure_report(dir.path(), opts.backend);
