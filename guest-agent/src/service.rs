@@ -26,9 +26,22 @@ pub struct AgentService {
     pub volumes: Volumes,
 }
 
-/// Maps a domain error to its ttrpc status, logging it.
+/// `e` and each of its causes, joined with ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
+    msg
+}
+
+/// Maps a domain error to its ttrpc status (the message is its whole
+/// chain of causes), logging it.
 fn status(call: &str, e: CtrError) -> Error {
-    let msg = e.to_string();
+    let msg = chain(&e);
     debug!("{call} failed: {msg}");
     Error::RpcStatus(ttrpc::get_status(e.code(), msg))
 }
@@ -372,5 +385,26 @@ fn display_or_unknown(s: &str) -> &str {
         "(unknown version)"
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shim's error message carries why an internal step failed, not
+    /// only which step.
+    #[test]
+    fn an_internal_error_reaches_the_shim_with_its_causes() {
+        let cause = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = CtrError::Internal {
+            what: "writing /run/clh/c1/config.json".into(),
+            source: Some(Box::new(cause)),
+        };
+        let Error::RpcStatus(s) = status("CreateContainer", e) else {
+            panic!("not a status");
+        };
+        assert_eq!(s.code(), Code::INTERNAL);
+        assert_eq!(s.message(), "writing /run/clh/c1/config.json: no such file");
     }
 }

@@ -4,8 +4,8 @@
 
 pub mod bind_mount;
 pub mod check;
+pub mod daemon;
 pub mod host;
-pub mod legacy;
 pub mod mountinfo;
 mod options;
 pub mod pod;
@@ -18,3 +18,4 @@ pub mod sizing;
 pub mod submounts;
 pub mod task;
 pub mod vm;
+pub mod writable_shares;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clh_config::{Config, Source};
-use containerd_shim_clh_v2::legacy;
+use containerd_shim_clh_v2::daemon;
 use containerd_shim_clh_v2::shim::ClhShim;
 
 const RUNTIME_ID: &str = "io.containerd.clh.v2";
@@ -29,7 +29,7 @@ async fn main() -> ExitCode {
             println!("containerd-shim-clh-v2 {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        // containerd's actions: start and serving here (see legacy.rs),
+        // containerd's actions: start and serving here (see daemon.rs),
         // delete and -info through containerd-shim's bootstrap.
         Some(_) => containerd(&args).await,
         None => {
@@ -48,9 +48,9 @@ async fn containerd(args: &[String]) -> ExitCode {
         }
     };
     let served = match flags.action.as_str() {
-        "start" => legacy::start(&flags).await,
+        "start" => daemon::start(&flags).await,
         "" if !flags.info && !flags.version => {
-            let served = legacy::serve(RUNTIME_ID, &flags).await;
+            let served = daemon::serve(RUNTIME_ID, &flags).await;
             // Everything is stopped; exit now rather than wait in the
             // runtime's drop for a blocking FIFO read containerd may
             // still hold open.

@@ -23,6 +23,7 @@ impl VmOptions {
         };
         let options = VmOptions {
             backend,
+            hypervisors: Default::default(),
             binaries: host::binaries(config),
             kernel,
             initramfs: g.initramfs.clone(),
@@ -38,6 +39,7 @@ impl VmOptions {
             vmm_start_timeout: Duration::from_millis(t.vmm_start_ms),
             agent_timeout: Duration::from_millis(t.agent_connect_ms),
             stop_timeout: Duration::from_millis(t.stop_ms),
+            cgroups_path: None,
         };
         (options, reason)
     }

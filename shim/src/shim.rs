@@ -1,10 +1,10 @@
-//! The `Shim` of containerd-shim's bootstrap: `start` spawns the daemon,
-//! `delete` cleans up after a crashed one, the daemon serves the Task
-//! service.
+//! The `Shim` of containerd-shim's bootstrap, for what `main` leaves to
+//! it: `delete` after a crashed daemon and `-info`; and the configuration
+//! every action loads. `start` and serving are daemon.rs's.
 
 use std::sync::Arc;
 
-use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::asynchronous::{ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Error as ShimError, Flags, StartOpts};
 use containerd_shim_protos::api::DeleteResponse;
@@ -76,11 +76,14 @@ impl Shim for ClhShim {
         }
     }
 
-    /// One shim per container: the grouping is the container id.
-    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
-        let grouping = opts.id.clone();
-        let vars: Vec<(&str, &str)> = Vec::new();
-        spawn(opts, &grouping, vars).await
+    /// Never called: `main` answers containerd's `start` itself
+    /// (daemon.rs), because the bootstrap's answer speaks only task API v3
+    /// and containerd 1.6 needs v2. Refuses rather than start a second kind
+    /// of daemon.
+    async fn start_shim(&mut self, _opts: StartOpts) -> Result<String, ShimError> {
+        Err(ShimError::InvalidArgument(
+            "internal error: `start` is handled by daemon::start, not the shim bootstrap".into(),
+        ))
     }
 
     /// After a crashed daemon: for a VM's owner, kill what `state.json`
@@ -126,7 +129,7 @@ impl Shim for ClhShim {
         }
     }
 
-    /// Not reached through our `main` (legacy::serve loads the
+    /// Not reached through our `main` (daemon::serve loads the
     /// configuration before it binds and calls [`ClhShim::task_service`]);
     /// kept for the bootstrap's own serve path, which has no way to fail
     /// here, so a broken configuration ends the process instead of

@@ -76,17 +76,14 @@ async fn bare_kernel_boot(
     let console = dir.join("console.log");
     let spec = VmSpec {
         id: format!("base{round}"),
-        dir: dir.clone(),
         vcpus: opts.vcpus,
         memory_mib: opts.memory_mib,
-        max: None,
         kernel: image.vmlinuz.clone(),
         initramfs: image.bench_initramfs.clone(),
         cmdline: "console=ttyS0 panic=-1 quiet".into(),
-        shared_fs: None,
         console_log: console.clone(),
-        console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
         start_timeout: opts.vmm_start_timeout,
+        ..VmSpec::for_test(&dir)
     };
     let mut vm = Qemu::new(
         opts.binaries.qemu.clone(),

@@ -97,6 +97,7 @@ pub fn binaries() -> Binaries {
 pub fn qemu_options(image: &GuestImage) -> VmOptions {
     VmOptions {
         backend: Backend::Qemu,
+        hypervisors: Default::default(),
         binaries: binaries(),
         kernel: image.vmlinuz.clone(),
         initramfs: image.initramfs.clone(),
@@ -109,6 +110,7 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
         vmm_start_timeout: Duration::from_secs(20),
         agent_timeout: Duration::from_secs(90),
         stop_timeout: Duration::from_secs(5),
+        cgroups_path: None,
     }
 }
 
@@ -116,7 +118,10 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
 /// bytes), removed on drop.
 /// Stops `vm`, then fails with `result`'s error and the tail of the guest
 /// console (read before the stop removes the VM's directory).
-pub async fn stop_vm_and_report(vm: containerd_shim_clh_v2::vm::PodVm, result: anyhow::Result<()>) {
+pub async fn stop_vm_and_report(
+    vm: std::sync::Arc<containerd_shim_clh_v2::vm::PodVm>,
+    result: anyhow::Result<()>,
+) {
     let console = std::fs::read_to_string(vm.dir().join("console.log")).unwrap_or_default();
     if let Err(e) = vm.stop().await {
         panic!("stopping the VM: {e:#}");

@@ -107,17 +107,13 @@ fn vm_spec(dir: &Path, kernel: PathBuf, shared_fs: Option<SharedFs>) -> VmSpec {
     std::fs::write(&initramfs, [0u8; 512]).expect("write the test initramfs");
     VmSpec {
         id: "ch-api-test".into(),
-        dir: dir.to_path_buf(),
-        vcpus: 1,
         memory_mib: 256,
-        max: None,
         kernel,
         initramfs,
         cmdline: "console=ttyS0".into(),
         shared_fs,
-        console_log: dir.join("console.log"),
-        console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
         start_timeout: START_TIMEOUT,
+        ..VmSpec::for_test(dir)
     }
 }
 

@@ -51,13 +51,6 @@ fn setup_with_guest_key(line: Option<&str>) -> (ctr::Setup, CriSetup) {
     (s, cri)
 }
 
-/// Runs `script` in container `id`; its stdout, failing on a non-zero exit.
-fn sh(k: &Kubelet, id: &str, script: &str, timeout: Duration) -> Result<String> {
-    let r = k.cri().exec_sync(id, &["sh", "-c", script], timeout)?;
-    ensure!(r.exit_code == 0, "{script:?} in {id}: {r:?}");
-    Ok(r.stdout)
-}
-
 /// Every entry below `dir`, not descending into mount points (the pod's
 /// rootfs and volumes are the containers' data, not the shim's state).
 fn walk(dir: &Path, out: &mut Vec<(PathBuf, std::fs::Metadata)>) -> Result<()> {
@@ -128,7 +121,7 @@ fn owner_only(shim: &ctr::Setup, setup: &CriSetup) -> Result<()> {
     let pod = k.run_pod(&k.pod("modes"))?;
     let app = ContainerBuilder::new("app", BUSYBOX).command(&["sleep", "100000"]);
     let app = k.run_container(&pod, &app)?;
-    sh(&k, &app, "true", EXEC_TIMEOUT)?;
+    k.sh_within(&app, "true", EXEC_TIMEOUT)?;
 
     let vm_dir = shim.state_dir.join(&pod.id);
     let mut entries = vec![(
@@ -250,7 +243,7 @@ fn rng_seed(shim: &ctr::Setup, setup: &CriSetup) -> Result<()> {
 
     let mut places = vec![(
         "the guest's /proc/cmdline".to_owned(),
-        sh(&k, &app, "cat /proc/cmdline", EXEC_TIMEOUT)?,
+        k.sh_within(&app, "cat /proc/cmdline", EXEC_TIMEOUT)?,
     )];
     for (pid, argv) in vm_processes(&vm_dir)? {
         places.push((format!("the argv of pid {pid}"), argv));
@@ -284,8 +277,7 @@ fn rng_seed(shim: &ctr::Setup, setup: &CriSetup) -> Result<()> {
         seeded < created,
         "the RNG was seeded after the container was created"
     );
-    let avail = sh(
-        &k,
+    let avail = k.sh_within(
         &app,
         "cat /proc/sys/kernel/random/entropy_avail",
         EXEC_TIMEOUT,
@@ -319,7 +311,7 @@ fn console_flood(shim: &ctr::Setup, setup: &CriSetup) -> Result<()> {
         "mknod /dev/serial0 c 4 64 && head -c {FLOOD_BYTES} /dev/zero | tr '\\0' x > /dev/serial0 \
          && echo END-OF-FLOOD > /dev/serial0"
     );
-    sh(&k, &app, &script, Duration::from_secs(300))?;
+    k.sh_within(&app, &script, Duration::from_secs(300))?;
     k.cri()
         .wait_for("the flood's end in the console log", EXEC_TIMEOUT, |_| {
             let text = std::fs::read(&log)?;
@@ -337,7 +329,7 @@ fn console_flood(shim: &ctr::Setup, setup: &CriSetup) -> Result<()> {
         rotated.exists(),
         "no rotation after a {FLOOD_BYTES}-byte flood"
     );
-    let alive = sh(&k, &app, "echo alive", EXEC_TIMEOUT)?;
+    let alive = k.sh_within(&app, "echo alive", EXEC_TIMEOUT)?;
     ensure!(alive.trim() == "alive", "{alive}");
     k.remove_pod(&pod)?;
     k.finish()

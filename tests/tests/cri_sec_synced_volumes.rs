@@ -28,7 +28,6 @@ use anyhow::{ensure, Context, Result};
 use clh_tests::cri::{ContainerBuilder, CriSetup, Kubelet, Pod, BUSYBOX};
 use clh_tests::ctr;
 
-const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the secret is looked for after the swap: several of the
 /// sync's 1 s rechecks, beside the inotify event that comes at once.
 const WATCH_FOR_LEAK: Duration = Duration::from_secs(5);
@@ -86,12 +85,6 @@ impl Host {
     }
 }
 
-fn sh(k: &Kubelet, id: &str, script: &str) -> Result<String> {
-    let r = k.cri().exec_sync(id, &["sh", "-c", script], EXEC_TIMEOUT)?;
-    ensure!(r.exit_code == 0, "{script:?} in {id}: {r:?}");
-    Ok(r.stdout)
-}
-
 /// The writer: lays the volume out like a ConfigMap with `key` = `v1`.
 fn writer(k: &Kubelet, pod: &Pod, host: &Host) -> Result<String> {
     let c = ContainerBuilder::new("writer", BUSYBOX)
@@ -99,8 +92,7 @@ fn writer(k: &Kubelet, pod: &Pod, host: &Host) -> Result<String> {
         .mount(host.path(), WRITER_DIR, false);
     let id = k.run_container(pod, &c)?;
     let d = WRITER_DIR;
-    sh(
-        k,
+    k.sh(
         &id,
         &format!(
             "mkdir {d}/..2026_01 && echo v1 > {d}/..2026_01/key && \
@@ -116,7 +108,7 @@ fn reader(k: &Kubelet, pod: &Pod, host: &Host) -> Result<String> {
         .command(&["sleep", "100000"])
         .mount(host.path(), READER_DIR, true);
     let id = k.run_container(pod, &c)?;
-    let key = sh(k, &id, &format!("cat {READER_DIR}/key"))?;
+    let key = k.sh(&id, &format!("cat {READER_DIR}/key"))?;
     ensure!(key == "v1\n", "the reader sees {key:?}");
     Ok(id)
 }
@@ -124,21 +116,20 @@ fn reader(k: &Kubelet, pod: &Pod, host: &Host) -> Result<String> {
 /// The file system type of the reader's volume mount.
 fn reader_fstype(k: &Kubelet, reader: &str) -> Result<String> {
     let script = format!("awk '$2 == \"{READER_DIR}\" {{print $3}}' /proc/mounts");
-    Ok(sh(k, reader, &script)?.trim().to_owned())
+    Ok(k.sh(reader, &script)?.trim().to_owned())
 }
 
 /// The attack: `..x -> <the canary's host directory>`, `..data -> ..x`.
 fn swap_to_host_dir(k: &Kubelet, writer: &str, host: &Host) -> Result<()> {
     let d = WRITER_DIR;
     let canary = host.canary_dir.display();
-    sh(
-        k,
+    k.sh(
         writer,
         &format!(
             "ln -s {canary} {d}/..x && ln -s ..x {d}/..data_tmp && mv -T {d}/..data_tmp {d}/..data"
         ),
     )?;
-    let data = sh(k, writer, &format!("readlink {d}/..data"))?;
+    let data = k.sh(writer, &format!("readlink {d}/..data"))?;
     ensure!(
         data == "..x\n",
         "the swap did not happen: ..data -> {data:?}"
@@ -155,7 +146,7 @@ fn secret_never_shows(k: &Kubelet, reader: &str, host: &Host) -> Result<()> {
     let deadline = Instant::now() + WATCH_FOR_LEAK;
     let mut looks = 0;
     while Instant::now() < deadline || looks < 3 {
-        let seen = sh(k, reader, &script)?;
+        let seen = k.sh(reader, &script)?;
         ensure!(
             !seen.contains(&host.secret),
             "the host's canary reached the guest after {looks} looks: {seen:?}"
@@ -212,8 +203,7 @@ fn two_pods(setup: &CriSetup) -> Result<()> {
     secret_never_shows(&k, &reader, &host)?;
     // The sync survived the attack: a proper update still comes through.
     let d = WRITER_DIR;
-    sh(
-        &k,
+    k.sh(
         &writer,
         &format!(
             "mkdir {d}/..2026_02 && echo v2 > {d}/..2026_02/key && \
@@ -222,7 +212,7 @@ fn two_pods(setup: &CriSetup) -> Result<()> {
     )?;
     k.cri()
         .wait_for("the update after the attack", k.timeout(), |_| {
-            let key = sh(&k, &reader, &format!("cat {READER_DIR}/key"))?;
+            let key = k.sh(&reader, &format!("cat {READER_DIR}/key"))?;
             Ok((key == "v2\n").then_some(()))
         })
         .context("the sync stopped after the attack")?;

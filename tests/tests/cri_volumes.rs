@@ -31,7 +31,6 @@
 //! failed creates included).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use clh_tests::atomic_writer::{atomic_write, build_inotify_wait};
@@ -39,21 +38,12 @@ use clh_tests::cri::{ContainerBuilder, CriSetup, Kubelet, BUSYBOX};
 use clh_tests::ctr;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
-
 fn setup() -> (ctr::Setup, CriSetup) {
     let s = ctr::setup().expect("shim setup");
     let shim_dir = ctr::shim_dir().expect("building the shim");
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let cri = ctr::cri_setup(&s, shim_dir, images, 30_000).expect("CRI setup");
     (s, cri)
-}
-
-/// Runs `script` in container `id`; its stdout, failing on a non-zero exit.
-fn sh(k: &Kubelet, id: &str, script: &str) -> Result<String> {
-    let r = k.cri().exec_sync(id, &["sh", "-c", script], EXEC_TIMEOUT)?;
-    ensure!(r.exit_code == 0, "{script:?} in {id}: {r:?}");
-    Ok(r.stdout)
 }
 
 /// A filesystem mounted at `path` for the test's life (a kubelet's memory
@@ -128,15 +118,15 @@ fn volumes(setup: &CriSetup) -> Result<()> {
         .mount(s(&h.join("single.conf")), "/etc/single.conf", true)
         .mount(s(&cache.0), "/cache", false);
     let app = k.run_container(&pod, &app)?;
-    let out = sh(&k, &app, "cat /rw/in /deep/file.txt /etc/single.conf")?;
+    let out = k.sh(&app, "cat /rw/in /deep/file.txt /etc/single.conf")?;
     ensure!(out == "from the host\ndeep\nkey=value\n", "{out:?}");
-    sh(&k, &app, "echo written > /rw/out")?;
+    k.sh(&app, "echo written > /rw/out")?;
     ensure!(std::fs::read_to_string(h.join("rw/out"))? == "written\n");
-    let ro = sh(&k, &app, "echo x > /ro/f && echo WRITABLE || echo refused")?;
+    let ro = k.sh(&app, "echo x > /ro/f && echo WRITABLE || echo refused")?;
     ensure!(ro == "refused\n", "read-only volume: {ro:?}");
     // The memory emptyDir is guest RAM, not the share, not the host.
-    sh(&k, &app, "echo in-memory > /cache/x")?;
-    let fstype = sh(&k, &app, "awk '$2 == \"/cache\" {print $3}' /proc/mounts")?;
+    k.sh(&app, "echo in-memory > /cache/x")?;
+    let fstype = k.sh(&app, "awk '$2 == \"/cache\" {print $3}' /proc/mounts")?;
     ensure!(fstype.trim() != "virtiofs", "/cache is {fstype:?}");
     ensure!(
         std::fs::read_dir(&cache.0)?.next().is_none(),
@@ -150,7 +140,7 @@ fn volumes(setup: &CriSetup) -> Result<()> {
         .mount(s(&h.join("late")), "/late", true)
         .mount(s(&cache.0), "/cache", false);
     let late = k.run_container(&pod, &late)?;
-    let out = sh(&k, &late, "cat /late/file /cache/x")?;
+    let out = k.sh(&late, "cat /late/file /cache/x")?;
     ensure!(out == "late\nin-memory\n", "{out:?}");
 
     // SEC-FS-08: host paths into the host's kernel trees are refused.
@@ -193,7 +183,7 @@ fn existing(k: &Kubelet, id: &str, paths: &[String]) -> Result<Vec<String>> {
         "for p in {}; do [ -e \"$p\" ] && echo \"$p\"; done; true",
         paths.join(" ")
     );
-    Ok(sh(k, id, &script)?.lines().map(str::to_owned).collect())
+    Ok(k.sh(id, &script)?.lines().map(str::to_owned).collect())
 }
 
 /// SEC-FS-08 for recursive binds (CRI hostPaths are `rbind`): hostPath `/`
@@ -234,8 +224,7 @@ fn host_path_root(shim: &ctr::Setup, setup: &CriSetup) -> Result<()> {
     // Mounted on the host after the container started, below `/`.
     let late = HostMount::of_type("proc", &tmp.path().join("late"))?;
 
-    let seen = sh(
-        &k,
+    let seen = k.sh(
         &app,
         &format!(
             "cat /host{t}/secret /host{t}/sub/file /hostrun{}/tmp/file",
@@ -295,10 +284,10 @@ fn privileged(setup: &CriSetup) -> Result<()> {
         .command(&["sleep", "100000"])
         .privileged();
     let app = k.run_container(&pod, &app)?;
-    let caps = sh(&k, &app, "grep CapEff /proc/self/status")?;
+    let caps = k.sh(&app, "grep CapEff /proc/self/status")?;
     // All capabilities the host gives (CAP_SYS_RESOURCE may be missing here).
     ensure!(caps.contains("000001ff"), "not privileged: {caps:?}");
-    let dev = sh(&k, &app, "ls /dev")?;
+    let dev = k.sh(&app, "ls /dev")?;
     let host: Vec<String> = std::fs::read_dir("/dev")?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -344,16 +333,16 @@ fn configmap_update(setup: &CriSetup) -> Result<()> {
         .mount(s(&cm), "/etc/config", true)
         .mount(s(&watcher), "/bin/inotify-wait", true);
     let app = k.run_container(&pod, &app)?;
-    let events = |k: &Kubelet| sh(k, &app, "cat /tmp/events 2>/dev/null || true");
+    let events = |k: &Kubelet| k.sh(&app, "cat /tmp/events 2>/dev/null || true");
     k.cri()
         .wait_for("the watch in the container", k.timeout(), |_| {
             Ok(events(&k)?.contains("ready").then_some(()))
         })?;
     ensure!(
-        sh(&k, &app, "cat /etc/config/a /etc/config/b")? == "11",
+        k.sh(&app, "cat /etc/config/a /etc/config/b")? == "11",
         "first set"
     );
-    let before: f64 = sh(&k, &app, "cut -d' ' -f1 /proc/uptime")?.trim().parse()?;
+    let before: f64 = k.sh(&app, "cut -d' ' -f1 /proc/uptime")?.trim().parse()?;
     atomic_write(&cm, 2, &[("a", b"2"), ("b", b"2"), ("new", b"y")])?;
     let line = k
         .cri()
@@ -375,8 +364,7 @@ fn configmap_update(setup: &CriSetup) -> Result<()> {
         "the update took {latency:.3} s to reach the container"
     );
     // The copy is read-only in the container.
-    let w = sh(
-        &k,
+    let w = k.sh(
         &app,
         "echo x > /etc/config/a && echo WRITABLE || echo refused",
     )?;

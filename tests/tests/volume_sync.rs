@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use clh_agent_client::{connect_hybrid_vsock, open_stdio_stream, Stdio, StdioKind};
-use clh_agent_protocol::{AGENT_VSOCK_PORT, GUEST_SHARED_DIR};
+use clh_agent_client::{open_stdio_stream, Stdio, StdioKind};
+use clh_agent_protocol::GUEST_SHARED_DIR;
 use clh_tests::atomic_writer::{atomic_write, build_inotify_wait};
 use clh_tests::{containerd::cache_dir, qemu_options, state_root, GuestImage, LeakCheck};
 use containerd_shim_clh_v2::service::volume_sync;
@@ -132,10 +132,8 @@ async fn update(
 }
 
 async fn run(vm: &PodVm, host: &Path) -> Result<()> {
-    let uds = vm.vsock_socket();
-    let stream = connect_hybrid_vsock(&uds, AGENT_VSOCK_PORT, STEP).await?;
-    let raw = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(stream));
-    let agent = clh_agent_protocol::AgentClient::new(raw);
+    let uds = vm.vsock_socket().to_path_buf();
+    let agent = vm.agent().clone();
     vm.agent().version().await?;
 
     atomic_write(host, 1, &[("a", b"1"), ("b", b"1")])?;

@@ -183,8 +183,9 @@ impl Containers {
                     .with_detach(true)
                     .build()
                     .map_err(|e| CtrError::internal("creating the container", e))?;
-                let pid = container.pid().ok_or_else(|| {
-                    CtrError::Internal("libcontainer returned no init pid".into())
+                let pid = container.pid().ok_or_else(|| CtrError::Internal {
+                    what: "libcontainer returned no init pid".into(),
+                    source: None,
                 })?;
                 // libcontainer's nix is another version than ours.
                 Ok((Pid::from_raw(pid.as_raw()), container))

@@ -45,8 +45,14 @@ pub enum CtrError {
     InvalidArgument(String),
     #[error("{0}")]
     FailedPrecondition(String),
-    #[error("{0}")]
-    Internal(String),
+    /// What failed, and why: the cause's own chain is kept, and the
+    /// status the shim gets spells it out (service.rs).
+    #[error("{what}")]
+    Internal {
+        what: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl CtrError {
@@ -57,13 +63,19 @@ impl CtrError {
             Self::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Self::InvalidArgument(_) => Code::INVALID_ARGUMENT,
             Self::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-            Self::Internal(_) => Code::INTERNAL,
+            Self::Internal { .. } => Code::INTERNAL,
         }
     }
 
     /// An internal error saying what we were doing.
-    fn internal(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Self {
-        Self::Internal(format!("{what}: {e}"))
+    fn internal(
+        what: impl std::fmt::Display,
+        e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Internal {
+            what: what.to_string(),
+            source: Some(e.into()),
+        }
     }
 }
 

@@ -5,8 +5,8 @@
 
 use clh_agent_protocol::{
     ContainerRequest, ContainerStatsResponse, CreateContainerRequest, Empty, ExecProcessRequest,
-    ProcessRequest, ResizeTtyRequest, SignalProcessRequest, Stdio, UpdateContainerRequest,
-    WaitProcessResponse,
+    ProcessRequest, ResizeTtyRequest, SignalProcessRequest, Stdio, SyncVolumeRequest,
+    UpdateContainerRequest, VolumeRequest, WaitProcessResponse,
 };
 
 use crate::{AgentClient, Error, Result};
@@ -187,5 +187,31 @@ impl AgentClient {
             .get_oom_event(no_timeout(), &Empty::default())
             .await;
         Ok(r.map_err(rpc("GetOomEvent"))?.container_id)
+    }
+
+    /// Sends one piece of a volume snapshot (volume_sync.rs builds it).
+    pub async fn sync_volume(&self, req: &SyncVolumeRequest) -> Result<()> {
+        let r = self.inner.sync_volume(self.ctx(), req).await;
+        r.map(drop).map_err(rpc("SyncVolume"))
+    }
+
+    /// Removes the guest's copy of volume `volume` of the container.
+    pub async fn remove_volume(&self, container_id: &str, volume: u32) -> Result<()> {
+        let req = VolumeRequest {
+            container_id: container_id.to_owned(),
+            volume,
+            ..Default::default()
+        };
+        let r = self.inner.remove_volume(self.ctx(), &req).await;
+        r.map(drop).map_err(rpc("RemoveVolume"))
+    }
+
+    /// Onlines the vCPUs (and memory) hot-plugged into the guest.
+    pub async fn online_resources(&self) -> Result<()> {
+        let r = self
+            .inner
+            .online_resources(self.ctx(), &Empty::default())
+            .await;
+        r.map(drop).map_err(rpc("OnlineResources"))
     }
 }

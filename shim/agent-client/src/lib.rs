@@ -95,6 +95,34 @@ impl Error {
             _ => None,
         }
     }
+
+    /// Whether the agent did not answer in time: it never answered the
+    /// handshake, or a call passed its deadline.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Rpc { source, .. } => match source {
+                ttrpc::Error::RpcStatus(status) => status.code() == ttrpc::Code::DEADLINE_EXCEEDED,
+                // ttrpc's client-side deadline ("Request deadline elapsed").
+                ttrpc::Error::Others(message) => message.contains("deadline"),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Whether the connection to the agent is gone (the VM stopped, or
+    /// the agent closed it).
+    pub fn is_disconnected(&self) -> bool {
+        match self {
+            Self::Handshake(_) => true,
+            Self::Rpc { source, .. } => matches!(
+                source,
+                ttrpc::Error::LocalClosed | ttrpc::Error::RemoteClosed | ttrpc::Error::Socket(_)
+            ),
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -175,6 +203,17 @@ impl AgentClient {
         this.agent_version = reply.agent_version;
         this.call_timeout = DEFAULT_CALL_TIMEOUT;
         Ok(this)
+    }
+
+    /// A client on a connection made elsewhere, whose version is not
+    /// checked: for tests that serve a fake agent on a plain Unix socket.
+    #[doc(hidden)]
+    pub fn from_unchecked(inner: clh_agent_protocol::AgentClient) -> Self {
+        Self {
+            inner,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            agent_version: String::new(),
+        }
     }
 
     /// The agent's version string, as reported at connect.

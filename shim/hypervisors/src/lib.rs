@@ -16,10 +16,13 @@ pub mod console_log;
 mod error;
 pub mod process;
 pub mod qemu;
+#[doc(hidden)]
+pub mod testing;
 pub mod virtiofsd;
 pub mod wait;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -197,6 +200,38 @@ pub fn new_backend(backend: Backend, binaries: &Binaries) -> Box<dyn Hypervisor>
             binaries.qemu.clone(),
             binaries.vhost_device_vsock.clone(),
         )),
+    }
+}
+
+/// Makes each VM's [`Hypervisor`]: [`new_backend`] by default, a fake in
+/// the shim's unit tests (the seam that lets the service be tested without
+/// a VM).
+#[derive(Clone)]
+pub struct HypervisorFactory(Arc<MakeHypervisor>);
+
+type MakeHypervisor = dyn Fn(Backend, &Binaries) -> Box<dyn Hypervisor> + Send + Sync;
+
+impl HypervisorFactory {
+    pub fn new(
+        make: impl Fn(Backend, &Binaries) -> Box<dyn Hypervisor> + Send + Sync + 'static,
+    ) -> Self {
+        Self(Arc::new(make))
+    }
+
+    pub fn make(&self, backend: Backend, binaries: &Binaries) -> Box<dyn Hypervisor> {
+        (self.0)(backend, binaries)
+    }
+}
+
+impl Default for HypervisorFactory {
+    fn default() -> Self {
+        Self::new(new_backend)
+    }
+}
+
+impl std::fmt::Debug for HypervisorFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HypervisorFactory")
     }
 }
 

@@ -22,9 +22,9 @@ use nix::mount::{umount2, MntFlags};
 
 use super::error::{Error, Result};
 use super::volume_sync;
-use super::writable_shares::WritableShares;
 use crate::bind_mount::{self, BindOptions, SubmountPolicy};
 use crate::shared_mount::{private_dir, staging_dir};
+use crate::writable_shares::WritableShares;
 
 /// containerd's default root and state directories.
 const CONTAINERD_DIRS: [&str; 2] = ["/var/lib/containerd", "/run/containerd"];

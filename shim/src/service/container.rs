@@ -2,31 +2,22 @@
 //! is exec id ""), each with an exit cell that a waiter task fills.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::Context;
-use clh_agent_client::connect_hybrid_vsock;
-use clh_agent_protocol::{AgentClient, VersionRequest, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use ttrpc::r#async::transport::Socket;
 
 use super::binds::Binds;
-use super::error::{agent_error, Error, Result};
-use super::sandbox::Sandbox;
+use super::error::{Error, Result};
 use super::stdio::{Pumps, StdioPaths};
 use super::volume_sync::VolumeSync;
 use crate::pod::Role;
 use crate::sizing::PodLimits;
+use crate::vm::PodVm;
 
-/// Deadline of an ordinary agent call.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Deadline of one round of a long poll (WaitProcess, GetOomEvent); the
-/// poll is repeated after a timeout.
-pub const LONG_POLL: Duration = Duration::from_secs(3600);
 /// How long a process's output may take to drain after its exit.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Exit status reported when the VM died under a process.
@@ -98,7 +89,7 @@ pub struct Container {
     /// The spec's bind mounts, shared with the guest.
     pub binds: Mutex<Binds>,
     /// The VM it runs in: its agent, vsock socket and death watch.
-    pub sandbox: Arc<Sandbox>,
+    pub vm: Arc<PodVm>,
     pub procs: Mutex<HashMap<String, Process>>,
     /// The waiters; aborted at teardown.
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -116,7 +107,7 @@ impl Container {
         id: &str,
         bundle: &str,
         role: Role,
-        sandbox: &Arc<Sandbox>,
+        vm: &Arc<PodVm>,
         rootfs: Option<PathBuf>,
         binds: Binds,
         init: Process,
@@ -127,7 +118,7 @@ impl Container {
             role,
             rootfs,
             binds: Mutex::new(binds),
-            sandbox: sandbox.clone(),
+            vm: vm.clone(),
             procs: Mutex::new(HashMap::from([(String::new(), init)])),
             tasks: Mutex::new(Vec::new()),
             oom_published: Default::default(),
@@ -143,7 +134,7 @@ impl Container {
 
     /// Whether this container's Delete stops the VM.
     pub fn owns_vm(&self) -> bool {
-        self.id == self.sandbox.id
+        self.id == self.vm.id()
     }
 
     pub fn procs(&self) -> MutexGuard<'_, HashMap<String, Process>> {
@@ -186,58 +177,12 @@ impl Container {
     }
 }
 
-/// A second, raw ttrpc connection to the agent for the container calls
-/// (the typed client in clh-agent-client does not have them yet).
-pub async fn connect_agent(uds: &Path) -> anyhow::Result<AgentClient> {
-    let stream = connect_hybrid_vsock(uds, AGENT_VSOCK_PORT, CALL_TIMEOUT)
-        .await
-        .context("cannot connect to the agent")?;
-    let client = AgentClient::new(ttrpc::r#async::Client::new(Socket::from(stream)));
-    let req = VersionRequest {
-        protocol_version: PROTOCOL_VERSION,
-        shim_version: env!("CARGO_PKG_VERSION").to_string(),
-        ..Default::default()
-    };
-    let reply = client
-        .version(ctx(CALL_TIMEOUT), &req)
-        .await
-        .context("agent Version")?;
-    if reply.protocol_version != PROTOCOL_VERSION {
-        anyhow::bail!(
-            "the guest agent speaks protocol version {} but this shim speaks {PROTOCOL_VERSION}",
-            reply.protocol_version
-        );
-    }
-    Ok(client)
-}
-
-pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
-    ttrpc::context::with_duration(timeout)
-}
-
-/// Long-polls WaitProcess until the process exits; a broken connection
-/// (the VM is gone) is reported as an error.
-pub async fn wait_process(agent: &AgentClient, cid: &str, exec_id: &str) -> Result<Exit> {
-    let req = clh_agent_protocol::ProcessRequest {
-        container_id: cid.to_string(),
-        exec_id: exec_id.to_string(),
-        ..Default::default()
-    };
-    loop {
-        match agent.wait_process(ctx(LONG_POLL), &req).await {
-            Ok(r) => {
-                return Ok(Exit {
-                    status: r.exit_status,
-                    at_ns: r.exited_at_ns,
-                })
-            }
-            Err(ttrpc::Error::LocalClosed) | Err(ttrpc::Error::RemoteClosed) => {
-                return Err(Error::Internal(anyhow::anyhow!(
-                    "the agent connection closed"
-                )))
-            }
-            Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::DEADLINE_EXCEEDED => {}
-            Err(e) => return Err(agent_error("WaitProcess", e)),
-        }
-    }
+/// Waits for the process's exit (the agent's WaitProcess long poll); a
+/// broken connection (the VM is gone) is an error.
+pub async fn wait_process(vm: &PodVm, cid: &str, exec_id: &str) -> Result<Exit> {
+    let reply = vm.agent().wait_process(cid, exec_id).await?;
+    Ok(Exit {
+        status: reply.exit_status,
+        at_ns: reply.exited_at_ns,
+    })
 }

@@ -11,16 +11,16 @@ use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::topics;
 
 use super::binds::Binds;
-use super::container::{ctx, Container, Process, CALL_TIMEOUT};
-use super::error::{agent_error, Error, Result};
+use super::container::{Container, Process};
+use super::error::{Error, Result};
 use super::events::EventSender;
-use super::sandbox::Sandbox;
 use super::stdio::{self, Pumps, StdioPaths};
 use super::volume_sync::{self, VolumeSync};
 use super::{binds, pod_spec, rootfs, validate, TaskService};
 use crate::pod::Role;
 use crate::shared_mount::remove_container_dir;
 use crate::sizing::{self, PodLimits};
+use crate::vm::{GrowError, PodVm};
 use serde_json::Value;
 
 /// What creating a container in the guest made, undone on a later failure.
@@ -53,52 +53,44 @@ impl<E: EventSender> TaskService<E> {
         };
         let c = match &role {
             Role::Sandbox => {
-                let sandbox = self.boot_pod(&req.id, &spec, &limits).await?;
-                let pause = Process::new(sandbox.vmm_pid(), stdio, Pumps::default());
+                let vm = self.boot_pod(&req.id, &spec, &limits).await?;
+                let pause = Process::new(vm.vmm_pid(), stdio, Pumps::default());
                 Container::new(
                     &req.id,
                     &req.bundle,
                     role.clone(),
-                    &sandbox,
+                    &vm,
                     None,
                     Binds::default(),
                     pause,
                 )
             }
             Role::Standalone => {
-                let mut opts = self.config.vm.clone();
-                let size = sizing::vm_size(&limits, &self.config.sizing);
-                (opts.vcpus, opts.memory_mib) = (size.vcpus, size.memory_mib);
-                let sandbox = Sandbox::boot(
-                    &req.id,
-                    &self.config.state_dir,
-                    &opts,
-                    cgroups_path(&spec),
-                    self.events.clone(),
-                )
-                .await?;
-                match create_in_guest(&sandbox, &req, &mut spec, &stdio).await {
-                    Ok(g) => self.guest_container(&req, role.clone(), &sandbox, g, stdio),
+                let vm = self.boot_vm(&req.id, &spec, &limits, None).await?;
+                match create_in_guest(&vm, &req, &mut spec, &stdio).await {
+                    Ok(g) => self.guest_container(&req, role.clone(), &vm, g, stdio),
                     Err(e) => {
-                        if let Err(s) = sandbox.stop().await {
-                            tracing::error!(error = %s, "stopping the VM after a failed create");
+                        if let Err(s) = vm.stop().await {
+                            tracing::error!(
+                                error = format!("{s:#}"),
+                                "stopping the VM after a failed create"
+                            );
                         }
                         return Err(e);
                     }
                 }
             }
             Role::Container { sandbox_id } => {
-                let sandbox = self.pod_sandbox(sandbox_id).await?;
-                self.grow_for(&sandbox, Some((&req.id, limits))).await?;
+                let vm = self.pod_vm(sandbox_id).await?;
+                self.grow_for(&vm, Some((&req.id, limits))).await?;
                 pod_spec::adapt_container(&mut spec);
-                let g = create_in_guest(&sandbox, &req, &mut spec, &stdio).await?;
-                self.guest_container(&req, role.clone(), &sandbox, g, stdio)
+                let g = create_in_guest(&vm, &req, &mut spec, &stdio).await?;
+                self.guest_container(&req, role.clone(), &vm, g, stdio)
             }
         };
         *c.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
         let c = Arc::new(c);
         let pid = c.with_proc("", |p| p.pid)?;
-        c.sandbox.join(&c);
         self.containers.lock().await.insert(req.id.clone(), c);
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
@@ -128,79 +120,102 @@ impl<E: EventSender> TaskService<E> {
         &self,
         req: &CreateTaskRequest,
         role: Role,
-        sandbox: &Arc<Sandbox>,
+        vm: &Arc<PodVm>,
         g: InGuest,
         stdio: StdioPaths,
     ) -> Container {
         let init = Process::new(g.pid, stdio, g.pumps);
         let rootfs = Some(g.rootfs);
-        let c = Container::new(&req.id, &req.bundle, role, sandbox, rootfs, g.binds, init);
+        let c = Container::new(&req.id, &req.bundle, role, vm, rootfs, g.binds, init);
         *c.synced.lock().unwrap_or_else(|p| p.into_inner()) = g.synced;
         c
     }
 
-    /// Boots a pod's VM, named after the sandbox, with its hostname, sized
-    /// for the pod's limits, its host processes in the pod's cgroup.
-    async fn boot_pod(&self, id: &str, spec: &Value, limits: &PodLimits) -> Result<Arc<Sandbox>> {
+    /// Boots a pod's VM, named after the sandbox, with its hostname.
+    async fn boot_pod(&self, id: &str, spec: &Value, limits: &PodLimits) -> Result<Arc<PodVm>> {
+        let hostname = pod_spec::sandbox_hostname(spec)?;
+        self.boot_vm(id, spec, limits, hostname).await
+    }
+
+    /// Boots the VM `id`, sized for `limits`, its host processes in the
+    /// spec's cgroup, and watches it for OOM kills.
+    async fn boot_vm(
+        &self,
+        id: &str,
+        spec: &Value,
+        limits: &PodLimits,
+        hostname: Option<String>,
+    ) -> Result<Arc<PodVm>> {
         let mut opts = self.config.vm.clone();
-        if let Some(hostname) = pod_spec::sandbox_hostname(spec)? {
+        if let Some(hostname) = hostname {
             opts.extra_kernel_params
                 .push(format!("clh.hostname={hostname}"));
         }
         let size = sizing::vm_size(limits, &self.config.sizing);
         (opts.vcpus, opts.memory_mib) = (size.vcpus, size.memory_mib);
-        let cgroup = cgroups_path(spec);
-        Sandbox::boot(
-            id,
-            &self.config.state_dir,
-            &opts,
-            cgroup,
+        opts.cgroups_path = cgroups_path(spec).map(str::to_string);
+        let vm = PodVm::start(id, &self.config.state_dir, &opts).await?;
+        let oom = super::oom::watch(
+            Arc::downgrade(&vm),
+            self.containers.clone(),
             self.events.clone(),
-        )
-        .await
+        );
+        vm.track(tokio::spawn(oom));
+        Ok(vm)
     }
 
     /// Grows the pod's VM when its containers' limits (with `new`, a
     /// container's limits that are not recorded yet) no longer fit.
-    pub(super) async fn grow_for(
-        &self,
-        sandbox: &Sandbox,
-        new: Option<(&str, PodLimits)>,
-    ) -> Result<()> {
+    pub(super) async fn grow_for(&self, vm: &PodVm, new: Option<(&str, PodLimits)>) -> Result<()> {
         let mut all: Vec<PodLimits> = self
             .containers
             .lock()
             .await
             .values()
-            .filter(|c| c.sandbox.id == sandbox.id && !c.is_pause())
+            .filter(|c| c.vm.id() == vm.id() && !c.is_pause())
             .filter(|c| new.as_ref().is_none_or(|(id, _)| c.id != *id))
             .map(|c| *c.limits.lock().unwrap_or_else(|p| p.into_inner()))
             .collect();
         all.extend(new.map(|(_, l)| l));
         let sum: PodLimits = all.into_iter().sum();
-        match sizing::grow_to(sandbox.size(), &sum, &self.config.sizing) {
-            Some(target) => sandbox.grow(target).await,
-            None => Ok(()),
+        let Some(target) = sizing::grow_to(vm.size(), &sum, &self.config.sizing) else {
+            return Ok(());
+        };
+        match vm.grow(target).await {
+            Ok(now) => {
+                tracing::info!(pod = %vm.id(), vcpus = now.vcpus, memory_mib = now.memory_mib, "VM resized");
+                Ok(())
+            }
+            // QEMU: the containers' limits still hold in the guest, they
+            // just compete for less.
+            Err(GrowError::Resize(clh_hypervisor::Error::Unsupported(what))) => {
+                tracing::warn!(pod = %vm.id(), what, "the VM cannot grow; its containers share its current size");
+                Ok(())
+            }
+            Err(GrowError::Online(e)) => Err(e.into()),
+            Err(e) => Err(Error::Internal(
+                anyhow::Error::new(e).context(format!("growing the VM of {} to {target}", vm.id())),
+            )),
         }
     }
 
     /// The running VM of pod sandbox `id`.
-    async fn pod_sandbox(&self, id: &str) -> Result<Arc<Sandbox>> {
+    async fn pod_vm(&self, id: &str) -> Result<Arc<PodVm>> {
         let pause = self.containers.lock().await.get(id).cloned();
-        let sandbox = match pause {
-            Some(p) if p.is_pause() => p.sandbox.clone(),
+        let vm = match pause {
+            Some(p) if p.is_pause() => p.vm.clone(),
             _ => {
                 return Err(Error::NotFound(format!(
                     "pod sandbox {id} is not served by this shim: create the sandbox (pause) container first, through the same runtime handler"
                 )))
             }
         };
-        if *sandbox.vm_dead.borrow() {
+        if vm.is_dead() {
             return Err(Error::FailedPrecondition(format!(
                 "the VM of pod sandbox {id} has exited; remove the pod and create it again"
             )));
         }
-        Ok(sandbox)
+        Ok(vm)
     }
 }
 
@@ -208,7 +223,7 @@ impl<E: EventSender> TaskService<E> {
 /// creates the container in the guest and attaches its stdio. On failure
 /// everything made here is undone; the VM is left to the caller.
 async fn create_in_guest(
-    sandbox: &Sandbox,
+    vm: &PodVm,
     req: &CreateTaskRequest,
     spec: &mut serde_json::Value,
     stdio: &StdioPaths,
@@ -217,7 +232,7 @@ async fn create_in_guest(
     let source = rootfs::source_dir(spec, Path::new(&req.bundle));
     rootfs::check_source(&req.rootfs, &source)?;
     validate::rewrite_root(spec, &req.id)?;
-    let rootfs = rootfs::host_path(&sandbox.dir, &req.id);
+    let rootfs = rootfs::host_path(vm.dir(), &req.id);
     let mut binds = Binds::default();
     let mut synced = Vec::new();
     let mut created = false;
@@ -225,25 +240,19 @@ async fn create_in_guest(
         rootfs::mount(&req.rootfs, &source, &rootfs).await?;
         // Before any sync starts: this container's own read-write mounts
         // count as guest-writable too.
-        binds::record_writable(spec, &sandbox.writable);
-        synced = sync_volumes(sandbox, spec, &req.id).await?;
+        binds::record_writable(spec, vm.writable());
+        synced = sync_volumes(vm, spec, &req.id).await?;
         let guest_sources: Vec<String> = synced.iter().map(|s| s.guest_dir().to_string()).collect();
         let bundle = Path::new(&req.bundle);
-        binds = Binds::share(spec, &sandbox.dir, &req.id, bundle, &guest_sources)?;
-        let creq = clh_agent_protocol::CreateContainerRequest {
-            container_id: req.id.clone(),
-            oci_spec: serde_json::to_vec(spec).context("serializing the OCI spec")?,
-            stdio: MessageField::some(stdio.wire()),
-            ..Default::default()
-        };
-        let reply = sandbox
-            .agent
-            .create_container(ctx(CALL_TIMEOUT), &creq)
-            .await
-            .map_err(|e| agent_error("CreateContainer", e))?;
+        binds = Binds::share(spec, vm.dir(), &req.id, bundle, &guest_sources)?;
+        let oci_spec = serde_json::to_vec(spec).context("serializing the OCI spec")?;
+        let agent = vm.agent();
+        let pid = agent
+            .create_container(&req.id, &oci_spec, stdio.wire())
+            .await?;
         created = true;
-        let pumps = stdio::attach(&sandbox.vsock, &req.id, "", stdio).await?;
-        Ok::<_, Error>((reply.pid, pumps))
+        let pumps = stdio::attach(vm.vsock_socket(), &req.id, "", stdio).await?;
+        Ok::<_, Error>((pid, pumps))
     }
     .await;
     match result {
@@ -256,7 +265,7 @@ async fn create_in_guest(
         }),
         Err(e) => {
             if created {
-                remove_in_guest(sandbox, &req.id).await;
+                remove_in_guest(vm, &req.id).await;
             }
             for s in synced {
                 s.stop().await;
@@ -267,7 +276,7 @@ async fn create_in_guest(
             if let Err(u) = rootfs::unmount(&rootfs) {
                 tracing::error!(error = %u, "after a failed create");
             }
-            if let Err(e) = remove_container_dir(&sandbox.dir, &req.id) {
+            if let Err(e) = remove_container_dir(vm.dir(), &req.id) {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "removing the container's directory"
@@ -283,7 +292,7 @@ async fn create_in_guest(
 /// pod's guest cannot write ([`volume_sync::should_sync`]) and points the
 /// mount at the guest's copy. Each sync has pushed its first snapshot when
 /// this returns.
-async fn sync_volumes(sandbox: &Sandbox, spec: &mut Value, cid: &str) -> Result<Vec<VolumeSync>> {
+async fn sync_volumes(vm: &PodVm, spec: &mut Value, cid: &str) -> Result<Vec<VolumeSync>> {
     let mut synced = Vec::new();
     let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
         return Ok(synced);
@@ -291,17 +300,13 @@ async fn sync_volumes(sandbox: &Sandbox, spec: &mut Value, cid: &str) -> Result<
     for (n, m) in mounts.iter_mut().enumerate() {
         let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
         if !binds::is_bind(m)
-            || !volume_sync::should_sync(
-                Path::new(source),
-                binds::is_readonly(m),
-                &sandbox.writable,
-            )
+            || !volume_sync::should_sync(Path::new(source), binds::is_readonly(m), vm.writable())
         {
             continue;
         }
         let host = std::path::PathBuf::from(source);
-        let writable = sandbox.writable.clone();
-        match volume_sync::start(sandbox.agent.clone(), host, cid, n, writable).await {
+        let writable = vm.writable().clone();
+        match volume_sync::start(vm.agent().clone(), host, cid, n, writable).await {
             Ok(sync) => {
                 // Its options (`ro` among them) stay as they are.
                 m["source"] = Value::String(sync.guest_dir().to_string());
@@ -338,19 +343,11 @@ fn cgroups_path(spec: &Value) -> Option<&str> {
 }
 
 /// Removes the container in the guest (best effort: the VM may be gone).
-pub(super) async fn remove_in_guest(sandbox: &Sandbox, id: &str) {
-    if *sandbox.vm_dead.borrow() {
+pub(super) async fn remove_in_guest(vm: &PodVm, id: &str) {
+    if vm.is_dead() {
         return;
     }
-    let req = clh_agent_protocol::ContainerRequest {
-        container_id: id.to_string(),
-        ..Default::default()
-    };
-    if let Err(e) = sandbox
-        .agent
-        .remove_container(ctx(CALL_TIMEOUT), &req)
-        .await
-    {
-        tracing::warn!(id, error = %e, "agent RemoveContainer");
+    if let Err(e) = vm.agent().remove_container(id).await {
+        tracing::warn!(id, error = %Error::from(e), "agent RemoveContainer");
     }
 }

@@ -1,6 +1,11 @@
-//! The Task service's errors, and the one place they become ttrpc codes.
+//! The Task service's errors, and the one place they become ttrpc codes:
+//! the service's own refusals, the agent's answers (its code survives), a
+//! pod VM that did not start (by the step that failed) and the pod cgroup.
 
 use ttrpc::Code;
+
+use crate::pod_cgroup::CgroupError;
+use crate::vm::{StartStep, VmStartError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,6 +21,9 @@ pub enum Error {
     Unimplemented(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// The guest (its VM or its agent) is gone or not reachable.
+    #[error("{0}")]
+    Unavailable(String),
     /// Anything else; the chain is printed with `{:#}`.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -32,28 +40,110 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
             Error::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
+            Error::Unavailable(_) => Code::UNAVAILABLE,
             Error::Internal(_) => Code::INTERNAL,
         }
     }
 }
 
-/// An agent call that failed: its own status code survives (the agent maps
-/// its errors the same way), a timeout is DeadlineExceeded.
-pub fn agent_error(method: &str, e: ttrpc::Error) -> Error {
-    match e {
-        ttrpc::Error::RpcStatus(status) => {
+/// `e` and its causes, joined as anyhow's `{:#}` does.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    message
+}
+
+/// An agent call that failed: the agent's own status code survives (it
+/// maps its errors the same way), a missed deadline is DeadlineExceeded,
+/// a lost connection Unavailable, a guest image from another build
+/// FailedPrecondition.
+impl From<clh_agent_client::Error> for Error {
+    fn from(e: clh_agent_client::Error) -> Self {
+        use clh_agent_client::Error as Agent;
+        if let Agent::Rpc {
+            method,
+            source: ttrpc::Error::RpcStatus(status),
+        } = &e
+        {
             let msg = format!("agent {method}: {}", status.message());
-            match status.code() {
+            return match status.code() {
                 Code::NOT_FOUND => Error::NotFound(msg),
                 Code::ALREADY_EXISTS => Error::AlreadyExists(msg),
                 Code::INVALID_ARGUMENT => Error::InvalidArgument(msg),
                 Code::FAILED_PRECONDITION => Error::FailedPrecondition(msg),
                 Code::UNIMPLEMENTED => Error::Unimplemented(msg),
                 Code::DEADLINE_EXCEEDED => Error::DeadlineExceeded(msg),
+                Code::UNAVAILABLE => Error::Unavailable(msg),
                 _ => Error::Internal(anyhow::anyhow!(msg)),
+            };
+        }
+        let msg = chain(&e);
+        if e.is_timeout() {
+            Error::DeadlineExceeded(msg)
+        } else if e.is_disconnected() {
+            Error::Unavailable(format!("{msg} (has the pod's VM stopped?)"))
+        } else if matches!(e, Agent::ProtocolMismatch { .. }) {
+            Error::FailedPrecondition(msg)
+        } else {
+            Error::Internal(anyhow::Error::new(e))
+        }
+    }
+}
+
+impl From<CgroupError> for Error {
+    fn from(e: CgroupError) -> Self {
+        match e {
+            CgroupError::InvalidPath { .. } | CgroupError::SystemdNotRunning { .. } => {
+                Error::InvalidArgument(e.to_string())
+            }
+            CgroupError::InUse { .. } => Error::AlreadyExists(e.to_string()),
+            other => Error::Internal(anyhow::Error::new(other)),
+        }
+    }
+}
+
+/// A pod VM that did not start, by the step that failed; the message is
+/// the whole chain and the logs' tails.
+impl From<VmStartError> for Error {
+    fn from(e: VmStartError) -> Self {
+        let msg = e.message();
+        match e.step {
+            StartStep::InvalidId { .. } => Error::InvalidArgument(msg),
+            StartStep::MissingGuestFile { .. } | StartStep::RngNotReady { .. } => {
+                Error::FailedPrecondition(msg)
+            }
+            StartStep::StateDir(_) => Error::InvalidArgument(msg),
+            StartStep::Cgroup(cgroup) => match Error::from(cgroup) {
+                Error::InvalidArgument(_) => Error::InvalidArgument(msg),
+                Error::AlreadyExists(_) => Error::AlreadyExists(msg),
+                _ => Error::Internal(anyhow::anyhow!(msg)),
+            },
+            StartStep::Virtiofsd(hv) | StartStep::Vmm(hv) => match hv {
+                clh_hypervisor::Error::Spawn { .. } => Error::FailedPrecondition(msg),
+                clh_hypervisor::Error::InvalidSpec(_) => Error::InvalidArgument(msg),
+                clh_hypervisor::Error::Timeout { .. } => Error::DeadlineExceeded(msg),
+                _ => Error::Internal(anyhow::anyhow!(msg)),
+            },
+            StartStep::VmmExited { .. } => Error::Unavailable(msg),
+            StartStep::Agent(agent) => match Error::from(agent) {
+                Error::Internal(_) => Error::Internal(anyhow::anyhow!(msg)),
+                Error::NotFound(_) => Error::NotFound(msg),
+                Error::AlreadyExists(_) => Error::AlreadyExists(msg),
+                Error::InvalidArgument(_) => Error::InvalidArgument(msg),
+                Error::FailedPrecondition(_) => Error::FailedPrecondition(msg),
+                Error::Unimplemented(_) => Error::Unimplemented(msg),
+                Error::DeadlineExceeded(_) => Error::DeadlineExceeded(msg),
+                Error::Unavailable(_) => Error::Unavailable(msg),
+            },
+            StartStep::Io { .. } | StartStep::SharedDir(_) | StartStep::Seed(_) => {
+                Error::Internal(anyhow::anyhow!(msg))
             }
         }
-        other => Error::Internal(anyhow::Error::new(other).context(format!("agent {method}"))),
     }
 }
 
@@ -106,9 +196,27 @@ mod tests {
 
     #[test]
     fn agent_status_codes_survive() {
-        let e = ttrpc::Error::RpcStatus(ttrpc::get_status(Code::NOT_FOUND, "no such process"));
-        let (code, msg) = status(agent_error("WaitProcess", e));
+        let e = clh_agent_client::Error::Rpc {
+            method: "WaitProcess",
+            source: ttrpc::Error::RpcStatus(ttrpc::get_status(Code::NOT_FOUND, "no such process")),
+        };
+        let (code, msg) = status(Error::from(e));
         assert_eq!(code, Code::NOT_FOUND);
         assert_eq!(msg, "agent WaitProcess: no such process");
+    }
+
+    #[test]
+    fn a_late_or_lost_agent_is_deadline_exceeded_or_unavailable() {
+        let rpc = |source| clh_agent_client::Error::Rpc {
+            method: "StartProcess",
+            source,
+        };
+        let late = rpc(ttrpc::Error::Others("Request deadline elapsed".into()));
+        assert_eq!(status(late.into()).0, Code::DEADLINE_EXCEEDED);
+        let (code, msg) = status(rpc(ttrpc::Error::RemoteClosed).into());
+        assert_eq!(code, Code::UNAVAILABLE);
+        assert!(msg.contains("agent call StartProcess failed"), "{msg}");
+        let mismatch = clh_agent_client::Error::ProtocolMismatch { shim: 3, agent: 2 };
+        assert_eq!(status(mismatch.into()).0, Code::FAILED_PRECONDITION);
     }
 }

@@ -7,20 +7,22 @@ mod container;
 mod create;
 pub mod error;
 pub mod events;
+#[cfg(test)]
+mod fakes;
 mod guest_spec;
 mod oom;
 mod ops;
 mod pause;
 mod pod_spec;
 mod rootfs;
-mod sandbox;
+#[cfg(test)]
+mod start_tests;
 pub mod stats;
 mod stdio;
 #[cfg(test)]
 mod tests;
 pub mod validate;
 pub mod volume_sync;
-pub mod writable_shares;
 
 #[doc(hidden)]
 pub use guest_spec::guest_spec;
@@ -35,7 +37,7 @@ use containerd_shim_protos::events::task::{TaskDelete, TaskExecStarted, TaskExit
 use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::topics;
 
-use container::{ctx, Container, Exit, Status, CALL_TIMEOUT, DRAIN_TIMEOUT};
+use container::{Container, Exit, Status, DRAIN_TIMEOUT};
 pub use error::{Error, Result};
 use events::{Event, EventSender};
 use stats::CgroupVersion;
@@ -52,10 +54,14 @@ pub struct ServiceConfig {
     pub sizing: SizingPolicy,
 }
 
+/// The containers this shim serves, by id.
+type Containers = tokio::sync::Mutex<HashMap<String, Arc<Container>>>;
+
 pub struct TaskService<E: EventSender> {
     config: ServiceConfig,
     events: Arc<E>,
-    containers: tokio::sync::Mutex<HashMap<String, Arc<Container>>>,
+    /// Shared with each VM's OOM watcher (oom.rs).
+    containers: Arc<Containers>,
     /// Ids being created: a second Create of one is refused at once rather
     /// than booting a second VM.
     creating: Mutex<HashSet<String>>,
@@ -82,7 +88,7 @@ impl<E: EventSender> TaskService<E> {
         TaskService {
             config,
             events: Arc::new(events),
-            containers: tokio::sync::Mutex::new(HashMap::new()),
+            containers: Arc::default(),
             creating: Mutex::default(),
             exit,
         }
@@ -125,7 +131,7 @@ impl<E: EventSender> TaskService<E> {
             )));
         }
         let pid = if c.is_pause() && req.exec_id.is_empty() {
-            let pid = c.sandbox.vmm_pid();
+            let pid = c.vm.vmm_pid();
             c.with_proc("", |p| p.status = Status::Running)?;
             c.track(tokio::spawn(pause::watch_vm(
                 c.clone(),
@@ -133,19 +139,9 @@ impl<E: EventSender> TaskService<E> {
             )));
             pid
         } else {
-            let preq = clh_agent_protocol::ProcessRequest {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                ..Default::default()
-            };
-            let reply = c
-                .sandbox
-                .agent
-                .start_process(ctx(CALL_TIMEOUT), &preq)
-                .await
-                .map_err(|e| error::agent_error("StartProcess", e))?;
+            let pid = c.vm.agent().start_process(&req.id, &req.exec_id).await?;
             c.with_proc(&req.exec_id, |p| {
-                p.pid = reply.pid;
+                p.pid = pid;
                 p.status = Status::Running;
             })?;
             c.track(tokio::spawn(waiter(
@@ -153,7 +149,7 @@ impl<E: EventSender> TaskService<E> {
                 req.exec_id.clone(),
                 self.events.clone(),
             )));
-            reply.pid
+            pid
         };
         if req.exec_id.is_empty() {
             let ev = TaskStart {
@@ -220,7 +216,7 @@ impl<E: EventSender> TaskService<E> {
     /// shared directory; for the VM's owner, then stops the VM.
     async fn teardown(&self, c: &Container) -> Result<()> {
         if c.rootfs.is_some() {
-            create::remove_in_guest(&c.sandbox, &c.id).await;
+            create::remove_in_guest(&c.vm, &c.id).await;
         }
         let synced: Vec<_> = c
             .synced
@@ -232,13 +228,12 @@ impl<E: EventSender> TaskService<E> {
             s.stop().await;
         }
         c.stop_tasks().await;
-        c.sandbox.leave(&c.id);
         let binds = c.binds.lock().unwrap_or_else(|p| p.into_inner()).unmount();
         let rootfs = c.rootfs.as_deref().map_or(Ok(()), rootfs::unmount);
         if c.owns_vm() {
-            c.sandbox.stop().await?;
+            c.vm.stop().await.map_err(Error::Internal)?;
         } else if binds.is_ok() && rootfs.is_ok() {
-            if let Err(e) = remove_container_dir(&c.sandbox.dir, &c.id) {
+            if let Err(e) = remove_container_dir(c.vm.dir(), &c.id) {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "removing the container's directory"
@@ -255,7 +250,7 @@ impl<E: EventSender> TaskService<E> {
             let mut containers = self.containers.lock().await;
             let ids: Vec<String> = containers
                 .values()
-                .filter(|c| c.sandbox.id == owner.id && c.id != owner.id)
+                .filter(|c| c.vm.id() == owner.id && c.id != owner.id)
                 .map(|c| c.id.clone())
                 .collect();
             ids.iter().filter_map(|id| containers.remove(id)).collect()
@@ -312,16 +307,15 @@ async fn publish<E: EventSender>(
 /// Waits for a process's exit (or the VM's death), lets its output drain,
 /// records the exit and publishes TaskExit.
 async fn waiter<E: EventSender>(c: Arc<Container>, exec_id: String, events: Arc<E>) {
-    let mut dead = c.sandbox.vm_dead.clone();
     let exit = tokio::select! {
-        r = container::wait_process(&c.sandbox.agent, &c.id, &exec_id) => match r {
+        r = container::wait_process(&c.vm, &c.id, &exec_id) => match r {
             Ok(exit) => exit,
             Err(e) => {
                 tracing::warn!(id = %c.id, exec_id, error = %e, "lost the process");
                 Exit::now(container::VM_DIED_STATUS)
             }
         },
-        _ = dead.wait_for(|d| *d) => Exit::now(container::VM_DIED_STATUS),
+        _ = c.vm.died() => Exit::now(container::VM_DIED_STATUS),
     };
     let mut pumps = match c.with_proc(&exec_id, |p| std::mem::take(&mut p.pumps)) {
         Ok(p) => p,

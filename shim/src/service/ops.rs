@@ -11,8 +11,8 @@ use containerd_shim_protos::events::task::{TaskExecAdded, TaskPaused, TaskResume
 use containerd_shim_protos::protobuf::{EnumOrUnknown, MessageField};
 use containerd_shim_protos::topics;
 
-use super::container::{ctx, Container, Process, Status, CALL_TIMEOUT};
-use super::error::{agent_error, Error, Result};
+use super::container::{Container, Process, Status};
+use super::error::{Error, Result};
 use super::events::EventSender;
 use super::stdio::{self, StdioPaths};
 use super::{validate, TaskService};
@@ -36,13 +36,6 @@ fn no_pause(c: &Container, what: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn container_req(id: &str) -> clh_agent_protocol::ContainerRequest {
-    clh_agent_protocol::ContainerRequest {
-        container_id: id.to_string(),
-        ..Default::default()
-    }
 }
 
 impl<E: EventSender> TaskService<E> {
@@ -101,18 +94,10 @@ impl<E: EventSender> TaskService<E> {
                 req.exec_id, req.id
             )));
         }
-        let sreq = clh_agent_protocol::SignalProcessRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            signal: req.signal,
-            all: req.all,
-            ..Default::default()
-        };
-        c.sandbox
-            .agent
-            .signal_process(ctx(CALL_TIMEOUT), &sreq)
-            .await
-            .map_err(|e| agent_error("SignalProcess", e))?;
+        let agent = c.vm.agent();
+        agent
+            .signal_process(&req.id, &req.exec_id, req.signal, req.all)
+            .await?;
         Ok(())
     }
 
@@ -120,7 +105,7 @@ impl<E: EventSender> TaskService<E> {
         let c = self.container(&req.id).await?;
         if c.is_pause() {
             let processes = vec![ProcessInfo {
-                pid: c.sandbox.vmm_pid(),
+                pid: c.vm.vmm_pid(),
                 ..Default::default()
             }];
             return Ok(PidsResponse {
@@ -128,14 +113,8 @@ impl<E: EventSender> TaskService<E> {
                 ..Default::default()
             });
         }
-        let reply = c
-            .sandbox
-            .agent
-            .list_pids(ctx(CALL_TIMEOUT), &container_req(&req.id))
-            .await
-            .map_err(|e| agent_error("ListPids", e))?;
-        let processes = reply
-            .pids
+        let pids = c.vm.agent().list_pids(&req.id).await?;
+        let processes = pids
             .into_iter()
             .map(|pid| ProcessInfo {
                 pid,
@@ -159,18 +138,10 @@ impl<E: EventSender> TaskService<E> {
 
     pub async fn resize_pty(&self, req: ResizePtyRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
-        let rreq = clh_agent_protocol::ResizeTtyRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            width: req.width,
-            height: req.height,
-            ..Default::default()
-        };
-        c.sandbox
-            .agent
-            .resize_tty(ctx(CALL_TIMEOUT), &rreq)
-            .await
-            .map_err(|e| agent_error("ResizeTty", e))?;
+        let agent = c.vm.agent();
+        agent
+            .resize_tty(&req.id, &req.exec_id, req.width, req.height)
+            .await?;
         Ok(())
     }
 
@@ -197,19 +168,11 @@ impl<E: EventSender> TaskService<E> {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let ereq = clh_agent_protocol::ExecProcessRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            process,
-            stdio: MessageField::some(paths.wire()),
-            ..Default::default()
-        };
-        c.sandbox
-            .agent
-            .exec_process(ctx(CALL_TIMEOUT), &ereq)
-            .await
-            .map_err(|e| agent_error("ExecProcess", e))?;
-        let pumps = stdio::attach(&c.sandbox.vsock, &req.id, &req.exec_id, &paths)
+        let agent = c.vm.agent();
+        agent
+            .exec_process(&req.id, &req.exec_id, &process, paths.wire())
+            .await?;
+        let pumps = stdio::attach(c.vm.vsock_socket(), &req.id, &req.exec_id, &paths)
             .await
             .map_err(Error::Internal)?;
         c.procs()
@@ -235,12 +198,7 @@ impl<E: EventSender> TaskService<E> {
                 ..Default::default()
             });
         }
-        let reply = c
-            .sandbox
-            .agent
-            .container_stats(ctx(CALL_TIMEOUT), &container_req(&req.id))
-            .await
-            .map_err(|e| agent_error("ContainerStats", e))?;
+        let reply = c.vm.agent().container_stats(&req.id).await?;
         let any = super::stats::to_any(&reply, self.config.cgroup)
             .map_err(|e| Error::Internal(anyhow::anyhow!("encoding metrics: {e}")))?;
         Ok(StatsResponse {
@@ -272,17 +230,8 @@ impl<E: EventSender> TaskService<E> {
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         // Grow first: a limit the VM cannot hold yet would only be a
         // promise.
-        self.grow_for(&c.sandbox, Some((&c.id, limits))).await?;
-        let ureq = clh_agent_protocol::UpdateContainerRequest {
-            container_id: req.id.clone(),
-            resources,
-            ..Default::default()
-        };
-        c.sandbox
-            .agent
-            .update_container(ctx(CALL_TIMEOUT), &ureq)
-            .await
-            .map_err(|e| agent_error("UpdateContainer", e))?;
+        self.grow_for(&c.vm, Some((&c.id, limits))).await?;
+        c.vm.agent().update_container(&req.id, &resources).await?;
         *c.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
         Ok(())
     }
@@ -290,11 +239,7 @@ impl<E: EventSender> TaskService<E> {
     pub async fn pause(&self, req: PauseRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
         no_pause(&c, "pause")?;
-        c.sandbox
-            .agent
-            .pause_container(ctx(CALL_TIMEOUT), &container_req(&req.id))
-            .await
-            .map_err(|e| agent_error("PauseContainer", e))?;
+        c.vm.agent().pause_container(&req.id).await?;
         c.with_proc("", |p| p.status = Status::Paused)?;
         let ev = TaskPaused {
             container_id: req.id.clone(),
@@ -307,11 +252,7 @@ impl<E: EventSender> TaskService<E> {
     pub async fn resume(&self, req: ResumeRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
         no_pause(&c, "resume")?;
-        c.sandbox
-            .agent
-            .resume_container(ctx(CALL_TIMEOUT), &container_req(&req.id))
-            .await
-            .map_err(|e| agent_error("ResumeContainer", e))?;
+        c.vm.agent().resume_container(&req.id).await?;
         c.with_proc("", |p| p.status = Status::Running)?;
         let ev = TaskResumed {
             container_id: req.id.clone(),

@@ -22,8 +22,7 @@ const IGNORED_BY_DEFAULT: [Signal; 4] = [
 
 /// Ends the stand-in process when the VM dies.
 pub(super) async fn watch_vm<E: EventSender>(c: Arc<Container>, events: Arc<E>) {
-    let mut dead = c.sandbox.vm_dead.clone();
-    if dead.wait_for(|d| *d).await.is_ok() {
+    if c.vm.died().await {
         tracing::warn!(pod = %c.id, "the pod's VM exited");
         finish(&c, "", Exit::now(VM_DIED_STATUS), &*events).await;
     }

@@ -33,23 +33,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clh_agent_protocol::{
-    AgentClient, SyncVolumeRequest, VolumeEntry, VolumeRequest, GUEST_VOLUMES_DIR,
-};
+use clh_agent_client::AgentClient;
+use clh_agent_protocol::{SyncVolumeRequest, VolumeEntry, GUEST_VOLUMES_DIR};
 use futures::StreamExt;
 use inotify::{EventMask, Inotify, WatchMask};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::container::ctx;
-use super::writable_shares::WritableShares;
+use crate::writable_shares::WritableShares;
 pub use snapshot::SnapshotError;
 use snapshot::{Outcome, DATA, MAX_CHUNK_BYTES};
 use volume_dir::VolumeDir;
 
-/// The deadline of one SyncVolume or RemoveVolume call.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events that arrive this close together are one update (the kubelet's
 /// rename of `..data` is followed at once by its link and dir changes).
 const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -72,7 +68,7 @@ pub enum SyncError {
         source: std::io::Error,
     },
     #[error(
-        "agent {call} for {dir} (volume {volume} of container {cid}): {source}; \
+        "agent {call} for {dir} (volume {volume} of container {cid}) failed; \
          is the guest image from the same release as the shim?"
     )]
     Agent {
@@ -80,9 +76,9 @@ pub enum SyncError {
         dir: PathBuf,
         cid: String,
         volume: u32,
-        // Boxed: ttrpc's error is large, and this enum is returned often.
+        // Boxed: the client's error is large, and this enum is returned often.
         #[source]
-        source: Box<ttrpc::Error>,
+        source: Box<clh_agent_client::Error>,
     },
     #[error("{dir} changed under every one of {ATTEMPTS} reads in a row; try again")]
     Unstable { dir: PathBuf },
@@ -100,8 +96,7 @@ pub enum SyncError {
 impl SyncError {
     /// The agent connection is gone (the VM stopped): nothing to retry.
     fn is_closed(&self) -> bool {
-        matches!(self, SyncError::Agent { source, .. }
-            if matches!(**source, ttrpc::Error::LocalClosed | ttrpc::Error::RemoteClosed))
+        matches!(self, SyncError::Agent { source, .. } if source.is_disconnected())
     }
 
     /// The sync must end: nothing will ever be pushed again.
@@ -520,20 +515,14 @@ impl Pusher {
                 (st.st_mode & 0o7777, st.st_uid, st.st_gid);
         }
         self.agent
-            .sync_volume(ctx(CALL_TIMEOUT), &req)
+            .sync_volume(&req)
             .await
-            .map(drop)
             .map_err(|source| self.agent_error("SyncVolume", source))
     }
 
     /// Removes the guest copy (best effort: the VM may be gone).
     async fn remove(&self) {
-        let req = VolumeRequest {
-            container_id: self.cid.clone(),
-            volume: self.volume,
-            ..Default::default()
-        };
-        if let Err(source) = self.agent.remove_volume(ctx(CALL_TIMEOUT), &req).await {
+        if let Err(source) = self.agent.remove_volume(&self.cid, self.volume).await {
             let e = self.agent_error("RemoveVolume", source);
             if !e.is_closed() {
                 warn!("{e}");
@@ -541,7 +530,7 @@ impl Pusher {
         }
     }
 
-    fn agent_error(&self, call: &'static str, source: ttrpc::Error) -> SyncError {
+    fn agent_error(&self, call: &'static str, source: clh_agent_client::Error) -> SyncError {
         SyncError::Agent {
             call,
             dir: self.dir.path().to_path_buf(),

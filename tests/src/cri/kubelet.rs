@@ -153,6 +153,19 @@ impl Kubelet {
         self.setup.timeout
     }
 
+    /// Runs `script` with `sh -c` in container `id` within the per-call
+    /// deadline; its stdout, failing on a non-zero exit.
+    pub fn sh(&self, id: &str, script: &str) -> Result<String> {
+        self.sh_within(id, script, self.timeout())
+    }
+
+    /// [`Kubelet::sh`] with its own deadline.
+    pub fn sh_within(&self, id: &str, script: &str, timeout: Duration) -> Result<String> {
+        let r = self.cri.exec_sync(id, &["sh", "-c", script], timeout)?;
+        ensure!(r.exit_code == 0, "{script:?} in {id}: {r:?}");
+        Ok(r.stdout)
+    }
+
     /// A pod config as the kubelet makes one: a unique uid, the pod's
     /// cgroup under this instance's CRI cgroup root, its log directory.
     pub fn pod(&self, name: &str) -> PodBuilder {

@@ -120,14 +120,25 @@ pub fn container_stats(setup: &CriSetup) -> Result<()> {
 
 /// (c) A container over its memory limit (32 MiB; dd allocates a 64 MiB
 /// buffer) is killed: EXITED, exit code 137, reason "OOMKilled".
+///
+/// The hog allocates only once told to (an exec creates /tmp/go), after
+/// the container is running: a hog killed within milliseconds of its start
+/// can beat the runtime's OOM watch (runc's shim on cgroup v1 registers
+/// its eventfd after the start), and containerd then never learns why.
 pub fn oom_killed(setup: &CriSetup) -> Result<()> {
     let k = Kubelet::start(setup)?;
     let cri = k.cri();
     let pod = k.run_pod(&k.pod("oom"))?;
     let hog = ContainerBuilder::new("hog", BUSYBOX)
-        .command(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
+        .command(&[
+            "sh",
+            "-c",
+            "until [ -e /tmp/go ]; do sleep 0.05; done; exec dd if=/dev/zero of=/dev/null bs=64M count=1",
+        ])
         .memory_limit(32 * MIB);
     let id = k.run_container(&pod, &hog)?;
+    cri.wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
+    cri.exec_sync(&id, &["touch", "/tmp/go"], k.timeout())?;
     cri.wait_container_state(&id, ContainerState::ContainerExited, k.timeout())?;
     // containerd records the reason from the TaskOOM event, which may be
     // handled just after the exit.

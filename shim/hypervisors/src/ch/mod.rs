@@ -325,27 +325,7 @@ fn remove_socket(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The line the fake CH of [`fake_ch`] prints before failing.
-    pub(crate) const FAKE_CH_LINE: &str = "fake-ch: error booting VM: no KVM here";
-
-    /// A stand-in `cloud-hypervisor` in `dir` that prints [`FAKE_CH_LINE`]
-    /// on stderr and exits 1, as CH does when it cannot start. Written by
-    /// a child shell, so no thread of this test process ever holds it open
-    /// for writing while another forks (ETXTBSY at exec).
-    pub(crate) fn fake_ch(dir: &Path) -> PathBuf {
-        let path = dir.join("cloud-hypervisor");
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(r#"printf '#!/bin/sh\necho "%s" >&2\nexit 1\n' "$2" > "$1" && chmod 755 "$1""#)
-            .arg("sh")
-            .arg(&path)
-            .arg(FAKE_CH_LINE)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        path
-    }
+    use crate::testing::{fake_ch, FAKE_CH_LINE};
 
     /// Issue 10: a CH start failure quotes CH's own log (`vmm.log`, where
     /// its stdout and stderr go), both in the backend's error and in the
@@ -354,20 +334,7 @@ mod tests {
     async fn a_start_failure_quotes_the_vmm_log() {
         let dir = tempfile::tempdir().unwrap();
         let binary = fake_ch(dir.path());
-        let spec = VmSpec {
-            id: "t".into(),
-            dir: dir.path().to_path_buf(),
-            vcpus: 1,
-            memory_mib: 128,
-            max: None,
-            kernel: dir.path().join("vmlinux"),
-            initramfs: dir.path().join("initrd"),
-            cmdline: String::new(),
-            shared_fs: None,
-            console_log: dir.path().join("console.log"),
-            console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
-            start_timeout: Duration::from_secs(10),
-        };
+        let spec = VmSpec::for_test(dir.path());
         let mut ch = CloudHypervisor::new(binary);
         let err = ch.start(&spec).await.unwrap_err();
         assert!(matches!(err, Error::ExitedEarly { .. }), "{err:?}");

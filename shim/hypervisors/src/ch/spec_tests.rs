@@ -110,10 +110,8 @@ fn make_strict(value: &mut Value) {
 fn spec(dir: &Path) -> VmSpec {
     VmSpec {
         id: "pod1".into(),
-        dir: dir.to_path_buf(),
         vcpus: 2,
         memory_mib: 512,
-        max: None,
         kernel: "/opt/clh/vmlinux".into(),
         initramfs: "/opt/clh/initramfs.cpio.gz".into(),
         cmdline: "console=ttyS0 quiet".into(),
@@ -121,9 +119,8 @@ fn spec(dir: &Path) -> VmSpec {
             socket: dir.join("fs.sock"),
             tag: "clh-shared".into(),
         }),
-        console_log: dir.join("console.log"),
-        console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
         start_timeout: Duration::from_secs(5),
+        ..VmSpec::for_test(dir)
     }
 }
 

@@ -172,22 +172,20 @@ mod tests {
     use crate::SharedFs;
 
     fn spec() -> VmSpec {
+        let dir = PathBuf::from("/run/x/pod1");
         VmSpec {
             id: "pod1".into(),
-            dir: PathBuf::from("/run/x/pod1"),
             vcpus: 2,
             memory_mib: 256,
-            max: None,
             kernel: PathBuf::from("/k/vmlinuz"),
             initramfs: PathBuf::from("/k/initramfs.cpio.gz"),
             cmdline: "console=ttyS0 quiet".into(),
             shared_fs: Some(SharedFs {
-                socket: PathBuf::from("/run/x/pod1/fs.sock"),
+                socket: dir.join("fs.sock"),
                 tag: "clh-shared".into(),
             }),
-            console_log: PathBuf::from("/run/x/pod1/console.log"),
-            console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(5),
+            ..VmSpec::for_test(&dir)
         }
     }
 

@@ -251,18 +251,9 @@ mod tests {
     async fn a_missing_kernel_fails_before_spawning_anything() {
         let dir = tempfile::tempdir().unwrap();
         let spec = VmSpec {
-            id: "t".into(),
-            dir: dir.path().to_path_buf(),
-            vcpus: 1,
-            memory_mib: 128,
-            max: None,
             kernel: dir.path().join("no-kernel"),
             initramfs: dir.path().join("no-initrd"),
-            cmdline: String::new(),
-            shared_fs: None,
-            console_log: dir.path().join("console.log"),
-            console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
-            start_timeout: Duration::from_secs(5),
+            ..VmSpec::for_test(dir.path())
         };
         let mut qemu = Qemu::new("/nonexistent/qemu".into(), "/nonexistent/vv".into());
         let err = qemu.start(&spec).await.unwrap_err();

@@ -208,7 +208,7 @@ impl FakeAgent {
 async fn serve(
     dir: &Path,
     fake: FakeAgent,
-) -> (ttrpc::r#async::Server, clh_agent_protocol::AgentClient) {
+) -> (ttrpc::r#async::Server, clh_agent_client::AgentClient) {
     let addr = format!("unix://{}", dir.join("agent.sock").display());
     let service = clh_agent_protocol::create_agent(Arc::new(fake));
     let mut server = ttrpc::r#async::Server::new()
@@ -217,7 +217,11 @@ async fn serve(
         .register_service(service);
     server.start().await.unwrap();
     let client = ttrpc::r#async::Client::connect(&addr).await.unwrap();
-    (server, clh_agent_protocol::AgentClient::new(client))
+    let client = clh_agent_protocol::AgentClient::new(client);
+    (
+        server,
+        clh_agent_client::AgentClient::from_unchecked(client),
+    )
 }
 
 fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -1,4 +1,5 @@
-//! `start` and serving as every containerd since 1.6 understands them.
+//! containerd's `start` and the shim daemon that serves the Task service,
+//! as every containerd since 1.6 understands them.
 //!
 //! containerd-shim 0.12's bootstrap answers `start` with JSON announcing
 //! task API v3 and serves only `containerd.task.v3.Task`; containerd 1.6

@@ -1,0 +1,86 @@
+//! Why a pod VM did not start: one variant per step of
+//! [`super::PodVm::start`], each saying what failed and, where the user can
+//! act, what to do. service/error.rs gives each its ttrpc code.
+
+use std::path::PathBuf;
+
+use crate::pod_cgroup::CgroupError;
+
+/// A failed start: the VM, the step that failed and the tails of the VM's
+/// logs (guest console, VMM, virtiofsd), read before its directory went.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to start VM {id}")]
+pub struct VmStartError {
+    pub id: String,
+    #[source]
+    pub step: StartStep,
+    /// Empty when no log had anything to say.
+    pub report: String,
+}
+
+impl VmStartError {
+    /// The whole message: this error, each cause in turn, then the logs.
+    pub fn message(&self) -> String {
+        let mut message = self.to_string();
+        let mut cause: Option<&dyn std::error::Error> = Some(&self.step);
+        while let Some(e) = cause {
+            message.push_str(": ");
+            message.push_str(&e.to_string());
+            cause = e.source();
+        }
+        message.push_str(&self.report);
+        message
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartStep {
+    #[error("invalid sandbox id {id:?}")]
+    InvalidId {
+        id: String,
+        #[source]
+        source: clh_agent_protocol::IdError,
+    },
+
+    #[error("the guest {what} {path} does not exist: build the guest image (make guest-image) or set guest.{key} in the configuration")]
+    MissingGuestFile {
+        what: &'static str,
+        key: &'static str,
+        path: PathBuf,
+    },
+
+    #[error("the VM state directory cannot hold its sockets")]
+    StateDir(#[source] clh_hypervisor::Error),
+
+    #[error("cannot place the VM in its pod cgroup")]
+    Cgroup(#[source] CgroupError),
+
+    #[error("cannot {action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot make the VM's shared directory")]
+    SharedDir(#[source] Box<dyn std::error::Error + Send + Sync>),
+
+    #[error("virtiofsd did not start")]
+    Virtiofsd(#[source] clh_hypervisor::Error),
+
+    #[error("the VMM did not start")]
+    Vmm(#[source] clh_hypervisor::Error),
+
+    #[error("the VMM exited before the agent answered ({how})")]
+    VmmExited { how: String },
+
+    #[error("the guest agent did not answer")]
+    Agent(#[source] clh_agent_client::Error),
+
+    #[error("the guest's RNG is not initialised after crediting {credited} bytes of host entropy (entropy_avail {entropy_avail}); its kernel must support RNDADDENTROPY")]
+    RngNotReady { credited: u32, entropy_avail: u32 },
+
+    #[error("cannot read /dev/urandom for the guest RNG seed")]
+    Seed(#[source] std::io::Error),
+}

@@ -1,0 +1,109 @@
+//! What a crashed shim leaves, and how `delete` finds and ends it:
+//! `state.json` records the pids and command lines of a VM's processes
+//! when it starts, so that a later `delete` kills those processes (and
+//! only them: a recycled pid has another command line) and removes the
+//! VM directory without crossing a mount.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use super::{validate_id, StartStep};
+use crate::shared_mount::{private_dir, remove_container_dir, remove_vm_dir};
+
+/// What `state.json` records: enough to kill what we started, and only it.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct PersistedState {
+    pub(super) processes: Vec<PersistedProcess>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct PersistedProcess {
+    pub(super) pid: u32,
+    /// `/proc/<pid>/cmdline` at start, NUL-separated: a recycled pid has
+    /// another command line.
+    pub(super) cmdline: Vec<u8>,
+}
+
+/// Writes `dir/state.json` (0600) atomically.
+pub(super) fn persist_state(dir: &Path, pids: &[u32]) -> Result<(), StartStep> {
+    let state = PersistedState {
+        processes: pids
+            .iter()
+            .map(|&pid| PersistedProcess {
+                pid,
+                cmdline: std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+            })
+            .collect(),
+    };
+    let path = dir.join("state.json");
+    let tmp = dir.join("state.json.tmp");
+    let bytes = serde_json::to_vec(&state).map_err(std::io::Error::from);
+    bytes
+        .and_then(|bytes| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut file| file.write_all(&bytes))
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| StartStep::Io {
+            action: "write",
+            path,
+            source,
+        })
+}
+
+/// After a shim crash: SIGKILLs the processes recorded in
+/// `root/<id>/state.json` that are still the ones we started (same command
+/// line), then removes the directory. A missing directory is not an error.
+pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
+    validate_id(id)?;
+    let dir = root.join(id);
+    if !dir.exists() {
+        return Ok(());
+    }
+    let state: Option<PersistedState> = std::fs::read(dir.join("state.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    for process in state.map(|s| s.processes).unwrap_or_default() {
+        let current = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
+        if process.cmdline.is_empty() || current != process.cmdline {
+            continue;
+        }
+        let Ok(pid) = i32::try_from(process.pid) else {
+            continue;
+        };
+        tracing::info!(pid, "killing a leftover VM process");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    }
+    remove_vm_dir(&dir)
+}
+
+/// After a shim crash, for one of a pod's containers: unmounts its rootfs
+/// and bind mounts under `root/<sandbox_id>/private/<id>/` (not following
+/// links) and removes the directory, without touching the rest of the VM.
+pub fn cleanup_container_leftovers(root: &Path, sandbox_id: &str, id: &str) -> anyhow::Result<()> {
+    use nix::mount::{umount2, MntFlags};
+    validate_id(sandbox_id)?;
+    validate_id(id).context("invalid container id")?;
+    let dir = private_dir(&root.join(sandbox_id)).join(id);
+    let mut targets = vec![dir.join("rootfs")];
+    if let Ok(entries) = std::fs::read_dir(dir.join("mounts")) {
+        targets.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()));
+    }
+    let flags = MntFlags::UMOUNT_NOFOLLOW | MntFlags::MNT_DETACH;
+    for target in &targets {
+        while umount2(target, flags).is_ok() {}
+    }
+    for target in targets.iter().skip(1) {
+        let _ = std::fs::remove_file(target).or_else(|_| std::fs::remove_dir(target));
+    }
+    remove_container_dir(&root.join(sandbox_id), id)
+}

@@ -1,0 +1,587 @@
+//! One pod's VM, the object the service talks to: it owns the state
+//! directory, virtiofsd, the hypervisor, the pod cgroup, the watchers and
+//! the one typed agent client, and is started and stopped as one unit.
+//!
+//! [`PodVm::start`] is the whole pod start on the host, in order:
+//! 1. refuse what cannot work (id, socket path lengths, guest image);
+//! 2. create the pod cgroup and `root/<id>/` (0700);
+//! 3. make the shared directory and start virtiofsd on it;
+//! 4. start the VMM through the backend the factory makes;
+//! 5. record the pids (`state.json`, for [`cleanup_leftovers`]), make the
+//!    sockets owner-only, move every host process into the pod cgroup;
+//! 6. connect to the agent (retrying while the guest boots) and seed the
+//!    guest's RNG over that connection;
+//! 7. watch the VMM for its exit.
+//!
+//! On failure at any step everything made so far is undone, and the error
+//! ([`VmStartError`]) quotes the guest console, VMM and virtiofsd logs.
+//!
+//! Layout of `root/<id>/`: `private/` (where the host mounts) and `shared/`
+//! (its read-only export, served by virtiofsd; see shared_mount.rs),
+//! `staging/` (where recursive binds are trimmed; submounts.rs),
+//! `virtiofsd.sock`, the backend's sockets and logs, `console.log`, and
+//! `state.json`. It is removed without ever crossing a mount
+//! (remove_tree.rs).
+
+mod error;
+mod leftovers;
+mod report;
+#[cfg(test)]
+mod tests;
+
+use std::fs::Permissions;
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use clh_agent_client::AgentClient;
+use clh_hypervisor::virtiofsd::Virtiofsd;
+use clh_hypervisor::{Backend, Binaries, Hypervisor, HypervisorFactory, SharedFs, VmSize, VmSpec};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use clh_agent_protocol::SHARED_FS_TAG;
+pub use error::{StartStep, VmStartError};
+pub use leftovers::{cleanup_container_leftovers, cleanup_leftovers};
+
+use crate::pod_cgroup::PodCgroup;
+use crate::shared_mount::{export_dir, make_export, remove_vm_dir};
+use crate::writable_shares::WritableShares;
+use leftovers::persist_state;
+#[cfg(test)]
+pub(crate) use tests::guest_image as test_guest_image;
+
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub backend: Backend,
+    /// Makes the backend's [`Hypervisor`]; a fake in unit tests.
+    pub hypervisors: HypervisorFactory,
+    pub binaries: Binaries,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// What the VM may grow to (Cloud Hypervisor hot-plug); `None`: never.
+    pub max: Option<VmSize>,
+    pub extra_kernel_params: Vec<String>,
+    pub debug: bool,
+    /// Cap of the guest console log (`console.log` and `console.log.1`).
+    pub console_log_max_bytes: u64,
+    pub vmm_start_timeout: Duration,
+    pub agent_timeout: Duration,
+    pub stop_timeout: Duration,
+    /// The pod's host cgroup (the spec's `linux.cgroupsPath`) for the VMM,
+    /// its helpers and virtiofsd; `None`: they stay in the shim's.
+    pub cgroups_path: Option<String>,
+}
+
+/// The processes of a running VM. Shared with the VMM-exit watcher, and
+/// taken back whole when the VM stops.
+struct Machine {
+    virtiofsd: Virtiofsd,
+    hypervisor: Box<dyn Hypervisor>,
+}
+
+impl Machine {
+    fn pids(&self) -> Vec<u32> {
+        let mut pids = self.hypervisor.pids();
+        if self.virtiofsd.exited().is_none() {
+            pids.push(self.virtiofsd.pid());
+        }
+        pids
+    }
+}
+
+pub struct PodVm {
+    id: String,
+    dir: PathBuf,
+    vsock: PathBuf,
+    agent: AgentClient,
+    /// Turns true when the VMM has exited.
+    dead: watch::Receiver<bool>,
+    /// Host paths the guest can write through virtio-fs: never synced.
+    writable: Arc<WritableShares>,
+    /// `None` once stopped.
+    machine: Mutex<Option<Arc<Machine>>>,
+    /// The VM's current size.
+    size: Mutex<VmSize>,
+    /// The host cgroup holding the VMM, its helpers and virtiofsd.
+    cgroup: Mutex<Option<PodCgroup>>,
+    /// Watchers (VMM exit, and the service's, e.g. its OOM loop), aborted
+    /// at stop.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    stop_timeout: Duration,
+    /// Time from spawning the VMM to the agent's Version reply.
+    boot_to_agent: Duration,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a start made so far, undone if a later step fails.
+#[derive(Default)]
+struct Parts {
+    cgroup: Option<PodCgroup>,
+    dir: Option<PathBuf>,
+    virtiofsd: Option<Virtiofsd>,
+    hypervisor: Option<Box<dyn Hypervisor>>,
+}
+
+impl PodVm {
+    /// Starts the pod VM `id` under `root` (the steps are in the module
+    /// doc). On failure nothing is left: no process, directory or cgroup.
+    pub async fn start(
+        id: &str,
+        root: &Path,
+        opts: &VmOptions,
+    ) -> Result<Arc<PodVm>, VmStartError> {
+        let mut parts = Parts::default();
+        match start_in(id, root, opts, &mut parts).await {
+            Ok((agent, boot_to_agent)) => Ok(Self::running(id, opts, parts, agent, boot_to_agent)),
+            Err(step) => {
+                let report = match &parts.dir {
+                    Some(dir) => report::failure_report(dir, opts.backend),
+                    None => String::new(),
+                };
+                undo(parts, opts.stop_timeout).await;
+                Err(VmStartError {
+                    id: id.to_string(),
+                    step,
+                    report,
+                })
+            }
+        }
+    }
+
+    fn running(
+        id: &str,
+        opts: &VmOptions,
+        parts: Parts,
+        agent: AgentClient,
+        boot_to_agent: Duration,
+    ) -> Arc<PodVm> {
+        let (Some(dir), Some(virtiofsd), Some(hypervisor)) =
+            (parts.dir, parts.virtiofsd, parts.hypervisor)
+        else {
+            unreachable!("start_in fills every part before it succeeds");
+        };
+        let vsock = hypervisor.vsock_socket();
+        let machine = Arc::new(Machine {
+            virtiofsd,
+            hypervisor,
+        });
+        let (dead_tx, dead) = watch::channel(false);
+        let vm = Arc::new(PodVm {
+            id: id.to_string(),
+            dir,
+            vsock,
+            agent,
+            dead,
+            writable: Arc::default(),
+            machine: Mutex::new(Some(machine.clone())),
+            size: Mutex::new(VmSize {
+                vcpus: opts.vcpus,
+                memory_mib: opts.memory_mib,
+            }),
+            cgroup: Mutex::new(parts.cgroup),
+            tasks: Mutex::default(),
+            stop_timeout: opts.stop_timeout,
+            boot_to_agent,
+        });
+        let sid = id.to_string();
+        vm.track(tokio::spawn(async move {
+            let how = machine.hypervisor.wait_exit().await;
+            tracing::warn!(id = sid, how, "the VMM exited");
+            let _ = dead_tx.send(true);
+        }));
+        vm
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The one agent client: every call to the guest goes through it.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The hybrid-vsock socket: agent (port 1024) and stdio (port 1025).
+    pub fn vsock_socket(&self) -> &Path {
+        &self.vsock
+    }
+
+    pub fn writable(&self) -> &Arc<WritableShares> {
+        &self.writable
+    }
+
+    /// Whether the VMM has exited.
+    pub fn is_dead(&self) -> bool {
+        *self.dead.borrow()
+    }
+
+    /// Resolves once the VMM has exited (at once if it has): true; or once
+    /// the VM was stopped and its watcher is gone: false.
+    pub async fn died(&self) -> bool {
+        let mut dead = self.dead.clone();
+        let died = dead.wait_for(|d| *d).await.is_ok();
+        died
+    }
+
+    pub fn boot_to_agent(&self) -> Duration {
+        self.boot_to_agent
+    }
+
+    /// The pids of the VMM, its helpers and virtiofsd.
+    pub fn pids(&self) -> Vec<u32> {
+        locked(&self.machine)
+            .as_ref()
+            .map(|m| m.pids())
+            .unwrap_or_default()
+    }
+
+    /// The VMM's pid, which stands for the pod's pause process.
+    pub fn vmm_pid(&self) -> u32 {
+        self.pids().first().copied().unwrap_or_default()
+    }
+
+    pub fn size(&self) -> VmSize {
+        *locked(&self.size)
+    }
+
+    /// Runs `task` until the VM stops.
+    pub fn track(&self, task: JoinHandle<()>) {
+        locked(&self.tasks).push(task);
+    }
+
+    /// Grows the VM towards `target` and onlines what was added; the size
+    /// in effect. A backend that cannot grow (QEMU) answers
+    /// [`clh_hypervisor::Error::Unsupported`] and the VM stays as it is.
+    pub async fn grow(&self, target: VmSize) -> Result<VmSize, GrowError> {
+        let machine = locked(&self.machine).clone();
+        let Some(machine) = machine else {
+            return Ok(self.size());
+        };
+        let now = machine
+            .hypervisor
+            .resize(target)
+            .await
+            .map_err(GrowError::Resize)?;
+        *locked(&self.size) = now;
+        // Linux leaves hot-added CPUs offline; the agent onlines them.
+        self.agent
+            .online_resources()
+            .await
+            .map_err(GrowError::Online)?;
+        Ok(now)
+    }
+
+    /// Stops the watchers, the VM and virtiofsd, removes the directory and
+    /// the pod cgroup. Idempotent.
+    pub async fn stop(&self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let tasks: Vec<_> = locked(&self.tasks).drain(..).collect();
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        let machine = locked(&self.machine).take();
+        let stopped = match machine.map(Arc::try_unwrap) {
+            None => Ok(()),
+            Some(Ok(mut m)) => {
+                let vm = m.hypervisor.stop(self.stop_timeout).await;
+                let fs = m.virtiofsd.stop(self.stop_timeout).await;
+                let rm = remove_vm_dir(&self.dir);
+                vm.context("stopping the VM")
+                    .and(fs.context("stopping virtiofsd"))
+                    .and(rm)
+            }
+            Some(Err(_)) => Err(anyhow::anyhow!(
+                "internal error: VM {} is still shared after its watchers ended",
+                self.id
+            )),
+        };
+        let cgroup = locked(&self.cgroup).take();
+        if let Some(cg) = cgroup {
+            cg.destroy(self.stop_timeout).await?;
+        }
+        stopped
+    }
+}
+
+/// Why a running VM did not grow.
+#[derive(Debug, thiserror::Error)]
+pub enum GrowError {
+    #[error("cannot resize the VM")]
+    Resize(#[source] clh_hypervisor::Error),
+    #[error("the guest did not online its new resources")]
+    Online(#[source] clh_agent_client::Error),
+}
+
+/// Steps 1 to 6 of the module doc; what they made is in `parts`.
+async fn start_in(
+    id: &str,
+    root: &Path,
+    opts: &VmOptions,
+    parts: &mut Parts,
+) -> Result<(AgentClient, Duration), StartStep> {
+    validate_id(id)?;
+    let dir = root.join(id);
+    clh_hypervisor::check_vm_dir(&dir).map_err(StartStep::StateDir)?;
+    check_guest_image(opts)?;
+    if let Some(path) = opts.cgroups_path.as_deref().filter(|p| !p.is_empty()) {
+        parts.cgroup = Some(PodCgroup::create(path).map_err(StartStep::Cgroup)?);
+    }
+    make_vm_dir(root, &dir)?;
+    parts.dir = Some(dir.clone());
+
+    make_export(&dir).map_err(|e| StartStep::SharedDir(e.into()))?;
+    let fs_socket = dir.join(clh_hypervisor::virtiofsd::SOCKET_NAME);
+    let virtiofsd = Virtiofsd::start(
+        &opts.binaries.virtiofsd,
+        &export_dir(&dir),
+        &fs_socket,
+        &dir.join("virtiofsd.log"),
+        opts.vmm_start_timeout,
+    )
+    .await
+    .map_err(StartStep::Virtiofsd)?;
+    let fs = parts.virtiofsd.insert(virtiofsd);
+
+    let spec = VmSpec {
+        id: id.to_string(),
+        dir: dir.clone(),
+        vcpus: opts.vcpus,
+        memory_mib: opts.memory_mib,
+        max: opts.max,
+        kernel: opts.kernel.clone(),
+        initramfs: opts.initramfs.clone(),
+        cmdline: kernel_cmdline(opts),
+        shared_fs: Some(SharedFs {
+            socket: fs.socket().to_path_buf(),
+            tag: SHARED_FS_TAG.to_string(),
+        }),
+        console_log: dir.join("console.log"),
+        console_log_max_bytes: opts.console_log_max_bytes,
+        start_timeout: opts.vmm_start_timeout,
+    };
+    let spawned = Instant::now();
+    let hypervisor = parts
+        .hypervisor
+        .insert(opts.hypervisors.make(opts.backend, &opts.binaries));
+    hypervisor.start(&spec).await.map_err(StartStep::Vmm)?;
+
+    let mut pids = hypervisor.pids();
+    pids.push(fs.pid());
+    persist_state(&dir, &pids)?;
+    restrict_sockets(&dir)?;
+    if let Some(cgroup) = parts.cgroup.as_mut() {
+        for pid in with_descendants(pids) {
+            match cgroup.add_process(pid) {
+                Ok(()) => {}
+                // A short-lived helper that exited since it was listed.
+                Err(_) if !is_running(pid) => {}
+                Err(e) => return Err(StartStep::Cgroup(e)),
+            }
+        }
+    }
+
+    let uds = hypervisor.vsock_socket();
+    let agent = tokio::select! {
+        agent = AgentClient::connect(&uds, opts.agent_timeout) => agent.map_err(StartStep::Agent)?,
+        how = hypervisor.wait_exit() => return Err(StartStep::VmmExited { how }),
+    };
+    seed_guest_rng(&agent).await?;
+    Ok((agent, spawned.elapsed()))
+}
+
+/// Undoes a failed start, last step first.
+async fn undo(parts: Parts, timeout: Duration) {
+    if let Some(mut hv) = parts.hypervisor {
+        if let Err(e) = hv.stop(timeout).await {
+            tracing::warn!(error = %e, "stopping the VM after a failed start");
+        }
+    }
+    if let Some(mut fs) = parts.virtiofsd {
+        if let Err(e) = fs.stop(timeout).await {
+            tracing::warn!(error = %e, "stopping virtiofsd after a failed start");
+        }
+    }
+    if let Some(dir) = parts.dir {
+        if let Err(e) = remove_vm_dir(&dir) {
+            tracing::warn!(dir = %dir.display(), error = format!("{e:#}"), "cannot remove VM directory");
+        }
+    }
+    if let Some(cg) = parts.cgroup {
+        if let Err(e) = cg.destroy(timeout).await {
+            tracing::error!(error = %e, "removing the pod cgroup after a failed start");
+        }
+    }
+}
+
+/// The kernel and initramfs exist: a missing one is the user's to fix
+/// (build the image, or point the configuration at it), not the VMM's to
+/// report in its own words.
+fn check_guest_image(opts: &VmOptions) -> Result<(), StartStep> {
+    let kernel_key = match opts.backend {
+        Backend::CloudHypervisor => "kernel",
+        Backend::Qemu => "kernel_bzimage",
+    };
+    for (what, key, path) in [
+        ("kernel", kernel_key, &opts.kernel),
+        ("initramfs", "initramfs", &opts.initramfs),
+    ] {
+        if !path.is_file() {
+            return Err(StartStep::MissingGuestFile {
+                what,
+                key,
+                path: path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Creates `root` and `dir`, owner-only whatever the umask: `dir` holds
+/// the VMM's API and vsock sockets.
+fn make_vm_dir(root: &Path, dir: &Path) -> Result<(), StartStep> {
+    let io = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StartStep::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .map_err(io("create the VM state root", root))?;
+    // Not recursive: an existing directory means another VM or a
+    // leftover, and must not be reused.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, Permissions::from_mode(0o700)))
+        .map_err(io("create the VM directory", dir))
+}
+
+/// Sends the guest a fresh RNG seed over the agent connection and checks
+/// that its CRNG is initialised, before any container can start. Not on
+/// the kernel command line: the guest's /proc/cmdline is readable by every
+/// container, and the host's by every process (QEMU's argv).
+async fn seed_guest_rng(agent: &AgentClient) -> Result<(), StartStep> {
+    let seed = random_seed()?;
+    let reply = agent.seed_random(&seed).await.map_err(StartStep::Agent)?;
+    if !reply.crng_ready {
+        return Err(StartStep::RngNotReady {
+            credited: reply.credited_bytes,
+            entropy_avail: reply.entropy_avail,
+        });
+    }
+    tracing::debug!(
+        credited = reply.credited_bytes,
+        entropy_avail = reply.entropy_avail,
+        "guest RNG seeded"
+    );
+    Ok(())
+}
+
+/// The kernel command line: serial console, reboot on panic (the VMM then
+/// exits and the shim notices), then the configured extra parameters.
+/// Nothing secret: the guest's containers read it in /proc/cmdline, and it
+/// is in QEMU's argv on the host. The RNG seed goes over vsock instead
+/// ([`seed_guest_rng`]).
+fn kernel_cmdline(opts: &VmOptions) -> String {
+    let mut params = vec!["console=ttyS0".to_string(), "panic=-1".to_string()];
+    params.push(if opts.debug { "clh.debug" } else { "quiet" }.to_string());
+    params.extend(opts.extra_kernel_params.iter().cloned());
+    params.join(" ")
+}
+
+/// 64 random bytes (512 bits, twice the kernel pool's 256), read from
+/// /dev/urandom, which is the getrandom(2) pool without a new dependency.
+fn random_seed() -> Result<[u8; 64], StartStep> {
+    let mut bytes = [0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(StartStep::Seed)?;
+    Ok(bytes)
+}
+
+/// Refuses ids that could escape `root` or make unwieldy paths: the
+/// protocol's one id rule ([`clh_agent_protocol::check_id`]).
+pub fn validate_id(id: &str) -> Result<(), StartStep> {
+    clh_agent_protocol::check_id(id).map_err(|source| StartStep::InvalidId {
+        id: id.to_string(),
+        source,
+    })
+}
+
+/// Makes the sockets the VMM and its helpers bound directly in `dir`
+/// owner-only (0600), as the shim's own files are. They bind with the
+/// shim's umask (077), so they are at most 0700 already, and `dir` is 0700;
+/// this makes their mode say so on its own. Only `dir`'s own entries:
+/// `shared/` and `private/` are the guest's view and are never walked.
+fn restrict_sockets(dir: &Path) -> Result<(), StartStep> {
+    use std::os::unix::fs::FileTypeExt;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StartStep::Io {
+            action: "make the VM's sockets owner-only in",
+            path,
+            source,
+        }
+    };
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        // file_type() does not follow links: a symlink is left alone.
+        if entry.file_type().is_ok_and(|t| t.is_socket()) {
+            let path = entry.path();
+            std::fs::set_permissions(&path, Permissions::from_mode(0o600)).map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has).
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat.rsplit(')').next().unwrap_or_default().trim_start();
+        !state.starts_with('Z') && !state.starts_with('X')
+    })
+}
+
+/// `pids` and every process they forked (virtiofsd's sandboxed worker was
+/// born before its parent joined the pod cgroup, so it does not follow).
+fn with_descendants(pids: Vec<u32>) -> Vec<u32> {
+    let mut all = Vec::new();
+    let mut todo = pids;
+    while let Some(pid) = todo.pop() {
+        if all.contains(&pid) {
+            continue;
+        }
+        all.push(pid);
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            todo.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    all
+}
