@@ -8,30 +8,39 @@ use crate::pod_cgroup::CgroupError;
 
 /// A failed start: the VM, the step that failed and the tails of the VM's
 /// logs (guest console, VMM, virtiofsd), read before its directory went.
-#[derive(Debug, thiserror::Error)]
-#[error("failed to start VM {id}")]
+///
+/// Its message is whole on its own (`failed to start VM <id>: <step>:
+/// <causes>`, then the logs), whether printed with `{}` or through anyhow:
+/// so it has no `source`, and the step stays a field for the code mapping
+/// (service/error.rs).
+#[derive(Debug)]
 pub struct VmStartError {
     pub id: String,
-    #[source]
     pub step: StartStep,
     /// Empty when no log had anything to say.
     pub report: String,
 }
 
 impl VmStartError {
-    /// The whole message: this error, each cause in turn, then the logs.
+    /// The whole message: the VM, the step, each cause in turn, the logs.
     pub fn message(&self) -> String {
-        let mut message = self.to_string();
-        let mut cause: Option<&dyn std::error::Error> = Some(&self.step);
-        while let Some(e) = cause {
-            message.push_str(": ");
-            message.push_str(&e.to_string());
-            cause = e.source();
-        }
-        message.push_str(&self.report);
-        message
+        self.to_string()
     }
 }
+
+impl std::fmt::Display for VmStartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "failed to start VM {}", self.id)?;
+        let mut cause: Option<&dyn std::error::Error> = Some(&self.step);
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        f.write_str(&self.report)
+    }
+}
+
+impl std::error::Error for VmStartError {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartStep {
