@@ -8,7 +8,8 @@ apt_packages=(
   protobuf-compiler # the agent protocol is compiled at build time
   libseccomp-dev # the agent's seccomp filters (libseccomp.a, linked statically)
   zstd xz-utils kmod file binutils python3 gcc make # guest image build
-  containernetworking-plugins # CNI static + loopback (/usr/lib/cni) for the CRI tests
+  containernetworking-plugins # CNI static, loopback, bridge, host-local (/usr/lib/cni) for the CRI tests
+  iproute2 # the network tests remove their CNI bridge (ip link delete)
   libcap-ng-dev # virtiofsd links libcap-ng (cargo install below)
   pkg-config # how virtiofsd's build finds libcap-ng and libseccomp
   g++ # libfuzzer-sys builds libFuzzer (make fuzz)

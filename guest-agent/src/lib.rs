@@ -10,6 +10,7 @@ pub mod init;
 pub mod logging;
 mod modules;
 mod mounts;
+mod network;
 pub mod power;
 pub mod reaper;
 mod rng;

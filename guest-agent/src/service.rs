@@ -3,16 +3,17 @@
 //! code. Handlers stay thin so this file does not grow into one big rpc.rs.
 
 use crate::containers::{Containers, CtrError, Stats};
+use crate::network::NetError;
 use crate::sysinfo::{self, SysInfoError};
 use crate::volumes::{VolError, Volumes};
 use async_trait::async_trait;
 use clh_agent_protocol::{
     CheckRequest, CheckResponse, ContainerRequest, ContainerStatsResponse, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, ListPidsResponse, OnlineResourcesResponse,
-    OomEvent, ProcessRequest, ResizeTtyRequest, SeedRandomRequest, SeedRandomResponse,
-    SignalProcessRequest, StartProcessResponse, SyncVolumeRequest, SyncVolumeResponse,
-    UpdateContainerRequest, VersionRequest, VersionResponse, VolumeRequest, WaitProcessResponse,
-    PROTOCOL_VERSION,
+    CreateContainerResponse, Empty, ExecProcessRequest, ListPidsResponse, NetworkConfig,
+    OnlineResourcesResponse, OomEvent, ProcessRequest, ResizeTtyRequest, SeedRandomRequest,
+    SeedRandomResponse, SignalProcessRequest, StartProcessResponse, SyncVolumeRequest,
+    SyncVolumeResponse, UpdateContainerRequest, VersionRequest, VersionResponse, VolumeRequest,
+    WaitProcessResponse, PROTOCOL_VERSION,
 };
 use tracing::{debug, info, warn};
 use ttrpc::r#async::TtrpcContext;
@@ -55,6 +56,12 @@ fn internal_status(call: &str, e: impl std::fmt::Display) -> Error {
 fn vol_status(call: &str, e: VolError) -> Error {
     let msg = e.to_string();
     warn!("{call} failed: {msg}");
+    Error::RpcStatus(ttrpc::get_status(e.code(), msg))
+}
+
+fn net_status(e: NetError) -> Error {
+    let msg = format!("ConfigureNetwork: {}", chain(&e));
+    warn!("{msg}");
     Error::RpcStatus(ttrpc::get_status(e.code(), msg))
 }
 
@@ -338,6 +345,21 @@ impl clh_agent_protocol::Agent for AgentService {
         })
     }
 
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: NetworkConfig,
+    ) -> ttrpc::Result<Empty> {
+        debug!(
+            interfaces = req.interfaces.len(),
+            routes = req.routes.len(),
+            "configure network"
+        );
+        (crate::network::configure(&req).await)
+            .map(|()| Empty::default())
+            .map_err(net_status)
+    }
+
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {
         let container_id = self.containers.next_oom().await;
         Ok(OomEvent {
@@ -406,5 +428,28 @@ mod tests {
         };
         assert_eq!(s.code(), Code::INTERNAL);
         assert_eq!(s.message(), "writing /run/clh/c1/config.json: no such file");
+    }
+
+    /// A netlink failure names the step and the kernel's reason.
+    #[test]
+    fn a_network_error_reaches_the_shim_with_its_cause() {
+        let mut nack = rtnetlink::packet_core::ErrorMessage::default();
+        nack.code = std::num::NonZeroI32::new(-libc::ENETUNREACH);
+        let e = NetError::Netlink {
+            what: "adding the route default via 10.0.0.1 (NIC 02:00:00:00:00:05)".into(),
+            source: rtnetlink::Error::NetlinkError(nack),
+        };
+        let Error::RpcStatus(s) = net_status(e) else {
+            panic!("not a status");
+        };
+        assert_eq!(s.code(), Code::INTERNAL);
+        assert!(
+            s.message().starts_with(
+                "ConfigureNetwork: adding the route default via 10.0.0.1 (NIC 02:00:00:00:00:05): "
+            ),
+            "{}",
+            s.message()
+        );
+        assert!(s.message().contains("unreachable"), "{}", s.message());
     }
 }

@@ -40,6 +40,7 @@ impl VmOptions {
             agent_timeout: Duration::from_millis(t.agent_connect_ms),
             stop_timeout: Duration::from_millis(t.stop_ms),
             cgroups_path: None,
+            netns: None,
         };
         (options, reason)
     }

@@ -111,6 +111,7 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
         agent_timeout: Duration::from_secs(90),
         stop_timeout: Duration::from_secs(5),
         cgroups_path: None,
+        netns: None,
     }
 }
 

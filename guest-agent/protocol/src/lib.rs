@@ -29,7 +29,10 @@ pub mod agent_ttrpc {
 ///
 /// 3: SeedRandom; the RNG seed left the kernel command line, so an agent
 /// of version 2 would run unseeded by the host.
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// 4: ConfigureNetwork; a pod with interfaces needs it before its first
+/// container, so an agent of version 3 would leave the pod unreachable.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The AF_VSOCK port the agent serves ttrpc on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -5,8 +5,8 @@
 
 use clh_agent_protocol::{
     ContainerRequest, ContainerStatsResponse, CreateContainerRequest, Empty, ExecProcessRequest,
-    ProcessRequest, ResizeTtyRequest, SignalProcessRequest, Stdio, SyncVolumeRequest,
-    UpdateContainerRequest, VolumeRequest, WaitProcessResponse,
+    NetworkConfig, ProcessRequest, ResizeTtyRequest, SignalProcessRequest, Stdio,
+    SyncVolumeRequest, UpdateContainerRequest, VolumeRequest, WaitProcessResponse,
 };
 
 use crate::{AgentClient, Error, Result};
@@ -204,6 +204,13 @@ impl AgentClient {
         };
         let r = self.inner.remove_volume(self.ctx(), &req).await;
         r.map(drop).map_err(rpc("RemoveVolume"))
+    }
+
+    /// Configures the guest's interfaces and routes (once, before the
+    /// first container).
+    pub async fn configure_network(&self, config: &NetworkConfig) -> Result<()> {
+        let r = self.inner.configure_network(self.ctx(), config).await;
+        r.map(drop).map_err(rpc("ConfigureNetwork"))
     }
 
     /// Onlines the vCPUs (and memory) hot-plugged into the guest.

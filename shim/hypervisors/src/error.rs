@@ -56,6 +56,16 @@ pub enum Error {
     #[error("invalid VM specification: {0}")]
     InvalidSpec(String),
 
+    /// The VMM must run in this network namespace (it opens the VM's taps
+    /// there), and it cannot be entered: a missing file, or not a network
+    /// namespace.
+    #[error("cannot use the network namespace {path} for the VMM")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("QEMU machine protocol (QMP): {0}")]
     Qmp(String),
 

@@ -8,8 +8,22 @@
 //!
 //! Both give the same guarantees to the code above them: a VM that boots the
 //! given kernel and initramfs, a hybrid-vsock Unix socket to reach the agent,
-//! the shared directory of [`virtiofsd::Virtiofsd`] attached as virtio-fs, and
-//! a `stop` that leaves no process or socket behind.
+//! the shared directory of [`virtiofsd::Virtiofsd`] attached as virtio-fs, a
+//! virtio-net device per [`Nic`], and a `stop` that leaves no process or
+//! socket behind.
+//!
+//! # Networking
+//!
+//! The VMM process runs in the pod's network namespace ([`VmSpec::netns`]),
+//! entered between fork and exec ([`process::NetNs`]), as Kata does; its
+//! helpers (virtiofsd, vhost-device-vsock) stay in the shim's. There it opens
+//! each NIC's tap by name. The taps are the shim's: it creates them in the
+//! namespace (and wires them to the pod's interfaces) before
+//! [`Hypervisor::start`], and they outlive [`Hypervisor::stop`]; a backend
+//! never creates, configures or deletes one (Cloud Hypervisor gets no
+//! `ip`/`mask`, so it leaves the tap's addresses alone; it does bring the
+//! tap up and set its MTU to the NIC's). The guest agent configures
+//! addresses inside the VM, matching NICs by MAC.
 
 pub mod ch;
 pub mod console_log;
@@ -58,6 +72,92 @@ pub struct VmSpec {
     pub console_log_max_bytes: u64,
     /// Deadline for the VMM to come up and accept the VM configuration.
     pub start_timeout: Duration,
+    /// The pod's network namespace (a file such as
+    /// `/var/run/netns/cni-…`): the VMM process runs in it and opens the
+    /// taps of [`VmSpec::nics`] there by name; no other process of the VM
+    /// does. `None`: the shim's own. A file that is not a network namespace
+    /// fails [`Hypervisor::start`] with [`Error::Netns`] before anything is
+    /// spawned.
+    pub netns: Option<PathBuf>,
+    /// The guest's NICs in order (the guest sees them as virtio-net PCI
+    /// devices), each backed by a tap in [`VmSpec::netns`] that the caller
+    /// created and will delete.
+    pub nics: Vec<Nic>,
+}
+
+/// A guest NIC: a virtio-net device on a tap device the shim made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The tap's name in the VM's network namespace: 1 to 15 printable
+    /// ASCII characters without `/`, `:`, `,` or `=`. Best not also the
+    /// name of a multi-queue tap in the shim's namespace: Cloud Hypervisor
+    /// checks a tap's flags in `/sys/class/net`, which shows the shim's
+    /// namespace, not the pod's.
+    pub tap: String,
+    /// The guest NIC's MAC ("aa:bb:cc:dd:ee:ff"): the pod interface's, so
+    /// the pod's peers keep their neighbour entries.
+    pub mac: String,
+    /// The MTU the device offers the guest (and Cloud Hypervisor sets on
+    /// the tap); 0 leaves it to the VMM's default.
+    pub mtu: u32,
+}
+
+/// Longest interface name: `IFNAMSIZ` (16) bytes with the NUL.
+const MAX_IFNAME: usize = 15;
+
+impl Nic {
+    /// Checks what the VMM is given: a tap name the kernel accepts and
+    /// that cannot inject options (QEMU splits on `,`), a MAC in the
+    /// `aa:bb:cc:dd:ee:ff` form, and an MTU of 0 or 68 to 65535. An
+    /// [`Error::InvalidSpec`] naming the problem otherwise.
+    fn check(&self) -> Result<()> {
+        let tap = &self.tap;
+        let tap_ok = !tap.is_empty()
+            && tap.len() <= MAX_IFNAME
+            && tap != "."
+            && tap != ".."
+            && tap
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | ':' | ',' | '='));
+        if !tap_ok {
+            return Err(Error::InvalidSpec(format!(
+                "tap name {tap:?} must be 1 to {MAX_IFNAME} printable ASCII characters without '/', ':', ',' or '='"
+            )));
+        }
+        let octets: Vec<&str> = self.mac.split(':').collect();
+        let mac_ok = octets.len() == 6
+            && octets
+                .iter()
+                .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()));
+        if !mac_ok {
+            return Err(Error::InvalidSpec(format!(
+                "MAC address {:?} of tap {tap} must look like aa:bb:cc:dd:ee:ff",
+                self.mac
+            )));
+        }
+        if self.mtu != 0 && !(68..=65535).contains(&self.mtu) {
+            return Err(Error::InvalidSpec(format!(
+                "MTU {} of tap {tap} must be between 68 and 65535 (or 0 for the default)",
+                self.mtu
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks every NIC of a spec ([`Nic::check`]) and that no tap backs two of
+/// them (a single-queue tap can be attached only once).
+pub(crate) fn check_nics(nics: &[Nic]) -> Result<()> {
+    for (i, nic) in nics.iter().enumerate() {
+        nic.check()?;
+        if nics[..i].iter().any(|other| other.tap == nic.tap) {
+            return Err(Error::InvalidSpec(format!(
+                "tap {} backs more than one NIC",
+                nic.tap
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A VM's compute size: vCPUs and guest RAM.
@@ -159,6 +259,10 @@ pub trait Hypervisor: Send + Sync {
     /// Spawns the VMM and boots the VM described by `spec`. Returns once the
     /// guest is booting; reaching the agent is the caller's job. On error,
     /// everything spawned so far has been stopped.
+    ///
+    /// The VMM runs in `spec.netns` and attaches the existing taps of
+    /// `spec.nics`, which must stay until [`Hypervisor::stop`]; the backend
+    /// neither creates nor deletes them.
     async fn start(&mut self, spec: &VmSpec) -> Result<()>;
 
     /// The host Unix socket of the VM's hybrid vsock device
@@ -270,6 +374,38 @@ mod tests {
             "{err}"
         );
         assert!(socket_path(Path::new("/run/x"), "vsock.sock").is_ok());
+    }
+
+    fn nic(tap: &str, mac: &str, mtu: u32) -> Nic {
+        Nic {
+            tap: tap.into(),
+            mac: mac.into(),
+            mtu,
+        }
+    }
+
+    #[test]
+    fn nics_that_a_vmm_would_misread_are_refused() {
+        let good = nic("tap0_kata", "AA:bb:cc:dd:ee:01", 1500);
+        assert!(check_nics(&[good.clone(), nic("t1", "aa:bb:cc:dd:ee:02", 0)]).is_ok());
+        assert!(check_nics(&[]).is_ok());
+        for (bad, says) in [
+            (nic("", "aa:bb:cc:dd:ee:ff", 0), "tap name"),
+            (nic("tap0,vhost=on", "aa:bb:cc:dd:ee:ff", 0), "tap name"),
+            (nic("a-very-long-tap0", "aa:bb:cc:dd:ee:ff", 0), "tap name"),
+            (nic("tap 0", "aa:bb:cc:dd:ee:ff", 0), "tap name"),
+            (nic("tap0", "aa:bb:cc:dd:ee", 0), "MAC"),
+            (nic("tap0", "aa:bb:cc:dd:ee:ff,x=y", 0), "MAC"),
+            (nic("tap0", "aa:bb:cc:dd:ee:fg", 0), "MAC"),
+            (nic("tap0", "aa:bb:cc:dd:ee:ff", 67), "MTU"),
+            (nic("tap0", "aa:bb:cc:dd:ee:ff", 65536), "MTU"),
+        ] {
+            let err = check_nics(std::slice::from_ref(&bad)).unwrap_err();
+            assert!(matches!(err, Error::InvalidSpec(_)), "{bad:?}: {err:?}");
+            assert!(err.to_string().contains(says), "{bad:?}: {err}");
+        }
+        let err = check_nics(&[good.clone(), good]).unwrap_err();
+        assert!(err.to_string().contains("more than one NIC"), "{err}");
     }
 
     #[test]

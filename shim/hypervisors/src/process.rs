@@ -6,8 +6,15 @@
 //! recycled pid. The child gets `PR_SET_PDEATHSIG(SIGKILL)`, so it dies with
 //! the shim even when the shim is SIGKILLed, and is killed when its
 //! `ManagedProcess` is dropped.
+//!
+//! A process can be started in another network namespace
+//! ([`ManagedProcess::spawn_in`] with a [`NetNs`]): the VMM runs in the
+//! pod's, where the shim made its taps. Only the network namespace changes;
+//! the mount namespace is the shim's, so Unix sockets bound by path (API,
+//! vsock, vhost-user, QMP) connect across it as before.
 
 use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -23,6 +30,49 @@ use crate::{Error, Result};
 /// waiting (it is then a zombie of ours, not a leak of the VM).
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// An open network namespace file (`/var/run/netns/<name>`, or any
+/// `/proc/<pid>/ns/net`) to start processes in.
+#[derive(Debug)]
+pub struct NetNs {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl NetNs {
+    /// Opens `path` (`O_RDONLY|O_CLOEXEC`: the child's copy closes at
+    /// exec) and checks that it is a network namespace. An [`Error::Netns`]
+    /// naming `path` otherwise, so that a wrong path fails before anything
+    /// is spawned rather than in a forked child.
+    pub fn open(path: &Path) -> Result<Self> {
+        let error = |source| Error::Netns {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(error)?;
+        // SAFETY: NS_GET_NSTYPE takes no argument and only queries the
+        // descriptor, which `file` keeps open for the call.
+        let nstype = unsafe { libc::ioctl(file.as_raw_fd(), libc::NS_GET_NSTYPE) };
+        if nstype != libc::CLONE_NEWNET {
+            return Err(error(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a network namespace",
+            )));
+        }
+        Ok(Self {
+            fd: file.into(),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 pub struct ManagedProcess {
     name: String,
     pid: u32,
@@ -33,8 +83,20 @@ pub struct ManagedProcess {
 
 impl ManagedProcess {
     /// Spawns `cmd` with stdin from /dev/null and stdout and stderr appended
-    /// to `log`. `name` is what error messages call the process.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+    /// to `log`. `name` is what error messages call the process. It runs in
+    /// the shim's own namespaces.
+    pub fn spawn(name: &str, cmd: Command, log: &Path) -> Result<Self> {
+        Self::spawn_in(name, cmd, log, None)
+    }
+
+    /// [`ManagedProcess::spawn`], with the child moved into `netns` (when
+    /// given) between fork and exec.
+    pub fn spawn_in(
+        name: &str,
+        mut cmd: Command,
+        log: &Path,
+        netns: Option<&NetNs>,
+    ) -> Result<Self> {
         let io_err = |source| Error::Io {
             what: "cannot open process log",
             path: log.to_path_buf(),
@@ -52,12 +114,21 @@ impl ManagedProcess {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .kill_on_drop(true);
+        // Stays open (borrowed from `netns`) until `spawn` has returned.
+        let netns_fd: Option<RawFd> = netns.map(|ns| ns.fd.as_raw_fd());
         // SAFETY: the closure runs in the forked child before exec; it only
-        // calls prctl(2), which is async-signal-safe, and allocates nothing.
+        // calls prctl(2) and setns(2), plain system calls that are
+        // async-signal-safe, and allocates nothing (an OS error is stored
+        // inline).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = netns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -255,5 +326,110 @@ mod tests {
             nix::sys::signal::kill(pid, None).is_err(),
             "process still exists"
         );
+    }
+
+    /// A network namespace made for one test: a thread unshares its own
+    /// network namespace and bind-mounts it onto an empty file, which keeps
+    /// it alive after the thread ends. Unmounted on drop.
+    struct TestNetns {
+        dir: tempfile::TempDir,
+    }
+
+    impl TestNetns {
+        /// `Err(why)` where this cannot be done (not root, no mounts).
+        fn new() -> std::result::Result<Self, String> {
+            if !nix::unistd::geteuid().is_root() {
+                return Err("making a network namespace needs root".into());
+            }
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let file = dir.path().join("netns");
+            std::fs::File::create(&file).map_err(|e| e.to_string())?;
+            let target = file.clone();
+            std::thread::spawn(move || {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+                nix::mount::mount(
+                    Some("/proc/thread-self/ns/net"),
+                    &target,
+                    None::<&str>,
+                    nix::mount::MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| format!("bind-mounting the namespace: {e}"))
+            })
+            .join()
+            .map_err(|_| "the namespace thread panicked".to_string())??;
+            Ok(Self { dir })
+        }
+
+        fn path(&self) -> PathBuf {
+            self.dir.path().join("netns")
+        }
+    }
+
+    impl Drop for TestNetns {
+        fn drop(&mut self) {
+            if let Err(e) = nix::mount::umount2(&self.path(), nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("cannot unmount {}: {e}", self.path().display());
+            }
+        }
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .ino()
+    }
+
+    #[tokio::test]
+    async fn a_process_spawned_in_a_netns_runs_there() {
+        let netns = match TestNetns::new() {
+            Ok(netns) => netns,
+            Err(why) => {
+                clh_test_skip::skip(&why);
+                return;
+            }
+        };
+        let ns = NetNs::open(&netns.path()).unwrap();
+        assert_eq!(ns.path(), netns.path());
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("1000");
+        let inside =
+            ManagedProcess::spawn_in("in-netns", cmd, &dir.path().join("log"), Some(&ns)).unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("1000");
+        let outside = ManagedProcess::spawn("outside", cmd, &dir.path().join("log2")).unwrap();
+
+        let ns_of = |p: &ManagedProcess| inode(Path::new(&format!("/proc/{}/ns/net", p.pid())));
+        let ours = inode(Path::new("/proc/self/ns/net"));
+        let pod = inode(&netns.path());
+        assert_ne!(pod, ours, "the test namespace is the test's own");
+        assert_eq!(ns_of(&inside), pod);
+        assert_eq!(ns_of(&outside), ours);
+        inside.kill().await.unwrap();
+        outside.kill().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_netns_that_cannot_be_used_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-netns");
+        let err = NetNs::open(&missing).unwrap_err();
+        assert!(matches!(err, Error::Netns { .. }), "{err:?}");
+        assert!(err.to_string().contains("no-such-netns"), "{err}");
+
+        let plain = dir.path().join("plain-file");
+        std::fs::write(&plain, "").unwrap();
+        let err = NetNs::open(&plain).unwrap_err();
+        assert!(err.to_string().contains("plain-file"), "{err}");
+        let source = std::error::Error::source(&err).map(ToString::to_string);
+        assert_eq!(source.as_deref(), Some("not a network namespace"));
+
+        // Another kind of namespace is refused too.
+        let err = NetNs::open(Path::new("/proc/self/ns/uts")).unwrap_err();
+        assert!(matches!(err, Error::Netns { .. }), "{err:?}");
+        assert!(NetNs::open(Path::new("/proc/self/ns/net")).is_ok());
     }
 }

@@ -48,6 +48,8 @@ impl VmSpec {
             console_log: dir.join("console.log"),
             console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
             start_timeout: Duration::from_secs(10),
+            netns: None,
+            nics: Vec::new(),
         }
     }
 }

@@ -66,7 +66,13 @@ impl<E: EventSender> TaskService<E> {
                 )
             }
             Role::Standalone => {
-                let vm = self.boot_vm(&req.id, &spec, &limits, None).await?;
+                // `ctr run` makes a fresh namespace (or, with --net-host,
+                // none): the VM has no NIC unless a path names one.
+                let netns = match pod_spec::network_namespace(&spec) {
+                    pod_spec::NetworkNamespace::Path(path) => Some(path),
+                    _ => None,
+                };
+                let vm = self.boot_vm(&req.id, &spec, &limits, None, netns).await?;
                 match create_in_guest(&vm, &req, &mut spec, &stdio).await {
                     Ok(g) => self.guest_container(&req, role.clone(), &vm, g, stdio),
                     Err(e) => {
@@ -131,10 +137,12 @@ impl<E: EventSender> TaskService<E> {
         c
     }
 
-    /// Boots a pod's VM, named after the sandbox, with its hostname.
+    /// Boots a pod's VM, named after the sandbox, with its hostname and
+    /// the interfaces of its network namespace.
     async fn boot_pod(&self, id: &str, spec: &Value, limits: &PodLimits) -> Result<Arc<PodVm>> {
         let hostname = pod_spec::sandbox_hostname(spec)?;
-        self.boot_vm(id, spec, limits, hostname).await
+        let netns = pod_spec::sandbox_netns(spec)?;
+        self.boot_vm(id, spec, limits, hostname, netns).await
     }
 
     /// Boots the VM `id`, sized for `limits`, its host processes in the
@@ -145,6 +153,7 @@ impl<E: EventSender> TaskService<E> {
         spec: &Value,
         limits: &PodLimits,
         hostname: Option<String>,
+        netns: Option<std::path::PathBuf>,
     ) -> Result<Arc<PodVm>> {
         let mut opts = self.config.vm.clone();
         if let Some(hostname) = hostname {
@@ -154,6 +163,7 @@ impl<E: EventSender> TaskService<E> {
         let size = sizing::vm_size(limits, &self.config.sizing);
         (opts.vcpus, opts.memory_mib) = (size.vcpus, size.memory_mib);
         opts.cgroups_path = cgroups_path(spec).map(str::to_string);
+        opts.netns = netns;
         let vm = PodVm::start(id, &self.config.state_dir, &opts).await?;
         let oom = super::oom::watch(
             Arc::downgrade(&vm),

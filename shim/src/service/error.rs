@@ -4,6 +4,8 @@
 
 use ttrpc::Code;
 
+use clh_network::NetError;
+
 use crate::pod_cgroup::CgroupError;
 use crate::vm::{StartStep, VmStartError};
 
@@ -130,7 +132,13 @@ impl From<VmStartError> for Error {
                 _ => Error::Internal(anyhow::anyhow!(msg)),
             },
             StartStep::VmmExited { .. } => Error::Unavailable(msg),
-            StartStep::Agent(agent) => match Error::from(agent) {
+            StartStep::Network(net) => match net {
+                NetError::OpenNetns { .. } | NetError::Tap { .. } => Error::FailedPrecondition(msg),
+                NetError::NoMac { .. } => Error::InvalidArgument(msg),
+                NetError::Timeout { .. } => Error::DeadlineExceeded(msg),
+                _ => Error::Internal(anyhow::anyhow!(msg)),
+            },
+            StartStep::Agent(agent) | StartStep::GuestNetwork(agent) => match Error::from(agent) {
                 Error::Internal(_) => Error::Internal(anyhow::anyhow!(msg)),
                 Error::NotFound(_) => Error::NotFound(msg),
                 Error::AlreadyExists(_) => Error::AlreadyExists(msg),

@@ -17,6 +17,52 @@ const MAX_HOSTNAME: usize = 64;
 /// Size of a pod container's /dev/shm, as CRI's default for the sandbox.
 const SHM_SIZE: &str = "size=65536k";
 
+/// The network namespace a VM's spec names: the path of CNI's namespace,
+/// a fresh one (no path), or none (the host's).
+#[derive(Debug, PartialEq, Eq)]
+pub enum NetworkNamespace {
+    Path(std::path::PathBuf),
+    Fresh,
+    Host,
+}
+
+pub fn network_namespace(spec: &serde_json::Value) -> NetworkNamespace {
+    let namespaces = spec
+        .pointer("/linux/namespaces")
+        .and_then(|n| n.as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let network = namespaces
+        .iter()
+        .find(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"));
+    match network
+        .and_then(|ns| ns.get("path"))
+        .and_then(|p| p.as_str())
+    {
+        Some(path) if !path.is_empty() => NetworkNamespace::Path(path.into()),
+        _ if network.is_some() => NetworkNamespace::Fresh,
+        _ => NetworkNamespace::Host,
+    }
+}
+
+/// A pod sandbox's network namespace, refusing the host's: a VM cannot
+/// share the host's network stack (CRI leaves the namespace out of the
+/// sandbox's spec for `hostNetwork: true`).
+pub fn sandbox_netns(spec: &serde_json::Value) -> Result<Option<std::path::PathBuf>> {
+    match network_namespace(spec) {
+        NetworkNamespace::Path(path) => Ok(Some(path)),
+        NetworkNamespace::Fresh => Ok(None),
+        NetworkNamespace::Host => Err(Error::InvalidArgument(
+            concat!(
+                "the pod asks for the host's network (hostNetwork: true), which a VM pod ",
+                "cannot share: its containers run in the VM's own network stack. Run it ",
+                "with a runc RuntimeClass, or drop hostNetwork"
+            )
+            .into(),
+        )),
+    }
+}
+
 /// Adapts a pod container's spec to the guest (see the module doc).
 pub fn adapt_container(spec: &mut serde_json::Value) {
     let mut dropped_uts = false;
@@ -105,6 +151,25 @@ pub fn sandbox_hostname(spec: &serde_json::Value) -> Result<Option<String>> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_sandbox_gets_cni_s_namespace_and_host_network_is_refused() {
+        let with = |namespaces: serde_json::Value| json!({"linux": {"namespaces": namespaces}});
+        let cni = with(json!([{"type": "network", "path": "/var/run/netns/cni-1"}]));
+        assert_eq!(
+            sandbox_netns(&cni).unwrap(),
+            Some("/var/run/netns/cni-1".into())
+        );
+        let fresh = with(json!([{"type": "network"}, {"type": "pid"}]));
+        assert_eq!(network_namespace(&fresh), NetworkNamespace::Fresh);
+        assert_eq!(sandbox_netns(&fresh).unwrap(), None);
+        // CRI leaves the network namespace out for hostNetwork: true.
+        let host = with(json!([{"type": "pid"}, {"type": "ipc"}]));
+        assert_eq!(network_namespace(&host), NetworkNamespace::Host);
+        let err = sandbox_netns(&host).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(err.to_string().contains("hostNetwork"), "{err}");
+    }
 
     #[test]
     fn pod_namespaces_become_the_guests_own() {

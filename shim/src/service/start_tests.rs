@@ -348,6 +348,9 @@ async fn a_refused_pod_container_leaves_its_pod_running() {
     let cgroup = cgroups_path("pod");
     let mut pause = container_spec(&cgroup);
     pause["annotations"] = serde_json::json!({"io.kubernetes.cri.container-type": "sandbox"});
+    // A network namespace of its own: without one the pod would share the
+    // host's, which is refused.
+    pause["linux"]["namespaces"] = serde_json::json!([{"type": "network"}]);
     let pod = bundle(&h, "pod", pause);
     h.svc.create(create_request("pod", &pod)).await.unwrap();
     *h.fakes.agent.refuse_create.lock().unwrap() = Some("no such user".into());
@@ -375,5 +378,28 @@ async fn a_refused_pod_container_leaves_its_pod_running() {
         ..Default::default()
     };
     h.svc.delete(delete).await.unwrap();
+    assert_nothing_left(&h, &cgroup).await;
+}
+
+/// `hostNetwork: true` (no network namespace in the sandbox's spec) is
+/// refused before anything starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_network_pod_is_refused_before_anything_starts() {
+    let Some(mut h) = harness(Boot::WithAgent, |_| {}) else {
+        return;
+    };
+    let cgroup = cgroups_path("hostnet");
+    let mut pause = container_spec(&cgroup);
+    pause["annotations"] = serde_json::json!({"io.kubernetes.cri.container-type": "sandbox"});
+    let pod = bundle(&h, "pod", pause);
+    let err = h.svc.create(create_request("pod", &pod)).await.unwrap_err();
+    assert_eq!(err.code(), Code::INVALID_ARGUMENT, "{err}");
+    assert!(err.to_string().contains("hostNetwork"), "{err}");
+    assert!(
+        h.fakes.vmm_pids.lock().unwrap().is_empty(),
+        "a VMM was started"
+    );
+    let quiet = tokio::time::timeout(Duration::from_millis(50), h.events.recv()).await;
+    assert!(quiet.is_err(), "an event was published");
     assert_nothing_left(&h, &cgroup).await;
 }

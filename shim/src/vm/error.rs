@@ -75,6 +75,12 @@ pub enum StartStep {
     #[error("cannot make the VM's shared directory")]
     SharedDir(#[source] Box<dyn std::error::Error + Send + Sync>),
 
+    #[error("cannot wire the pod's network namespace into the VM")]
+    Network(#[source] clh_network::NetError),
+
+    #[error("the guest agent could not configure the pod's network")]
+    GuestNetwork(#[source] clh_agent_client::Error),
+
     #[error("virtiofsd did not start")]
     Virtiofsd(#[source] clh_hypervisor::Error),
 

@@ -11,6 +11,8 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use clh_network::PodNetwork;
+
 use super::{validate_id, StartStep};
 use crate::shared_mount::{private_dir, remove_container_dir, remove_vm_dir};
 
@@ -18,6 +20,9 @@ use crate::shared_mount::{private_dir, remove_container_dir, remove_vm_dir};
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct PersistedState {
     pub(super) processes: Vec<PersistedProcess>,
+    /// The pod's interfaces wired to taps, to unwire.
+    #[serde(default)]
+    pub(super) network: Option<PodNetwork>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -29,8 +34,13 @@ pub(super) struct PersistedProcess {
 }
 
 /// Writes `dir/state.json` (0600) atomically.
-pub(super) fn persist_state(dir: &Path, pids: &[u32]) -> Result<(), StartStep> {
+pub(super) fn persist_state(
+    dir: &Path,
+    pids: &[u32],
+    network: Option<&PodNetwork>,
+) -> Result<(), StartStep> {
     let state = PersistedState {
+        network: network.cloned(),
         processes: pids
             .iter()
             .map(|&pid| PersistedProcess {
@@ -62,7 +72,8 @@ pub(super) fn persist_state(dir: &Path, pids: &[u32]) -> Result<(), StartStep> {
 
 /// After a shim crash: SIGKILLs the processes recorded in
 /// `root/<id>/state.json` that are still the ones we started (same command
-/// line), then removes the directory. A missing directory is not an error.
+/// line), unwires the pod's network, then removes the directory. A missing
+/// directory is not an error.
 pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
     validate_id(id)?;
     let dir = root.join(id);
@@ -72,7 +83,8 @@ pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
     let state: Option<PersistedState> = std::fs::read(dir.join("state.json"))
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-    for process in state.map(|s| s.processes).unwrap_or_default() {
+    let (processes, network) = state.map_or((Vec::new(), None), |s| (s.processes, s.network));
+    for process in processes {
         let current = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
         if process.cmdline.is_empty() || current != process.cmdline {
             continue;
@@ -82,6 +94,9 @@ pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
         };
         tracing::info!(pid, "killing a leftover VM process");
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    }
+    if let Some(network) = network {
+        clh_network::unwire(&network).context("unwiring the pod's network")?;
     }
     remove_vm_dir(&dir)
 }

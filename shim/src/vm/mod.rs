@@ -5,13 +5,17 @@
 //! [`PodVm::start`] is the whole pod start on the host, in order:
 //! 1. refuse what cannot work (id, socket path lengths, guest image);
 //! 2. create the pod cgroup and `root/<id>/` (0700);
-//! 3. make the shared directory and start virtiofsd on it;
-//! 4. start the VMM through the backend the factory makes;
-//! 5. record the pids (`state.json`, for [`cleanup_leftovers`]), make the
-//!    sockets owner-only, move every host process into the pod cgroup;
-//! 6. connect to the agent (retrying while the guest boots) and seed the
-//!    guest's RNG over that connection;
-//! 7. watch the VMM for its exit.
+//! 3. wire each interface of the pod's network namespace to a tap there
+//!    (clh-network), when the pod has one;
+//! 4. make the shared directory and start virtiofsd on it;
+//! 5. start the VMM through the backend the factory makes, in the pod's
+//!    network namespace with a NIC per tap;
+//! 6. record the pids and the wiring (`state.json`, for
+//!    [`cleanup_leftovers`]), make the sockets owner-only, move every host
+//!    process into the pod cgroup;
+//! 7. connect to the agent (retrying while the guest boots), seed the
+//!    guest's RNG and configure its network over that connection;
+//! 8. watch the VMM for its exit.
 //!
 //! On failure at any step everything made so far is undone, and the error
 //! ([`VmStartError`]) quotes the guest console, VMM and virtiofsd logs.
@@ -38,7 +42,10 @@ use std::time::{Duration, Instant};
 
 use clh_agent_client::AgentClient;
 use clh_hypervisor::virtiofsd::Virtiofsd;
-use clh_hypervisor::{Backend, Binaries, Hypervisor, HypervisorFactory, SharedFs, VmSize, VmSpec};
+use clh_hypervisor::{
+    Backend, Binaries, Hypervisor, HypervisorFactory, Nic, SharedFs, VmSize, VmSpec,
+};
+use clh_network::PodNetwork;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -75,6 +82,9 @@ pub struct VmOptions {
     /// The pod's host cgroup (the spec's `linux.cgroupsPath`) for the VMM,
     /// its helpers and virtiofsd; `None`: they stay in the shim's.
     pub cgroups_path: Option<String>,
+    /// The pod's network namespace (CNI's): its interfaces become the
+    /// VM's NICs. `None`: the VM has no NIC.
+    pub netns: Option<PathBuf>,
 }
 
 /// The processes of a running VM. Shared with the VMM-exit watcher, and
@@ -109,6 +119,8 @@ pub struct PodVm {
     size: Mutex<VmSize>,
     /// The host cgroup holding the VMM, its helpers and virtiofsd.
     cgroup: Mutex<Option<PodCgroup>>,
+    /// The pod's interfaces wired to the VM's taps; unwired at stop.
+    network: Mutex<Option<PodNetwork>>,
     /// Watchers (VMM exit, and the service's, e.g. its OOM loop), aborted
     /// at stop.
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -126,6 +138,7 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Parts {
     cgroup: Option<PodCgroup>,
     dir: Option<PathBuf>,
+    network: Option<PodNetwork>,
     virtiofsd: Option<Virtiofsd>,
     hypervisor: Option<Box<dyn Hypervisor>>,
 }
@@ -187,6 +200,7 @@ impl PodVm {
                 memory_mib: opts.memory_mib,
             }),
             cgroup: Mutex::new(parts.cgroup),
+            network: Mutex::new(parts.network),
             tasks: Mutex::default(),
             stop_timeout: opts.stop_timeout,
             boot_to_agent,
@@ -308,11 +322,13 @@ impl PodVm {
                 self.id
             )),
         };
+        let network = locked(&self.network).take();
+        let unwired = unwire(network).await;
         let cgroup = locked(&self.cgroup).take();
         if let Some(cg) = cgroup {
             cg.destroy(self.stop_timeout).await?;
         }
-        stopped
+        stopped.and(unwired)
     }
 }
 
@@ -341,6 +357,17 @@ async fn start_in(
     }
     make_vm_dir(root, &dir)?;
     parts.dir = Some(dir.clone());
+    if let Some(netns) = &opts.netns {
+        let netns = netns.clone();
+        let wired = tokio::task::spawn_blocking(move || clh_network::wire(&netns)).await;
+        let wired = wired.unwrap_or_else(|_| {
+            Err(clh_network::NetError::Panicked {
+                path: opts.netns.clone().unwrap_or_default(),
+            })
+        });
+        parts.network = Some(wired.map_err(StartStep::Network)?);
+    }
+    let network = parts.network.clone().filter(|n| !n.links.is_empty());
 
     make_export(&dir).map_err(|e| StartStep::SharedDir(e.into()))?;
     let fs_socket = dir.join(clh_hypervisor::virtiofsd::SOCKET_NAME);
@@ -371,6 +398,8 @@ async fn start_in(
         console_log: dir.join("console.log"),
         console_log_max_bytes: opts.console_log_max_bytes,
         start_timeout: opts.vmm_start_timeout,
+        netns: network.as_ref().map(|n| n.netns.clone()),
+        nics: network.iter().flat_map(nics).collect(),
     };
     let spawned = Instant::now();
     let hypervisor = parts
@@ -380,7 +409,7 @@ async fn start_in(
 
     let mut pids = hypervisor.pids();
     pids.push(fs.pid());
-    persist_state(&dir, &pids)?;
+    persist_state(&dir, &pids, parts.network.as_ref())?;
     restrict_sockets(&dir)?;
     if let Some(cgroup) = parts.cgroup.as_mut() {
         for pid in with_descendants(pids) {
@@ -399,6 +428,11 @@ async fn start_in(
         how = hypervisor.wait_exit() => return Err(StartStep::VmmExited { how }),
     };
     seed_guest_rng(&agent).await?;
+    if let Some(network) = &network {
+        let config = network.guest_config();
+        let configured = agent.configure_network(&config).await;
+        configured.map_err(StartStep::GuestNetwork)?;
+    }
     Ok((agent, spawned.elapsed()))
 }
 
@@ -414,6 +448,12 @@ async fn undo(parts: Parts, timeout: Duration) {
             tracing::warn!(error = %e, "stopping virtiofsd after a failed start");
         }
     }
+    if let Err(e) = unwire(parts.network).await {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "unwiring the pod network after a failed start"
+        );
+    }
     if let Some(dir) = parts.dir {
         if let Err(e) = remove_vm_dir(&dir) {
             tracing::warn!(dir = %dir.display(), error = format!("{e:#}"), "cannot remove VM directory");
@@ -423,6 +463,29 @@ async fn undo(parts: Parts, timeout: Duration) {
         if let Err(e) = cg.destroy(timeout).await {
             tracing::error!(error = %e, "removing the pod cgroup after a failed start");
         }
+    }
+}
+
+/// The VM's NICs: one per wired interface, on its tap, with its MAC and
+/// MTU.
+fn nics(network: &PodNetwork) -> impl Iterator<Item = Nic> + '_ {
+    network.links.iter().map(|l| Nic {
+        tap: l.tap.clone(),
+        mac: l.mac.clone(),
+        mtu: l.mtu,
+    })
+}
+
+/// Undoes [`clh_network::wire`] (in a blocking thread: it enters the
+/// pod's namespace).
+async fn unwire(network: Option<PodNetwork>) -> anyhow::Result<()> {
+    let Some(network) = network else {
+        return Ok(());
+    };
+    let done = tokio::task::spawn_blocking(move || clh_network::unwire(&network)).await;
+    match done {
+        Ok(unwired) => Ok(unwired?),
+        Err(e) => Err(anyhow::anyhow!("unwiring the pod network: {e}")),
     }
 }
 

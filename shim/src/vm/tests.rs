@@ -127,7 +127,7 @@ fn cleanup_kills_only_processes_with_the_recorded_command_line() {
     for child in [&sleeper, &bystander] {
         wait_for_cmdline(child.id(), b"sleep\0");
     }
-    persist_state(&dir, &[sleeper.id()]).unwrap();
+    persist_state(&dir, &[sleeper.id()], None).unwrap();
     // The bystander is recorded with someone else's command line, as a
     // recycled pid would be.
     let mut state: PersistedState =
@@ -247,7 +247,7 @@ fn sockets_in_the_vm_dir_become_owner_only_and_links_are_not_followed() {
 #[test]
 fn state_json_is_owner_only() {
     let dir = tempfile::tempdir().unwrap();
-    persist_state(dir.path(), &[std::process::id()]).unwrap();
+    persist_state(dir.path(), &[std::process::id()], None).unwrap();
     let meta = std::fs::metadata(dir.path().join("state.json")).unwrap();
     assert_eq!(meta.permissions().mode() & 0o077, 0);
 }
@@ -274,6 +274,7 @@ pub(super) fn test_options() -> VmOptions {
         agent_timeout: Duration::from_secs(1),
         stop_timeout: Duration::from_secs(1),
         cgroups_path: None,
+        netns: None,
     }
 }
 

@@ -102,13 +102,78 @@ fn insert_keys(text: &str, header: &str, keys: &str) -> String {
     out.join("\n")
 }
 
+/// The bridge network's subnets; its gateway (on the host's bridge) is
+/// the first address of each.
+pub const BRIDGE_SUBNET_V4: &str = "10.123.0.0/24";
+pub const BRIDGE_SUBNET_V6: &str = "fd12:3456::/64";
+pub const BRIDGE_GATEWAY_V4: &str = "10.123.0.1";
+pub const BRIDGE_GATEWAY_V6: &str = "fd12:3456::1";
+
+/// A dual-stack bridge network as a node's: Debian's `bridge` and
+/// `host-local` plugins, the host the gateway, the IPAM state inside the
+/// containerd's dir, no masquerade (nothing leaves the host).
+fn bridge_config(bridge: &str, ipam_dir: &Path) -> String {
+    format!(
+        r#"{{
+  "cniVersion": "1.0.0",
+  "name": "clh-test-bridge",
+  "plugins": [
+    {{
+      "type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {{
+        "type": "host-local", "dataDir": "{ipam}",
+        "ranges": [[{{ "subnet": "{BRIDGE_SUBNET_V4}" }}], [{{ "subnet": "{BRIDGE_SUBNET_V6}" }}]],
+        "routes": [{{ "dst": "0.0.0.0/0" }}, {{ "dst": "::/0" }}]
+      }}
+    }}
+  ]
+}}
+"#,
+        ipam = ipam_dir.display()
+    )
+}
+
 impl PrivateContainerd {
-    /// Writes the loopback-only CNI network into our CNI conf dir.
+    /// Writes our CNI network into our CNI conf dir: the loopback-only one,
+    /// or the bridge of [`PrivateContainerd::use_bridge_network`].
     pub(super) fn write_cni_config(&self) -> Result<()> {
         let conf_dir = self.dir.join("cni/net.d");
         fs::create_dir_all(&conf_dir)?;
-        let path = conf_dir.join("10-clh-test-lo.conflist");
-        fs::write(&path, CNI_CONFIG).with_context(|| format!("writing {}", path.display()))
+        let path = conf_dir.join("10-clh-test.conflist");
+        let config = match &self.cni_bridge {
+            Some(bridge) => bridge_config(bridge, &self.dir.join("cni/ipam")),
+            None => CNI_CONFIG.to_owned(),
+        };
+        fs::write(&path, config).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// From the next (re)start on, pods get the dual-stack bridge network
+    /// (a bridge of this instance's own, removed at stop) instead of the
+    /// loopback-only one. Returns the bridge's name.
+    pub fn use_bridge_network(&mut self) -> String {
+        let bridge = format!("clhbr{}", std::process::id() % 100_000);
+        self.cni_bridge = Some(bridge.clone());
+        bridge
+    }
+
+    /// Deletes the bridge the CNI plugin made, if any (the plugin leaves
+    /// it when the last pod goes).
+    pub(super) fn remove_bridge(&self) -> Result<()> {
+        let Some(bridge) = &self.cni_bridge else {
+            return Ok(());
+        };
+        if !Path::new("/sys/class/net").join(bridge).exists() {
+            return Ok(());
+        }
+        let status = std::process::Command::new("ip")
+            .args(["link", "delete", bridge])
+            .status()
+            .context("running ip link delete")?;
+        if !status.success() {
+            bail!("ip link delete {bridge}: {status}");
+        }
+        Ok(())
     }
 
     /// The cgroup (cgroupfs path) under which tests put their pods'

@@ -29,7 +29,10 @@ mod cri;
 mod leaks;
 mod procs;
 
-pub use cri::{CNI_BIN_DIR, CRI_NAMESPACE, SANDBOX_IMAGE};
+pub use cri::{
+    BRIDGE_GATEWAY_V4, BRIDGE_GATEWAY_V6, BRIDGE_SUBNET_V4, BRIDGE_SUBNET_V6, CNI_BIN_DIR,
+    CRI_NAMESPACE, SANDBOX_IMAGE,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use procs::*;
@@ -148,6 +151,9 @@ pub struct PrivateContainerd {
     /// `CLH_SHIM_CONFIG`).
     env: Vec<(String, String)>,
     child: Option<Child>,
+    /// The bridge of [`PrivateContainerd::use_bridge_network`], removed at
+    /// stop; `None`: the loopback-only network.
+    cni_bridge: Option<String>,
     /// Shim sockets found on shims that had to be killed, removed at stop.
     shim_sockets: Vec<PathBuf>,
     stopped: bool,
@@ -217,6 +223,7 @@ impl PrivateContainerd {
                 .collect(),
             dir,
             child: None,
+            cni_bridge: None,
             shim_sockets: Vec::new(),
             stopped: false,
         };
@@ -407,6 +414,9 @@ impl PrivateContainerd {
         }
         if let Err(e) = self.unmount_all() {
             errors.push(format!("unmounting: {e:#}"));
+        }
+        if let Err(e) = self.remove_bridge() {
+            errors.push(format!("removing the CNI bridge: {e:#}"));
         }
         for dir in self.namespace_dirs() {
             if let Err(e) = remove_tree(&dir) {

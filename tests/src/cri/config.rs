@@ -42,6 +42,8 @@ pub struct PodBuilder {
     labels: HashMap<String, String>,
     annotations: HashMap<String, String>,
     privileged: bool,
+    host_network: bool,
+    dns: Option<cri::DnsConfig>,
 }
 
 impl PodBuilder {
@@ -62,7 +64,27 @@ impl PodBuilder {
             labels: HashMap::new(),
             annotations: HashMap::new(),
             privileged: false,
+            host_network: false,
+            dns: None,
         }
+    }
+
+    /// `hostNetwork: true`: the pod shares the node's network namespace.
+    pub fn host_network(mut self) -> Self {
+        self.host_network = true;
+        self
+    }
+
+    /// The pod's DNS configuration (what the kubelet derives from
+    /// `dnsPolicy` and `dnsConfig`).
+    pub fn dns(mut self, servers: &[&str], searches: &[&str], options: &[&str]) -> Self {
+        let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
+        self.dns = Some(cri::DnsConfig {
+            servers: strings(servers),
+            searches: strings(searches),
+            options: strings(options),
+        });
+        self
     }
 
     /// A pod that may hold privileged containers (the CRI refuses them in
@@ -147,13 +169,20 @@ impl PodBuilder {
             log_directory: self.log_directory.clone(),
             labels: self.labels.clone(),
             annotations: self.annotations.clone(),
+            dns_config: self.dns.clone(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: self.cgroup_parent.clone(),
                 resources: self.resources.map(Resources::to_cri),
                 overhead: self.overhead.map(Resources::to_cri),
-                security_context: self.privileged.then(|| cri::LinuxSandboxSecurityContext {
-                    privileged: true,
-                    ..Default::default()
+                security_context: (self.privileged || self.host_network).then(|| {
+                    cri::LinuxSandboxSecurityContext {
+                        privileged: self.privileged,
+                        namespace_options: self.host_network.then(|| cri::NamespaceOption {
+                            network: cri::NamespaceMode::Node as i32,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }
                 }),
                 ..Default::default()
             }),

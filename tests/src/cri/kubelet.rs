@@ -351,6 +351,14 @@ impl Kubelet {
 
     /// Stops containerd with SIGTERM and starts it again on the same state
     /// (the shims keep running), reconnects, and waits for the CRI.
+    /// Switches this containerd to the dual-stack bridge network (see
+    /// [`PrivateContainerd::use_bridge_network`]) and restarts it.
+    pub fn use_bridge_network(&mut self) -> Result<String> {
+        let bridge = self.ctd.use_bridge_network();
+        self.restart_containerd()?;
+        Ok(bridge)
+    }
+
     pub fn restart_containerd(&mut self) -> Result<()> {
         self.ctd.restart()?;
         self.cri = Cri::connect(self.ctd.address())?.with_timeout(self.setup.timeout);

@@ -1,5 +1,7 @@
 //! Cloud Hypervisor backend: one `cloud-hypervisor --api-socket` process per
 //! VM, configured and booted through its REST API ([`client::ApiClient`]).
+//! The process runs in the pod's network namespace ([`VmSpec::netns`]) and
+//! gets one virtio-net device per existing tap there ([`net_config`]).
 //!
 //! Files in the VM's state directory:
 //! - `ch-api.sock`: the API socket;
@@ -29,10 +31,10 @@ use self::api::VmmPingResponse;
 use self::api::{DiskConfig, FsConfig, NetConfig, PciDeviceInfo, VmCounters, VmInfo};
 use self::client::ApiClient;
 use crate::console_log::ConsoleLog;
-use crate::process::ManagedProcess;
-use crate::{socket_path, Error, Hypervisor, Result, VmSize, VmSpec};
+use crate::process::{ManagedProcess, NetNs};
+use crate::{check_nics, socket_path, Error, Hypervisor, Result, VmSize, VmSpec};
 
-pub use self::vm_config::vm_config;
+pub use self::vm_config::{net_config, vm_config};
 
 /// The CH major version whose API (`cloud-hypervisor-v53.0-openapi.yaml`) this
 /// backend is written and tested against.
@@ -131,6 +133,8 @@ impl CloudHypervisor {
     async fn start_vmm(&mut self, spec: &VmSpec, deadline: Instant) -> Result<()> {
         let api_socket = socket_path(&spec.dir, API_SOCKET)?;
         let vsock_socket = socket_path(&spec.dir, VSOCK_SOCKET)?;
+        check_nics(&spec.nics)?;
+        let netns = spec.netns.as_deref().map(NetNs::open).transpose()?;
         // Leftovers of an earlier VMM in this directory would make CH fail
         // to bind, or make us talk to a dead socket.
         remove_socket(&api_socket)?;
@@ -144,11 +148,14 @@ impl CloudHypervisor {
         cmd.arg("-v")
             .arg("--api-socket")
             .arg(format!("path={}", api_socket.display()));
-        let process = ManagedProcess::spawn(
+        // In the pod's network namespace, where it opens the taps by name.
+        let process = ManagedProcess::spawn_in(
             &format!("cloud-hypervisor for {}", spec.id),
             cmd,
             &spec.dir.join(VMM_LOG),
+            netns.as_ref(),
         )?;
+        drop(netns);
         let boot_size = VmSize {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
@@ -346,5 +353,44 @@ mod tests {
             .map(|(_, path)| crate::process::log_tail(path, 30))
             .collect();
         assert!(quoted.contains(FAKE_CH_LINE), "{logs:?}: {quoted:?}");
+    }
+
+    #[tokio::test]
+    async fn a_netns_that_cannot_be_opened_fails_before_spawning() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = fake_ch(dir.path());
+        let missing = dir.path().join("no-such-netns");
+        let spec = VmSpec {
+            netns: Some(missing.clone()),
+            ..VmSpec::for_test(dir.path())
+        };
+        let mut ch = CloudHypervisor::new(binary);
+        let err = ch.start(&spec).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Netns { path, .. } if *path == missing),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("no-such-netns"), "{err}");
+        assert!(ch.pids().is_empty());
+        assert!(!dir.path().join(VMM_LOG).exists(), "CH was spawned");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_nic_fails_before_spawning() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = fake_ch(dir.path());
+        let spec = VmSpec {
+            nics: vec![crate::Nic {
+                tap: "tap0".into(),
+                mac: "not-a-mac".into(),
+                mtu: 1500,
+            }],
+            ..VmSpec::for_test(dir.path())
+        };
+        let mut ch = CloudHypervisor::new(binary);
+        let err = ch.start(&spec).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidSpec(_)), "{err:?}");
+        assert!(err.to_string().contains("not-a-mac"), "{err}");
+        assert!(!dir.path().join(VMM_LOG).exists(), "CH was spawned");
     }
 }

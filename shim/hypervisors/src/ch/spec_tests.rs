@@ -13,8 +13,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::api::{DiskConfig, FsConfig, ImageType, NetConfig, RngConfig, VmResize};
-use super::{resize, vm_config};
-use crate::{SharedFs, VmSize, VmSpec};
+use super::{net_config, resize, vm_config};
+use crate::{Nic, SharedFs, VmSize, VmSpec};
 
 const SPEC_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -170,6 +170,54 @@ fn vm_create_body_matches_the_spec() {
         memory.hotplug_size = Some(1 << 30);
     }
     api.assert_valid("VmConfig", &everything);
+}
+
+fn nics() -> Vec<Nic> {
+    vec![
+        Nic {
+            tap: "tap0_clh".into(),
+            mac: "0a:58:0a:f4:00:07".into(),
+            mtu: 1450,
+        },
+        Nic {
+            tap: "tap1_clh".into(),
+            mac: "0a:58:0a:f4:01:07".into(),
+            mtu: 0,
+        },
+    ]
+}
+
+/// One `net` entry per NIC, in order: the tap, the guest MAC and the MTU
+/// when one is given, one queue pair; never `ip`/`mask` (CH would put
+/// them on the pod's tap) nor `host_mac`.
+#[test]
+fn each_nic_is_a_net_device_on_its_tap() {
+    let dir = PathBuf::from("/run/clh/pod1");
+    let pod = VmSpec {
+        netns: Some("/var/run/netns/cni-1234".into()),
+        nics: nics(),
+        ..spec(&dir)
+    };
+    let body = serde_json::to_value(vm_config(&pod, &dir.join("vsock.sock"))).unwrap();
+    assert_eq!(
+        body["net"],
+        json!([
+            {"tap": "tap0_clh", "mac": "0a:58:0a:f4:00:07", "mtu": 1450, "num_queues": 2},
+            {"tap": "tap1_clh", "mac": "0a:58:0a:f4:01:07", "num_queues": 2}
+        ])
+    );
+    // The rest of the body does not change with NICs.
+    let mut without = body.clone();
+    without.as_object_mut().unwrap().remove("net");
+    let plain = serde_json::to_value(vm_config(&spec(&dir), &dir.join("vsock.sock"))).unwrap();
+    assert_eq!(without, plain);
+
+    if let Some(api) = openapi() {
+        api.assert_valid("VmConfig", &vm_config(&pod, &dir.join("vsock.sock")));
+        for nic in &pod.nics {
+            api.assert_valid("NetConfig", &net_config(nic));
+        }
+    }
 }
 
 #[test]

@@ -3,11 +3,17 @@
 use std::path::Path;
 
 use super::api::{
-    ConsoleConfig, CpusConfig, FsConfig, HotplugMethod, MemoryConfig, PayloadConfig, VmConfig,
-    VsockConfig,
+    ConsoleConfig, CpusConfig, FsConfig, HotplugMethod, MemoryConfig, NetConfig, PayloadConfig,
+    VmConfig, VsockConfig,
 };
 use super::resize::hotplug_size_bytes;
-use crate::VmSpec;
+use crate::{Nic, VmSpec};
+
+/// Queues of each virtio-net device: one RX/TX pair. The shim's taps are
+/// single-queue, and CH opens one tap queue per pair (more would need
+/// `IFF_MULTI_QUEUE`). CH's default too; sent so that a change of default
+/// cannot break the taps.
+const NET_QUEUES: u32 = 2;
 
 /// The guest's vsock context id. Each VM has its own hybrid-vsock socket, so
 /// every guest can use the first cid that is not reserved (0-2 are).
@@ -16,6 +22,7 @@ pub const GUEST_CID: u64 = 3;
 /// The configuration that boots `spec`, with its hybrid vsock at
 /// `vsock_socket`. With a `spec.max`, the VM gets room to grow to it:
 /// `max_vcpus` and ACPI memory hot-plug (see [`super::resize`] for why ACPI).
+/// One virtio-net device per NIC, on its tap (see [`net_config`]).
 pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
     let max_vcpus = spec.max.map_or(spec.vcpus, |max| max.vcpus.max(spec.vcpus));
     let hotplug_size = spec
@@ -45,6 +52,7 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
             .shared_fs
             .as_ref()
             .map(|fs| vec![FsConfig::new(fs.tag.clone(), fs.socket.clone())]),
+        net: (!spec.nics.is_empty()).then(|| spec.nics.iter().map(net_config).collect()),
         vsock: Some(VsockConfig {
             cid: GUEST_CID,
             socket: vsock_socket.to_path_buf(),
@@ -58,5 +66,21 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
         ))),
         console: Some(ConsoleConfig::off()),
         ..VmConfig::default()
+    }
+}
+
+/// The virtio-net device of `nic`: its tap (which CH, running in the pod's
+/// network namespace, opens by name), the guest MAC and the MTU (0: CH's
+/// default). No `ip` or `mask`: CH would assign them to the tap, because
+/// its "does this tap already exist" check reads `/sys/class/net`, which
+/// shows the shim's namespace, not the pod's. No `host_mac` either: the tap
+/// keeps its own. CH does set the tap's MTU and brings it up.
+pub fn net_config(nic: &Nic) -> NetConfig {
+    NetConfig {
+        tap: Some(nic.tap.clone()),
+        mac: Some(nic.mac.clone()),
+        mtu: (nic.mtu != 0).then_some(nic.mtu),
+        num_queues: Some(NET_QUEUES),
+        ..NetConfig::default()
     }
 }

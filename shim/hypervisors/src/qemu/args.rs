@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use crate::{Error, Result, VmSpec};
+use crate::{check_nics, Error, Nic, Result, VmSpec};
 
 /// The guest's vsock context id. Each VM has its own vhost-device-vsock, so
 /// every guest can use the same one.
@@ -41,7 +41,10 @@ pub fn vhost_vsock_args(vhost_socket: &Path, uds: &Path) -> Vec<OsString> {
 ///   power-off ends it too (and `console.rs` is a backstop for a halt).
 /// - The serial console goes into the FIFO of [`crate::console_log`], never
 ///   straight into a file the guest could grow without bound.
-/// - No network, no display, no default devices, no user config files.
+/// - One virtio-net-pci device per NIC on its tap ([`nic_args`]); QEMU runs
+///   in the pod's network namespace, where the taps are.
+/// - No display, no default devices (so no network beyond the NICs), no
+///   user config files.
 pub fn qemu_args(
     spec: &VmSpec,
     vhost_vsock_socket: &Path,
@@ -71,6 +74,7 @@ pub fn qemu_args(
             path.display()
         )));
     }
+    check_nics(&spec.nics)?;
     if spec.vcpus == 0 || spec.memory_mib < 64 {
         return Err(Error::InvalidSpec(format!(
             "a VM needs at least 1 vCPU and 64 MiB (got {} vCPUs, {} MiB)",
@@ -133,12 +137,44 @@ pub fn qemu_args(
             &format!("vhost-user-fs-pci,chardev=virtiofs,tag={}", fs.tag),
         ]);
     }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        for arg in nic_args(i, nic) {
+            push(&[&arg]);
+        }
+    }
     push(&[&"-serial", &file_arg("file:", &console_pipe), &"-qmp", &{
         let mut s = file_arg("unix:", qmp_socket);
         s.push(",server=on,wait=off");
         s
     }]);
     Ok(args)
+}
+
+/// The tap backend and virtio-net device of NIC number `index` (checked by
+/// [`check_nics`], so nothing in it can add options).
+///
+/// - `ifname=`: QEMU opens the existing tap by name (it is in QEMU's
+///   network namespace); `script=no,downscript=no`: it runs no helper to
+///   configure or remove it; the tap is the shim's.
+/// - No `vhost=on`: under TCG vhost-net gains nothing, and QEMU's default
+///   is off.
+/// - `host_mtu`: the MTU the device offers the guest (`VIRTIO_NET_F_MTU`);
+///   left out when the NIC has none (0).
+pub fn nic_args(index: usize, nic: &Nic) -> Vec<OsString> {
+    let mut device = format!("virtio-net-pci,netdev=net{index},mac={}", nic.mac);
+    if nic.mtu != 0 {
+        device.push_str(&format!(",host_mtu={}", nic.mtu));
+    }
+    vec![
+        "-netdev".into(),
+        format!(
+            "tap,id=net{index},ifname={},script=no,downscript=no",
+            nic.tap
+        )
+        .into(),
+        "-device".into(),
+        device.into(),
+    ]
 }
 
 fn chardev(id: &str, path: &Path) -> OsString {
@@ -213,6 +249,77 @@ mod tests {
              -chardev socket,id=virtiofs,path=/run/x/pod1/fs.sock -device vhost-user-fs-pci,chardev=virtiofs,tag=clh-shared \
              -serial file:/run/x/pod1/console.pipe -qmp unix:/run/x/pod1/qmp.sock,server=on,wait=off"
         );
+    }
+
+    #[test]
+    fn each_nic_is_a_tap_netdev_and_a_virtio_net_device() {
+        let s = VmSpec {
+            netns: Some(PathBuf::from("/var/run/netns/cni-1")),
+            nics: vec![
+                Nic {
+                    tap: "tap0_clh".into(),
+                    mac: "0a:58:0a:f4:00:07".into(),
+                    mtu: 1450,
+                },
+                Nic {
+                    tap: "tap1_clh".into(),
+                    mac: "0a:58:0a:f4:01:07".into(),
+                    mtu: 0,
+                },
+            ],
+            ..spec()
+        };
+        let args = qemu_args(
+            &s,
+            Path::new("/run/x/pod1/vv.sock"),
+            Path::new("/run/x/pod1/qmp.sock"),
+        )
+        .unwrap();
+        let all = joined(&args);
+        let nets = "-netdev tap,id=net0,ifname=tap0_clh,script=no,downscript=no \
+             -device virtio-net-pci,netdev=net0,mac=0a:58:0a:f4:00:07,host_mtu=1450 \
+             -netdev tap,id=net1,ifname=tap1_clh,script=no,downscript=no \
+             -device virtio-net-pci,netdev=net1,mac=0a:58:0a:f4:01:07";
+        // After the other devices, before the console and QMP.
+        let expected = joined(
+            &qemu_args(
+                &spec(),
+                Path::new("/run/x/pod1/vv.sock"),
+                Path::new("/run/x/pod1/qmp.sock"),
+            )
+            .unwrap(),
+        )
+        .replace(" -serial ", &format!(" {nets} -serial "));
+        assert_eq!(all, expected);
+        assert!(!all.contains("vhost=on"), "{all}");
+        assert_eq!(
+            joined(&nic_args(0, &s.nics[1])),
+            "-netdev tap,id=net0,ifname=tap1_clh,script=no,downscript=no \
+             -device virtio-net-pci,netdev=net0,mac=0a:58:0a:f4:01:07"
+        );
+    }
+
+    #[test]
+    fn a_nic_that_could_inject_options_is_refused() {
+        for nic in [
+            Nic {
+                tap: "tap0,vhost=on".into(),
+                mac: "0a:58:0a:f4:00:07".into(),
+                mtu: 0,
+            },
+            Nic {
+                tap: "tap0".into(),
+                mac: "0a:58:0a:f4:00:07,bus=x".into(),
+                mtu: 0,
+            },
+        ] {
+            let s = VmSpec {
+                nics: vec![nic],
+                ..spec()
+            };
+            let err = qemu_args(&s, Path::new("/a"), Path::new("/b")).unwrap_err();
+            assert!(matches!(err, Error::InvalidSpec(_)), "{err:?}");
+        }
     }
 
     #[test]

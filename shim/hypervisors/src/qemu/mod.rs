@@ -3,7 +3,10 @@
 //! One VM is two processes: `vhost-device-vsock`, which serves the guest's
 //! vsock device and exposes the same hybrid-vsock Unix socket as Cloud
 //! Hypervisor (`CONNECT <port>\n` / `OK <port>\n`), and
-//! `qemu-system-x86_64 -M pc -accel tcg` with virtio-pci devices. QEMU is stopped with SIGTERM,
+//! `qemu-system-x86_64 -M pc -accel tcg` with virtio-pci devices, which runs
+//! in the pod's network namespace ([`VmSpec::netns`]) and attaches the
+//! shim's taps there by name (`-netdev tap,ifname=…`); vhost-device-vsock
+//! stays in the shim's namespace. QEMU is stopped with SIGTERM,
 //! on which it exits cleanly; there is no guest-side graceful shutdown to
 //! wait for (the shim has already stopped the workload through the agent).
 
@@ -20,7 +23,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use crate::console_log::ConsoleLog;
-use crate::process::ManagedProcess;
+use crate::process::{ManagedProcess, NetNs};
 use crate::virtiofsd::socket_is_listening;
 use crate::wait::wait_until;
 use crate::{socket_path, Error, Hypervisor, Result, VmSize, VmSpec};
@@ -130,14 +133,22 @@ impl Qemu {
                 )));
             }
         }
+        let netns = spec.netns.as_deref().map(NetNs::open).transpose()?;
         // Before QEMU, which opens its FIFO at start.
         let console = ConsoleLog::start(&spec.dir, &spec.console_log, spec.console_log_max_bytes)?;
         let vhost_vsock =
             start_vhost_vsock(&self.vhost_device_vsock, spec, vhost, uds, left()).await?;
         let mut cmd = Command::new(&self.binary);
         cmd.args(&qemu_args);
-        let qemu = match ManagedProcess::spawn("qemu-system-x86_64", cmd, &spec.dir.join(QEMU_LOG))
-        {
+        // In the pod's network namespace, where it opens the taps by name.
+        let spawned = ManagedProcess::spawn_in(
+            "qemu-system-x86_64",
+            cmd,
+            &spec.dir.join(QEMU_LOG),
+            netns.as_ref(),
+        );
+        drop(netns);
+        let qemu = match spawned {
             Ok(qemu) => Arc::new(qemu),
             Err(e) => {
                 let _ = vhost_vsock.kill().await;
@@ -260,6 +271,31 @@ mod tests {
         assert!(err.to_string().contains("no-kernel"), "{err}");
         assert!(qemu.pids().is_empty());
         qemu.stop(Duration::from_secs(1)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_netns_that_cannot_be_opened_fails_before_spawning_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = VmSpec::for_test(dir.path());
+        std::fs::write(&spec.kernel, "").unwrap();
+        std::fs::write(&spec.initramfs, "").unwrap();
+        let missing = dir.path().join("no-such-netns");
+        let spec = VmSpec {
+            netns: Some(missing.clone()),
+            ..spec
+        };
+        // Spawning either binary would fail with Error::Spawn instead.
+        let mut qemu = Qemu::new("/nonexistent/qemu".into(), "/nonexistent/vv".into());
+        let err = qemu.start(&spec).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Netns { path, .. } if *path == missing),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("no-such-netns"), "{err}");
+        assert!(qemu.pids().is_empty());
+        for (_, log) in Qemu::log_files(dir.path()) {
+            assert!(!log.exists(), "{} was written", log.display());
+        }
     }
 
     #[tokio::test]
