@@ -16,6 +16,7 @@
 //! ([`netns`]), over netlink; the taps are persistent until [`unwire`]
 //! deletes them (which deletes their qdisc and filters with them).
 
+mod forward;
 mod netns;
 mod tap;
 #[cfg(test)]
@@ -25,6 +26,8 @@ mod wiring;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub use forward::{intercept_loopback, original_port};
 
 use clh_agent_protocol::{IpAddress, NetworkConfig, NetworkInterface, NetworkRoute};
 use serde::{Deserialize, Serialize};
@@ -74,6 +77,10 @@ pub enum NetError {
     Panicked { path: PathBuf },
     #[error("cannot start a thread (and its runtime) in the pod's network namespace")]
     Thread(#[source] std::io::Error),
+    #[error("port forwarding: cannot listen in the pod's network namespace")]
+    Forward(#[source] std::io::Error),
+    #[error("port forwarding: cannot add the loopback redirect in the pod's network namespace: {detail}")]
+    Iptables { detail: String },
 }
 
 /// An address with its prefix length.

@@ -303,3 +303,33 @@ fn a_namespace_with_only_loopback_wires_nothing_and_a_missing_one_is_named() {
         "{err}"
     );
 }
+
+/// The port-forward interceptor: a connection to any loopback port in the
+/// pod's namespace lands on our listener, which learns the port asked for.
+#[test]
+fn loopback_connections_in_the_namespace_reach_the_interceptor_with_their_port() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: network namespaces need root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pod = TestNetns::new(dir.path(), "pod");
+    netns::run_in(&pod.0, |h| async move {
+        let lo = index(&h, "lo").await.unwrap();
+        let up = LinkUnspec::new_with_index(lo).up().build();
+        h.link().set(up).execute().await.unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let listener = intercept_loopback(&pod.0).unwrap();
+    listener.set_nonblocking(false).unwrap();
+    let client = in_ns(&pod.0, || {
+        std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:5555".parse().unwrap(),
+            Duration::from_secs(5),
+        )
+    });
+    let _client = client.expect("the redirect did not take the connection");
+    let (accepted, _) = listener.accept().unwrap();
+    assert_eq!(original_port(&accepted).unwrap(), 5555);
+}
