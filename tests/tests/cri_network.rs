@@ -7,11 +7,13 @@
 //!   sees the CNI-assigned addresses, MTU and default route, its
 //!   resolv.conf is the PodSandboxConfig's, and an HTTP server in it
 //!   answers the host on both pod addresses.
-//! - `a_clh_pod_and_a_runc_pod_reach_each_other`: pod-to-pod across the
-//!   bridge, both ways, between a VM pod and a runc pod.
+//! - `clh_pods_and_a_runc_pod_reach_each_other`: pod-to-pod across the
+//!   bridge: VM pod to VM pod, and both ways between a VM pod and a runc
+//!   pod.
 //! - `a_pod_on_two_networks_gets_both_interfaces`: a pod attached to two
 //!   CNI networks (eth0, eth1: containerd's `max_conf_num`) has both in its
-//!   VM and answers on each.
+//!   VM and answers on each; its VM has two vCPUs, and each NIC a queue
+//!   pair per vCPU.
 //! - `port_forward_reaches_servers_on_every_address_and_on_the_loopback`:
 //!   CRI PortForward (what `kubectl port-forward` uses) carries HTTP to a
 //!   server on 0.0.0.0 and to one on the guest's 127.0.0.1, two at once;
@@ -31,7 +33,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clh_tests::containerd::{BRIDGE_GATEWAY_V4, BRIDGE_SUBNET_V4};
-use clh_tests::cri::{ContainerBuilder, ContainerState, CriSetup, Kubelet, Pod, BUSYBOX};
+use clh_tests::cri::{
+    ContainerBuilder, ContainerState, CriSetup, Kubelet, Pod, Resources, BUSYBOX,
+};
 use clh_tests::ctr;
 
 const AGENT_TIMEOUT_MS: u64 = 120_000;
@@ -157,24 +161,26 @@ fn a_clh_pod_serves_http_to_the_host_over_ipv4_and_ipv6() {
 }
 
 #[test]
-fn a_clh_pod_and_a_runc_pod_reach_each_other() {
+fn clh_pods_and_a_runc_pod_reach_each_other() {
     let (_s, cri) = setup();
     let run = || -> Result<()> {
         let mut k = Kubelet::start(&cri)?;
         k.use_bridge_networks(1)?;
-        let vm_pod = k.run_pod(&k.pod("vm"))?;
-        let (runc_pod, _) = k.run_pod_as(&k.pod("plain"), "runc")?;
+        let vm_a = k.run_pod(&k.pod("vma"))?;
+        let vm_b = k.run_pod(&k.pod("vmb"))?;
+        let (plain, _) = k.run_pod_as(&k.pod("plain"), "runc")?;
         let mut servers = Vec::new();
-        for pod in [&vm_pod, &runc_pod] {
+        for pod in [&vm_a, &vm_b, &plain] {
             let id = k.run_container(pod, &web_server())?;
             k.cri()
                 .wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
             servers.push((id, pod_ips(&k, pod)?.0));
         }
-        let [(vm_ctr, vm_ip), (runc_ctr, runc_ip)] = servers.as_slice() else {
-            bail!("two servers expected");
+        let [(a, a_ip), (_, b_ip), (runc, runc_ip)] = servers.as_slice() else {
+            bail!("three servers expected");
         };
-        for (from, to) in [(vm_ctr, runc_ip), (runc_ctr, vm_ip)] {
+        // VM pod to VM pod, VM pod to runc pod, runc pod to VM pod.
+        for (from, to) in [(a, b_ip), (a, runc_ip), (runc, a_ip)] {
             // Retried in the shell: the other server may not listen yet.
             let script = format!(
                 "for i in $(seq 50); do \
@@ -184,8 +190,9 @@ fn a_clh_pod_and_a_runc_pod_reach_each_other() {
             let reply = k.sh(from, &script)?;
             ensure!(reply.contains(PAGE), "{from} → {to}: {reply}");
         }
-        k.remove_pod(&vm_pod)?;
-        k.remove_pod(&runc_pod)?;
+        for pod in [&vm_a, &vm_b, &plain] {
+            k.remove_pod(pod)?;
+        }
         no_taps_on_the_host()?;
         k.finish()
     };
@@ -211,7 +218,14 @@ fn a_pod_on_two_networks_gets_both_interfaces() {
     let run = || -> Result<()> {
         let mut k = Kubelet::start(&cri)?;
         k.use_bridge_networks(2)?;
-        let pod = k.run_pod(&k.pod("multi"))?;
+        // A CPU limit of 2 makes a VM of two vCPUs: multi-queue NICs.
+        let two_cpus = Resources {
+            memory_limit_bytes: 256 << 20,
+            cpu_quota: 200_000,
+            cpu_period: 100_000,
+            cpu_shares: 1024,
+        };
+        let pod = k.run_pod(&k.pod("multi").resources(two_cpus))?;
         let id = k.run_container(&pod, &web_server())?;
         k.cri()
             .wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
@@ -221,6 +235,14 @@ fn a_pod_on_two_networks_gets_both_interfaces() {
         ensure!(eth0.to_string().starts_with("10.123.0."), "eth0: {eth0}");
         ensure!(eth1.to_string().starts_with("10.123.1."), "eth1: {eth1}");
         ensure!(addrs.contains("fd12:3456:1:"), "no IPv6 on eth1: {addrs}");
+        let vcpus: usize = k.sh(&id, "nproc")?.trim().parse()?;
+        ensure!(vcpus > 1, "the pod's VM has {vcpus} vCPU");
+        let queues = k.sh(&id, "ls /sys/class/net/eth0/queues")?;
+        let rx = queues
+            .split_whitespace()
+            .filter(|q| q.starts_with("rx-"))
+            .count();
+        ensure!(rx == vcpus, "eth0 has {rx} RX queues for {vcpus} vCPUs");
         for ip in [eth0, eth1] {
             http_get(ip, k.timeout())?;
         }

@@ -187,7 +187,7 @@ fn each_interface_is_wired_to_a_tap_both_ways_and_unwired_without_a_trace() {
     let bridge = TestNetns::new(dir.path(), "bridge");
     lay_out_cni_interfaces(&pod.0, &bridge.0);
 
-    let network = wire(&pod.0).unwrap();
+    let network = wire(&pod.0, 1).unwrap();
     assert_eq!(network.links.len(), 1, "{network:?}");
     let link = &network.links[0];
     assert_eq!(
@@ -291,13 +291,13 @@ fn a_namespace_with_only_loopback_wires_nothing_and_a_missing_one_is_named() {
     }
     let dir = tempfile::tempdir().unwrap();
     let lo_only = TestNetns::new(dir.path(), "lo");
-    let network = wire(&lo_only.0).unwrap();
+    let network = wire(&lo_only.0, 1).unwrap();
     assert!(
         network.links.is_empty() && network.routes.is_empty(),
         "{network:?}"
     );
     let missing = dir.path().join("gone");
-    let err = wire(&missing).unwrap_err();
+    let err = wire(&missing, 1).unwrap_err();
     assert!(
         err.to_string().contains(&missing.display().to_string()),
         "{err}"

@@ -371,7 +371,8 @@ async fn start_in(
     parts.dir = Some(dir.clone());
     if let Some(netns) = &opts.netns {
         let netns = netns.clone();
-        let wired = tokio::task::spawn_blocking(move || clh_network::wire(&netns)).await;
+        let queues = queue_pairs(opts.vcpus);
+        let wired = tokio::task::spawn_blocking(move || clh_network::wire(&netns, queues)).await;
         let wired = wired.unwrap_or_else(|_| {
             Err(clh_network::NetError::Panicked {
                 path: opts.netns.clone().unwrap_or_default(),
@@ -486,7 +487,14 @@ fn nics(network: &PodNetwork) -> impl Iterator<Item = Nic> + '_ {
         tap: l.tap.clone(),
         mac: l.mac.clone(),
         mtu: l.mtu,
+        queues: l.queues,
     })
+}
+
+/// A NIC's queue pairs: one per vCPU (multi-queue spreads the packets over
+/// them), up to the hypervisor's limit.
+fn queue_pairs(vcpus: u32) -> u32 {
+    vcpus.clamp(1, clh_hypervisor::MAX_QUEUES)
 }
 
 /// The port-forward interceptor in the pod's namespace; without it (no
