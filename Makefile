@@ -3,7 +3,7 @@
 #   make demo    set everything up, ctr run a container in a microVM
 #   make test    set everything up and run every test
 #   make fuzz    run each fuzz target for FUZZ_SECONDS (30) seconds
-#   make bench   boot, ctr, CRI (start latency, memory) and shared-fs benchmarks, beside their baselines
+#   make bench   boot, ctr, CRI (start latency, memory), shared-fs and network benchmarks, beside their baselines
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -69,6 +69,7 @@ bench: deps guest-image
 	$(CARGO) bench -p clh-tests --bench ctr
 	$(CARGO) bench -p clh-tests --bench cri
 	$(CARGO) bench -p clh-tests --bench fs
+	$(CARGO) bench -p clh-tests --bench net
 
 check: shim
 	$(SHIM_BIN) check --config $(BUILD_DIR)/demo-config.toml || true

@@ -10,6 +10,7 @@ apt_packages=(
   zstd xz-utils kmod file binutils python3 gcc make # guest image build
   containernetworking-plugins # CNI static, loopback, bridge, host-local (/usr/lib/cni) for the CRI tests
   iproute2 # the network tests remove their CNI bridge (ip link delete)
+  iptables # the CNI portmap plugin's hostPort rules (the network tests)
   libcap-ng-dev # virtiofsd links libcap-ng (cargo install below)
   pkg-config # how virtiofsd's build finds libcap-ng and libseccomp
   g++ # libfuzzer-sys builds libFuzzer (make fuzz)

@@ -5,6 +5,7 @@
 mod cmdline;
 mod config;
 pub mod containers;
+pub mod forward_server;
 mod hotplug;
 pub mod init;
 pub mod logging;

@@ -7,7 +7,8 @@
 //! a VM.
 
 use clh_agent::{
-    containers, init, logging, power, reaper, server, service, stdio_server, switch_root, volumes,
+    containers, forward_server, init, logging, power, reaper, server, service, stdio_server,
+    switch_root, volumes,
 };
 
 use anyhow::Context;
@@ -59,6 +60,8 @@ fn run_as_init() -> anyhow::Result<Infallible> {
         containers.watch_oom();
         stdio_server::serve_vsock(clh_agent_protocol::STDIO_VSOCK_PORT, containers.clone())
             .context("listening for stdio streams")?;
+        forward_server::serve_vsock(clh_agent_protocol::FORWARD_VSOCK_PORT)
+            .context("listening for port-forward streams")?;
         let volumes = volumes::Volumes::new(clh_agent_protocol::GUEST_VOLUMES_DIR);
         let _server = server::serve(&addr, containers, volumes).await?;
         info!("serving ttrpc on {addr}");

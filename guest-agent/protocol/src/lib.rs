@@ -40,6 +40,9 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The AF_VSOCK port for stdio streams (see the comment in agent.proto).
 pub const STDIO_VSOCK_PORT: u32 = 1025;
 
+/// The AF_VSOCK port for port-forward streams (see agent.proto).
+pub const FORWARD_VSOCK_PORT: u32 = 1026;
+
 /// The virtio-fs tag of the per-VM shared directory.
 pub const SHARED_FS_TAG: &str = "clh-shared";
 

@@ -100,10 +100,15 @@ pub struct Nic {
     /// The MTU the device offers the guest (and Cloud Hypervisor sets on
     /// the tap); 0 leaves it to the VMM's default.
     pub mtu: u32,
+    /// Queue pairs: 1, or more for a tap made multi-queue (the guest's
+    /// virtio-net driver uses as many as it has vCPUs).
+    pub queues: u32,
 }
 
 /// Longest interface name: `IFNAMSIZ` (16) bytes with the NUL.
 const MAX_IFNAME: usize = 15;
+/// Most queue pairs of a NIC.
+pub const MAX_QUEUES: u32 = 16;
 
 impl Nic {
     /// Checks what the VMM is given: a tap name the kernel accepts and
@@ -133,6 +138,12 @@ impl Nic {
             return Err(Error::InvalidSpec(format!(
                 "MAC address {:?} of tap {tap} must look like aa:bb:cc:dd:ee:ff",
                 self.mac
+            )));
+        }
+        if !(1..=MAX_QUEUES).contains(&self.queues) {
+            return Err(Error::InvalidSpec(format!(
+                "tap {tap} has {} queue pairs; 1 to {MAX_QUEUES} are allowed",
+                self.queues
             )));
         }
         if self.mtu != 0 && !(68..=65535).contains(&self.mtu) {
@@ -381,6 +392,7 @@ mod tests {
             tap: tap.into(),
             mac: mac.into(),
             mtu,
+            queues: 1,
         }
     }
 

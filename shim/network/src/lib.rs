@@ -16,6 +16,7 @@
 //! ([`netns`]), over netlink; the taps are persistent until [`unwire`]
 //! deletes them (which deletes their qdisc and filters with them).
 
+mod forward;
 mod netns;
 mod tap;
 #[cfg(test)]
@@ -25,6 +26,8 @@ mod wiring;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub use forward::{intercept_loopback, original_port};
 
 use clh_agent_protocol::{IpAddress, NetworkConfig, NetworkInterface, NetworkRoute};
 use serde::{Deserialize, Serialize};
@@ -74,6 +77,10 @@ pub enum NetError {
     Panicked { path: PathBuf },
     #[error("cannot start a thread (and its runtime) in the pod's network namespace")]
     Thread(#[source] std::io::Error),
+    #[error("port forwarding: cannot listen in the pod's network namespace")]
+    Forward(#[source] std::io::Error),
+    #[error("port forwarding: cannot add the loopback redirect in the pod's network namespace: {detail}")]
+    Iptables { detail: String },
 }
 
 /// An address with its prefix length.
@@ -93,6 +100,8 @@ pub struct WiredLink {
     /// "aa:bb:cc:dd:ee:ff".
     pub mac: String,
     pub mtu: u32,
+    /// Queue pairs of the tap (more than one: multi-queue).
+    pub queues: u32,
     /// Not the link-local ones: the guest makes the same from the MAC.
     pub addresses: Vec<Cidr>,
 }
@@ -168,9 +177,11 @@ fn tap_name(n: usize) -> String {
 }
 
 /// Wires every interface of the network namespace `netns` but `lo` (and
-/// taps of ours, from an earlier try) to a tap of its own. On failure
-/// what was made is undone. A namespace with only `lo` gives no links.
-pub fn wire(netns: &Path) -> Result<PodNetwork, NetError> {
+/// taps of ours, from an earlier try) to a tap of its own, with `queues`
+/// queue pairs (multi-queue above 1). On failure what was made is undone.
+/// A namespace with only `lo` gives no links.
+pub fn wire(netns: &Path, queues: u32) -> Result<PodNetwork, NetError> {
+    let queues = queues.max(1);
     let path = netns.to_path_buf();
     netns::run_in(netns, move |handle| async move {
         let (links, routes) = wiring::pod_interfaces(&handle).await?;
@@ -181,7 +192,7 @@ pub fn wire(netns: &Path) -> Result<PodNetwork, NetError> {
         };
         for (n, link) in links.into_iter().enumerate() {
             let tap = tap_name(n);
-            let made = wiring::connect(&handle, &link, &tap).await;
+            let made = wiring::connect(&handle, &link, &tap, queues > 1).await;
             // Recorded before the result is looked at: a half-made pair
             // is undone with the rest.
             wired.links.push(WiredLink {
@@ -189,6 +200,7 @@ pub fn wire(netns: &Path) -> Result<PodNetwork, NetError> {
                 tap,
                 mac: link.mac,
                 mtu: link.mtu,
+                queues,
                 addresses: link.addresses,
             });
             if let Err(e) = made {

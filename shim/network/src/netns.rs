@@ -11,6 +11,32 @@ use nix::sched::{setns, CloneFlags};
 
 use crate::{NetError, NETLINK_DEADLINE};
 
+/// Runs `work` in a thread that entered `netns` (sockets it makes stay
+/// in that namespace).
+pub(crate) fn enter_and<T: Send + 'static>(
+    netns: &Path,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NetError> {
+    let file = File::open(netns).map_err(|source| NetError::OpenNetns {
+        path: netns.to_path_buf(),
+        source,
+    })?;
+    let path = netns.to_path_buf();
+    let thread = std::thread::Builder::new()
+        .name("clh-netns".into())
+        .spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .map_err(|source| NetError::EnterNetns { path, source })?;
+            Ok(work())
+        })
+        .map_err(NetError::Thread)?;
+    thread.join().unwrap_or_else(|_| {
+        Err(NetError::Panicked {
+            path: netns.to_path_buf(),
+        })
+    })
+}
+
 pub(crate) fn run_in<T, F, Fut>(netns: &Path, work: F) -> Result<T, NetError>
 where
     T: Send + 'static,

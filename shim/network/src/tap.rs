@@ -12,6 +12,7 @@ pub(crate) const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 pub(crate) const IFF_TAP: libc::c_short = 0x0002;
 pub(crate) const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
 #[repr(C)]
@@ -21,8 +22,10 @@ pub(crate) struct IfReq {
     pub(crate) _pad: [u8; 22],
 }
 
-/// Creates the persistent tap `name` (single queue, no packet info).
-pub(crate) fn create(name: &str) -> Result<(), NetError> {
+/// Creates the persistent tap `name` (no packet info), multi-queue when
+/// asked: the VMM then opens one queue per vCPU. The flag is the device's
+/// for its life: whoever opens it must ask for the same.
+pub(crate) fn create(name: &str, multi_queue: bool) -> Result<(), NetError> {
     let error = |source| NetError::Tap {
         name: name.to_string(),
         source,
@@ -37,7 +40,7 @@ pub(crate) fn create(name: &str) -> Result<(), NetError> {
         .map_err(error)?;
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI,
+        flags: IFF_TAP | IFF_NO_PI | if multi_queue { IFF_MULTI_QUEUE } else { 0 },
         _pad: [0; 22],
     };
     for (dst, src) in req.name.iter_mut().zip(name.bytes()) {

@@ -187,7 +187,7 @@ fn each_interface_is_wired_to_a_tap_both_ways_and_unwired_without_a_trace() {
     let bridge = TestNetns::new(dir.path(), "bridge");
     lay_out_cni_interfaces(&pod.0, &bridge.0);
 
-    let network = wire(&pod.0).unwrap();
+    let network = wire(&pod.0, 1).unwrap();
     assert_eq!(network.links.len(), 1, "{network:?}");
     let link = &network.links[0];
     assert_eq!(
@@ -291,15 +291,45 @@ fn a_namespace_with_only_loopback_wires_nothing_and_a_missing_one_is_named() {
     }
     let dir = tempfile::tempdir().unwrap();
     let lo_only = TestNetns::new(dir.path(), "lo");
-    let network = wire(&lo_only.0).unwrap();
+    let network = wire(&lo_only.0, 1).unwrap();
     assert!(
         network.links.is_empty() && network.routes.is_empty(),
         "{network:?}"
     );
     let missing = dir.path().join("gone");
-    let err = wire(&missing).unwrap_err();
+    let err = wire(&missing, 1).unwrap_err();
     assert!(
         err.to_string().contains(&missing.display().to_string()),
         "{err}"
     );
+}
+
+/// The port-forward interceptor: a connection to any loopback port in the
+/// pod's namespace lands on our listener, which learns the port asked for.
+#[test]
+fn loopback_connections_in_the_namespace_reach_the_interceptor_with_their_port() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: network namespaces need root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pod = TestNetns::new(dir.path(), "pod");
+    netns::run_in(&pod.0, |h| async move {
+        let lo = index(&h, "lo").await.unwrap();
+        let up = LinkUnspec::new_with_index(lo).up().build();
+        h.link().set(up).execute().await.unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let listener = intercept_loopback(&pod.0).unwrap();
+    listener.set_nonblocking(false).unwrap();
+    let client = in_ns(&pod.0, || {
+        std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:5555".parse().unwrap(),
+            Duration::from_secs(5),
+        )
+    });
+    let _client = client.expect("the redirect did not take the connection");
+    let (accepted, _) = listener.accept().unwrap();
+    assert_eq!(original_port(&accepted).unwrap(), 5555);
 }

@@ -187,8 +187,13 @@ async fn index_of(handle: &Handle, name: &str) -> Result<u32, NetError> {
 
 /// Makes `tap` (MTU of `link`, up) and redirects every frame arriving on
 /// either to the other.
-pub(crate) async fn connect(handle: &Handle, link: &PodLink, tap: &str) -> Result<(), NetError> {
-    tap::create(tap)?;
+pub(crate) async fn connect(
+    handle: &Handle,
+    link: &PodLink,
+    tap: &str,
+    multi_queue: bool,
+) -> Result<(), NetError> {
+    tap::create(tap, multi_queue)?;
     let tap_index = index_of(handle, tap).await?;
     let up = LinkUnspec::new_with_index(tap_index)
         .mtu(link.mtu)

@@ -28,6 +28,7 @@
 //! (remove_tree.rs).
 
 mod error;
+mod forward;
 mod leftovers;
 mod report;
 #[cfg(test)]
@@ -139,6 +140,8 @@ struct Parts {
     cgroup: Option<PodCgroup>,
     dir: Option<PathBuf>,
     network: Option<PodNetwork>,
+    /// The port-forward interceptor's listener in the pod's namespace.
+    forward: Option<std::net::TcpListener>,
     virtiofsd: Option<Virtiofsd>,
     hypervisor: Option<Box<dyn Hypervisor>>,
 }
@@ -182,6 +185,7 @@ impl PodVm {
             unreachable!("start_in fills every part before it succeeds");
         };
         let vsock = hypervisor.vsock_socket();
+        let forward = parts.forward.map(tokio::net::TcpListener::from_std);
         let machine = Arc::new(Machine {
             virtiofsd,
             hypervisor,
@@ -205,6 +209,14 @@ impl PodVm {
             stop_timeout: opts.stop_timeout,
             boot_to_agent,
         });
+        match forward {
+            Some(Ok(listener)) => {
+                let served = forward::serve(listener, vm.vsock.clone());
+                vm.track(tokio::spawn(served));
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "port forwarding is off for this pod"),
+            None => {}
+        }
         let sid = id.to_string();
         vm.track(tokio::spawn(async move {
             let how = machine.hypervisor.wait_exit().await;
@@ -359,13 +371,15 @@ async fn start_in(
     parts.dir = Some(dir.clone());
     if let Some(netns) = &opts.netns {
         let netns = netns.clone();
-        let wired = tokio::task::spawn_blocking(move || clh_network::wire(&netns)).await;
+        let queues = queue_pairs(opts.vcpus);
+        let wired = tokio::task::spawn_blocking(move || clh_network::wire(&netns, queues)).await;
         let wired = wired.unwrap_or_else(|_| {
             Err(clh_network::NetError::Panicked {
                 path: opts.netns.clone().unwrap_or_default(),
             })
         });
         parts.network = Some(wired.map_err(StartStep::Network)?);
+        parts.forward = intercept_loopback(opts.netns.clone()).await;
     }
     let network = parts.network.clone().filter(|n| !n.links.is_empty());
 
@@ -473,7 +487,33 @@ fn nics(network: &PodNetwork) -> impl Iterator<Item = Nic> + '_ {
         tap: l.tap.clone(),
         mac: l.mac.clone(),
         mtu: l.mtu,
+        queues: l.queues,
     })
+}
+
+/// A NIC's queue pairs: one per vCPU (multi-queue spreads the packets over
+/// them), up to the hypervisor's limit.
+fn queue_pairs(vcpus: u32) -> u32 {
+    vcpus.clamp(1, clh_hypervisor::MAX_QUEUES)
+}
+
+/// The port-forward interceptor in the pod's namespace; without it (no
+/// iptables on the node) the pod runs, and port forwarding says why it
+/// cannot (in the shim's log).
+async fn intercept_loopback(netns: Option<PathBuf>) -> Option<std::net::TcpListener> {
+    let netns = netns?;
+    let made = tokio::task::spawn_blocking(move || clh_network::intercept_loopback(&netns)).await;
+    match made {
+        Ok(Ok(listener)) => Some(listener),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %format!("{e:#}"), "port forwarding is off for this pod");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "port forwarding is off for this pod");
+            None
+        }
+    }
 }
 
 /// Undoes [`clh_network::wire`] (in a blocking thread: it enters the

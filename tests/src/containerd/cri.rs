@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -58,7 +58,8 @@ impl ContainerdVersion {
                 format!(
                     "{snippet}\n\n\
                      [plugins.'io.containerd.cri.v1.runtime'.cni]\n  \
-                     conf_dir = \"{d}/cni/net.d\"\n  bin_dirs = [\"{CNI_BIN_DIR}\"]\n\n\
+                     conf_dir = \"{d}/cni/net.d\"\n  bin_dirs = [\"{CNI_BIN_DIR}\"]\n  \
+                     max_conf_num = {MAX_NETWORKS}\n\n\
                      [plugins.'io.containerd.cri.v1.images'.pinned_images]\n  \
                      sandbox = \"{SANDBOX_IMAGE}\"\n\n\
                      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]\n  \
@@ -74,7 +75,8 @@ impl ContainerdVersion {
                 format!(
                     "{snippet}\n\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  \
-                     conf_dir = \"{d}/cni/net.d\"\n  bin_dir = \"{CNI_BIN_DIR}\"\n\n\
+                     conf_dir = \"{d}/cni/net.d\"\n  bin_dir = \"{CNI_BIN_DIR}\"\n  \
+                     max_conf_num = {MAX_NETWORKS}\n\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n  \
                      Root = \"{d}/runc\"\n",
                     snippet = insert_keys(snippet, cri, &keys),
@@ -102,31 +104,40 @@ fn insert_keys(text: &str, header: &str, keys: &str) -> String {
     out.join("\n")
 }
 
-/// The bridge network's subnets; its gateway (on the host's bridge) is
-/// the first address of each.
+/// The first bridge network's subnets; its gateway (on the host's bridge)
+/// is the first address of each. Network `n` has 10.123.`n`.0/24 and
+/// fd12:3456:`n`::/64.
 pub const BRIDGE_SUBNET_V4: &str = "10.123.0.0/24";
 pub const BRIDGE_SUBNET_V6: &str = "fd12:3456::/64";
 pub const BRIDGE_GATEWAY_V4: &str = "10.123.0.1";
 pub const BRIDGE_GATEWAY_V6: &str = "fd12:3456::1";
 
-/// A dual-stack bridge network as a node's: Debian's `bridge` and
+/// How many CNI networks a pod may get (eth0, eth1): containerd attaches
+/// a pod to each config file in the conf dir, up to this many.
+const MAX_NETWORKS: usize = 2;
+
+/// Dual-stack bridge network `n` as a node's: Debian's `bridge` and
 /// `host-local` plugins, the host the gateway, the IPAM state inside the
-/// containerd's dir, no masquerade (nothing leaves the host).
-fn bridge_config(bridge: &str, ipam_dir: &Path) -> String {
+/// containerd's dir, no masquerade (nothing leaves the host); `portmap`
+/// for hostPorts (iptables DNAT on the host, removed with the pod).
+fn bridge_config(n: usize, bridge: &str, ipam_dir: &Path) -> String {
+    let v4 = format!("10.123.{n}.0/24");
+    let v6 = format!("fd12:3456:{n}::/64");
     format!(
         r#"{{
   "cniVersion": "1.0.0",
-  "name": "clh-test-bridge",
+  "name": "clh-test-bridge{n}",
   "plugins": [
     {{
       "type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
       "hairpinMode": true,
       "ipam": {{
         "type": "host-local", "dataDir": "{ipam}",
-        "ranges": [[{{ "subnet": "{BRIDGE_SUBNET_V4}" }}], [{{ "subnet": "{BRIDGE_SUBNET_V6}" }}]],
+        "ranges": [[{{ "subnet": "{v4}" }}], [{{ "subnet": "{v6}" }}]],
         "routes": [{{ "dst": "0.0.0.0/0" }}, {{ "dst": "::/0" }}]
       }}
-    }}
+    }},
+    {{ "type": "portmap", "capabilities": {{ "portMappings": true }} }}
   ]
 }}
 "#,
@@ -135,43 +146,56 @@ fn bridge_config(bridge: &str, ipam_dir: &Path) -> String {
 }
 
 impl PrivateContainerd {
-    /// Writes our CNI network into our CNI conf dir: the loopback-only one,
-    /// or the bridge of [`PrivateContainerd::use_bridge_network`].
+    /// Writes our CNI networks into our CNI conf dir: the loopback-only
+    /// one, or the bridges of [`PrivateContainerd::use_bridge_networks`].
     pub(super) fn write_cni_config(&self) -> Result<()> {
         let conf_dir = self.dir.join("cni/net.d");
         fs::create_dir_all(&conf_dir)?;
-        let path = conf_dir.join("10-clh-test.conflist");
-        let config = match &self.cni_bridge {
-            Some(bridge) => bridge_config(bridge, &self.dir.join("cni/ipam")),
-            None => CNI_CONFIG.to_owned(),
+        let ipam = self.dir.join("cni/ipam");
+        let configs: Vec<String> = match self.cni_bridges.as_slice() {
+            [] => vec![CNI_CONFIG.to_owned()],
+            bridges => bridges
+                .iter()
+                .enumerate()
+                .map(|(n, bridge)| bridge_config(n, bridge, &ipam))
+                .collect(),
         };
-        fs::write(&path, config).with_context(|| format!("writing {}", path.display()))
-    }
-
-    /// From the next (re)start on, pods get the dual-stack bridge network
-    /// (a bridge of this instance's own, removed at stop) instead of the
-    /// loopback-only one. Returns the bridge's name.
-    pub fn use_bridge_network(&mut self) -> String {
-        let bridge = format!("clhbr{}", std::process::id() % 100_000);
-        self.cni_bridge = Some(bridge.clone());
-        bridge
-    }
-
-    /// Deletes the bridge the CNI plugin made, if any (the plugin leaves
-    /// it when the last pod goes).
-    pub(super) fn remove_bridge(&self) -> Result<()> {
-        let Some(bridge) = &self.cni_bridge else {
-            return Ok(());
-        };
-        if !Path::new("/sys/class/net").join(bridge).exists() {
-            return Ok(());
+        for (n, config) in configs.iter().enumerate() {
+            let path = conf_dir.join(format!("1{n}-clh-test.conflist"));
+            fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
         }
-        let status = std::process::Command::new("ip")
-            .args(["link", "delete", bridge])
-            .status()
-            .context("running ip link delete")?;
-        if !status.success() {
-            bail!("ip link delete {bridge}: {status}");
+        Ok(())
+    }
+
+    /// From the next (re)start on, pods get `count` (1 or 2) dual-stack
+    /// bridge networks (eth0, eth1; bridges of this instance's own,
+    /// removed at stop) instead of the loopback-only one. Returns the
+    /// bridges' names.
+    pub fn use_bridge_networks(&mut self, count: usize) -> Result<Vec<String>> {
+        ensure!(
+            (1..=MAX_NETWORKS).contains(&count),
+            "1 to {MAX_NETWORKS} networks"
+        );
+        self.cni_bridges = (0..count)
+            .map(|n| format!("clhbr{}x{n}", std::process::id() % 100_000))
+            .collect();
+        Ok(self.cni_bridges.clone())
+    }
+
+    /// Deletes the bridges the CNI plugin made (it leaves them when the
+    /// last pod goes).
+    pub(super) fn remove_bridge(&self) -> Result<()> {
+        for bridge in &self.cni_bridges {
+            if !Path::new("/sys/class/net").join(bridge).exists() {
+                continue;
+            }
+            let status = std::process::Command::new("ip")
+                .args(["link", "delete", bridge])
+                .status()
+                .context("running ip link delete")?;
+            if !status.success() {
+                bail!("ip link delete {bridge}: {status}");
+            }
         }
         Ok(())
     }

@@ -151,9 +151,9 @@ pub struct PrivateContainerd {
     /// `CLH_SHIM_CONFIG`).
     env: Vec<(String, String)>,
     child: Option<Child>,
-    /// The bridge of [`PrivateContainerd::use_bridge_network`], removed at
-    /// stop; `None`: the loopback-only network.
-    cni_bridge: Option<String>,
+    /// The bridges of [`PrivateContainerd::use_bridge_networks`], removed
+    /// at stop; none: the loopback-only network.
+    cni_bridges: Vec<String>,
     /// Shim sockets found on shims that had to be killed, removed at stop.
     shim_sockets: Vec<PathBuf>,
     stopped: bool,
@@ -223,7 +223,7 @@ impl PrivateContainerd {
                 .collect(),
             dir,
             child: None,
-            cni_bridge: None,
+            cni_bridges: Vec::new(),
             shim_sockets: Vec::new(),
             stopped: false,
         };

@@ -44,6 +44,7 @@ pub struct PodBuilder {
     privileged: bool,
     host_network: bool,
     dns: Option<cri::DnsConfig>,
+    port_mappings: Vec<cri::PortMapping>,
 }
 
 impl PodBuilder {
@@ -66,7 +67,20 @@ impl PodBuilder {
             privileged: false,
             host_network: false,
             dns: None,
+            port_mappings: Vec::new(),
         }
+    }
+
+    /// A `hostPort`: TCP `host_port` on the node forwards to
+    /// `container_port` in the pod.
+    pub fn host_port(mut self, host_port: i32, container_port: i32) -> Self {
+        self.port_mappings.push(cri::PortMapping {
+            protocol: cri::Protocol::Tcp as i32,
+            container_port,
+            host_port,
+            host_ip: String::new(),
+        });
+        self
     }
 
     /// `hostNetwork: true`: the pod shares the node's network namespace.
@@ -170,6 +184,7 @@ impl PodBuilder {
             labels: self.labels.clone(),
             annotations: self.annotations.clone(),
             dns_config: self.dns.clone(),
+            port_mappings: self.port_mappings.clone(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: self.cgroup_parent.clone(),
                 resources: self.resources.map(Resources::to_cri),

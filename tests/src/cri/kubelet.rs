@@ -351,12 +351,12 @@ impl Kubelet {
 
     /// Stops containerd with SIGTERM and starts it again on the same state
     /// (the shims keep running), reconnects, and waits for the CRI.
-    /// Switches this containerd to the dual-stack bridge network (see
-    /// [`PrivateContainerd::use_bridge_network`]) and restarts it.
-    pub fn use_bridge_network(&mut self) -> Result<String> {
-        let bridge = self.ctd.use_bridge_network();
+    /// Switches this containerd to `count` dual-stack bridge networks (see
+    /// [`PrivateContainerd::use_bridge_networks`]) and restarts it.
+    pub fn use_bridge_networks(&mut self, count: usize) -> Result<Vec<String>> {
+        let bridges = self.ctd.use_bridge_networks(count)?;
         self.restart_containerd()?;
-        Ok(bridge)
+        Ok(bridges)
     }
 
     pub fn restart_containerd(&mut self) -> Result<()> {

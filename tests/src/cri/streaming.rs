@@ -84,6 +84,95 @@ impl Cri {
     }
 }
 
+impl Cri {
+    /// CRI PortForward: the streaming URL for `port` of pod `pod_id`.
+    pub fn port_forward_url(&self, pod_id: &str, port: i32) -> Result<String> {
+        let msg = cri::PortForwardRequest {
+            pod_sandbox_id: pod_id.to_owned(),
+            port: vec![port],
+        };
+        let what = format!("PortForward({pod_id}, {port})");
+        let resp = self.call(&what, self.timeout, |mut rs, _, t| async move {
+            rs.port_forward(Self::req(msg, t)).await
+        })?;
+        Ok(resp.url)
+    }
+
+    /// Sends `request` through a port-forward session on `url` (one port)
+    /// and returns what came back once it holds `until` (then closes the
+    /// session, as a client that got its answer does) or the server ended
+    /// it; or the error the server reported; all within `within`.
+    pub fn forward(
+        &self,
+        url: &str,
+        port: i32,
+        request: &[u8],
+        until: &str,
+        within: Duration,
+    ) -> Result<String> {
+        let session = forward_session(url, port, request, until);
+        match self
+            .rt
+            .block_on(async move { tokio::time::timeout(within, session).await })
+        {
+            Ok(result) => result,
+            Err(_) => bail!("port-forward session {url} did not end within {within:?}"),
+        }
+    }
+}
+
+/// The kubelet's WebSocket port-forward protocol: per port a data channel
+/// (0) and an error channel (1); every message starts with its channel
+/// byte; the server first sends the port (2 bytes, little-endian) on each.
+async fn forward_session(url: &str, port: i32, request: &[u8], until: &str) -> Result<String> {
+    let ws_url = format!("{}?port={port}", url.replacen("http://", "ws://", 1));
+    let mut req = ws_url
+        .into_client_request()
+        .with_context(|| format!("streaming URL {url}"))?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    ws.send(Message::binary([&[0u8][..], request].concat()))
+        .await?;
+    let (mut data, mut error) = (Vec::new(), Vec::new());
+    let mut headers_seen = [false; 2];
+    while let Some(msg) = ws.next().await {
+        let msg = match msg {
+            Ok(Message::Binary(b)) => b.to_vec(),
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        let Some((&channel, body)) = msg.split_first() else {
+            continue;
+        };
+        // The first message of each channel is its port.
+        if let Some(seen) = headers_seen.get_mut(usize::from(channel)) {
+            if !*seen {
+                *seen = true;
+                continue;
+            }
+        }
+        match channel {
+            0 => data.extend_from_slice(body),
+            1 => error.extend_from_slice(body),
+            _ => {}
+        }
+        if String::from_utf8_lossy(&data).contains(until) {
+            let _ = ws.close(None).await;
+            break;
+        }
+    }
+    if !error.is_empty() {
+        bail!(
+            "port forward to {port}: {}",
+            String::from_utf8_lossy(&error)
+        );
+    }
+    Ok(String::from_utf8_lossy(&data).into_owned())
+}
+
 async fn session(url: &str, stdin: Option<&[u8]>, until: Option<&str>) -> Result<Streamed> {
     // The streaming server speaks plain HTTP; WebSocket clients want ws://.
     let ws_url = url.replacen("http://", "ws://", 1);

@@ -384,6 +384,7 @@ mod tests {
                 tap: "tap0".into(),
                 mac: "not-a-mac".into(),
                 mtu: 1500,
+                queues: 1,
             }],
             ..VmSpec::for_test(dir.path())
         };

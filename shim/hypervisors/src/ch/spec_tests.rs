@@ -178,11 +178,13 @@ fn nics() -> Vec<Nic> {
             tap: "tap0_clh".into(),
             mac: "0a:58:0a:f4:00:07".into(),
             mtu: 1450,
+            queues: 1,
         },
         Nic {
             tap: "tap1_clh".into(),
             mac: "0a:58:0a:f4:01:07".into(),
             mtu: 0,
+            queues: 1,
         },
     ]
 }
@@ -206,6 +208,15 @@ fn each_nic_is_a_net_device_on_its_tap() {
             {"tap": "tap1_clh", "mac": "0a:58:0a:f4:01:07", "num_queues": 2}
         ])
     );
+    // A multi-queue tap: one RX and one TX queue per pair.
+    let mut multi = nics();
+    multi[0].queues = 4;
+    let pod4 = VmSpec {
+        nics: multi,
+        ..pod.clone()
+    };
+    let body4 = serde_json::to_value(vm_config(&pod4, &dir.join("vsock.sock"))).unwrap();
+    assert_eq!(body4["net"][0]["num_queues"], json!(8));
     // The rest of the body does not change with NICs.
     let mut without = body.clone();
     without.as_object_mut().unwrap().remove("net");

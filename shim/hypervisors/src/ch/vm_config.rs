@@ -9,12 +9,6 @@ use super::api::{
 use super::resize::hotplug_size_bytes;
 use crate::{Nic, VmSpec};
 
-/// Queues of each virtio-net device: one RX/TX pair. The shim's taps are
-/// single-queue, and CH opens one tap queue per pair (more would need
-/// `IFF_MULTI_QUEUE`). CH's default too; sent so that a change of default
-/// cannot break the taps.
-const NET_QUEUES: u32 = 2;
-
 /// The guest's vsock context id. Each VM has its own hybrid-vsock socket, so
 /// every guest can use the first cid that is not reserved (0-2 are).
 pub const GUEST_CID: u64 = 3;
@@ -80,7 +74,8 @@ pub fn net_config(nic: &Nic) -> NetConfig {
         tap: Some(nic.tap.clone()),
         mac: Some(nic.mac.clone()),
         mtu: (nic.mtu != 0).then_some(nic.mtu),
-        num_queues: Some(NET_QUEUES),
+        // One RX and one TX queue per pair.
+        num_queues: Some(2 * nic.queues),
         ..NetConfig::default()
     }
 }

@@ -165,13 +165,18 @@ pub fn nic_args(index: usize, nic: &Nic) -> Vec<OsString> {
     if nic.mtu != 0 {
         device.push_str(&format!(",host_mtu={}", nic.mtu));
     }
+    let mut netdev = format!(
+        "tap,id=net{index},ifname={},script=no,downscript=no",
+        nic.tap
+    );
+    if nic.queues > 1 {
+        // A vector per queue, one for config changes, one for control.
+        netdev.push_str(&format!(",queues={}", nic.queues));
+        device.push_str(&format!(",mq=on,vectors={}", 2 * nic.queues + 2));
+    }
     vec![
         "-netdev".into(),
-        format!(
-            "tap,id=net{index},ifname={},script=no,downscript=no",
-            nic.tap
-        )
-        .into(),
+        netdev.into(),
         "-device".into(),
         device.into(),
     ]
@@ -260,11 +265,13 @@ mod tests {
                     tap: "tap0_clh".into(),
                     mac: "0a:58:0a:f4:00:07".into(),
                     mtu: 1450,
+                    queues: 1,
                 },
                 Nic {
                     tap: "tap1_clh".into(),
                     mac: "0a:58:0a:f4:01:07".into(),
                     mtu: 0,
+                    queues: 1,
                 },
             ],
             ..spec()
@@ -300,17 +307,39 @@ mod tests {
     }
 
     #[test]
+    fn a_multi_queue_nic_opens_a_queue_per_pair() {
+        let nic = Nic {
+            tap: "tap0_clh".into(),
+            mac: "0a:58:0a:f4:00:07".into(),
+            mtu: 0,
+            queues: 2,
+        };
+        assert_eq!(
+            joined(&nic_args(0, &nic)),
+            "-netdev tap,id=net0,ifname=tap0_clh,script=no,downscript=no,queues=2 \
+             -device virtio-net-pci,netdev=net0,mac=0a:58:0a:f4:00:07,mq=on,vectors=6"
+        );
+        let s = VmSpec {
+            nics: vec![Nic { queues: 0, ..nic }],
+            ..spec()
+        };
+        assert!(qemu_args(&s, Path::new("/a"), Path::new("/b")).is_err());
+    }
+
+    #[test]
     fn a_nic_that_could_inject_options_is_refused() {
         for nic in [
             Nic {
                 tap: "tap0,vhost=on".into(),
                 mac: "0a:58:0a:f4:00:07".into(),
                 mtu: 0,
+                queues: 1,
             },
             Nic {
                 tap: "tap0".into(),
                 mac: "0a:58:0a:f4:00:07,bus=x".into(),
                 mtu: 0,
+                queues: 1,
             },
         ] {
             let s = VmSpec {
