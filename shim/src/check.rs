@@ -153,6 +153,10 @@ pub async fn check(config: &Config, source: &Source) -> Report {
         "guest.initramfs",
     ));
 
+    findings.extend(network_findings(Path::new(TUN_DEVICE), |name| {
+        host::resolve_binary(Path::new(name))
+    }));
+
     findings.push(match CgroupVersion::detect() {
         Some(v) => finding(Level::Ok, "cgroups", v.to_string(), None),
         None => finding(
@@ -169,6 +173,45 @@ pub async fn check(config: &Config, source: &Source) -> Report {
         backend_reason,
         findings,
     }
+}
+
+/// The device the pods' taps are made through.
+const TUN_DEVICE: &str = "/dev/net/tun";
+
+/// What pod networking needs: the tun device (every pod with a network
+/// gets taps), and for `kubectl port-forward` iptables and nsenter (the
+/// loopback redirect in the pod's namespace).
+fn network_findings(tun: &Path, find: impl Fn(&str) -> Option<std::path::PathBuf>) -> Vec<Finding> {
+    let mut findings = vec![if tun.exists() {
+        finding(
+            Level::Ok,
+            "pod networking",
+            format!("{} present", tun.display()),
+            None,
+        )
+    } else {
+        finding(
+            Level::Fail,
+            "pod networking",
+            format!(
+                "{} missing: pods with a network cannot start",
+                tun.display()
+            ),
+            Some("load the tun module (modprobe tun)".into()),
+        )
+    }];
+    for (binary, package) in [("iptables", "iptables"), ("nsenter", "util-linux")] {
+        findings.push(match find(binary) {
+            Some(path) => finding(Level::Ok, binary, path.display().to_string(), None),
+            None => finding(
+                Level::Warn,
+                binary,
+                "not found: kubectl port-forward to pods will not work",
+                Some(format!("apt-get install {package}")),
+            ),
+        });
+    }
+    findings
 }
 
 fn kvm_finding(kvm: &KvmFlavour, backend: Backend) -> Finding {
@@ -233,6 +276,27 @@ fn image_finding(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn networking_needs_the_tun_device_and_port_forward_iptables() {
+        let dir = tempfile::tempdir().unwrap();
+        let tun = dir.path().join("tun");
+        let none = |_: &str| None;
+        let missing = network_findings(&tun, none);
+        assert_eq!(missing[0].level, Level::Fail);
+        assert!(missing[0].fix.as_deref().unwrap().contains("modprobe tun"));
+        assert!(missing[1..].iter().all(|f| f.level == Level::Warn));
+        assert!(
+            missing[1].detail.contains("port-forward"),
+            "{:?}",
+            missing[1]
+        );
+        std::fs::write(&tun, b"").unwrap();
+        let all = |name: &str| Some(std::path::PathBuf::from(format!("/usr/sbin/{name}")));
+        assert!(network_findings(&tun, all)
+            .iter()
+            .all(|f| f.level == Level::Ok));
+    }
 
     #[test]
     fn image_checks_recognise_formats_and_name_the_key_to_set() {

@@ -23,6 +23,9 @@ use crate::vm::{self, VmOptions};
 pub struct ClhShim {
     id: String,
     namespace: String,
+    /// containerd's socket (`-address`): the shim's own socket path is
+    /// derived from it, the namespace and the id.
+    containerd_address: String,
     exit: Arc<ExitSignal>,
     service: std::sync::OnceLock<Arc<TaskService<RemoteEventSender>>>,
 }
@@ -71,6 +74,7 @@ impl Shim for ClhShim {
         ClhShim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            containerd_address: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
             service: std::sync::OnceLock::new(),
         }
@@ -103,6 +107,16 @@ impl Shim for ClhShim {
         };
         if let Err(e) = cleaned {
             tracing::warn!(error = format!("{e:#}"), "cleanup after a crashed shim");
+        }
+        if !matches!(role, Role::Container { .. }) {
+            // The dead daemon's API socket: a pod's containers share their
+            // sandbox's, which goes with the sandbox.
+            let address = containerd_shim::socket_address(
+                &self.containerd_address,
+                &self.namespace,
+                &self.id,
+            );
+            remove_socket(std::path::Path::new(address.trim_start_matches("unix://")));
         }
         let cgroup = spec
             .pointer("/linux/cgroupsPath")
@@ -160,6 +174,17 @@ impl ClhShim {
     }
 }
 
+/// Removes `path` if it is a socket (never anything else found there).
+fn remove_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "removing the crashed shim's socket");
+        }
+    }
+}
+
 fn now() -> containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -174,6 +199,19 @@ fn now() -> containerd_shim_protos::protobuf::well_known_types::timestamp::Times
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_socket_is_removed_as_the_crashed_shims_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        remove_socket(&sock);
+        assert!(!sock.exists());
+        let file = dir.path().join("f");
+        std::fs::write(&file, "not a socket").unwrap();
+        remove_socket(&file);
+        assert!(file.exists());
+    }
 
     #[test]
     fn a_broken_configuration_is_an_error_naming_file_and_key() {

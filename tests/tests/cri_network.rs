@@ -20,6 +20,9 @@
 //!   on containerd 2.1 and 1.6.
 //! - `a_host_port_reaches_the_pod`: hostPort 8080 → 80 (CNI `portmap`)
 //!   answers on the host's address.
+//! - `a_killed_shim_leaves_no_network_behind`: after a SIGKILL of the
+//!   pod's shim, containerd's `delete` and the pod's removal leave nothing
+//!   (VM processes, taps, state).
 //! - `a_host_network_pod_is_refused_and_leaves_nothing`: hostNetwork is
 //!   refused at RunPodSandbox with an error saying why.
 //!
@@ -72,7 +75,7 @@ fn pod_ips(k: &Kubelet, pod: &Pod) -> Result<(IpAddr, IpAddr)> {
 }
 
 /// The hostPort of `a_host_port_reaches_the_pod`.
-const HOST_PORT: i32 = 18080;
+const HOST_PORT: i32 = 8080;
 
 fn http_get(ip: IpAddr, within: Duration) -> Result<String> {
     http_get_port(ip, 80, within)
@@ -357,6 +360,37 @@ fn a_host_port_reaches_the_pod() {
         let rules = String::from_utf8_lossy(&nat.stdout);
         let left: Vec<&str> = rules.lines().filter(|l| l.contains("CNI-DN-")).collect();
         ensure!(left.is_empty(), "hostPort rules left: {left:?}");
+        k.finish()
+    };
+    run().unwrap();
+}
+
+#[test]
+fn a_killed_shim_leaves_no_network_behind() {
+    let (_s, cri) = setup();
+    let run = || -> Result<()> {
+        let mut k = Kubelet::start(&cri)?;
+        k.use_bridge_networks(1)?;
+        let pod = k.run_pod(&k.pod("crash"))?;
+        let id = k.run_container(&pod, &web_server())?;
+        k.cri()
+            .wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
+        let (v4, _) = pod_ips(&k, &pod)?;
+        http_get(v4, k.timeout())?;
+        let shims = k.containerd().shim_pids();
+        ensure!(!shims.is_empty(), "no shim found");
+        for pid in shims {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+        }
+        // containerd notices the dead shim, runs its `delete` and reports
+        // the container exited; a kubelet then removes the pod.
+        k.cri()
+            .wait_container_state(&id, ContainerState::ContainerExited, k.timeout())?;
+        k.remove_pod(&pod)?;
+        no_taps_on_the_host()?;
         k.finish()
     };
     run().unwrap();

@@ -36,7 +36,7 @@ impl PrivateContainerd {
     }
 
     /// Processes whose command line names our socket: the shims.
-    pub(super) fn shim_pids(&self) -> Vec<i32> {
+    pub fn shim_pids(&self) -> Vec<i32> {
         let addr = self.socket.display().to_string();
         let unix = format!("unix://{addr}");
         all_pids()
