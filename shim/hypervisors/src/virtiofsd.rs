@@ -116,6 +116,11 @@ impl Virtiofsd {
         self.process.exited()
     }
 
+    /// Resolves when virtiofsd has exited, with how it ended.
+    pub async fn wait_exit(&self) -> String {
+        self.process.wait_exit().await
+    }
+
     /// SIGTERM, up to `grace` to exit, then SIGKILL; removes the socket.
     /// Idempotent. SIGTERM first because virtiofsd then takes its sandboxed
     /// child down with it and reaps it.

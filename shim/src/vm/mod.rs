@@ -15,7 +15,7 @@
 //!    process into the pod cgroup;
 //! 7. connect to the agent (retrying while the guest boots), seed the
 //!    guest's RNG and configure its network over that connection;
-//! 8. watch the VMM for its exit.
+//! 8. watch the VMM and virtiofsd: either exiting kills the pod.
 //!
 //! On failure at any step everything made so far is undone, and the error
 //! ([`VmStartError`]) quotes the guest console, VMM and virtiofsd logs.
@@ -110,7 +110,7 @@ pub struct PodVm {
     dir: PathBuf,
     vsock: PathBuf,
     agent: AgentClient,
-    /// Turns true when the VMM has exited.
+    /// Turns true when the VMM or virtiofsd has exited.
     dead: watch::Receiver<bool>,
     /// Host paths the guest can write through virtio-fs: never synced.
     writable: Arc<WritableShares>,
@@ -218,9 +218,19 @@ impl PodVm {
             None => {}
         }
         let sid = id.to_string();
+        // The VM is dead when its VMM exits, and also when virtiofsd does:
+        // the guest's root file systems and volumes are gone, and its I/O
+        // would hang for ever (REL-VFS-01). Either way every container of
+        // the pod exits and the pause stand-in ends; the stop that follows
+        // takes the rest down.
         vm.track(tokio::spawn(async move {
-            let how = machine.hypervisor.wait_exit().await;
-            tracing::warn!(id = sid, how, "the VMM exited");
+            let how = tokio::select! {
+                how = machine.hypervisor.wait_exit() => format!("the VMM exited ({how})"),
+                how = machine.virtiofsd.wait_exit() => {
+                    format!("virtiofsd exited ({how}): the guest lost its files")
+                }
+            };
+            tracing::error!(id = sid, how, "the pod's VM is dead");
             let _ = dead_tx.send(true);
         }));
         vm
