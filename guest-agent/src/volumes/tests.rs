@@ -298,7 +298,7 @@ struct Vanished;
 /// generation (else panics). Err if the data went away while reading.
 fn read_generation(vol: &Path) -> Result<(u64, Vec<String>), Vanished> {
     let data = std::fs::read_link(vol.join("..data")).map_err(|_| Vanished)?;
-    let dir = vol.join(data);
+    let dir = vol.join(&data);
     let mut names = Vec::new();
     let mut seen = None;
     for e in std::fs::read_dir(&dir).map_err(|_| Vanished)? {
@@ -308,6 +308,13 @@ fn read_generation(vol: &Path) -> Result<(u64, Vec<String>), Vanished> {
         assert!(seen.is_none_or(|s| s == g), "a mix: {seen:?} and {g}");
         seen = Some(g);
         names.push(name.to_string_lossy().into_owned());
+    }
+    // The old generation is deleted only after `..data` moved on: if it
+    // still points here, nothing was deleted while we listed. Otherwise the
+    // listing may miss files removed under it, which is the reader's race
+    // (a container reads `..data/<key>`), not a mixed generation.
+    if std::fs::read_link(vol.join("..data")).ok().as_deref() != Some(data.as_path()) {
+        return Err(Vanished);
     }
     seen.map(|g| (g, names)).ok_or(Vanished)
 }

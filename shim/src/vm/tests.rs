@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::leftovers::{persist_state, PersistedProcess, PersistedState};
 use super::report::failure_report;
+use super::steps::random_seed;
 use super::*;
 use crate::shared_mount::private_dir;
 use clh_hypervisor::new_backend;
