@@ -2,6 +2,7 @@
 //! protocol-version check, and a deadline on every call.
 
 mod calls;
+mod header_stream;
 #[cfg(test)]
 mod hostile_tests;
 mod hybrid_vsock;
@@ -25,7 +26,10 @@ pub use clh_agent_protocol::{ContainerStatsResponse, Stdio, WaitProcessResponse}
 #[doc(hidden)]
 pub use hybrid_vsock::{check_reply, read_reply_line};
 pub use hybrid_vsock::{connect_hybrid_vsock, HandshakeError, MAX_REPLY_LINE};
-pub use stdio::{open_stdio_stream, open_stdio_stream_on, StdioKind, STDIO_OPEN_TIMEOUT};
+pub use stdio::{
+    open_forward_stream, open_stdio_stream, open_stdio_stream_on, StdioKind, FORWARD_OPEN_TIMEOUT,
+    STDIO_OPEN_TIMEOUT,
+};
 
 /// Deadline of the first handshake attempt while the guest boots. Long
 /// enough for a slow TCG guest to answer, short enough that a connection
@@ -80,6 +84,9 @@ pub enum Error {
 
     #[error("cannot attach {stream}: {reason}")]
     Stdio { stream: String, reason: String },
+
+    #[error("cannot forward to port {port} in the guest: {reason}")]
+    Forward { port: u16, reason: String },
 }
 
 impl Error {

@@ -1,21 +1,17 @@
-//! Stdio streams (agent.proto's wire format): a hybrid-vsock connection to
-//! STDIO_VSOCK_PORT, one header line naming the process and the stream, and
-//! the agent's `OK` or `ERR <reason>`; then raw bytes.
+//! Stdio streams and port forwards (agent.proto's wire format; opened as
+//! header_stream.rs says): for stdio the header names the process and the
+//! stream, for a forward the guest's TCP port.
 
 use std::path::Path;
 use std::time::Duration;
 
 use clh_agent_protocol::STDIO_VSOCK_PORT;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use crate::{connect_hybrid_vsock, Error, Result};
+use crate::{header_stream, Error, Result};
 
 /// Deadline of connect + header + answer.
 pub const STDIO_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The longest answer line read (an `ERR` line carries a reason).
-const MAX_ANSWER: usize = 1024;
 
 /// Which stream of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,58 +60,24 @@ pub async fn open_stdio_stream_on(
         kind.as_str(),
         if exec_id.is_empty() { "init" } else { exec_id }
     );
-    let deadline = tokio::time::Instant::now() + STDIO_OPEN_TIMEOUT;
-    let mut stream = connect_hybrid_vsock(uds, port, STDIO_OPEN_TIMEOUT)
-        .await
-        .map_err(Error::Handshake)?;
     let exec = if exec_id.is_empty() { "-" } else { exec_id };
-    let header = format!("{container_id} {exec} {}\n", kind.as_str());
-    let exchange = async {
-        stream.write_all(header.as_bytes()).await?;
-        read_answer(&mut stream).await
+    let header = format!("{container_id} {exec} {}", kind.as_str());
+    let refused = |reason| Error::Stdio {
+        stream: stream_name.clone(),
+        reason,
     };
-    let answer = tokio::time::timeout_at(deadline, exchange)
-        .await
-        .map_err(|_| Error::Stdio {
-            stream: stream_name.clone(),
-            reason: format!("no answer within {STDIO_OPEN_TIMEOUT:?}"),
-        })?
-        .map_err(|e| Error::Stdio {
-            stream: stream_name.clone(),
-            reason: e.to_string(),
-        })?;
-    match answer.as_str() {
-        "OK" => Ok(stream),
-        other => Err(Error::Stdio {
-            stream: stream_name,
-            reason: other.strip_prefix("ERR ").unwrap_or(other).to_owned(),
-        }),
-    }
+    header_stream::open(uds, port, &header, STDIO_OPEN_TIMEOUT, refused).await
 }
 
-/// One line, a byte per read: what follows it is stream data.
-async fn read_answer(stream: &mut UnixStream) -> std::io::Result<String> {
-    let mut line = Vec::new();
-    loop {
-        let mut byte = [0u8; 1];
-        if stream.read(&mut byte).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!(
-                    "agent closed the stream before answering (got {:?})",
-                    String::from_utf8_lossy(&line)
-                ),
-            ));
-        }
-        if byte[0] == b'\n' {
-            return Ok(String::from_utf8_lossy(&line).into_owned());
-        }
-        if line.len() >= MAX_ANSWER {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("answer longer than {MAX_ANSWER} bytes"),
-            ));
-        }
-        line.push(byte[0]);
-    }
+/// Deadline of connect + request + answer of a port forward.
+pub const FORWARD_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a port forward to TCP `port` on the guest's loopback (agent.proto:
+/// `tcp <port>` on FORWARD_VSOCK_PORT): once it returns, the stream carries
+/// that connection both ways.
+pub async fn open_forward_stream(uds: &Path, port: u16) -> Result<UnixStream> {
+    let refused = |reason| Error::Forward { port, reason };
+    let header = format!("tcp {port}");
+    let vsock_port = clh_agent_protocol::FORWARD_VSOCK_PORT;
+    header_stream::open(uds, vsock_port, &header, FORWARD_OPEN_TIMEOUT, refused).await
 }

@@ -43,36 +43,19 @@ where
     F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, NetError>>,
 {
-    let file = File::open(netns).map_err(|source| NetError::OpenNetns {
-        path: netns.to_path_buf(),
-        source,
-    })?;
     let path = netns.to_path_buf();
-    let thread = std::thread::Builder::new()
-        .name("clh-netns".into())
-        .spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| NetError::EnterNetns {
-                path: path.clone(),
-                source,
-            })?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(NetError::Thread)?;
-            runtime.block_on(async {
-                let (connection, handle, _) =
-                    rtnetlink::new_connection().map_err(NetError::Thread)?;
-                tokio::spawn(connection);
-                match tokio::time::timeout(NETLINK_DEADLINE, work(handle)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(NetError::Timeout { path }),
-                }
-            })
+    enter_and(netns, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NetError::Thread)?;
+        runtime.block_on(async {
+            let (connection, handle, _) = rtnetlink::new_connection().map_err(NetError::Thread)?;
+            tokio::spawn(connection);
+            match tokio::time::timeout(NETLINK_DEADLINE, work(handle)).await {
+                Ok(result) => result,
+                Err(_) => Err(NetError::Timeout { path }),
+            }
         })
-        .map_err(NetError::Thread)?;
-    thread.join().unwrap_or_else(|_| {
-        Err(NetError::Panicked {
-            path: netns.to_path_buf(),
-        })
-    })
+    })?
 }

@@ -17,9 +17,25 @@ const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
 #[repr(C)]
 pub(crate) struct IfReq {
-    pub(crate) name: [libc::c_char; libc::IFNAMSIZ],
-    pub(crate) flags: libc::c_short,
-    pub(crate) _pad: [u8; 22],
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl IfReq {
+    /// A request for the tap `name` (shorter than IFNAMSIZ, so the zeroed
+    /// rest terminates it) with `flags`.
+    pub(crate) fn new(name: &str, flags: libc::c_short) -> Self {
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags,
+            _pad: [0; 22],
+        };
+        for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        req
+    }
 }
 
 /// Creates the persistent tap `name` (no packet info), multi-queue when
@@ -38,14 +54,8 @@ pub(crate) fn create(name: &str, multi_queue: bool) -> Result<(), NetError> {
         .write(true)
         .open("/dev/net/tun")
         .map_err(error)?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | if multi_queue { IFF_MULTI_QUEUE } else { 0 },
-        _pad: [0; 22],
-    };
-    for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
+    let flags = IFF_TAP | IFF_NO_PI | if multi_queue { IFF_MULTI_QUEUE } else { 0 };
+    let mut req = IfReq::new(name, flags);
     // SAFETY: `tun` is an open /dev/net/tun; TUNSETIFF reads an ifreq,
     // which `req` is (name NUL-terminated: shorter than IFNAMSIZ, zeroed).
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {

@@ -110,14 +110,7 @@ fn open_tap(name: &str) -> File {
         .write(true)
         .open("/dev/net/tun")
         .unwrap();
-    let mut req = tap::IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: tap::IFF_TAP | tap::IFF_NO_PI,
-        _pad: [0; 22],
-    };
-    for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
+    let mut req = tap::IfReq::new(name, tap::IFF_TAP | tap::IFF_NO_PI);
     // SAFETY: as in tap::create; attaching to an existing persistent tap.
     let rc = unsafe { libc::ioctl(tun.as_raw_fd(), tap::TUNSETIFF, &mut req) };
     assert!(rc >= 0, "{}", std::io::Error::last_os_error());

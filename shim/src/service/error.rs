@@ -7,7 +7,7 @@ use ttrpc::Code;
 use clh_network::NetError;
 
 use crate::pod_cgroup::CgroupError;
-use crate::vm::{StartStep, VmStartError};
+use crate::vm::{chain, StartStep, VmStartError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,18 +46,6 @@ impl Error {
             Error::Internal(_) => Code::INTERNAL,
         }
     }
-}
-
-/// `e` and its causes, joined as anyhow's `{:#}` does.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cause = c.source();
-    }
-    message
 }
 
 /// An agent call that failed: the agent's own status code survives (it

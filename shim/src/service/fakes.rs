@@ -24,6 +24,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use ttrpc::r#async::TtrpcContext;
 
+pub(crate) use crate::vm::is_running;
+
 /// How a [`FakeVm`] boots.
 #[derive(Clone, Copy, Debug)]
 pub enum Boot {
@@ -362,16 +364,6 @@ pub fn virtiofsd() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Whether `pid` is a live process (not a zombie).
-pub fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            let state = stat.rsplit(')').next().unwrap_or_default().trim_start();
-            !state.starts_with('Z')
-        })
-        .unwrap_or(false)
-}
-
 /// Pids of the processes whose command line mentions `dir` (virtiofsd's
 /// names its socket and shared directory there).
 pub fn processes_mentioning(dir: &Path) -> Vec<u32> {
@@ -382,7 +374,7 @@ pub fn processes_mentioning(dir: &Path) -> Vec<u32> {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me && is_alive(pid))
+        .filter(|&pid| pid != me && is_running(pid))
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             String::from_utf8_lossy(&cmdline).contains(&needle)

@@ -116,7 +116,7 @@ async fn assert_nothing_left(h: &Harness, cgroups_path: &str) {
     assert!(entries.is_empty(), "left in the state dir: {entries:?}");
     let vmms = h.fakes.vmm_pids.lock().unwrap().clone();
     wait_until("the VMMs to go", || {
-        !vmms.iter().any(|&p| fakes::is_alive(p))
+        !vmms.iter().any(|&p| fakes::is_running(p))
     })
     .await;
     wait_until("virtiofsd to go", || {
@@ -363,7 +363,10 @@ async fn a_refused_pod_container_leaves_its_pod_running() {
     let err = h.svc.create(create_request("app", &app)).await.unwrap_err();
     assert_eq!(err.code(), Code::INVALID_ARGUMENT, "{err}");
     let vmm = h.fakes.vmm_pids.lock().unwrap()[0];
-    assert!(fakes::is_alive(vmm), "the pod's VM went with its container");
+    assert!(
+        fakes::is_running(vmm),
+        "the pod's VM went with its container"
+    );
     let app_dir = crate::shared_mount::private_dir(&h.state_dir.join("pod")).join("app");
     assert!(!app_dir.exists(), "{} is left", app_dir.display());
     assert_eq!(fakes::mounts_under(&app_dir), Vec::<String>::new());

@@ -30,14 +30,21 @@ impl VmStartError {
 
 impl std::fmt::Display for VmStartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "failed to start VM {}", self.id)?;
-        let mut cause: Option<&dyn std::error::Error> = Some(&self.step);
-        while let Some(e) = cause {
-            write!(f, ": {e}")?;
-            cause = e.source();
-        }
-        f.write_str(&self.report)
+        let step = chain(&self.step);
+        write!(f, "failed to start VM {}: {step}{}", self.id, self.report)
     }
+}
+
+/// `e` and each of its causes, joined with ": " (as anyhow's `{:#}`).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    message
 }
 
 impl std::error::Error for VmStartError {}

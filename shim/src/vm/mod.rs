@@ -53,6 +53,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use clh_agent_protocol::SHARED_FS_TAG;
+pub(crate) use error::chain;
 pub use error::{StartStep, VmStartError};
 pub use leftovers::{cleanup_container_leftovers, cleanup_leftovers};
 
@@ -61,8 +62,9 @@ use crate::shared_mount::{export_dir, make_export, remove_vm_dir};
 use crate::writable_shares::WritableShares;
 use leftovers::persist_state;
 use net::{intercept_loopback, nics, queue_pairs, unwire};
+pub(crate) use steps::is_running;
 use steps::{
-    check_guest_image, is_running, kernel_cmdline, make_vm_dir, restrict_sockets, seed_guest_rng,
+    check_guest_image, kernel_cmdline, make_vm_dir, restrict_sockets, seed_guest_rng,
     with_descendants,
 };
 #[cfg(test)]

@@ -121,7 +121,7 @@ pub(super) fn restrict_sockets(dir: &Path) -> Result<(), StartStep> {
 }
 
 /// Whether `pid` is a process that has not exited (a zombie has).
-pub(super) fn is_running(pid: u32) -> bool {
+pub(crate) fn is_running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         let state = stat.rsplit(')').next().unwrap_or_default().trim_start();
         !state.starts_with('Z') && !state.starts_with('X')
