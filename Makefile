@@ -4,6 +4,7 @@
 #   make test    set everything up and run every test
 #   make fuzz    run each fuzz target for FUZZ_SECONDS (30) seconds
 #   make bench   boot, ctr, CRI (start latency, memory), shared-fs and network benchmarks, beside their baselines
+#   make soak    pods made and removed for SOAK_CYCLES cycles; resource counts must stay flat
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -18,8 +19,12 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/clh-agent
 SHIM_BIN := target/release/containerd-shim-clh-v2
 export CLH_GUEST_DIR := $(GUEST_DIR)
+# The test guest image: the same kernel, an agent with the fault switch
+# (feature fault-injection; REL-AGENT-01, REL-PANIC-01). Never installed.
+FAULTS_GUEST_DIR := $(BUILD_DIR)/guest-faults
+export CLH_FAULTS_GUEST_DIR := $(FAULTS_GUEST_DIR)
 
-.PHONY: all deps build shim agent guest-image test unit-test lint fuzz bench demo check clean install
+.PHONY: all deps build shim agent guest-image guest-image-faults soak test unit-test lint fuzz bench demo check clean install
 
 all: build guest-image
 
@@ -30,19 +35,32 @@ deps:
 shim:
 	$(CARGO) build --release -p containerd-shim-clh-v2
 
-agent:
-	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=$(dir $(shell gcc -print-file-name=libseccomp.a)) \
+AGENT_BUILD = LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=$(dir $(shell gcc -print-file-name=libseccomp.a)) \
 		RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
 		$(CARGO) build --release -p clh-agent --target $(AGENT_TARGET)
+
+agent:
+	$(AGENT_BUILD)
 
 build: shim agent
 
 guest-image: agent
 	guest-image/build.sh $(AGENT_BIN) $(GUEST_DIR)
 
+# Both agents build to the same $(AGENT_BIN): the fault one is copied
+# aside, then the plain one is linked back (cargo re-links a fresh build),
+# so what `make install` takes is never the test agent.
+guest-image-faults: guest-image
+	$(AGENT_BUILD) --features fault-injection
+	mkdir -p $(BUILD_DIR)/agent-faults
+	cp $(AGENT_BIN) $(BUILD_DIR)/agent-faults/clh-agent
+	$(AGENT_BUILD)
+	guest-image/build.sh $(BUILD_DIR)/agent-faults/clh-agent $(FAULTS_GUEST_DIR)
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p clh-agent --all-targets --features fault-injection -- -D warnings
 
 # Every test: lints, unit tests, then the VM tests (real QEMU TCG guests,
 # real virtiofsd; Cloud Hypervisor API tests when cloud-hypervisor is on
@@ -51,7 +69,7 @@ lint:
 # count and the reasons are the last thing printed.
 SKIP_LOG := $(BUILD_DIR)/test-skips.log
 test: export CLH_TEST_SKIP_LOG := $(SKIP_LOG)
-test: deps guest-image lint
+test: deps guest-image guest-image-faults lint
 	mkdir -p $(BUILD_DIR) && rm -f $(SKIP_LOG)
 	$(CARGO) test --workspace --exclude clh-tests
 	FUZZ_SECONDS=20 tests/fuzz.sh
@@ -70,6 +88,14 @@ bench: deps guest-image
 	$(CARGO) bench -p clh-tests --bench cri
 	$(CARGO) bench -p clh-tests --bench fs
 	$(CARGO) bench -p clh-tests --bench net
+
+# REL-SOAK-01: SOAK_PODS pods at once for SOAK_CYCLES cycles (make test
+# runs 1 x 2); the counts per cycle and a flat-line verdict.
+SOAK_PODS ?= 3
+SOAK_CYCLES ?= 10
+soak: deps guest-image
+	SOAK_PODS=$(SOAK_PODS) SOAK_CYCLES=$(SOAK_CYCLES) \
+		$(CARGO) test -p clh-tests --test soak -- --nocapture
 
 check: shim
 	$(SHIM_BIN) check --config $(BUILD_DIR)/demo-config.toml || true

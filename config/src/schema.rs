@@ -108,6 +108,11 @@ pub struct TimeoutsConfig {
     pub agent_connect_ms: u64,
     /// Graceful VM shutdown before SIGKILL.
     pub stop_ms: u64,
+    /// How often a running pod's agent is health-checked (REL-AGENT-01).
+    pub health_check_interval_ms: u64,
+    /// How long one health check may take; an agent that does not answer
+    /// within it fails the pod.
+    pub health_check_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -116,6 +121,8 @@ impl Default for TimeoutsConfig {
             vmm_start_ms: 5_000,
             agent_connect_ms: 30_000,
             stop_ms: 3_000,
+            health_check_interval_ms: 5_000,
+            health_check_ms: 10_000,
         }
     }
 }
@@ -254,6 +261,11 @@ impl Config {
             ("timeouts.vmm_start_ms", t.vmm_start_ms),
             ("timeouts.agent_connect_ms", t.agent_connect_ms),
             ("timeouts.stop_ms", t.stop_ms),
+            (
+                "timeouts.health_check_interval_ms",
+                t.health_check_interval_ms,
+            ),
+            ("timeouts.health_check_ms", t.health_check_ms),
         ] {
             if !(1..=600_000).contains(&ms) {
                 return Err((key, format!("must be between 1 and 600000 ms, not {ms}")));

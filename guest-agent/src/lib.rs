@@ -5,6 +5,7 @@
 mod cmdline;
 mod config;
 pub mod containers;
+mod faults;
 pub mod forward_server;
 mod hotplug;
 pub mod init;

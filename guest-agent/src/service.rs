@@ -9,11 +9,11 @@ use crate::volumes::{VolError, Volumes};
 use async_trait::async_trait;
 use clh_agent_protocol::{
     CheckRequest, CheckResponse, ContainerRequest, ContainerStatsResponse, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, ListPidsResponse, NetworkConfig,
-    OnlineResourcesResponse, OomEvent, ProcessRequest, ResizeTtyRequest, SeedRandomRequest,
-    SeedRandomResponse, SignalProcessRequest, StartProcessResponse, SyncVolumeRequest,
-    SyncVolumeResponse, UpdateContainerRequest, VersionRequest, VersionResponse, VolumeRequest,
-    WaitProcessResponse, PROTOCOL_VERSION,
+    CreateContainerResponse, Empty, ExecProcessRequest, FaultRequest, ListPidsResponse,
+    NetworkConfig, OnlineResourcesResponse, OomEvent, ProcessRequest, ResizeTtyRequest,
+    SeedRandomRequest, SeedRandomResponse, SignalProcessRequest, StartProcessResponse,
+    SyncVolumeRequest, SyncVolumeResponse, UpdateContainerRequest, VersionRequest, VersionResponse,
+    VolumeRequest, WaitProcessResponse, PROTOCOL_VERSION,
 };
 use tracing::{debug, info, warn};
 use ttrpc::r#async::TtrpcContext;
@@ -358,6 +358,19 @@ impl clh_agent_protocol::Agent for AgentService {
         (crate::network::configure(&req).await)
             .map(|()| Empty::default())
             .map_err(net_status)
+    }
+
+    async fn inject_fault(&self, _ctx: &TtrpcContext, req: FaultRequest) -> ttrpc::Result<Empty> {
+        warn!(fault = ?req.fault, "inject fault");
+        crate::faults::inject(&req)
+            .map(|()| Empty::default())
+            .map_err(|e| {
+                let code = match e {
+                    crate::faults::FaultError::NotBuiltIn => Code::UNIMPLEMENTED,
+                    crate::faults::FaultError::Unknown(_) => Code::INVALID_ARGUMENT,
+                };
+                Error::RpcStatus(ttrpc::get_status(code, format!("InjectFault: {e}")))
+            })
     }
 
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {

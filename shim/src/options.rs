@@ -7,7 +7,7 @@ use clh_hypervisor::Backend;
 
 use crate::host::{self, KvmFlavour};
 use crate::sizing::{host_cpus, SizingPolicy};
-use crate::vm::VmOptions;
+use crate::vm::{HealthCheck, VmOptions};
 
 impl VmOptions {
     /// The VM options `config` describes on a host with `kvm`, and why that
@@ -39,6 +39,10 @@ impl VmOptions {
             vmm_start_timeout: Duration::from_millis(t.vmm_start_ms),
             agent_timeout: Duration::from_millis(t.agent_connect_ms),
             stop_timeout: Duration::from_millis(t.stop_ms),
+            health: HealthCheck {
+                interval: Duration::from_millis(t.health_check_interval_ms),
+                deadline: Duration::from_millis(t.health_check_ms),
+            },
             cgroups_path: None,
             netns: None,
         };

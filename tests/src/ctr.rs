@@ -74,9 +74,12 @@ pub fn cri_setup(
 ) -> Result<CriSetup> {
     let mut config = std::fs::read_to_string(&s.config)
         .with_context(|| format!("reading {}", s.config.display()))?;
-    config.push_str(&format!(
-        "\n[timeouts]\nagent_connect_ms = {agent_connect_ms}\n"
-    ));
+    let timeout = format!("\n[timeouts]\nagent_connect_ms = {agent_connect_ms}\n");
+    // One [timeouts] table: a config may have one (faults::setup).
+    config = match config.find("\n[timeouts]\n") {
+        Some(_) => config.replacen("\n[timeouts]\n", &timeout, 1),
+        None => config + &timeout,
+    };
     std::fs::write(&s.config, config).with_context(|| format!("writing {}", s.config.display()))?;
     let mut cri = CriSetup::new("clh", images_dir);
     cri.shim_dir = Some(shim_dir);
@@ -85,6 +88,15 @@ pub fn cri_setup(
     let state = s.state_dir.clone();
     cri.extra_leaks = Some(Arc::new(move |_| state_dir_leaks(&state)));
     Ok(cri)
+}
+
+/// [`cri_setup`] for an end-to-end test: the debug shim (built if need
+/// be), images under `images_dir` (the test's `CARGO_TARGET_TMPDIR`).
+/// Panics on failure, naming what failed.
+pub fn cri_test_setup(s: Setup, images_dir: &Path, agent_connect_ms: u64) -> (Setup, CriSetup) {
+    let shim_dir = shim_dir().expect("building the shim");
+    let cri = cri_setup(&s, shim_dir, images_dir, agent_connect_ms).expect("CRI setup");
+    (s, cri)
 }
 
 /// A shim config: QEMU, the built guest image, a short state dir.

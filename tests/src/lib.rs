@@ -39,9 +39,22 @@ impl GuestImage {
     /// `$CLH_GUEST_DIR`, else `build/guest` at the workspace root. Fails
     /// loudly if the image has not been built.
     pub fn locate() -> anyhow::Result<Self> {
-        let dir = match std::env::var_os("CLH_GUEST_DIR") {
+        Self::locate_in("CLH_GUEST_DIR", "guest", "guest-image")
+    }
+
+    /// The test guest image, whose agent has the fault switch
+    /// (`InjectFault`): `$CLH_FAULTS_GUEST_DIR`, else `build/guest-faults`.
+    /// Fails loudly if it has not been built.
+    pub fn locate_faults() -> anyhow::Result<Self> {
+        Self::locate_in("CLH_FAULTS_GUEST_DIR", "guest-faults", "guest-image-faults")
+    }
+
+    fn locate_in(variable: &str, build_dir: &str, make_target: &str) -> anyhow::Result<Self> {
+        let dir = match std::env::var_os(variable) {
             Some(dir) => PathBuf::from(dir),
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest"),
+            None => Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../build")
+                .join(build_dir),
         };
         let image = Self {
             vmlinuz: dir.join("vmlinuz"),
@@ -55,7 +68,7 @@ impl GuestImage {
         for file in [&image.vmlinuz, &image.initramfs, &image.bench_initramfs] {
             if !file.is_file() {
                 bail!(
-                    "guest image file {} is missing: run `make guest-image` first (or set CLH_GUEST_DIR)",
+                    "guest image file {} is missing: run `make {make_target}` first (or set {variable})",
                     file.display()
                 );
             }
@@ -110,6 +123,11 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
         vmm_start_timeout: Duration::from_secs(20),
         agent_timeout: Duration::from_secs(90),
         stop_timeout: Duration::from_secs(5),
+        // TCG on a loaded host: a Check may take seconds.
+        health: containerd_shim_clh_v2::vm::HealthCheck {
+            interval: Duration::from_secs(5),
+            deadline: Duration::from_secs(30),
+        },
         cgroups_path: None,
         netns: None,
     }
@@ -233,5 +251,6 @@ pub mod atomic_writer;
 pub mod containerd;
 pub mod cri;
 pub mod ctr;
+pub mod faults;
 pub mod fuse_frontend;
 pub mod podmem;

@@ -30,10 +30,8 @@ const AGENT_TIMEOUT_MS: u64 = 120_000;
 /// The shim config (kept alive with the setup) and the CRI setup for `clh`.
 fn setup() -> (ctr::Setup, CriSetup) {
     let s = ctr::setup().expect("shim setup");
-    let shim_dir = ctr::shim_dir().expect("building the shim");
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let cri = ctr::cri_setup(&s, shim_dir, images, AGENT_TIMEOUT_MS).expect("CRI setup");
-    (s, cri)
+    ctr::cri_test_setup(s, images, AGENT_TIMEOUT_MS)
 }
 
 #[test]

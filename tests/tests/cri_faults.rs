@@ -5,6 +5,13 @@
 //! - `rel_vfs_01_virtiofsd_sigkill`: virtiofsd is killed; within 10 s every
 //!   container has exited and the pod is NotReady.
 //! - `rel_vmm_01_vmm_sigkill`: the same for the VMM.
+//! - `rel_agent_01_agent_hang`: the agent stops answering (the test guest
+//!   image's fault switch; guest and VMM run on): the health check (1 s
+//!   interval, 3 s deadline here) fails the pod within 10 s, and the VMM
+//!   is killed.
+//! - `rel_panic_01_guest_panic`: the guest kernel panics (sysrq 'c'): the
+//!   VM ends (QEMU `-no-reboot`; on Cloud Hypervisor, which reboots, the
+//!   health check notices the lost agent) and the pod fails within 10 s.
 //!
 //! Run one at a time (`-- --test-threads=1`).
 
@@ -13,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{all_pids, cmdline};
+use clh_tests::cri::Pod;
 use clh_tests::cri::{ContainerBuilder, ContainerState, CriSetup, Kubelet, BUSYBOX};
 use clh_tests::ctr;
+use clh_tests::faults::{self, Fault};
 
 const AGENT_TIMEOUT_MS: u64 = 120_000;
 /// How soon the pod must be seen failed (REL-VMM-01: 10 s).
@@ -22,10 +31,15 @@ const DETECTION: Duration = Duration::from_secs(10);
 
 fn setup() -> (ctr::Setup, CriSetup) {
     let s = ctr::setup().expect("shim setup");
-    let shim_dir = ctr::shim_dir().expect("building the shim");
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let cri = ctr::cri_setup(&s, shim_dir, images, AGENT_TIMEOUT_MS).expect("CRI setup");
-    (s, cri)
+    ctr::cri_test_setup(s, images, AGENT_TIMEOUT_MS)
+}
+
+/// [`setup`] on the test guest image (faults::setup).
+fn setup_with_faults() -> (ctr::Setup, CriSetup) {
+    let s = faults::setup().expect("shim setup with the test guest image");
+    let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    ctr::cri_test_setup(s, images, AGENT_TIMEOUT_MS)
 }
 
 /// Pids whose command line starts with `program` and names the VM
@@ -46,6 +60,28 @@ fn vm_processes(program: &str, vm_dir: &Path) -> Vec<i32> {
 /// every container must be EXITED and the pod NotReady within
 /// [`DETECTION`]; then the pod's removal must leave nothing.
 fn kill_and_watch(s: &ctr::Setup, cri: &CriSetup, program: &str) -> Result<()> {
+    fail_and_watch(s, cri, |pod| {
+        let victims = vm_processes(program, &s.state_dir.join(&pod.id));
+        ensure!(!victims.is_empty(), "no {program} of pod {} found", pod.id);
+        for pid in victims {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .with_context(|| format!("killing {program} {pid}"))?;
+        }
+        Ok(())
+    })
+}
+
+/// A pod of two sleepers; `fault` breaks it; every container must be
+/// EXITED, the pod NotReady and its VMM gone within [`DETECTION`]; then
+/// the pod's removal must leave nothing.
+fn fail_and_watch(
+    s: &ctr::Setup,
+    cri: &CriSetup,
+    fault: impl FnOnce(&Pod) -> Result<()>,
+) -> Result<()> {
     let k = Kubelet::start(cri)?;
     let pod = k.run_pod(&k.pod("fault"))?;
     let mut ids = Vec::new();
@@ -56,20 +92,13 @@ fn kill_and_watch(s: &ctr::Setup, cri: &CriSetup, program: &str) -> Result<()> {
             .wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
         ids.push(id);
     }
-    let victims = vm_processes(program, &s.state_dir.join(&pod.id));
-    ensure!(!victims.is_empty(), "no {program} of pod {} found", pod.id);
+    let vm_dir = s.state_dir.join(&pod.id);
     let killed = Instant::now();
-    for pid in victims {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .with_context(|| format!("killing {program} {pid}"))?;
-    }
+    fault(&pod)?;
     for id in &ids {
         k.cri()
             .wait_container_state(id, ContainerState::ContainerExited, DETECTION)
-            .with_context(|| format!("container {id} after {program} was killed"))?;
+            .with_context(|| format!("container {id} after the fault"))?;
     }
     k.cri()
         .wait_for("the pod NotReady", DETECTION, |c| {
@@ -77,6 +106,13 @@ fn kill_and_watch(s: &ctr::Setup, cri: &CriSetup, program: &str) -> Result<()> {
             Ok((ready == k8s_cri::v1::PodSandboxState::SandboxNotready as i32).then_some(()))
         })
         .context("the pod's state after the kill")?;
+    k.cri()
+        .wait_for("the VMM to end", DETECTION, |_| {
+            Ok(vm_processes("qemu-system-x86_64", &vm_dir)
+                .is_empty()
+                .then_some(()))
+        })
+        .context("the VMM after the fault")?;
     ensure!(
         killed.elapsed() < DETECTION + Duration::from_secs(2),
         "the pod took {:?} to fail",
@@ -96,4 +132,22 @@ fn rel_vfs_01_virtiofsd_sigkill() {
 fn rel_vmm_01_vmm_sigkill() {
     let (s, cri) = setup();
     kill_and_watch(&s, &cri, "qemu-system-x86_64").unwrap();
+}
+
+#[test]
+fn rel_agent_01_agent_hang() {
+    let (s, cri) = setup_with_faults();
+    fail_and_watch(&s, &cri, |pod| {
+        faults::inject(&s.state_dir.join(&pod.id), Fault::HANG)
+    })
+    .unwrap();
+}
+
+#[test]
+fn rel_panic_01_guest_panic() {
+    let (s, cri) = setup_with_faults();
+    fail_and_watch(&s, &cri, |pod| {
+        faults::inject(&s.state_dir.join(&pod.id), Fault::PANIC)
+    })
+    .unwrap();
 }

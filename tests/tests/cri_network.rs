@@ -46,10 +46,8 @@ const PAGE: &str = "hello-from-the-pod";
 
 fn setup() -> (ctr::Setup, CriSetup) {
     let s = ctr::setup().expect("shim setup");
-    let shim_dir = ctr::shim_dir().expect("building the shim");
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let cri = ctr::cri_setup(&s, shim_dir, images, AGENT_TIMEOUT_MS).expect("CRI setup");
-    (s, cri)
+    ctr::cri_test_setup(s, images, AGENT_TIMEOUT_MS)
 }
 
 /// A busybox httpd serving [`PAGE`] on port 80 (all addresses).

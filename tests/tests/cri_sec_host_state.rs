@@ -45,10 +45,8 @@ fn setup_with_guest_key(line: Option<&str>) -> (ctr::Setup, CriSetup) {
         let config = config.replacen("[guest]\n", &format!("[guest]\n{line}\n"), 1);
         std::fs::write(&s.config, config).expect("writing the shim config");
     }
-    let shim_dir = ctr::shim_dir().expect("building the shim");
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let cri = ctr::cri_setup(&s, shim_dir, images, 60_000).expect("CRI setup");
-    (s, cri)
+    ctr::cri_test_setup(s, images, 60_000)
 }
 
 /// Every entry below `dir`, not descending into mount points (the pod's

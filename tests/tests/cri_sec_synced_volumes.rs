@@ -37,10 +37,8 @@ const READER_DIR: &str = "/cfg";
 
 fn setup() -> (ctr::Setup, CriSetup) {
     let s = ctr::setup().expect("shim setup");
-    let shim_dir = ctr::shim_dir().expect("building the shim");
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let cri = ctr::cri_setup(&s, shim_dir, images, 60_000).expect("CRI setup");
-    (s, cri)
+    ctr::cri_test_setup(s, images, 60_000)
 }
 
 /// The host side: the volume a guest can write, and the canary.

@@ -40,10 +40,8 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 fn setup() -> (ctr::Setup, CriSetup) {
     let s = ctr::setup().expect("shim setup");
-    let shim_dir = ctr::shim_dir().expect("building the shim");
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let cri = ctr::cri_setup(&s, shim_dir, images, 30_000).expect("CRI setup");
-    (s, cri)
+    ctr::cri_test_setup(s, images, 30_000)
 }
 
 /// A filesystem mounted at `path` for the test's life (a kubelet's memory

@@ -1,7 +1,8 @@
 //! `ctr run --runtime io.containerd.clh.v2` end to end, on containerd 2.1
 //! and 1.6: the container runs in the guest (its `uname -r` is the guest
 //! kernel's), exit codes and stdin pass through, bad input is refused
-//! clearly, and nothing is left behind.
+//! clearly, and nothing is left behind; a VM whose VMM is killed or whose
+//! agent hangs (REL-AGENT-01, test guest image) ends its task.
 
 use std::io::Write;
 use std::path::Path;
@@ -9,9 +10,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use clh_tests::containerd::{check, ContainerdVersion};
+use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
 use clh_tests::ctr::{
-    assert_no_leaks, assert_no_leaks_within, run, setup, start, wait_status, BUSYBOX, RUNTIME,
+    assert_no_leaks, assert_no_leaks_within, run, setup, start, wait_status, Setup, BUSYBOX,
+    RUNTIME,
 };
 
 fn tmpdir() -> &'static Path {
@@ -76,7 +78,7 @@ fn ctr_run_in_a_vm(version: ContainerdVersion) -> Result<()> {
 /// A detached container: exec, pids, metrics, kill, delete.
 fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
-    let mut ctd = start(version, &s, tmpdir())?;
+    let ctd = start(version, &s, tmpdir())?;
     let out = ctd.ctr(&[
         "run",
         "-d",
@@ -131,14 +133,7 @@ fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
     let out = ctd.ctr(&["task", "kill", "-s", "KILL", "t4"])?;
     check(&out, "ctr task kill")?;
     wait_status(&ctd, "t4", "STOPPED", Duration::from_secs(30))?;
-    check(&ctd.ctr(&["task", "delete", "t4"])?, "ctr task delete")?;
-    check(
-        &ctd.ctr(&["container", "delete", "t4"])?,
-        "ctr container delete",
-    )?;
-    ctd.stop()?;
-    assert_no_leaks(&ctd, &s.state_dir);
-    Ok(())
+    delete_and_check(ctd, &s, "t4")
 }
 
 /// The shim daemon is SIGKILLed under a running container: containerd runs
@@ -196,7 +191,7 @@ fn shim_crash_cleanup(version: ContainerdVersion) -> Result<()> {
 /// deleting the task cleans up.
 fn vmm_death(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
-    let mut ctd = start(version, &s, tmpdir())?;
+    let ctd = start(version, &s, tmpdir())?;
     let out = ctd.ctr(&[
         "run",
         "-d",
@@ -220,9 +215,39 @@ fn vmm_death(version: ContainerdVersion) -> Result<()> {
         .context("no QEMU process for t6")?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu), nix::sys::signal::SIGKILL)?;
     wait_status(&ctd, "t6", "STOPPED", Duration::from_secs(30))?;
-    check(&ctd.ctr(&["task", "delete", "t6"])?, "ctr task delete")?;
+    delete_and_check(ctd, &s, "t6")
+}
+
+/// REL-AGENT-01 through ctr: the agent of a standalone container stops
+/// answering (the test guest image's fault switch); the health check
+/// fails the VM, the task is STOPPED, and its removal leaves nothing.
+fn agent_hang(version: ContainerdVersion) -> Result<()> {
+    let s = clh_tests::faults::setup()?;
+    let ctd = start(version, &s, tmpdir())?;
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        "t7",
+        "sleep",
+        "1000",
+    ])?;
+    check(&out, "ctr run -d")?;
+    wait_status(&ctd, "t7", "RUNNING", Duration::from_secs(30))?;
+    let fault = clh_tests::faults::Fault::HANG;
+    clh_tests::faults::inject(&s.state_dir.join("t7"), fault)?;
+    wait_status(&ctd, "t7", "STOPPED", Duration::from_secs(15))?;
+    delete_and_check(ctd, &s, "t7")
+}
+
+/// Deletes the stopped task and container `id`, stops containerd and
+/// fails on anything left.
+fn delete_and_check(mut ctd: PrivateContainerd, s: &Setup, id: &str) -> Result<()> {
+    check(&ctd.ctr(&["task", "delete", id])?, "ctr task delete")?;
     check(
-        &ctd.ctr(&["container", "delete", "t6"])?,
+        &ctd.ctr(&["container", "delete", id])?,
         "ctr container delete",
     )?;
     ctd.stop()?;
@@ -275,4 +300,9 @@ fn shim_crash_cleanup_v2() -> Result<()> {
 #[test]
 fn vmm_death_v2() -> Result<()> {
     vmm_death(ContainerdVersion::V2)
+}
+
+#[test]
+fn agent_hang_v2() -> Result<()> {
+    agent_hang(ContainerdVersion::V2)
 }

@@ -278,4 +278,25 @@ impl AgentClient {
                 source,
             })
     }
+
+    /// The test-only fault switch (REL-AGENT-01, REL-PANIC-01): only the
+    /// test guest image's agent acts on it; the shim never calls it.
+    #[doc(hidden)]
+    pub async fn inject_fault(
+        &self,
+        fault: clh_agent_protocol::fault_request::Fault,
+    ) -> Result<()> {
+        let req = clh_agent_protocol::FaultRequest {
+            fault: fault.into(),
+            ..Default::default()
+        };
+        self.inner
+            .inject_fault(self.ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(|source| Error::Rpc {
+                method: "InjectFault",
+                source,
+            })
+    }
 }

@@ -8,14 +8,16 @@
 //! stream to a [`FakeAgent`] served over ttrpc in the test process.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use clh_agent_protocol::{
-    ContainerRequest, ContainerStatsResponse, CreateContainerRequest, CreateContainerResponse,
-    Empty, OomEvent, ProcessRequest, SeedRandomRequest, SeedRandomResponse, SignalProcessRequest,
-    StartProcessResponse, VersionRequest, VersionResponse, WaitProcessResponse, PROTOCOL_VERSION,
+    CheckRequest, CheckResponse, ContainerRequest, ContainerStatsResponse, CreateContainerRequest,
+    CreateContainerResponse, Empty, OomEvent, ProcessRequest, SeedRandomRequest,
+    SeedRandomResponse, SignalProcessRequest, StartProcessResponse, VersionRequest,
+    VersionResponse, WaitProcessResponse, PROTOCOL_VERSION,
 };
 use clh_hypervisor::{Hypervisor, HypervisorFactory, VmSize, VmSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -220,8 +222,10 @@ pub const GUEST_PID: u32 = 42;
 pub struct FakeAgent {
     /// Set: CreateContainer answers INVALID_ARGUMENT with this message.
     pub refuse_create: Arc<Mutex<Option<String>>>,
-    /// The methods called, in order.
+    /// The methods called, in order (health checks left out).
     pub calls: Arc<Mutex<Vec<&'static str>>>,
+    /// Set: health checks get no answer, as from a hung agent.
+    pub hung: Arc<AtomicBool>,
     exit: Arc<Mutex<Option<watch::Sender<Option<u32>>>>>,
 }
 
@@ -253,6 +257,16 @@ impl clh_agent_protocol::Agent for FakeAgent {
         Ok(VersionResponse {
             protocol_version: PROTOCOL_VERSION,
             agent_version: "fake".into(),
+            ..Default::default()
+        })
+    }
+
+    async fn check(&self, _: &TtrpcContext, _: CheckRequest) -> ttrpc::Result<CheckResponse> {
+        if self.hung.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        Ok(CheckResponse {
+            boot_id: "fake-boot".into(),
             ..Default::default()
         })
     }

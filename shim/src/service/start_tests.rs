@@ -406,3 +406,48 @@ async fn a_host_network_pod_is_refused_before_anything_starts() {
     assert!(quiet.is_err(), "an event was published");
     assert_nothing_left(&h, &cgroup).await;
 }
+
+/// REL-AGENT-01 without a guest: an agent that stops answering health
+/// checks fails its pod within the interval plus the deadline; the
+/// container exits (VM_DIED_STATUS) and its removal leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_agent_fails_its_pod_within_the_health_deadline() {
+    let health = crate::vm::HealthCheck {
+        interval: Duration::from_millis(100),
+        deadline: Duration::from_millis(400),
+    };
+    let Some(mut h) = harness(Boot::WithAgent, |vm| vm.health = health) else {
+        return;
+    };
+    let cgroup = cgroups_path("hung");
+    let dir = bundle(&h, "b", container_spec(&cgroup));
+    h.svc.create(create_request("c1", &dir)).await.unwrap();
+    let start = StartRequest {
+        id: "c1".into(),
+        ..Default::default()
+    };
+    h.svc.start(start).await.unwrap();
+    assert_eq!(next_topic(&mut h).await, topics::TASK_CREATE_EVENT_TOPIC);
+    assert_eq!(next_topic(&mut h).await, topics::TASK_START_EVENT_TOPIC);
+    h.fakes
+        .agent
+        .hung
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let hung_at = Instant::now();
+    assert_eq!(next_topic(&mut h).await, topics::TASK_EXIT_EVENT_TOPIC);
+    let detected = hung_at.elapsed();
+    // The container's process waits on the agent until the DRAIN deadline
+    // at most; detection itself is bounded by interval + deadline.
+    assert!(
+        detected < health.interval + health.deadline + super::container::DRAIN_TIMEOUT,
+        "a hung agent was noticed after {detected:?}"
+    );
+    let delete = DeleteRequest {
+        id: "c1".into(),
+        ..Default::default()
+    };
+    let status = h.svc.delete(delete).await.unwrap().exit_status;
+    assert_eq!(status, super::container::VM_DIED_STATUS);
+    h.svc.shutdown().await.unwrap();
+    assert_nothing_left(&h, &cgroup).await;
+}

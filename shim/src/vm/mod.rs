@@ -15,7 +15,8 @@
 //!    process into the pod cgroup;
 //! 7. connect to the agent (retrying while the guest boots), seed the
 //!    guest's RNG and configure its network over that connection;
-//! 8. watch the VMM and virtiofsd: either exiting kills the pod.
+//! 8. watch the VMM and virtiofsd, and health-check the agent: either
+//!    process exiting, or the agent failing a check, kills the pod.
 //!
 //! On failure at any step everything made so far is undone, and the error
 //! ([`VmStartError`]) quotes the guest console, VMM and virtiofsd logs.
@@ -29,6 +30,7 @@
 
 mod error;
 mod forward;
+mod health;
 mod leftovers;
 mod net;
 mod report;
@@ -55,6 +57,7 @@ use tokio::task::JoinHandle;
 pub use clh_agent_protocol::SHARED_FS_TAG;
 pub(crate) use error::chain;
 pub use error::{StartStep, VmStartError};
+pub use health::HealthCheck;
 pub use leftovers::{cleanup_container_leftovers, cleanup_leftovers};
 
 use crate::pod_cgroup::PodCgroup;
@@ -89,6 +92,8 @@ pub struct VmOptions {
     pub vmm_start_timeout: Duration,
     pub agent_timeout: Duration,
     pub stop_timeout: Duration,
+    /// The running pod's agent health check.
+    pub health: HealthCheck,
     /// The pod's host cgroup (the spec's `linux.cgroupsPath`) for the VMM,
     /// its helpers and virtiofsd; `None`: they stay in the shim's.
     pub cgroups_path: Option<String>,
@@ -119,7 +124,8 @@ pub struct PodVm {
     dir: PathBuf,
     vsock: PathBuf,
     agent: AgentClient,
-    /// Turns true when the VMM or virtiofsd has exited.
+    /// Turns true when the VMM or virtiofsd has exited, or the agent
+    /// failed its health check (and the VMM was killed).
     dead: watch::Receiver<bool>,
     /// Host paths the guest can write through virtio-fs: never synced.
     writable: Arc<WritableShares>,
@@ -227,16 +233,25 @@ impl PodVm {
             None => {}
         }
         let sid = id.to_string();
+        let unhealthy = health::until_unhealthy(vm.agent.clone(), opts.health);
         // The VM is dead when its VMM exits, and also when virtiofsd does:
         // the guest's root file systems and volumes are gone, and its I/O
-        // would hang for ever (REL-VFS-01). Either way every container of
-        // the pod exits and the pause stand-in ends; the stop that follows
-        // takes the rest down.
+        // would hang for ever (REL-VFS-01); and when its agent stops
+        // answering (REL-AGENT-01, REL-PANIC-01). In those two cases the
+        // VMM is killed, so that what the pod reports (every container
+        // exited) is true.
+        // Either way every container of the pod exits and the pause
+        // stand-in ends; the stop that follows takes the rest down.
         vm.track(tokio::spawn(async move {
             let how = tokio::select! {
                 how = machine.hypervisor.wait_exit() => format!("the VMM exited ({how})"),
                 how = machine.virtiofsd.wait_exit() => {
-                    format!("virtiofsd exited ({how}): the guest lost its files")
+                    kill_vmm(&machine);
+                    format!("virtiofsd exited ({how}): the guest lost its files; the VMM was killed")
+                }
+                why = unhealthy => {
+                    kill_vmm(&machine);
+                    format!("{why}; the VMM was killed")
                 }
             };
             tracing::error!(id = sid, how, "the pod's VM is dead");
@@ -360,6 +375,21 @@ impl PodVm {
             cg.destroy(self.stop_timeout).await?;
         }
         stopped.and(unwired)
+    }
+}
+
+/// SIGKILLs the VMM and its helpers. They are the backend's unreaped
+/// children, so their pids cannot have been reused; the backend's own
+/// exit watcher reaps them.
+fn kill_vmm(machine: &Machine) {
+    use nix::sys::signal::{kill, SIGKILL};
+    for pid in machine.hypervisor.pids() {
+        let Ok(pid) = i32::try_from(pid) else {
+            continue;
+        };
+        if let Err(e) = kill(nix::unistd::Pid::from_raw(pid), SIGKILL) {
+            tracing::warn!(pid, error = %e, "cannot kill a VMM process");
+        }
     }
 }
 

@@ -274,6 +274,10 @@ pub(super) fn test_options() -> VmOptions {
         vmm_start_timeout: Duration::from_secs(1),
         agent_timeout: Duration::from_secs(1),
         stop_timeout: Duration::from_secs(1),
+        health: super::HealthCheck {
+            interval: Duration::from_millis(100),
+            deadline: Duration::from_millis(500),
+        },
         cgroups_path: None,
         netns: None,
     }

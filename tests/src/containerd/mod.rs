@@ -294,6 +294,11 @@ impl PrivateContainerd {
         &self.dir
     }
 
+    /// The running daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn version(&self) -> ContainerdVersion {
         self.version
     }

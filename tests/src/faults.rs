@@ -1,0 +1,62 @@
+//! Faults made on purpose (issue 13, REL-AGENT-01, REL-PANIC-01): a shim
+//! config booting the test guest image, whose agent has the fault switch,
+//! and the switch itself, thrown through the VM's hybrid-vsock socket as
+//! the shim reaches the agent.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clh_agent_client::AgentClient;
+pub use clh_agent_protocol::fault_request::Fault;
+
+use crate::{ctr, GuestImage};
+
+/// The health check the fault tests run under: a hung agent is noticed
+/// within interval + deadline (4 s).
+pub const HEALTH_INTERVAL_MS: u64 = 1_000;
+pub const HEALTH_DEADLINE_MS: u64 = 3_000;
+
+/// [`ctr::setup`] booting the test guest image, with a health check of
+/// [`HEALTH_INTERVAL_MS`] and [`HEALTH_DEADLINE_MS`].
+pub fn setup() -> Result<ctr::Setup> {
+    let faults = GuestImage::locate_faults()?;
+    let s = ctr::setup()?;
+    let config = std::fs::read_to_string(&s.config)
+        .with_context(|| format!("reading {}", s.config.display()))?;
+    let plain = s.image.initramfs.display().to_string();
+    if !config.contains(&plain) {
+        bail!("{} names no initramfs {plain}", s.config.display());
+    }
+    let config = config.replace(&plain, &faults.initramfs.display().to_string())
+        + &format!(
+            "\n[timeouts]\nhealth_check_interval_ms = {HEALTH_INTERVAL_MS}\nhealth_check_ms = {HEALTH_DEADLINE_MS}\n"
+        );
+    std::fs::write(&s.config, config).with_context(|| format!("writing {}", s.config.display()))?;
+    Ok(s)
+}
+
+/// Throws `fault` in the VM whose state directory is `vm_dir`. The agent
+/// may not live to answer; an agent without the switch is an error.
+pub fn inject(vm_dir: &Path, fault: Fault) -> Result<()> {
+    let uds = vm_dir.join("vsock.sock");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let agent = AgentClient::connect(&uds, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("connecting to the agent at {}", uds.display()))?
+            .with_call_timeout(Duration::from_secs(2));
+        match agent.inject_fault(fault).await {
+            Err(clh_agent_client::Error::Rpc {
+                source: ttrpc::Error::RpcStatus(status),
+                ..
+            }) if status.code() == ttrpc::Code::UNIMPLEMENTED => {
+                bail!("the agent has no fault switch: {}", status.message())
+            }
+            // Done, or the agent (or the guest) went before it answered.
+            _ => Ok(()),
+        }
+    })
+}
