@@ -12,9 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use clh_tests::containerd::{all_pids, cmdline};
 use clh_tests::cri::{ContainerBuilder, ContainerState, CriSetup, Kubelet, BUSYBOX};
-use clh_tests::ctr;
+use clh_tests::ctr::{self, vm_processes};
 
 const AGENT_TIMEOUT_MS: u64 = 120_000;
 /// How soon the pod must be seen failed (REL-VMM-01: 10 s).
@@ -26,20 +25,6 @@ fn setup() -> (ctr::Setup, CriSetup) {
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let cri = ctr::cri_setup(&s, shim_dir, images, AGENT_TIMEOUT_MS).expect("CRI setup");
     (s, cri)
-}
-
-/// Pids whose command line starts with `program` and names the VM
-/// directory `vm_dir`.
-fn vm_processes(program: &str, vm_dir: &Path) -> Vec<i32> {
-    let dir = vm_dir.display().to_string();
-    all_pids()
-        .into_iter()
-        .filter(|&pid| {
-            let args = cmdline(pid);
-            args.first().is_some_and(|a| a.ends_with(program))
-                && args.iter().any(|a| a.contains(&dir))
-        })
-        .collect()
 }
 
 /// A pod of two sleepers; `program` (a process of its VM) is SIGKILLed;
