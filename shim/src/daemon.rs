@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use containerd_shim::asynchronous::Shim;
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Flags};
 use containerd_shim_protos::shim_async::{create_task, Task};
 use containerd_shim_protos::ttrpc::r#async::Server;
@@ -124,10 +123,10 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
     let mut config = Config::default();
     let mut shim = ClhShim::new(runtime_id, flags, &mut config).await;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
-    let publisher = RemotePublisher::new(&ttrpc_address)
-        .await
-        .context("cannot connect to containerd's event service")?;
-    let task: Arc<dyn Task + Send + Sync> = Arc::new(shim.task_service(publisher, service_config));
+    // Events go through a queue that (re)connects to containerd as needed:
+    // it may restart while we serve (service/events.rs).
+    let task: Arc<dyn Task + Send + Sync> =
+        Arc::new(shim.task_service(&ttrpc_address, service_config));
     let mut services = create_task(task.clone());
     if let Some(v3) = create_task(task).remove(TASK_V3) {
         services.insert(TASK_V2.to_string(), v3);

@@ -20,6 +20,9 @@ use crate::sizing::{self, SizingPolicy};
 use crate::task::TaskAdapter;
 use crate::vm::{self, VmOptions};
 
+/// How long an exiting shim waits for containerd to take its last events.
+const EVENT_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct ClhShim {
     id: String,
     namespace: String,
@@ -140,6 +143,8 @@ impl Shim for ClhShim {
         self.exit.wait().await;
         if let Some(svc) = self.service.get() {
             svc.teardown_all().await;
+            // The last exits and deletes, before the process goes.
+            svc.flush_events(EVENT_FLUSH_TIMEOUT).await;
         }
     }
 
@@ -150,7 +155,7 @@ impl Shim for ClhShim {
     /// serving on defaults.
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         match load_config() {
-            Ok((_, cfg)) => self.task_service(publisher, cfg),
+            Ok((_, cfg)) => self.task_service(&publisher.address, cfg),
             Err(e) => {
                 tracing::error!(error = %e, "not serving");
                 eprintln!("{e}");
@@ -161,13 +166,14 @@ impl Shim for ClhShim {
 }
 
 impl ClhShim {
-    /// The Task service on `cfg`, with events published through `publisher`.
+    /// The Task service on `cfg`, with events published to containerd's
+    /// ttrpc address `events_address` (`TTRPC_ADDRESS`).
     pub fn task_service(
         &self,
-        publisher: RemotePublisher,
+        events_address: &str,
         cfg: ServiceConfig,
     ) -> TaskAdapter<RemoteEventSender> {
-        let events = RemoteEventSender::new(publisher, &self.namespace);
+        let events = RemoteEventSender::new(events_address, &self.namespace);
         let svc = Arc::new(TaskService::new(cfg, events, self.exit.clone()));
         let _ = self.service.set(svc.clone());
         TaskAdapter::new(svc)

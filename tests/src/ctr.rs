@@ -228,6 +228,20 @@ pub fn state_dir_leaks(state_dir: &Path) -> Vec<String> {
     leaks
 }
 
+/// Pids whose command line starts with `program` (e.g.
+/// `qemu-system-x86_64`, `virtiofsd`) and names the VM directory `vm_dir`.
+pub fn vm_processes(program: &str, vm_dir: &Path) -> Vec<i32> {
+    let dir = vm_dir.display().to_string();
+    crate::containerd::all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            let args = crate::containerd::cmdline(pid);
+            args.first().is_some_and(|a| a.ends_with(program))
+                && args.iter().any(|a| a.contains(&dir))
+        })
+        .collect()
+}
+
 /// Polls `ctr task ls` until `id`'s line contains `status` (e.g. STOPPED).
 pub fn wait_status(
     ctd: &PrivateContainerd,

@@ -19,10 +19,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use clh_tests::containerd::{all_pids, cmdline};
-use clh_tests::cri::Pod;
-use clh_tests::cri::{ContainerBuilder, ContainerState, CriSetup, Kubelet, BUSYBOX};
-use clh_tests::ctr;
+use clh_tests::cri::{ContainerBuilder, ContainerState, CriSetup, Kubelet, Pod, BUSYBOX};
+use clh_tests::ctr::{self, vm_processes};
 use clh_tests::faults::{self, Fault};
 
 const AGENT_TIMEOUT_MS: u64 = 120_000;
@@ -40,20 +38,6 @@ fn setup_with_faults() -> (ctr::Setup, CriSetup) {
     let s = faults::setup().expect("shim setup with the test guest image");
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
     ctr::cri_test_setup(s, images, AGENT_TIMEOUT_MS)
-}
-
-/// Pids whose command line starts with `program` and names the VM
-/// directory `vm_dir`.
-fn vm_processes(program: &str, vm_dir: &Path) -> Vec<i32> {
-    let dir = vm_dir.display().to_string();
-    all_pids()
-        .into_iter()
-        .filter(|&pid| {
-            let args = cmdline(pid);
-            args.first().is_some_and(|a| a.ends_with(program))
-                && args.iter().any(|a| a.contains(&dir))
-        })
-        .collect()
 }
 
 /// A pod of two sleepers; `program` (a process of its VM) is SIGKILLed;

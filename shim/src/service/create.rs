@@ -97,7 +97,7 @@ impl<E: EventSender> TaskService<E> {
         *c.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
         let c = Arc::new(c);
         let pid = c.with_proc("", |p| p.pid)?;
-        self.containers.lock().await.insert(req.id.clone(), c);
+        self.admit(c).await?;
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             TaskCreate {

@@ -222,6 +222,9 @@ pub const GUEST_PID: u32 = 42;
 pub struct FakeAgent {
     /// Set: CreateContainer answers INVALID_ARGUMENT with this message.
     pub refuse_create: Arc<Mutex<Option<String>>>,
+    /// Set: CreateContainer waits for a permit of this semaphore (a slow
+    /// guest), after it was recorded in `calls`.
+    pub hold_create: Arc<Mutex<Option<Arc<tokio::sync::Semaphore>>>>,
     /// The methods called, in order (health checks left out).
     pub calls: Arc<Mutex<Vec<&'static str>>>,
     /// Set: health checks get no answer, as from a hung agent.
@@ -291,6 +294,14 @@ impl clh_agent_protocol::Agent for FakeAgent {
         _: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
         self.called("CreateContainer");
+        let hold = self
+            .hold_create
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(gate) = hold {
+            let _ = gate.acquire().await;
+        }
         let refusal = self
             .refuse_create
             .lock()

@@ -65,6 +65,10 @@ pub struct TaskService<E: EventSender> {
     /// Ids being created: a second Create of one is refused at once rather
     /// than booting a second VM.
     creating: Mutex<HashSet<String>>,
+    /// Ids deleted while being created (containerd gave up on the Create,
+    /// e.g. as it shut down): the Create undoes its work when it ends
+    /// instead of leaving a container nobody will delete (REL-CTRD-02).
+    abandoned: Mutex<HashSet<String>>,
     exit: Arc<ExitSignal>,
 }
 
@@ -76,11 +80,12 @@ struct Reservation<'a> {
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.set
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        locked(self.set).remove(&self.id);
     }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<E: EventSender> TaskService<E> {
@@ -90,8 +95,14 @@ impl<E: EventSender> TaskService<E> {
             events: Arc::new(events),
             containers: Arc::default(),
             creating: Mutex::default(),
+            abandoned: Mutex::default(),
             exit,
         }
+    }
+
+    /// Waits, at most `within`, for containerd to take every queued event.
+    pub async fn flush_events(&self, within: std::time::Duration) {
+        self.events.flush(within).await;
     }
 
     async fn publish(&self, topic: &'static str, message: impl protobuf::MessageDyn) {
@@ -109,6 +120,8 @@ impl<E: EventSender> TaskService<E> {
 
     async fn reserve(&self, id: &str) -> Result<Reservation<'_>> {
         let containers = self.containers.lock().await;
+        // A Create that failed after its Delete leaves its id here.
+        locked(&self.abandoned).remove(id);
         let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         if containers.contains_key(id) || !creating.insert(id.to_string()) {
             return Err(Error::AlreadyExists(format!(
@@ -175,7 +188,19 @@ impl<E: EventSender> TaskService<E> {
     }
 
     pub async fn delete(&self, req: DeleteRequest) -> Result<DeleteResponse> {
-        let c = self.container(&req.id).await?;
+        let c = {
+            let containers = self.containers.lock().await;
+            match containers.get(&req.id) {
+                Some(c) => c.clone(),
+                None => {
+                    if req.exec_id.is_empty() && locked(&self.creating).contains(&req.id) {
+                        tracing::warn!(id = %req.id, "deleted while being created: the Create will undo itself");
+                        locked(&self.abandoned).insert(req.id.clone());
+                    }
+                    return Err(Error::NotFound(format!("container {} not found", req.id)));
+                }
+            }
+        };
         let (pid, status, exit) = c.with_proc(&req.exec_id, |p| (p.pid, p.status, p.exited()))?;
         if matches!(status, Status::Running | Status::Paused) {
             return Err(Error::FailedPrecondition(format!(
@@ -210,6 +235,25 @@ impl<E: EventSender> TaskService<E> {
             exited_at: MessageField::some(exit.timestamp()),
             ..Default::default()
         })
+    }
+
+    /// Makes the new container `c` known, unless it was deleted while it
+    /// was being created: then it is torn down and the Create fails.
+    async fn admit(&self, c: Arc<Container>) -> Result<()> {
+        {
+            let mut containers = self.containers.lock().await;
+            if !locked(&self.abandoned).remove(&c.id) {
+                containers.insert(c.id.clone(), c);
+                return Ok(());
+            }
+        }
+        if let Err(e) = self.teardown(&c).await {
+            tracing::error!(id = %c.id, error = %e, "undoing an abandoned create");
+        }
+        Err(Error::FailedPrecondition(format!(
+            "container {} was deleted while it was being created; its create was undone",
+            c.id
+        )))
     }
 
     /// Removes the container in the guest and unmounts what it had in the

@@ -197,6 +197,52 @@ async fn a_container_is_created_started_killed_and_deleted_leaving_nothing() {
     assert_nothing_left(&h, &cgroup).await;
 }
 
+/// containerd gives up on a Create (it shuts down mid-call: Delete, then
+/// it forgets the task): the Create undoes its work when it ends, rather
+/// than leave a container and a VM nobody will delete (REL-CTRD-02).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_deleted_while_in_flight_undoes_itself() {
+    let Some(h) = harness(Boot::WithAgent, |_| {}) else {
+        return;
+    };
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *h.fakes.agent.hold_create.lock().unwrap() = Some(gate.clone());
+    let cgroup = cgroups_path("abandoned");
+    let dir = bundle(&h, "b", container_spec(&cgroup));
+    let h = Arc::new(h);
+    let creator = h.clone();
+    let create = tokio::spawn(async move { creator.svc.create(create_request("c1", &dir)).await });
+    wait_until("CreateContainer to reach the agent", || {
+        h.fakes.agent.calls().contains(&"CreateContainer")
+    })
+    .await;
+    let delete = DeleteRequest {
+        id: "c1".into(),
+        ..Default::default()
+    };
+    let err = h.svc.delete(delete).await.unwrap_err();
+    assert_eq!(err.code(), Code::NOT_FOUND, "{err}");
+    gate.add_permits(1);
+    let err = create.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::FAILED_PRECONDITION, "{err}");
+    assert!(
+        err.to_string()
+            .contains("deleted while it was being created"),
+        "{err}"
+    );
+    assert!(h.fakes.agent.calls().contains(&"RemoveContainer"));
+    assert_nothing_left(&h, &cgroup).await;
+    // The id is free again.
+    let state = containerd_shim_protos::api::StateRequest {
+        id: "c1".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        h.svc.state(state).await.unwrap_err().code(),
+        Code::NOT_FOUND
+    );
+}
+
 fn spawn_failure() -> clh_hypervisor::Error {
     clh_hypervisor::Error::Spawn {
         binary: "/nonexistent/cloud-hypervisor".into(),

@@ -242,18 +242,32 @@ impl PrivateContainerd {
     /// running and containerd reconnects to them. Fails if containerd does
     /// not exit on SIGTERM within its stop timeout (it is then killed).
     pub fn restart(&mut self) -> Result<()> {
+        self.restart_with(|| {})
+    }
+
+    /// [`restart`](Self::restart), running `stopped` once containerd has
+    /// exited and before it starts again (also when it had to be killed).
+    pub fn restart_with(&mut self, stopped: impl FnOnce()) -> Result<()> {
+        let mut stopped = Some(stopped);
+        let mut run_stopped = || {
+            if let Some(f) = stopped.take() {
+                f();
+            }
+        };
         if let Some(mut child) = self.child.take() {
             let pid = Pid::from_raw(i32::try_from(child.id())?);
             kill(pid, Signal::SIGTERM).context("sending SIGTERM to containerd")?;
             if wait_deadline(&mut child, STOP_TIMEOUT)?.is_none() {
                 let _ = child.kill();
                 let _ = child.wait();
+                run_stopped();
                 bail!(
                     "containerd did not exit within {STOP_TIMEOUT:?} of SIGTERM:\n{}",
                     self.log_tail(40)
                 );
             }
         }
+        run_stopped();
         self.spawn()
     }
 }

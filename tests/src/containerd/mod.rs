@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 mod cri;
+mod events;
 mod leaks;
 mod procs;
 
@@ -33,6 +34,7 @@ pub use cri::{
     BRIDGE_GATEWAY_V4, BRIDGE_GATEWAY_V6, BRIDGE_SUBNET_V4, BRIDGE_SUBNET_V6, CNI_BIN_DIR,
     CRI_NAMESPACE, SANDBOX_IMAGE,
 };
+pub use events::EventWatch;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use procs::*;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use k8s_cri::v1 as cri;
 
 use super::{ContainerBuilder, Cri, PodBuilder};
@@ -26,6 +26,9 @@ const CNI_CACHE: &str = "/var/lib/cni/results";
 /// How long asynchronous cleanup (a shim exiting after its last delete)
 /// may take before what is left counts as leaked.
 const SETTLE: Duration = Duration::from_secs(15);
+
+/// How often a condition of the harness is polled.
+const POLL: Duration = Duration::from_millis(100);
 
 /// A check of the handler's own leftovers (e.g. a VM shim's state dir,
 /// `ctr::state_dir_leaks`), given the running containerd.
@@ -144,6 +147,12 @@ impl Kubelet {
         &self.ctd
     }
 
+    /// To kill containerd alone ([`PrivateContainerd::kill_daemon`]);
+    /// [`restart_containerd`](Self::restart_containerd) starts it again.
+    pub fn containerd_mut(&mut self) -> &mut PrivateContainerd {
+        &mut self.ctd
+    }
+
     pub fn handler(&self) -> &str {
         &self.setup.handler
     }
@@ -194,6 +203,26 @@ impl Kubelet {
     /// RunPodSandbox was sent, after the kubelet-side preparation, so that
     /// a start latency measures the CRI and the runtime only.
     pub fn run_pod_as(&self, pod: &PodBuilder, handler: &str) -> Result<(Pod, Instant)> {
+        let mut pod = self.prepare_pod(pod)?;
+        let sent = Instant::now();
+        match self.cri.run_pod_sandbox(&pod.config, handler) {
+            Ok(id) => self.track_pod(&mut pod, id),
+            Err(e) => {
+                // As the kubelet does when a sandbox fails to start.
+                self.discard_prepared(&pod);
+                return Err(e);
+            }
+        }
+        Ok((pod, sent))
+    }
+
+    /// What the kubelet does before RunPodSandbox: the pod's config, its
+    /// log dir and cgroups. The pod has no id yet ([`track_pod`] gives it
+    /// one, or [`discard_prepared`] undoes this).
+    ///
+    /// [`track_pod`]: Self::track_pod
+    /// [`discard_prepared`]: Self::discard_prepared
+    pub fn prepare_pod(&self, pod: &PodBuilder) -> Result<Pod> {
         let config = pod.build();
         let linux = config.linux.as_ref();
         let cgroup = linux.map(|l| l.cgroup_parent.clone()).unwrap_or_default();
@@ -206,28 +235,30 @@ impl Kubelet {
                     .with_context(|| format!("creating the pod cgroup {}", dir.display()))?;
             }
         }
-        let sent = Instant::now();
-        let id = match self.cri.run_pod_sandbox(&config, handler) {
-            Ok(id) => id,
-            Err(e) => {
-                // As the kubelet does when a sandbox fails to start.
-                if !cgroup.is_empty() {
-                    for dir in cgroup_dirs(&cgroup) {
-                        let _ = fs::remove_dir(&dir);
-                    }
-                }
-                return Err(e);
-            }
-        };
-        lock(&self.pod_ids).push(id.clone());
-        self.note_sockets();
-        let pod = Pod {
-            id,
+        Ok(Pod {
+            id: String::new(),
             config,
             cgroup,
             log_dir,
-        };
-        Ok((pod, sent))
+        })
+    }
+
+    /// Records that prepared `pod` runs as sandbox `id` (its leftovers are
+    /// looked for, and a failed test removes it).
+    pub fn track_pod(&self, pod: &mut Pod, id: String) {
+        pod.id = id;
+        lock(&self.pod_ids).push(pod.id.clone());
+        self.note_sockets();
+    }
+
+    /// Undoes [`prepare_pod`](Self::prepare_pod) for a pod that never ran.
+    pub fn discard_prepared(&self, pod: &Pod) {
+        if !pod.cgroup.is_empty() {
+            for dir in cgroup_dirs(&pod.cgroup) {
+                let _ = fs::remove_dir(&dir);
+            }
+        }
+        let _ = fs::remove_dir_all(&pod.log_dir);
     }
 
     /// CreateContainer and StartContainer in `pod`; returns the id.
@@ -360,9 +391,48 @@ impl Kubelet {
     }
 
     pub fn restart_containerd(&mut self) -> Result<()> {
-        self.ctd.restart()?;
+        self.restart_containerd_then(|| {})
+    }
+
+    /// [`restart_containerd`](Self::restart_containerd), running `stopped`
+    /// while containerd is down (e.g. to let a paused guest go on before
+    /// containerd reloads its shims).
+    pub fn restart_containerd_then(&mut self, stopped: impl FnOnce()) -> Result<()> {
+        self.ctd.restart_with(stopped)?;
         self.cri = Cri::connect(self.ctd.address())?.with_timeout(self.setup.timeout);
         self.cri.wait_ready(self.setup.timeout)
+    }
+
+    /// Sends `call` on a CRI connection of its own, in another thread; once
+    /// `reached()` says the call got to the runtime (it polls it until
+    /// `within`), restarts containerd under it, running `stopped` as in
+    /// [`restart_containerd_then`](Self::restart_containerd_then). Returns
+    /// what the call returned: mostly an error, as containerd went away.
+    pub fn restart_containerd_during<T: Send>(
+        &mut self,
+        call: impl FnOnce(&Cri) -> Result<T> + Send,
+        mut reached: impl FnMut() -> bool,
+        within: Duration,
+        stopped: impl FnOnce(),
+    ) -> Result<Result<T>> {
+        let other = Cri::connect(self.ctd.address())?.with_timeout(self.setup.timeout);
+        std::thread::scope(|s| {
+            let caller = s.spawn(move || call(&other));
+            let deadline = Instant::now() + within;
+            while !reached() {
+                if caller.is_finished() {
+                    let ended = caller.join().map_err(|_| anyhow!("the call panicked"))?;
+                    let how = ended.err().map(|e| format!("{e:#}"));
+                    bail!("the call ended before it reached the runtime: {how:?}");
+                }
+                if Instant::now() >= deadline {
+                    bail!("the call did not reach the runtime within {within:?}");
+                }
+                std::thread::sleep(POLL);
+            }
+            self.restart_containerd_then(stopped)?;
+            caller.join().map_err(|_| anyhow!("the call panicked"))
+        })
     }
 
     /// Ends the test: nothing may be left (after a settling time for
