@@ -20,6 +20,7 @@ pub mod server;
 pub mod service;
 pub mod stdio_server;
 pub mod switch_root;
+mod sysctl;
 mod sysinfo;
 pub mod volumes;
 mod vsock_peer;

@@ -12,8 +12,8 @@ use clh_agent_protocol::{
     CreateContainerResponse, Empty, ExecProcessRequest, FaultRequest, ListPidsResponse,
     NetworkConfig, OnlineResourcesResponse, OomEvent, ProcessRequest, ResizeTtyRequest,
     SeedRandomRequest, SeedRandomResponse, SignalProcessRequest, StartProcessResponse,
-    SyncVolumeRequest, SyncVolumeResponse, UpdateContainerRequest, VersionRequest, VersionResponse,
-    VolumeRequest, WaitProcessResponse, PROTOCOL_VERSION,
+    SyncVolumeRequest, SyncVolumeResponse, SysctlsRequest, UpdateContainerRequest, VersionRequest,
+    VersionResponse, VolumeRequest, WaitProcessResponse, PROTOCOL_VERSION,
 };
 use tracing::{debug, info, warn};
 use ttrpc::r#async::TtrpcContext;
@@ -358,6 +358,22 @@ impl clh_agent_protocol::Agent for AgentService {
         (crate::network::configure(&req).await)
             .map(|()| Empty::default())
             .map_err(net_status)
+    }
+
+    async fn apply_sysctls(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SysctlsRequest,
+    ) -> ttrpc::Result<Empty> {
+        debug!(count = req.sysctls.len(), "apply sysctls");
+        let applied = tokio::task::spawn_blocking(move || crate::sysctl::apply(&req.sysctls))
+            .await
+            .map_err(|e| internal_status("ApplySysctls", e))?;
+        applied.map(|()| Empty::default()).map_err(|e| {
+            let msg = format!("ApplySysctls: {}", chain(&e));
+            warn!("{msg}");
+            Error::RpcStatus(ttrpc::get_status(e.code(), msg))
+        })
     }
 
     async fn inject_fault(&self, _ctx: &TtrpcContext, req: FaultRequest) -> ttrpc::Result<Empty> {

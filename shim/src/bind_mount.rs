@@ -5,14 +5,20 @@
 //! canonicalised first, so a symlink met now is a swap in progress), the
 //! opened object is checked against where it must not be (the host's
 //! /proc, /sys, /dev, a kernel filesystem anywhere), then cloned as a
-//! detached mount whose read-only, nosuid and nodev flags and private
-//! propagation are set recursively before `move_mount` attaches it. A
-//! remount after attaching would not reach the copies already propagated
-//! to the VM's export and into virtiofsd's namespace (the CVE-2020-28914
-//! class): here they are born read-only. Private: mounts the host makes
-//! later below the source never reach the guest. A recursive clone's
+//! detached mount whose nosuid and nodev flags and propagation are set on
+//! every mount of it, and its read-only flag as the spec asks (below),
+//! before `move_mount` attaches it. A remount after attaching would not
+//! reach the copies already propagated to the VM's export and into
+//! virtiofsd's namespace (the CVE-2020-28914 class): here they are born
+//! read-only. Private by default: mounts the host makes later below the
+//! source never reach the guest; a slave clone (`rslave`, HostToContainer)
+//! receives them (see [`Propagation::Slave`]). A recursive clone's
 //! submounts are trimmed first (submounts.rs): the host's kernel trees and
 //! runtime state never come along.
+//!
+//! Read-only as runc has it: `ro` makes the bind's own mount read-only and
+//! leaves its submounts as they are on the host (a read-write tmpfs below
+//! stays writable); `rro` makes every mount of the clone read-only.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -58,7 +64,37 @@ pub enum BindError {
 pub struct BindOptions {
     /// `rbind`: submounts of the source come along.
     pub recursive: bool,
+    /// `ro`: the bind's own mount is read-only; its submounts keep their
+    /// host flags unless `recursive_readonly`.
     pub readonly: bool,
+    /// `rro`: every mount of the bind is read-only.
+    pub recursive_readonly: bool,
+    pub propagation: Propagation,
+}
+
+/// The propagation of the clone (and each of its submounts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Propagation {
+    /// No mount event crosses in either direction (`rprivate`, the CRI's
+    /// default).
+    #[default]
+    Private,
+    /// A slave of the source's peer group (`rslave`, HostToContainer):
+    /// a mount the host makes below the source later reaches the clone
+    /// (and through the VM's export, the guest); none goes back.
+    Slave,
+}
+
+/// What [`bind`] attached.
+#[derive(Debug, Default)]
+pub struct Bound {
+    /// The submounts the policy left out.
+    pub left_out: Vec<LeftOut>,
+    /// The mount points of the bind's direct submounts, relative to its
+    /// root (filled only for a read-only, not recursively read-only,
+    /// recursive bind: the guest mounts each again read-write, see
+    /// service/binds.rs).
+    pub submounts: Vec<PathBuf>,
 }
 
 /// The canonical (symlink-free) path of `source`, refused when it lies in
@@ -85,13 +121,12 @@ fn check_allowed(source: &Path, resolved: &Path) -> Result<(), BindError> {
 
 /// Bind-mounts `source` at `target` (which must exist) as the module doc
 /// says; a recursive bind is prepared and trimmed as `submounts` says.
-/// Returns the submounts left out.
 pub fn bind(
     source: &Path,
     target: &Path,
     opts: BindOptions,
     submounts: &SubmountPolicy,
-) -> Result<Vec<LeftOut>, BindError> {
+) -> Result<Bound, BindError> {
     let resolved = resolve(source)?;
     let raced = |error: std::io::Error| BindError::Raced {
         path: source.to_path_buf(),
@@ -123,7 +158,7 @@ pub fn bind(
         flags |= OpenTreeFlags::AT_RECURSIVE;
     }
     let tree = open_tree(&fd, "", flags).map_err(mount_err("clone the mount"))?;
-    set_attributes(&tree, opts.readonly).map_err(|error| BindError::Mount {
+    set_attributes(&tree, opts).map_err(|error| BindError::Mount {
         what: "set the mount's flags",
         path: source.to_path_buf(),
         error,
@@ -133,13 +168,27 @@ pub fn bind(
         .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir())
         .map_err(mount_err("inspect the source"))?;
     if opts.recursive && is_dir {
-        return submounts
-            .attach(&tree, &opened, target)
-            .map_err(|error| BindError::Mount {
-                what: "attach the mount without the host's kernel and runtime submounts",
+        let left_out =
+            submounts
+                .attach(&tree, &opened, target)
+                .map_err(|error| BindError::Mount {
+                    what: "attach the mount without the host's kernel and runtime submounts",
+                    path: source.to_path_buf(),
+                    error,
+                })?;
+        let submounts = if opts.readonly && !opts.recursive_readonly {
+            direct_submounts(&tree).map_err(|error| BindError::Mount {
+                what: "list the submounts",
                 path: source.to_path_buf(),
                 error,
-            });
+            })?
+        } else {
+            Vec::new()
+        };
+        return Ok(Bound {
+            left_out,
+            submounts,
+        });
     }
     move_mount(
         &tree,
@@ -149,7 +198,30 @@ pub fn bind(
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
     .map_err(mount_err("attach the mount"))?;
-    Ok(Vec::new())
+    Ok(Bound::default())
+}
+
+/// The mount points of the attached `tree`'s direct submounts, relative to
+/// its root. A deeper one lies below one of them.
+fn direct_submounts(tree: &OwnedFd) -> std::io::Result<Vec<PathBuf>> {
+    let root = mountinfo::mount_id(tree)?;
+    let table = mountinfo::read()?;
+    let Some(root_at) = table.iter().find(|m| m.id == root).map(|m| &m.mount_point) else {
+        return Err(std::io::Error::other(format!(
+            "the bind (mount {root}) is not in the mount table"
+        )));
+    };
+    let mut out: Vec<PathBuf> = mountinfo::descendants(&table, root)
+        .into_iter()
+        .filter(|m| m.parent == root)
+        .filter_map(|m| m.mount_point.strip_prefix(root_at).ok())
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .collect();
+    // Two mounts stacked at one point are one path.
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// Refuses a source on a kernel filesystem of the host (a cgroup or nsfs
@@ -172,9 +244,38 @@ fn check_filesystem(source: &Path, fd: &OwnedFd) -> Result<(), BindError> {
     }
 }
 
-/// `mount_setattr(2)` on a detached tree: nosuid and nodev always,
-/// read-only when asked, private propagation, on every mount of the tree.
-fn set_attributes(tree: &OwnedFd, readonly: bool) -> std::io::Result<()> {
+/// `mount_setattr(2)` on a detached tree: nosuid, nodev and the
+/// propagation on every mount of it; read-only on every mount for `rro`,
+/// on the tree's own mount only for `ro`.
+fn set_attributes(tree: &OwnedFd, opts: BindOptions) -> std::io::Result<()> {
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const MOUNT_ATTR_NODEV: u64 = 0x4;
+    const MS_PRIVATE: u64 = 1 << 18;
+    const MS_SLAVE: u64 = 1 << 19;
+    let mut attr_set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if opts.readonly && opts.recursive_readonly {
+        attr_set |= MOUNT_ATTR_RDONLY;
+    }
+    let propagation = match opts.propagation {
+        Propagation::Private => MS_PRIVATE,
+        Propagation::Slave => MS_SLAVE,
+    };
+    mount_setattr(tree, true, attr_set, propagation)?;
+    if opts.readonly && !opts.recursive_readonly {
+        mount_setattr(tree, false, MOUNT_ATTR_RDONLY, 0)?;
+    }
+    Ok(())
+}
+
+/// One `mount_setattr(2)` call on `tree` (and, if `recursive`, every mount
+/// below it): set `attr_set`; `propagation` 0 leaves it unchanged.
+fn mount_setattr(
+    tree: &OwnedFd,
+    recursive: bool,
+    attr_set: u64,
+    propagation: u64,
+) -> std::io::Result<()> {
     /// `struct mount_attr` of linux/mount.h.
     #[repr(C)]
     struct MountAttr {
@@ -183,20 +284,16 @@ fn set_attributes(tree: &OwnedFd, readonly: bool) -> std::io::Result<()> {
         propagation: u64,
         userns_fd: u64,
     }
-    const MOUNT_ATTR_RDONLY: u64 = 0x1;
-    const MOUNT_ATTR_NOSUID: u64 = 0x2;
-    const MOUNT_ATTR_NODEV: u64 = 0x4;
-    const MS_PRIVATE: u64 = 1 << 18;
-    let mut attr_set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-    if readonly {
-        attr_set |= MOUNT_ATTR_RDONLY;
-    }
     let attr = MountAttr {
         attr_set,
         attr_clr: 0,
-        propagation: MS_PRIVATE,
+        propagation,
         userns_fd: 0,
     };
+    let mut flags = libc::AT_EMPTY_PATH;
+    if recursive {
+        flags |= libc::AT_RECURSIVE;
+    }
     // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from
     // `&attr`, a live, properly laid out `struct mount_attr`; the path is
     // a NUL-terminated empty string; `tree` is an open fd we own for the
@@ -206,7 +303,7 @@ fn set_attributes(tree: &OwnedFd, readonly: bool) -> std::io::Result<()> {
             libc::SYS_mount_setattr,
             tree.as_raw_fd(),
             c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            flags,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
@@ -257,6 +354,7 @@ mod tests {
         let opts = BindOptions {
             recursive: true,
             readonly: true,
+            ..Default::default()
         };
         let policy = SubmountPolicy {
             staging: PathBuf::from("/nonexistent"),
@@ -275,6 +373,110 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(src.path().join("f")).unwrap(),
             "data"
+        );
+    }
+    /// runc's `ro` and `rro`: `ro` makes only the bind's own mount
+    /// read-only (a read-write tmpfs below stays writable, and is listed
+    /// for the guest to mount again); `rro` makes both read-only.
+    #[test]
+    fn ro_leaves_submounts_writable_and_rro_does_not() {
+        use crate::shared_mount::{make_export, private_dir, remove_vm_dir, staging_dir};
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
+        if !nix::unistd::geteuid().is_root() {
+            clh_test_skip::skip("mounts need root");
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        let sub = host.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let none = None::<&str>;
+        mount(Some("tmpfs"), &sub, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+        let vm = tempfile::tempdir().unwrap();
+        make_export(vm.path()).unwrap();
+        let policy = SubmountPolicy {
+            staging: staging_dir(vm.path()),
+            hidden: Vec::new(),
+        };
+        let mut seen = Vec::new();
+        for (name, rro) in [("ro", false), ("rro", true)] {
+            let target = private_dir(vm.path()).join(name);
+            std::fs::create_dir(&target).unwrap();
+            let opts = BindOptions {
+                recursive: true,
+                readonly: true,
+                recursive_readonly: rro,
+                ..Default::default()
+            };
+            let bound = bind(host.path(), &target, opts, &policy);
+            let top = std::fs::write(target.join("top"), "x").is_ok();
+            let below = std::fs::write(target.join("sub").join(name), "x").is_ok();
+            seen.push((name, bound.map(|b| b.submounts), top, below));
+        }
+        remove_vm_dir(vm.path()).unwrap();
+        umount2(&sub, MntFlags::MNT_DETACH).unwrap();
+        let [(_, ro_subs, ro_top, ro_below), (_, rro_subs, rro_top, rro_below)] =
+            seen.try_into().unwrap();
+        assert_eq!(ro_subs.unwrap(), vec![PathBuf::from("sub")]);
+        assert!(
+            !ro_top && ro_below,
+            "ro: top writable {ro_top}, submount writable {ro_below}"
+        );
+        assert_eq!(rro_subs.unwrap(), Vec::<PathBuf>::new());
+        assert!(
+            !rro_top && !rro_below,
+            "rro: top {rro_top}, submount {rro_below}"
+        );
+    }
+    /// HostToContainer: a slave bind of a shared source receives a mount
+    /// the host makes below the source later, in the VM's export too,
+    /// which is what virtiofsd serves.
+    #[test]
+    fn a_slave_bind_receives_later_host_mounts() {
+        use crate::shared_mount::{
+            export_dir, make_export, private_dir, remove_vm_dir, staging_dir,
+        };
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
+        if !nix::unistd::geteuid().is_root() {
+            clh_test_skip::skip("mounts need root");
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        let src = host.path().join("src");
+        let late = src.join("late");
+        std::fs::create_dir_all(&late).unwrap();
+        let none = None::<&str>;
+        mount(Some(&src), &src, none, MsFlags::MS_BIND, none).unwrap();
+        mount(none, &src, none, MsFlags::MS_SHARED, none).unwrap();
+        let vm = tempfile::tempdir().unwrap();
+        make_export(vm.path()).unwrap();
+        let policy = SubmountPolicy {
+            staging: staging_dir(vm.path()),
+            hidden: Vec::new(),
+        };
+        let target = private_dir(vm.path()).join("c1");
+        std::fs::create_dir(&target).unwrap();
+        let opts = BindOptions {
+            recursive: true,
+            propagation: Propagation::Slave,
+            ..Default::default()
+        };
+        let bound = bind(&src, &target, opts, &policy);
+        mount(Some("tmpfs"), &late, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+        std::fs::write(late.join("hello"), "later").unwrap();
+        let in_target = std::fs::read_to_string(target.join("late/hello")).ok();
+        let exported = std::fs::read_to_string(export_dir(vm.path()).join("c1/late/hello")).ok();
+        // Nothing goes back: a mount in the bind stays out of the source.
+        let back = target.join("late");
+        mount(Some("tmpfs"), &back, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+        let host_untouched = late.join("hello").exists();
+        remove_vm_dir(vm.path()).unwrap();
+        umount2(&src, MntFlags::MNT_DETACH).unwrap();
+        bound.unwrap();
+        assert_eq!(in_target.as_deref(), Some("later"), "not in the bind");
+        assert_eq!(exported.as_deref(), Some("later"), "not in the export");
+        assert!(
+            host_untouched,
+            "a mount in the bind reached the host's source"
         );
     }
 }

@@ -353,7 +353,7 @@ mod tests {
         };
         let opts = BindOptions {
             recursive: true,
-            readonly: false,
+            ..Default::default()
         };
         let bound = bind(&src, &target, opts, &policy);
         let late = src.join("late");
@@ -371,7 +371,7 @@ mod tests {
         remove_vm_dir(vm.path()).unwrap();
         drop(mounts);
 
-        let mut left_out = bound.unwrap();
+        let mut left_out = bound.unwrap().left_out;
         left_out.sort_by(|a, b| a.path.cmp(&b.path));
         let expected = [
             ("a/proc", "proc"),

@@ -11,6 +11,15 @@
 //! - `restart_and_update_in_the_pod_vm`: a restarted container (a new
 //!   attempt) runs in the same VM; UpdateContainerResources reaches its
 //!   guest cgroup.
+//! - `pod_sysctls`: as runc; the refusal of `vm.swappiness` says it is not
+//!   namespaced, before any VM boots.
+//! - `read_only_submounts`: as runc for `readonly`. containerd 2.1 asks
+//!   only runc shims for their features, so it reports no
+//!   `recursiveReadOnly` for `clh` and a kubelet never sends one (`rro` is
+//!   run through ctr in ctr_volumes.rs instead).
+//! - `mount_propagation`: HostToContainer as runc; Bidirectional is refused
+//!   at StartContainer with an error that says why (a guest mount can
+//!   never reach the host) and what to use instead.
 //! - every scenario also fails on the shim's own leftovers: VM state
 //!   directories, VMM, virtiofsd or vhost processes, mounts.
 //!
@@ -94,6 +103,32 @@ fn containerd_restart() {
 #[test]
 fn seccomp_profiles() {
     scenarios::seccomp_profiles(&setup().1).unwrap();
+}
+
+#[test]
+fn pod_sysctls() {
+    let error = scenarios::pod_sysctls(&setup().1).unwrap();
+    assert!(error.contains("is not namespaced"), "{error}");
+}
+
+#[test]
+fn read_only_submounts() {
+    let rro = scenarios::read_only_submounts(&setup().1).unwrap();
+    assert!(
+        !rro,
+        "containerd 2.1 does not introspect non-runc shims; if it now does, assert the rro case ran"
+    );
+}
+
+#[test]
+fn mount_propagation() {
+    match scenarios::mount_propagation(&setup().1).unwrap() {
+        scenarios::Bidirectional::Refused(e) => assert!(
+            e.contains("Bidirectional") && e.contains("HostToContainer"),
+            "{e}"
+        ),
+        other => panic!("Bidirectional was not refused: {other:?}"),
+    }
 }
 
 /// A container restarted by the kubelet (a new attempt of the same name)

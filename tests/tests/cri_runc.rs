@@ -24,6 +24,16 @@
 //! - `containerd_restart`: after containerd is restarted (SIGTERM) under a
 //!   running pod, the same shims serve it: pod and container still listed
 //!   and running, ExecSync works, removal is clean.
+//! - `pod_sysctls`: the pod's sysctls (`kernel.shm_rmid_forced`,
+//!   `kernel.msgmax`, `net.ipv4.ip_unprivileged_port_start`) hold in each of
+//!   its containers from their start; a pod asking for `vm.swappiness` (not
+//!   namespaced) does not start, and the error names it.
+//! - `read_only_submounts`: a read-only volume holding a read-write tmpfs
+//!   leaves the tmpfs writable; with `recursiveReadOnly` (runc reports it to
+//!   containerd) both are read-only.
+//! - `mount_propagation`: a mount the host makes below a HostToContainer
+//!   volume after the container started appears in it; a mount a privileged
+//!   container makes below a Bidirectional volume appears on the host.
 //!
 //! Run one at a time (`-- --test-threads=1`) on a small host: each starts a
 //! containerd.
@@ -83,4 +93,31 @@ fn containerd_restart() {
 #[test]
 fn seccomp_profiles() {
     scenarios::seccomp_profiles(&setup()).unwrap();
+}
+
+#[test]
+fn pod_sysctls() {
+    let error = scenarios::pod_sysctls(&setup()).unwrap();
+    assert!(
+        error.contains("not in a separate kernel namespace"),
+        "{error}"
+    );
+}
+
+#[test]
+fn read_only_submounts() {
+    let rro = scenarios::read_only_submounts(&setup()).unwrap();
+    assert!(
+        rro,
+        "containerd 2.1 introspects runc: recursiveReadOnly is reported"
+    );
+}
+
+#[test]
+fn mount_propagation() {
+    let bidi = scenarios::mount_propagation(&setup()).unwrap();
+    assert!(
+        matches!(bidi, scenarios::Bidirectional::Propagated),
+        "{bidi:?}"
+    );
 }

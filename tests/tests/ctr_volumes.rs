@@ -102,3 +102,68 @@ fn ctr_mounts() -> Result<()> {
     }
     finish(ctd, &s)
 }
+
+/// Read-only as runc has it (`rro` through ctr: containerd 2.1's CRI never
+/// sends it to a non-runc handler): `ro` leaves a read-write tmpfs below
+/// the volume writable, `rro` does not; both keep the volume itself
+/// read-only.
+#[test]
+fn ctr_read_only_and_recursively_read_only() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        clh_test_skip::skip("mounting the host's tmpfs needs root");
+        return Ok(());
+    }
+    let s = setup()?;
+    let ctd = start(ContainerdVersion::V2, &s, tmpdir())?;
+    let host = tempfile::Builder::new().prefix("vol-").tempdir_in("/tmp")?;
+    let sub = host.path().join("sub");
+    std::fs::create_dir(&sub)?;
+    let none = None::<&str>;
+    let flags = nix::mount::MsFlags::empty();
+    nix::mount::mount(Some("tmpfs"), &sub, Some("tmpfs"), flags, none)?;
+    let run = || -> Result<String> {
+        let mount = |dst: &str, opts: &str| {
+            format!(
+                "type=bind,src={},dst={dst},options=rbind:{opts}",
+                host.path().display()
+            )
+        };
+        let (ro, rro) = (mount("/ro", "ro"), mount("/rro", "rro"));
+        let script = "for p in /ro/x /ro/sub/x /rro/y /rro/sub/y; do \
+                      if echo w > $p; then echo $p writable; else echo $p refused; fi; done";
+        let out = ctd.ctr(&[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            "--mount",
+            &ro,
+            "--mount",
+            &rro,
+            BUSYBOX,
+            "rro",
+            "sh",
+            "-c",
+            script,
+        ])?;
+        ensure!(
+            out.status.success(),
+            "ctr run: {out:?}\n{}",
+            ctd.log_tail(30)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let seen = run();
+    let written = std::fs::read_to_string(sub.join("x")).ok();
+    nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH)?;
+    let seen = seen?;
+    ensure!(
+        seen == "/ro/x refused\n/ro/sub/x writable\n/rro/y refused\n/rro/sub/y refused\n",
+        "container saw {seen:?}"
+    );
+    ensure!(
+        written.as_deref() == Some("w\n"),
+        "the submount write: {written:?}"
+    );
+    finish(ctd, &s)
+}

@@ -89,6 +89,7 @@ async fn the_export_is_read_only_to_the_guest() {
         let opts = BindOptions {
             recursive: true,
             readonly,
+            ..Default::default()
         };
         bind(
             &parent.join(src),
@@ -186,6 +187,7 @@ async fn sec_fs_03_share_toctou_race() {
                     let opts = BindOptions {
                         recursive: true,
                         readonly,
+                        ..Default::default()
                     };
                     bind(&parent.join(src), &target, opts, &policy)?;
                     binds.fetch_add(1, Ordering::Relaxed);

@@ -32,7 +32,10 @@ pub mod agent_ttrpc {
 ///
 /// 4: ConfigureNetwork; a pod with interfaces needs it before its first
 /// container, so an agent of version 3 would leave the pod unreachable.
-pub const PROTOCOL_VERSION: u32 = 4;
+///
+/// 5: ApplySysctls; a pod's sysctls must hold before its first container,
+/// so an agent of version 4 would run the pod without them.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The AF_VSOCK port the agent serves ttrpc on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -60,6 +63,7 @@ pub const EPHEMERAL_DIR: &str = "/run/clh/ephemeral";
 pub const GUEST_VOLUMES_DIR: &str = "/run/clh/volumes";
 
 mod id;
+pub mod sysctl;
 
 pub use agent::*;
 pub use agent_ttrpc::{create_agent, Agent, AgentClient};

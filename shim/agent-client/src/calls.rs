@@ -6,7 +6,7 @@
 use clh_agent_protocol::{
     ContainerRequest, ContainerStatsResponse, CreateContainerRequest, Empty, ExecProcessRequest,
     NetworkConfig, ProcessRequest, ResizeTtyRequest, SignalProcessRequest, Stdio,
-    SyncVolumeRequest, UpdateContainerRequest, VolumeRequest, WaitProcessResponse,
+    SyncVolumeRequest, SysctlsRequest, UpdateContainerRequest, VolumeRequest, WaitProcessResponse,
 };
 
 use crate::{AgentClient, Error, Result};
@@ -211,6 +211,23 @@ impl AgentClient {
     pub async fn configure_network(&self, config: &NetworkConfig) -> Result<()> {
         let r = self.inner.configure_network(self.ctx(), config).await;
         r.map(drop).map_err(rpc("ConfigureNetwork"))
+    }
+
+    /// Writes `sysctls` in the guest's own namespaces, the ones the pod's
+    /// containers share (names as the OCI spec has them).
+    pub async fn apply_sysctls(
+        &self,
+        sysctls: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let req = SysctlsRequest {
+            sysctls: sysctls
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        let r = self.inner.apply_sysctls(self.ctx(), &req).await;
+        r.map(drop).map_err(rpc("ApplySysctls"))
     }
 
     /// Onlines the vCPUs (and memory) hot-plugged into the guest.

@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 use clh_agent_protocol::{EPHEMERAL_DIR, GUEST_SHARED_DIR, GUEST_VOLUMES_DIR};
 use nix::mount::{umount2, MntFlags};
 
+use super::bind_options::{self, bind_options};
 use super::error::{Error, Result};
 use super::volume_sync;
-use crate::bind_mount::{self, BindOptions, SubmountPolicy};
+use crate::bind_mount::{self, Propagation, SubmountPolicy};
 use crate::shared_mount::{private_dir, staging_dir};
 use crate::writable_shares::WritableShares;
 
@@ -125,9 +126,21 @@ fn submount_policy(vm_dir: &Path, bundle: &Path) -> SubmountPolicy {
     }
 }
 
-/// The spec mounts it read-only (`ro`; runc's default is read-write).
+/// The spec mounts it read-only (`ro` or `rro`; runc's default is
+/// read-write).
 pub(super) fn is_readonly(m: &serde_json::Value) -> bool {
-    has_option(m, "ro")
+    bind_options::is_readonly(m)
+}
+
+/// The host mounts below canonical `source`: a read-only bind that is not
+/// recursively read-only leaves them writable (bind_options.rs).
+fn host_submounts(source: &Path) -> Vec<PathBuf> {
+    let table = crate::mountinfo::read().unwrap_or_default();
+    table
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|at| at.starts_with(source) && at != source)
+        .collect()
 }
 
 /// Records in `writable` the host source of every bind mount of `spec`
@@ -155,6 +168,22 @@ pub fn record_writable(spec: &serde_json::Value, writable: &WritableShares) {
         };
         let source = Path::new(source);
         writable.add(bind_mount::resolve(source).unwrap_or_else(|_| source.to_path_buf()));
+    }
+    // A read-only bind that is not recursively so leaves its submounts
+    // writable (bind_options.rs): those host paths are guest-writable.
+    for m in mounts {
+        let Ok(opts) = bind_options(m) else { continue };
+        let Some(source) = m.get("source").and_then(|s| s.as_str()) else {
+            continue;
+        };
+        if !is_bind(m) || !opts.recursive || !opts.readonly || opts.recursive_readonly {
+            continue;
+        }
+        if let Ok(source) = bind_mount::resolve(Path::new(source)) {
+            host_submounts(&source)
+                .into_iter()
+                .for_each(|p| writable.add(p));
+        }
     }
 }
 
@@ -234,6 +263,8 @@ impl Binds {
         let host_dir = private_dir(vm_dir).join(cid).join("mounts");
         let policy = submount_policy(vm_dir, bundle);
         let mut made_dir = false;
+        // Guest mounts to insert after mount n (bind_options.rs).
+        let mut extra: Vec<(usize, Vec<serde_json::Value>)> = Vec::new();
         for (n, m) in mounts.iter_mut().enumerate() {
             let synced = guest_sources
                 .iter()
@@ -261,12 +292,23 @@ impl Binds {
                 made_dir = true;
             }
             let target = host_dir.join(n.to_string());
-            if let Err(e) = binds.share_one(m, &target, &policy) {
-                binds.undo();
-                return Err(e);
+            let submounts = match binds.share_one(m, &target, &policy) {
+                Ok(submounts) => submounts,
+                Err(e) => {
+                    binds.undo();
+                    return Err(e);
+                }
+            };
+            if !submounts.is_empty() {
+                extra.push((n, bind_options::submount_entries(m, &path, &submounts)));
             }
             m["source"] = serde_json::Value::String(path);
         }
+        // Last first, so that the earlier indices still hold.
+        for (n, entries) in extra.into_iter().rev() {
+            mounts.splice(n + 1..n + 1, entries);
+        }
+        bind_options::guest_propagation(spec);
         Ok(binds)
     }
 
@@ -276,12 +318,14 @@ impl Binds {
         }
     }
 
+    /// Shares mount `m` at `target`; returns the direct submounts the
+    /// guest must mount again read-write (bind_options.rs).
     fn share_one(
         &mut self,
         m: &serde_json::Value,
         target: &Path,
         policy: &SubmountPolicy,
-    ) -> Result<()> {
+    ) -> Result<Vec<PathBuf>> {
         let dest = m.get("destination").and_then(|d| d.as_str()).unwrap_or("?");
         let source = m.get("source").and_then(|s| s.as_str()).unwrap_or("");
         let source = Path::new(source);
@@ -292,6 +336,11 @@ impl Binds {
         }
         let source = &bind_mount::resolve(source)
             .map_err(|e| Error::InvalidArgument(format!("{e} (for {dest})")))?;
+        // Read-only on the host side too: guest root cannot write it.
+        let opts = bind_options(m)?;
+        if opts.propagation == Propagation::Slave {
+            bind_options::check_slave_source(m, source, &policy.hidden)?;
+        }
         let meta = std::fs::metadata(source).map_err(|e| {
             Error::InvalidArgument(format!(
                 "the bind mount source {} for {dest} cannot be used: {e}",
@@ -314,15 +363,11 @@ impl Binds {
                 target.display()
             ))
         })?;
-        let opts = BindOptions {
-            recursive: has_option(m, "rbind"),
-            // Read-only on the host side too: guest root cannot write it.
-            readonly: is_readonly(m),
-        };
-        let left_out = bind_mount::bind(source, target, opts, policy).map_err(|e| {
+        let bound = bind_mount::bind(source, target, opts, policy).map_err(|e| {
             let _ = remove_mount_point(target);
             Error::InvalidArgument(format!("{e} (for {dest})"))
         })?;
+        let left_out = bound.left_out;
         self.targets.push(target.to_path_buf());
         if !left_out.is_empty() {
             let left_out: Vec<String> = left_out.iter().map(ToString::to_string).collect();
@@ -333,7 +378,7 @@ impl Binds {
                 "the bind mount comes without the host's kernel and runtime mounts below it"
             );
         }
-        Ok(())
+        Ok(bound.submounts)
     }
 
     /// Unmounts (no following links, detached: virtiofsd may hold files

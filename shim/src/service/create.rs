@@ -16,7 +16,7 @@ use super::error::{Error, Result};
 use super::events::EventSender;
 use super::stdio::{self, Pumps, StdioPaths};
 use super::volume_sync::{self, VolumeSync};
-use super::{binds, pod_spec, rootfs, validate, TaskService};
+use super::{bind_options, binds, pod_spec, rootfs, sysctls, validate, TaskService};
 use crate::pod::Role;
 use crate::shared_mount::remove_container_dir;
 use crate::sizing::{self, PodLimits};
@@ -66,6 +66,10 @@ impl<E: EventSender> TaskService<E> {
                 )
             }
             Role::Standalone => {
+                // Written by libcontainer in the container's namespaces;
+                // checked here so that a refusal comes before the boot.
+                sysctls::checked(&spec)?;
+                bind_options::check_mounts(&spec)?;
                 // `ctr run` makes a fresh namespace (or, with --net-host,
                 // none): the VM has no NIC unless a path names one.
                 let netns = match pod_spec::network_namespace(&spec) {
@@ -87,8 +91,14 @@ impl<E: EventSender> TaskService<E> {
                 }
             }
             Role::Container { sandbox_id } => {
+                // Before its namespaces become the guest's.
+                let own_sysctls = sysctls::take_pod_container(&mut spec)?;
+                bind_options::check_mounts(&spec)?;
                 let vm = self.pod_vm(sandbox_id).await?;
                 self.grow_for(&vm, Some((&req.id, limits))).await?;
+                if !own_sysctls.is_empty() {
+                    vm.agent().apply_sysctls(&own_sysctls).await?;
+                }
                 pod_spec::adapt_container(&mut spec);
                 let g = create_in_guest(&vm, &req, &mut spec, &stdio).await?;
                 self.guest_container(&req, role.clone(), &vm, g, stdio)
@@ -139,10 +149,25 @@ impl<E: EventSender> TaskService<E> {
 
     /// Boots a pod's VM, named after the sandbox, with its hostname and
     /// the interfaces of its network namespace.
+    /// Its sysctls are written in the guest before any container exists.
     async fn boot_pod(&self, id: &str, spec: &Value, limits: &PodLimits) -> Result<Arc<PodVm>> {
         let hostname = pod_spec::sandbox_hostname(spec)?;
         let netns = pod_spec::sandbox_netns(spec)?;
-        self.boot_vm(id, spec, limits, hostname, netns).await
+        let sysctls = sysctls::checked(spec)?;
+        let vm = self.boot_vm(id, spec, limits, hostname, netns).await?;
+        if sysctls.is_empty() {
+            return Ok(vm);
+        }
+        if let Err(e) = vm.agent().apply_sysctls(&sysctls).await {
+            if let Err(s) = vm.stop().await {
+                tracing::error!(
+                    error = format!("{s:#}"),
+                    "stopping the VM after its sysctls failed"
+                );
+            }
+            return Err(e.into());
+        }
+        Ok(vm)
     }
 
     /// Boots the VM `id`, sized for `limits`, its host processes in the

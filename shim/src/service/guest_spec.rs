@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::binds::guest_source;
 use super::create::spec_limits;
 use super::error::{Error, Result};
-use super::{pod_spec, validate};
+use super::{bind_options, pod_spec, sysctls, validate};
 use crate::pod::Role;
 
 /// The spec Create would send to the guest for container `container_id`
@@ -33,11 +33,18 @@ pub fn guest_spec(
     match role {
         Role::Sandbox => {
             pod_spec::sandbox_hostname(&spec)?;
+            sysctls::checked(&spec)?;
             return Ok(None);
         }
-        Role::Container { .. } => pod_spec::adapt_container(&mut spec),
-        Role::Standalone => {}
+        Role::Container { .. } => {
+            sysctls::take_pod_container(&mut spec)?;
+            pod_spec::adapt_container(&mut spec);
+        }
+        Role::Standalone => {
+            sysctls::checked(&spec)?;
+        }
     }
+    bind_options::check_mounts(&spec)?;
     validate::rewrite_root(&mut spec, container_id)?;
     if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
         for (n, m) in mounts.iter_mut().enumerate() {
@@ -49,5 +56,6 @@ pub fn guest_spec(
             }
         }
     }
+    bind_options::guest_propagation(&mut spec);
     Ok(Some(spec))
 }

@@ -2,6 +2,7 @@
 //! `task.rs` adapts. One VM per pod sandbox, shared by the pod's
 //! containers; one VM per standalone container (`ctr run`).
 
+mod bind_options;
 mod binds;
 mod container;
 mod create;
@@ -19,6 +20,7 @@ mod rootfs;
 mod start_tests;
 pub mod stats;
 mod stdio;
+mod sysctls;
 #[cfg(test)]
 mod tests;
 pub mod validate;

@@ -45,6 +45,7 @@ pub struct PodBuilder {
     host_network: bool,
     dns: Option<cri::DnsConfig>,
     port_mappings: Vec<cri::PortMapping>,
+    sysctls: HashMap<String, String>,
 }
 
 impl PodBuilder {
@@ -68,7 +69,15 @@ impl PodBuilder {
             host_network: false,
             dns: None,
             port_mappings: Vec::new(),
+            sysctls: HashMap::new(),
         }
+    }
+
+    /// A sysctl of the pod (`securityContext.sysctls`), which the kubelet
+    /// passes in `LinuxPodSandboxConfig.sysctls`.
+    pub fn sysctl(mut self, name: &str, value: &str) -> Self {
+        self.sysctls.insert(name.to_owned(), value.to_owned());
+        self
     }
 
     /// A `hostPort`: TCP `host_port` on the node forwards to
@@ -189,6 +198,7 @@ impl PodBuilder {
                 cgroup_parent: self.cgroup_parent.clone(),
                 resources: self.resources.map(Resources::to_cri),
                 overhead: self.overhead.map(Resources::to_cri),
+                sysctls: self.sysctls.clone(),
                 security_context: (self.privileged || self.host_network).then(|| {
                     cri::LinuxSandboxSecurityContext {
                         privileged: self.privileged,
@@ -199,7 +209,6 @@ impl PodBuilder {
                         ..Default::default()
                     }
                 }),
-                ..Default::default()
             }),
             ..Default::default()
         }
@@ -280,6 +289,28 @@ impl ContainerBuilder {
             host_path: host_path.to_owned(),
             container_path: container_path.to_owned(),
             readonly,
+            ..Default::default()
+        });
+        self
+    }
+
+    /// A volume with its propagation and `recursiveReadOnly` (which the
+    /// kubelet sends only with `readonly`, and only to a handler that
+    /// reports the feature).
+    pub fn mount_with(
+        mut self,
+        host_path: &str,
+        container_path: &str,
+        readonly: bool,
+        recursive_read_only: bool,
+        propagation: cri::MountPropagation,
+    ) -> Self {
+        self.mounts.push(cri::Mount {
+            host_path: host_path.to_owned(),
+            container_path: container_path.to_owned(),
+            readonly,
+            recursive_read_only,
+            propagation: propagation as i32,
             ..Default::default()
         });
         self

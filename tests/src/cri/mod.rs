@@ -26,6 +26,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 mod config;
 mod kubelet;
+mod runc_parity;
 pub mod scenarios;
 mod streaming;
 
@@ -143,6 +144,21 @@ impl Cri {
             rs.status(Self::req(cri::StatusRequest::default(), t)).await
         })?;
         Ok(resp.status.map(|s| s.conditions).unwrap_or_default())
+    }
+
+    /// Whether runtime handler `handler` reports recursive read-only
+    /// mounts in Status, which a kubelet checks before it sends a
+    /// `recursiveReadOnly` mount.
+    pub fn supports_recursive_read_only(&self, handler: &str) -> Result<bool> {
+        let resp = self.call("Status", self.timeout, |mut rs, _, t| async move {
+            rs.status(Self::req(cri::StatusRequest::default(), t)).await
+        })?;
+        Ok(resp
+            .runtime_handlers
+            .iter()
+            .find(|h| h.name == handler)
+            .and_then(|h| h.features.as_ref())
+            .is_some_and(|f| f.recursive_read_only_mounts))
     }
 
     /// Waits until Status reports RuntimeReady and NetworkReady, as the

@@ -13,6 +13,12 @@ use super::{
     ContainerBuilder, ContainerState, Cri, CriSetup, Kubelet, Resources, Seccomp, BUSYBOX,
 };
 
+/// (j) to (l): pod sysctls, read-only volumes with submounts, mount
+/// propagation (runc_parity.rs).
+pub use super::runc_parity::{
+    mount_propagation, pod_sysctls, read_only_submounts, Bidirectional, HOST_SYSCTL,
+};
+
 /// Deadline of one exec'd command.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 
