@@ -134,6 +134,8 @@ fn remove_contents(fd: &OwnedFd, path: &Path, left: &mut Left) {
             let beneath = ResolveFlags::BENEATH | ResolveFlags::NO_XDEV | ResolveFlags::NO_SYMLINKS;
             match open_dir(fd, &name, beneath) {
                 Ok(sub) => remove_contents(&sub, &child, left),
+                // Removed meanwhile by someone else: what we wanted.
+                Err(Errno::NOENT) => continue,
                 Err(Errno::XDEV) => {
                     left.mounts.push(child);
                     continue;

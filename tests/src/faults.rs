@@ -36,19 +36,33 @@ pub fn setup() -> Result<ctr::Setup> {
     Ok(s)
 }
 
-/// Throws `fault` in the VM whose state directory is `vm_dir`. The agent
-/// may not live to answer; an agent without the switch is an error.
-pub fn inject(vm_dir: &Path, fault: Fault) -> Result<()> {
-    let uds = vm_dir.join("vsock.sock");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let agent = AgentClient::connect(&uds, Duration::from_secs(30))
-            .await
+/// The fault switch of one VM's agent, connected (through the VM's
+/// hybrid-vsock socket, as the shim reaches the agent) before the fault is
+/// thrown, so that a test times the fault and not the connection.
+pub struct FaultSwitch {
+    rt: tokio::runtime::Runtime,
+    agent: AgentClient,
+}
+
+impl FaultSwitch {
+    /// Connects to the agent of the VM whose state directory is `vm_dir`.
+    pub fn connect(vm_dir: &Path) -> Result<Self> {
+        let uds = vm_dir.join("vsock.sock");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let agent = rt
+            .block_on(AgentClient::connect(&uds, Duration::from_secs(30)))
             .with_context(|| format!("connecting to the agent at {}", uds.display()))?
-            .with_call_timeout(Duration::from_secs(2));
-        match agent.inject_fault(fault).await {
+            // A hung or panicking agent never answers: do not wait for it.
+            .with_call_timeout(Duration::from_millis(500));
+        Ok(Self { rt, agent })
+    }
+
+    /// Throws `fault`. The agent may not live to answer; an agent without
+    /// the switch is an error.
+    pub fn throw(&self, fault: Fault) -> Result<()> {
+        match self.rt.block_on(self.agent.inject_fault(fault)) {
             Err(clh_agent_client::Error::Rpc {
                 source: ttrpc::Error::RpcStatus(status),
                 ..
@@ -58,5 +72,10 @@ pub fn inject(vm_dir: &Path, fault: Fault) -> Result<()> {
             // Done, or the agent (or the guest) went before it answered.
             _ => Ok(()),
         }
-    })
+    }
+}
+
+/// Throws `fault` in the VM whose state directory is `vm_dir`.
+pub fn inject(vm_dir: &Path, fault: Fault) -> Result<()> {
+    FaultSwitch::connect(vm_dir)?.throw(fault)
 }

@@ -436,6 +436,10 @@ fn pod_refused(k: &Kubelet, s: &ctr::Setup, what: &str) -> Result<()> {
     };
     eprintln!("REL-DISK-01 ({what}): RunPodSandbox: {err}");
     ensure!(err.contains(&root), "the error does not name {root}: {err}");
+    ensure!(
+        says_what_to_do(&err),
+        "the error does not say what to do: {err}"
+    );
     // containerd removes a sandbox that failed to start; a kubelet would
     // remove one it still listed.
     for p in k.cri().list_pod_sandbox()? {
@@ -445,6 +449,11 @@ fn pod_refused(k: &Kubelet, s: &ctr::Setup, what: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The shim's hint for a full or read-only file system (service/error.rs).
+fn says_what_to_do(err: &str) -> bool {
+    err.contains("free space on it") || err.contains("remount it read-write")
 }
 
 /// A new container in `running` must fail with an error naming the state
@@ -459,6 +468,10 @@ fn container_refused(k: &Kubelet, s: &ctr::Setup, running: &Pod, what: &str) -> 
     };
     eprintln!("REL-DISK-01 ({what}): StartContainer: {err}");
     ensure!(err.contains(&root), "the error does not name {root}: {err}");
+    ensure!(
+        says_what_to_do(&err),
+        "the error does not say what to do: {err}"
+    );
     k.cri().remove_container(&id)?;
     let private = s.state_dir.join(&running.id).join("private").join(&id);
     ensure!(!private.exists(), "{} was left", private.display());

@@ -1,8 +1,9 @@
 //! `ctr run --runtime io.containerd.clh.v2` end to end, on containerd 2.1
 //! and 1.6: the container runs in the guest (its `uname -r` is the guest
 //! kernel's), exit codes and stdin pass through, bad input is refused
-//! clearly, and nothing is left behind; a VM whose VMM is killed or whose
-//! agent hangs (REL-AGENT-01, test guest image) ends its task.
+//! clearly, and nothing is left behind; a VM whose VMM or virtiofsd is
+//! killed (REL-VMM-01, REL-VFS-01), whose agent hangs or whose kernel
+//! panics (REL-AGENT-01, REL-PANIC-01; test guest image) ends its task.
 
 use std::io::Write;
 use std::path::Path;
@@ -12,9 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
 use clh_tests::ctr::{
-    assert_no_leaks, assert_no_leaks_within, run, setup, start, wait_status, Setup, BUSYBOX,
-    RUNTIME,
+    assert_no_leaks, assert_no_leaks_within, run, setup, start, vm_processes, wait_status, Setup,
+    BUSYBOX, RUNTIME,
 };
+use clh_tests::faults::Fault;
 
 fn tmpdir() -> &'static Path {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -187,59 +189,67 @@ fn shim_crash_cleanup(version: ContainerdVersion) -> Result<()> {
     Ok(())
 }
 
-/// The VMM dies under a running container: containerd hears TaskExit, and
-/// deleting the task cleans up.
-fn vmm_death(version: ContainerdVersion) -> Result<()> {
-    let s = setup()?;
-    let ctd = start(version, &s, tmpdir())?;
+/// How soon a broken VM's task must be STOPPED: REL-VMM-01's 10 s, plus
+/// the fault setup's health check (1 s + 3 s) for a hung agent.
+const TASK_ENDS_WITHIN: Duration = Duration::from_secs(15);
+
+/// A standalone container `id` runs, `fault` breaks its VM; containerd
+/// must see the task STOPPED within [`TASK_ENDS_WITHIN`], and deleting it
+/// must leave nothing.
+fn task_ends_after(
+    version: ContainerdVersion,
+    s: &Setup,
+    id: &str,
+    fault: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let ctd = start(version, s, tmpdir())?;
     let out = ctd.ctr(&[
         "run",
         "-d",
         "--runtime",
         RUNTIME,
         BUSYBOX,
-        "t6",
+        id,
         "sleep",
         "1000",
     ])?;
     check(&out, "ctr run -d")?;
-    let vm_dir = s.state_dir.join("t6").display().to_string();
-    let qemu = std::fs::read_dir("/proc")?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let text = String::from_utf8_lossy(&cmdline);
-            text.contains("qemu-system") && text.contains(&vm_dir)
-        })
-        .context("no QEMU process for t6")?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu), nix::sys::signal::SIGKILL)?;
-    wait_status(&ctd, "t6", "STOPPED", Duration::from_secs(30))?;
-    delete_and_check(ctd, &s, "t6")
+    wait_status(&ctd, id, "RUNNING", Duration::from_secs(30))?;
+    fault(&s.state_dir.join(id))?;
+    wait_status(&ctd, id, "STOPPED", TASK_ENDS_WITHIN)?;
+    delete_and_check(ctd, s, id)
 }
 
-/// REL-AGENT-01 through ctr: the agent of a standalone container stops
-/// answering (the test guest image's fault switch); the health check
-/// fails the VM, the task is STOPPED, and its removal leaves nothing.
-fn agent_hang(version: ContainerdVersion) -> Result<()> {
+/// SIGKILLs every `program` process of the VM in `vm_dir`.
+fn kill_vm_process(program: &str, vm_dir: &Path) -> Result<()> {
+    let victims = vm_processes(program, vm_dir);
+    ensure!(!victims.is_empty(), "no {program} of {}", vm_dir.display());
+    for pid in victims {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+            .with_context(|| format!("killing {program} {pid}"))?;
+    }
+    Ok(())
+}
+
+/// REL-VMM-01 through ctr: the VMM is SIGKILLed.
+fn vmm_death(version: ContainerdVersion) -> Result<()> {
+    task_ends_after(version, &setup()?, "t6", |vm| {
+        kill_vm_process("qemu-system-x86_64", vm)
+    })
+}
+
+/// REL-VFS-01 through ctr: virtiofsd is SIGKILLed.
+fn virtiofsd_death(version: ContainerdVersion) -> Result<()> {
+    task_ends_after(version, &setup()?, "t8", |vm| {
+        kill_vm_process("virtiofsd", vm)
+    })
+}
+
+/// REL-AGENT-01 and REL-PANIC-01 through ctr: the agent stops answering,
+/// or the guest kernel panics (the test guest image's fault switch).
+fn guest_fault(version: ContainerdVersion, fault: Fault) -> Result<()> {
     let s = clh_tests::faults::setup()?;
-    let ctd = start(version, &s, tmpdir())?;
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        "t7",
-        "sleep",
-        "1000",
-    ])?;
-    check(&out, "ctr run -d")?;
-    wait_status(&ctd, "t7", "RUNNING", Duration::from_secs(30))?;
-    let fault = clh_tests::faults::Fault::HANG;
-    clh_tests::faults::inject(&s.state_dir.join("t7"), fault)?;
-    wait_status(&ctd, "t7", "STOPPED", Duration::from_secs(15))?;
-    delete_and_check(ctd, &s, "t7")
+    task_ends_after(version, &s, "t7", |vm| clh_tests::faults::inject(vm, fault))
 }
 
 /// Deletes the stopped task and container `id`, stops containerd and
@@ -303,6 +313,16 @@ fn vmm_death_v2() -> Result<()> {
 }
 
 #[test]
+fn virtiofsd_death_v2() -> Result<()> {
+    virtiofsd_death(ContainerdVersion::V2)
+}
+
+#[test]
 fn agent_hang_v2() -> Result<()> {
-    agent_hang(ContainerdVersion::V2)
+    guest_fault(ContainerdVersion::V2, Fault::HANG)
+}
+
+#[test]
+fn guest_panic_v2() -> Result<()> {
+    guest_fault(ContainerdVersion::V2, Fault::PANIC)
 }

@@ -101,7 +101,13 @@ impl From<CgroupError> for Error {
 /// the whole chain and the logs' tails.
 impl From<VmStartError> for Error {
     fn from(e: VmStartError) -> Self {
-        let msg = e.message();
+        let mut msg = e.message();
+        if let Some(hint) = storage_hint(std::iter::successors(
+            Some(&e.step as &(dyn std::error::Error + 'static)),
+            |e| e.source(),
+        )) {
+            msg = format!("{msg}\n{hint}");
+        }
         match e.step {
             StartStep::InvalidId { .. } => Error::InvalidArgument(msg),
             StartStep::MissingGuestFile { .. } | StartStep::RngNotReady { .. } => {
@@ -143,10 +149,34 @@ impl From<VmStartError> for Error {
     }
 }
 
+/// What to do when `chain` (an error and its causes) holds a full or
+/// read-only file system (REL-DISK-01): the path is already in the
+/// message; the fix depends on which file system it is on.
+fn storage_hint<'a>(
+    mut chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> Option<&'static str> {
+    chain.find_map(
+        |e| match e.downcast_ref::<std::io::Error>()?.raw_os_error()? {
+            libc::ENOSPC | libc::EDQUOT => Some(
+                "the file system holding that path is full (blocks or inodes): free space on it, \
+             or move runtime.state_dir (the shim's state) or containerd's state to a larger one",
+            ),
+            libc::EROFS => Some(
+                "the file system holding that path is read-only: remount it read-write, \
+             or move runtime.state_dir (the shim's state) to a writable one",
+            ),
+            _ => None,
+        },
+    )
+}
+
 impl From<Error> for ttrpc::Error {
     fn from(e: Error) -> Self {
         let message = match &e {
-            Error::Internal(inner) => format!("{inner:#}"),
+            Error::Internal(inner) => match storage_hint(inner.chain()) {
+                Some(hint) => format!("{inner:#}\n{hint}"),
+                None => format!("{inner:#}"),
+            },
             other => other.to_string(),
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), message))
@@ -162,6 +192,31 @@ mod tests {
             ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
             other => panic!("not a status: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_full_or_read_only_file_system_says_what_to_do() {
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = anyhow::Error::new(full).context("cannot create /run/clh-shim/x/rootfs");
+        let (code, message) = status(Error::Internal(e));
+        assert_eq!(code, Code::INTERNAL);
+        assert!(
+            message.starts_with("cannot create /run/clh-shim/x/rootfs: "),
+            "{message}"
+        );
+        assert!(
+            message.contains("is full (blocks or inodes): free space"),
+            "{message}"
+        );
+        let ro = std::io::Error::from_raw_os_error(libc::EROFS);
+        let (_, message) = status(Error::Internal(anyhow::Error::new(ro)));
+        assert!(
+            message.contains("read-only: remount it read-write"),
+            "{message}"
+        );
+        let other = std::io::Error::from_raw_os_error(libc::EACCES);
+        let (_, message) = status(Error::Internal(anyhow::Error::new(other)));
+        assert!(!message.contains('\n'), "{message}");
     }
 
     #[test]

@@ -229,6 +229,9 @@ pub struct FakeAgent {
     pub calls: Arc<Mutex<Vec<&'static str>>>,
     /// Set: health checks get no answer, as from a hung agent.
     pub hung: Arc<AtomicBool>,
+    /// Set: health checks answer with another boot id, as after a guest
+    /// reboot (Cloud Hypervisor reboots a panicked guest).
+    pub rebooted: Arc<AtomicBool>,
     exit: Arc<Mutex<Option<watch::Sender<Option<u32>>>>>,
 }
 
@@ -268,8 +271,12 @@ impl clh_agent_protocol::Agent for FakeAgent {
         if self.hung.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
+        let boot = match self.rebooted.load(Ordering::SeqCst) {
+            false => "fake-boot",
+            true => "fake-boot-after-a-reboot",
+        };
         Ok(CheckResponse {
-            boot_id: "fake-boot".into(),
+            boot_id: boot.into(),
             ..Default::default()
         })
     }

@@ -151,6 +151,7 @@ impl<E: EventSender> TaskService<E> {
             c.track(tokio::spawn(pause::watch_vm(
                 c.clone(),
                 self.events.clone(),
+                self.containers.clone(),
             )));
             pid
         } else {

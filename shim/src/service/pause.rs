@@ -4,13 +4,14 @@
 //! with 128 + the signal) or when the VM dies.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use super::container::{Container, Exit, Status, VM_DIED_STATUS};
+use super::container::{Container, Exit, Status, DRAIN_TIMEOUT, VM_DIED_STATUS};
 use super::error::{Error, Result};
 use super::events::EventSender;
-use super::finish;
+use super::{finish, Containers};
 
 /// Signals whose default action leaves a process running.
 const IGNORED_BY_DEFAULT: [Signal; 4] = [
@@ -20,12 +21,41 @@ const IGNORED_BY_DEFAULT: [Signal; 4] = [
     Signal::SIGWINCH,
 ];
 
-/// Ends the stand-in process when the VM dies.
-pub(super) async fn watch_vm<E: EventSender>(c: Arc<Container>, events: Arc<E>) {
-    if c.vm.died().await {
-        tracing::warn!(pod = %c.id, "the pod's VM exited");
-        finish(&c, "", Exit::now(VM_DIED_STATUS), &*events).await;
+/// How long the stand-in waits for the pod's containers to report their
+/// exits: each drains its output for at most DRAIN_TIMEOUT.
+const CONTAINERS_FIRST: Duration = DRAIN_TIMEOUT.saturating_add(Duration::from_secs(1));
+
+/// Ends the stand-in process when the VM dies, after the pod's containers
+/// have reported their exits (bounded by [`CONTAINERS_FIRST`]). Order
+/// matters: on the sandbox's exit containerd's CRI tears the pod down and
+/// shuts the shim, and a container exit it handles after that finds the
+/// shim gone and is retried only 5 s later, leaving the container RUNNING
+/// in CRI meanwhile.
+pub(super) async fn watch_vm<E: EventSender>(
+    c: Arc<Container>,
+    events: Arc<E>,
+    containers: Arc<Containers>,
+) {
+    if !c.vm.died().await {
+        return;
     }
+    tracing::warn!(pod = %c.id, "the pod's VM exited");
+    let exits: Vec<_> = containers
+        .lock()
+        .await
+        .values()
+        .filter(|o| !o.is_pause() && Arc::ptr_eq(&o.vm, &c.vm))
+        .filter_map(|o| o.with_proc("", |p| p.exit.subscribe()).ok())
+        .collect();
+    let reported = tokio::time::timeout(CONTAINERS_FIRST, async {
+        for mut exit in exits {
+            let _ = exit.wait_for(Option::is_some).await;
+        }
+    });
+    if reported.await.is_err() {
+        tracing::warn!(pod = %c.id, "the pod's containers did not report their exits in time");
+    }
+    finish(&c, "", Exit::now(VM_DIED_STATUS), &*events).await;
 }
 
 /// Kill of the pause container: any signal that would end the real pause

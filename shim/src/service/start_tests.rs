@@ -453,11 +453,12 @@ async fn a_host_network_pod_is_refused_before_anything_starts() {
     assert_nothing_left(&h, &cgroup).await;
 }
 
-/// REL-AGENT-01 without a guest: an agent that stops answering health
-/// checks fails its pod within the interval plus the deadline; the
-/// container exits (VM_DIED_STATUS) and its removal leaves nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_agent_fails_its_pod_within_the_health_deadline() {
+/// REL-AGENT-01 and REL-PANIC-01 without a guest: an agent that stops
+/// answering health checks, or answers from another boot (a guest that
+/// rebooted, as Cloud Hypervisor does after a panic), fails its pod within
+/// the interval plus the deadline; the container exits (VM_DIED_STATUS)
+/// and its removal leaves nothing.
+async fn a_broken_guest_fails_its_pod(name: &str, break_it: impl FnOnce(&fakes::FakeAgent)) {
     let health = crate::vm::HealthCheck {
         interval: Duration::from_millis(100),
         deadline: Duration::from_millis(400),
@@ -465,7 +466,7 @@ async fn a_hung_agent_fails_its_pod_within_the_health_deadline() {
     let Some(mut h) = harness(Boot::WithAgent, |vm| vm.health = health) else {
         return;
     };
-    let cgroup = cgroups_path("hung");
+    let cgroup = cgroups_path(name);
     let dir = bundle(&h, "b", container_spec(&cgroup));
     h.svc.create(create_request("c1", &dir)).await.unwrap();
     let start = StartRequest {
@@ -475,18 +476,15 @@ async fn a_hung_agent_fails_its_pod_within_the_health_deadline() {
     h.svc.start(start).await.unwrap();
     assert_eq!(next_topic(&mut h).await, topics::TASK_CREATE_EVENT_TOPIC);
     assert_eq!(next_topic(&mut h).await, topics::TASK_START_EVENT_TOPIC);
-    h.fakes
-        .agent
-        .hung
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let hung_at = Instant::now();
+    break_it(&h.fakes.agent);
+    let broken_at = Instant::now();
     assert_eq!(next_topic(&mut h).await, topics::TASK_EXIT_EVENT_TOPIC);
-    let detected = hung_at.elapsed();
-    // The container's process waits on the agent until the DRAIN deadline
-    // at most; detection itself is bounded by interval + deadline.
+    let detected = broken_at.elapsed();
+    // Detection is bounded by interval + deadline; the container's exit
+    // waits for its output to drain at most DRAIN_TIMEOUT more.
     assert!(
         detected < health.interval + health.deadline + super::container::DRAIN_TIMEOUT,
-        "a hung agent was noticed after {detected:?}"
+        "{name}: noticed after {detected:?}"
     );
     let delete = DeleteRequest {
         id: "c1".into(),
@@ -496,4 +494,22 @@ async fn a_hung_agent_fails_its_pod_within_the_health_deadline() {
     assert_eq!(status, super::container::VM_DIED_STATUS);
     h.svc.shutdown().await.unwrap();
     assert_nothing_left(&h, &cgroup).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_agent_fails_its_pod_within_the_health_deadline() {
+    a_broken_guest_fails_its_pod("hung", |agent| {
+        agent.hung.store(true, std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebooted_guest_fails_its_pod_at_the_next_health_check() {
+    a_broken_guest_fails_its_pod("rebooted", |agent| {
+        agent
+            .rebooted
+            .store(true, std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
 }

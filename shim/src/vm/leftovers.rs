@@ -70,12 +70,53 @@ pub(super) fn persist_state(
         })
 }
 
+/// How long a `delete` waits for another's cleanup: containerd gives the
+/// whole `delete` 5 s.
+const CLEANUP_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// One cleanup at a time under a state root. After a pod's shim dies,
+/// containerd runs `delete` for the sandbox and for each container at
+/// once: the sandbox's removes the VM directory while a container's
+/// unmounts and removes its part of it, and the two walks would trip over
+/// each other (REL-SHIM-01). An exclusive flock on the root serialises
+/// them; each takes milliseconds. Held until dropped.
+struct CleanupLock {
+    /// The flock goes with the file.
+    _held: Option<std::fs::File>,
+}
+
+impl CleanupLock {
+    /// Waits up to [`CLEANUP_LOCK_WAIT`]; past it (or when the root cannot
+    /// be opened) the cleanup goes on unlocked, which the walks tolerate.
+    fn take(root: &Path) -> Self {
+        use rustix::fs::{flock, FlockOperation};
+        let Ok(dir) = std::fs::File::open(root) else {
+            return CleanupLock { _held: None };
+        };
+        let deadline = std::time::Instant::now() + CLEANUP_LOCK_WAIT;
+        loop {
+            match flock(&dir, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return CleanupLock { _held: Some(dir) },
+                Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    // A blocking flock has no timeout; a short poll does.
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => {
+                    tracing::warn!(root = %root.display(), error = %e, "cleaning up without the state root's lock");
+                    return CleanupLock { _held: None };
+                }
+            }
+        }
+    }
+}
+
 /// After a shim crash: SIGKILLs the processes recorded in
 /// `root/<id>/state.json` that are still the ones we started (same command
 /// line), unwires the pod's network, then removes the directory. A missing
 /// directory is not an error.
 pub fn cleanup_leftovers(root: &Path, id: &str) -> anyhow::Result<()> {
     validate_id(id)?;
+    let _lock = CleanupLock::take(root);
     let dir = root.join(id);
     if !dir.exists() {
         return Ok(());
@@ -108,6 +149,7 @@ pub fn cleanup_container_leftovers(root: &Path, sandbox_id: &str, id: &str) -> a
     use nix::mount::{umount2, MntFlags};
     validate_id(sandbox_id)?;
     validate_id(id).context("invalid container id")?;
+    let _lock = CleanupLock::take(root);
     let dir = private_dir(&root.join(sandbox_id)).join(id);
     let mut targets = vec![dir.join("rootfs")];
     if let Ok(entries) = std::fs::read_dir(dir.join("mounts")) {
