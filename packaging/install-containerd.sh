@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the containerd side of the end-to-end test infrastructure:
 #   - runc and containerd 1.6 from Debian 12, system-wide (apt-get install);
-#   - containerd 2.1.x (containerd, ctr, containerd-shim-runc-v2) from Debian
-#     forky, unpacked into a cache dir, never installed system-wide;
+#   - containerd 1.7.x from Debian 13 (trixie) and 2.1.x from Debian forky
+#     (containerd, ctr, containerd-shim-runc-v2 each), unpacked into the cache
+#     dir, never installed system-wide: the end-to-end tests run on every
+#     containerd Debian offers;
 #   - busybox-static from Debian 12, unpacked into the cache dir (the test
 #     images are built from it).
 # The system apt configuration is never modified: newer suites are read with a
@@ -12,10 +14,12 @@ set -euo pipefail
 
 cache="${CLH_CACHE_DIR:-$HOME/.cache/clh-shim}"
 ctd2_dir="$cache/containerd-2.x"
+ctd17_dir="$cache/containerd-1.7"
 busybox_dir="$cache/busybox-static"
-apt_dir="$cache/apt-forky"
 # The newest suite that ships containerd 2.1.x (trixie has 1.7).
 ctd2_suite="${CLH_CONTAINERD2_SUITE:-forky}"
+# The suite that ships containerd 1.7.x.
+ctd17_suite="${CLH_CONTAINERD17_SUITE:-trixie}"
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 
 log() { echo "install-containerd: $*"; }
@@ -42,7 +46,8 @@ for pid in $(pgrep -x containerd || true); do
   fi
 done
 
-# Private apt configuration: lists and caches under $apt_dir, system dpkg
+# Private apt configuration of one suite: lists and caches under $apt_dir
+# ($cache/apt-<suite>, set by fetch_containerd), system dpkg
 # status (read only) so that apt can resolve; sources signed by the Debian
 # archive keyring, which must hold the trixie keys (forky is signed by them).
 # Downloads run as root (APT::Sandbox::User) because the cache under $HOME
@@ -82,27 +87,40 @@ fetch_deb() {
   mv "$dest.tmp" "$dest"
 }
 
-# containerd 2.1.x from the newer suite.
-if [ ! -x "$ctd2_dir/usr/bin/containerd" ] || [ ! -f "$ctd2_dir/VERSION" ]; then
+# Unpacks containerd of series $3 (a glob: 2.1.*) from suite $1 into $2,
+# unless it is there. apt checks the suite's Release file against the Debian
+# archive keyring and the .deb against the hashes in that signed index; the
+# series is checked here, so a suite moving on to another series fails
+# loudly instead of testing something else.
+fetch_containerd() {
+  local suite="$1" dest="$2" series="$3" candidate
+  if [ -x "$dest/usr/bin/containerd" ] && [ -f "$dest/VERSION" ]; then
+    return 0
+  fi
   if ! gpg --no-default-keyring --keyring "$keyring" --list-keys 2>/dev/null | grep -q "trixie"; then
     echo "install-containerd: $keyring lacks the trixie keys; install a newer debian-archive-keyring" >&2
     exit 1
   fi
+  apt_dir="$cache/apt-$suite"
   mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
-  echo "deb [signed-by=$keyring] http://deb.debian.org/debian $ctd2_suite main" >"$apt_dir/sources.list"
-  log "reading the $ctd2_suite package index (private apt configuration)"
+  echo "deb [signed-by=$keyring] http://deb.debian.org/debian $suite main" >"$apt_dir/sources.list"
+  log "reading the $suite package index (private apt configuration)"
   apt_private apt-get update >/dev/null
   candidate="$(apt_private apt-cache policy containerd | awk '/Candidate:/ {print $2}')"
+  # shellcheck disable=SC2254 # $series is a glob on purpose
   case "$candidate" in
-    2.1.*) ;;
+    $series) ;;
     *)
-      echo "install-containerd: $ctd2_suite offers containerd '$candidate', not 2.1.x" >&2
+      echo "install-containerd: $suite offers containerd '$candidate', not $series; set CLH_CONTAINERD*_SUITE to a suite that has it" >&2
       exit 1
       ;;
   esac
-  log "fetching containerd $candidate from $ctd2_suite into $ctd2_dir"
-  fetch_deb private "containerd=$candidate" "$ctd2_dir"
-fi
+  log "fetching containerd $candidate from $suite into $dest"
+  fetch_deb private "containerd=$candidate" "$dest"
+}
+
+fetch_containerd "$ctd17_suite" "$ctd17_dir" '1.7.*'
+fetch_containerd "$ctd2_suite" "$ctd2_dir" '2.1.*'
 
 # busybox-static from Debian 12, unpacked only.
 if [ ! -x "$busybox_dir/bin/busybox" ]; then
@@ -112,5 +130,6 @@ fi
 
 log "runc: $(runc --version | head -n1) (deb $(dpkg-query -W -f='${Version}' runc))"
 log "containerd 1.6: $(/usr/bin/containerd --version) (deb $(dpkg-query -W -f='${Version}' containerd))"
+log "containerd 1.7: $("$ctd17_dir/usr/bin/containerd" --version) (deb $(cat "$ctd17_dir/VERSION")) in $ctd17_dir/usr/bin"
 log "containerd 2.x: $("$ctd2_dir/usr/bin/containerd" --version) (deb $(cat "$ctd2_dir/VERSION")) in $ctd2_dir/usr/bin"
 log "busybox-static: deb $(cat "$busybox_dir/VERSION") at $busybox_dir/bin/busybox"

@@ -1,13 +1,13 @@
 //! containerd's `start` and the shim daemon that serves the Task service,
 //! as every containerd since 1.6 understands them.
 //!
-//! containerd-shim 0.12's bootstrap answers `start` with JSON announcing
-//! task API v3 and serves only `containerd.task.v3.Task`; containerd 1.6
-//! reads `start`'s output as a bare address and calls
-//! `containerd.task.v2.Task` (the same messages under the older name). So
-//! `start` prints the bare address (2.x takes it too, then speaks v2), and
-//! the daemon serves the Task service under both names. `delete` and
-//! `-info` stay with the crate's bootstrap.
+//! `start` reads what containerd sent (bootstrap.rs: containerd 2.3's
+//! `BootstrapParams` or the legacy flags, environment and runtime options)
+//! and answers in the same protocol: a `BootstrapResult` of task API v3 to
+//! 2.3, the bare address (task API v2) to 1.6 to 2.2. The daemon serves the
+//! Task service under both names, `containerd.task.v2.Task` and
+//! `containerd.task.v3.Task` (the same messages; only the package differs).
+//! `delete` stays with the crate's bootstrap; `-info` is main.rs's.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use containerd_shim::asynchronous::Shim;
-use containerd_shim::{Config, Flags};
+use containerd_shim::{Config, Flags, StartOpts};
 use containerd_shim_protos::shim_async::{create_task, Task};
 use containerd_shim_protos::ttrpc::r#async::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::bootstrap::{self, LegacyEnv};
 use crate::pod::Role;
 use crate::shim::ClhShim;
 
@@ -36,8 +37,12 @@ const SANDBOX_SHIM_TIMEOUT: Duration = Duration::from_secs(5);
 /// `start`: prints the address of the shim that serves the container. A
 /// pod's containers go to the shim of their sandbox (one shim and one VM
 /// per pod); a sandbox or a standalone container gets a new daemon, printed
-/// once it serves. containerd runs `start` in the container's bundle.
+/// once it serves. containerd runs `start` in the container's bundle and
+/// reads our stdout and stderr as one reply: nothing but the reply is
+/// written on success (a warning goes to the bundle's `log` FIFO).
 pub async fn start(flags: &Flags) -> anyhow::Result<()> {
+    let input = bootstrap::read_stdin()?;
+    let start = bootstrap::parse_start(&input, flags, &LegacyEnv::from_env())?;
     // Before anything is created: a broken configuration fails the
     // container's creation with the file and key named (containerd shows
     // our stderr), instead of running it on defaults.
@@ -45,22 +50,40 @@ pub async fn start(flags: &Flags) -> anyhow::Result<()> {
     // An unreadable or odd spec is Create's to report, with its reason.
     let role = Role::of_bundle(Path::new(".")).unwrap_or(Role::Standalone);
     let address = match role {
-        Role::Container { sandbox_id } => sandbox_shim(flags, &sandbox_id).await?,
-        Role::Standalone | Role::Sandbox => spawn_daemon(flags).await?,
+        Role::Container { sandbox_id } => sandbox_shim(&start.opts, &sandbox_id).await?,
+        Role::Standalone | Role::Sandbox => spawn_daemon(&start.opts).await?,
     };
+    // `delete` after a crash finds the socket here (containerd 2.3 may
+    // have put it in a directory of its choosing).
     if let Err(e) = std::fs::write("address", &address) {
-        tracing::warn!(error = %e, "cannot write the address file in the bundle");
+        start_log(&format!("cannot write the address file in the bundle: {e}"));
     }
+    let reply = bootstrap::start_reply(start.protocol, &address)?;
     let mut stdout = tokio::io::stdout();
-    stdout.write_all(address.as_bytes()).await?;
+    stdout.write_all(&reply).await?;
     stdout.flush().await?;
     Ok(())
 }
 
+/// A warning during `start`, where stdout and stderr are the reply: to the
+/// bundle's `log` FIFO, which containerd copies into its own log; dropped
+/// when there is none or nobody reads it.
+fn start_log(msg: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open("log");
+    if let Ok(mut fifo) = fifo {
+        let _ = writeln!(fifo, "level=warning msg=\"{}\"", msg.replace('"', "'"));
+    }
+}
+
 /// The address of the running shim of pod sandbox `sandbox_id`.
-async fn sandbox_shim(flags: &Flags, sandbox_id: &str) -> anyhow::Result<String> {
+async fn sandbox_shim(opts: &StartOpts, sandbox_id: &str) -> anyhow::Result<String> {
     crate::vm::validate_id(sandbox_id)?;
-    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, sandbox_id);
+    let address = opts.socket_address(sandbox_id);
     let path = address.trim_start_matches("unix://").to_string();
     let connect = tokio::net::UnixStream::connect(&path);
     match tokio::time::timeout(SANDBOX_SHIM_TIMEOUT, connect).await {
@@ -74,28 +97,31 @@ async fn sandbox_shim(flags: &Flags, sandbox_id: &str) -> anyhow::Result<String>
     }
 }
 
-/// Re-executes this binary as the daemon (it inherits containerd's
-/// environment: TTRPC_ADDRESS, CLH_SHIM_CONFIG) and waits, bounded, for it
-/// to close its stdout, which it does once it serves. Its OOM score is
-/// raised above ours like containerd's own shims; a refusal (no
-/// CAP_SYS_RESOURCE) is only a warning.
-async fn spawn_daemon(flags: &Flags) -> anyhow::Result<String> {
-    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &flags.id);
+/// Re-executes this binary as the daemon, on the socket in the directory
+/// containerd asked for (2.3) or the default one, with containerd's TTRPC
+/// address in its environment (it inherits the rest of containerd's:
+/// CLH_SHIM_CONFIG), and waits, bounded, for it to close its stdout, which
+/// it does once it serves. Its OOM score is raised above ours like
+/// containerd's own shims; a refusal (no CAP_SYS_RESOURCE) is only a
+/// warning.
+async fn spawn_daemon(opts: &StartOpts) -> anyhow::Result<String> {
+    let address = opts.socket_address(&opts.id);
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.current_dir(std::env::current_dir()?)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
-        .args(["-namespace", &flags.namespace, "-id", &flags.id])
-        .args(["-address", &flags.address, "-socket", &address]);
-    if flags.debug {
+        .env("TTRPC_ADDRESS", &opts.ttrpc_address)
+        .args(["-namespace", &opts.namespace, "-id", &opts.id])
+        .args(["-address", &opts.address, "-socket", &address]);
+    if opts.debug {
         cmd.arg("-debug");
     }
     let mut child = cmd.spawn().context("cannot spawn the shim daemon")?;
     if let Some(pid) = child.id() {
         if let Err(e) = containerd_shim::cgroup::adjust_oom_score(pid) {
-            eprintln!("warning: cannot raise the shim's oom_score_adj: {e}");
+            start_log(&format!("cannot raise the shim's oom_score_adj: {e}"));
         }
     }
     let mut stdout = child.stdout.take().context("no stdout pipe")?;

@@ -3,6 +3,7 @@
 //! lives in these modules.
 
 pub mod bind_mount;
+pub mod bootstrap;
 pub mod check;
 pub mod daemon;
 pub mod host;

@@ -13,7 +13,7 @@ const USAGE: &str = "usage: containerd-shim-clh-v2 check [--config PATH]
 
   check    tell what this host can run, and what to install or set otherwise
 
-Any other arguments are containerd's (shim v2 protocol: start, delete, serve).";
+Any other arguments are containerd's (shim v2 protocol: start, delete, -info, serve).";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -30,7 +30,8 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         // containerd's actions: start and serving here (see daemon.rs),
-        // delete and -info through containerd-shim's bootstrap.
+        // -info here (bootstrap.rs), delete through containerd-shim's
+        // bootstrap.
         Some(_) => containerd(&args).await,
         None => {
             eprintln!("{USAGE}");
@@ -47,6 +48,9 @@ async fn containerd(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if flags.info {
+        return info();
+    }
     let served = match flags.action.as_str() {
         "start" => daemon::start(&flags).await,
         "" if !flags.info && !flags.version => {
@@ -66,6 +70,29 @@ async fn containerd(args: &[String]) -> ExitCode {
         }
     };
     match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{RUNTIME_ID}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `-info` (containerd ≥ 2.0 runs it, 2.2 once per runtime): the runtime
+/// options on stdin, if any; our `RuntimeInfo` on stdout, nothing else.
+fn info() -> ExitCode {
+    use containerd_shim_protos::protobuf::Message;
+    use std::io::Write;
+    let info = containerd_shim_clh_v2::bootstrap::read_stdin()
+        .and_then(|input| containerd_shim_clh_v2::bootstrap::runtime_info(RUNTIME_ID, &input));
+    let written = info.and_then(|info| {
+        let bytes = info.write_to_bytes()?;
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(&bytes)?;
+        stdout.flush()?;
+        Ok(())
+    });
+    match written {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{RUNTIME_ID}: {e:#}");

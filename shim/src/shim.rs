@@ -1,6 +1,6 @@
 //! The `Shim` of containerd-shim's bootstrap, for what `main` leaves to
-//! it: `delete` after a crashed daemon and `-info`; and the configuration
-//! every action loads. `start` and serving are daemon.rs's.
+//! it: `delete` after a crashed daemon; and the configuration every
+//! action loads. `start` and serving are daemon.rs's.
 
 use std::sync::Arc;
 
@@ -84,9 +84,9 @@ impl Shim for ClhShim {
     }
 
     /// Never called: `main` answers containerd's `start` itself
-    /// (daemon.rs), because the bootstrap's answer speaks only task API v3
-    /// and containerd 1.6 needs v2. Refuses rather than start a second kind
-    /// of daemon.
+    /// (daemon.rs), because the bootstrap's legacy answer announces task
+    /// API v3, which containerd 1.6 and 1.7 refuse. Refuses rather than
+    /// start a second kind of daemon.
     async fn start_shim(&mut self, _opts: StartOpts) -> Result<String, ShimError> {
         Err(ShimError::InvalidArgument(
             "internal error: `start` is handled by daemon::start, not the shim bootstrap".into(),
@@ -114,11 +114,18 @@ impl Shim for ClhShim {
         if !matches!(role, Role::Container { .. }) {
             // The dead daemon's API socket: a pod's containers share their
             // sandbox's, which goes with the sandbox.
-            let address = containerd_shim::socket_address(
-                &self.containerd_address,
-                &self.namespace,
-                &self.id,
-            );
+            // Where `start` put it: the bundle's `address` file (containerd
+            // 2.3 may name the directory), else the default place.
+            let address = std::fs::read_to_string("address")
+                .ok()
+                .filter(|a| a.starts_with("unix:///"))
+                .unwrap_or_else(|| {
+                    containerd_shim::socket_address(
+                        &self.containerd_address,
+                        &self.namespace,
+                        &self.id,
+                    )
+                });
             remove_socket(std::path::Path::new(address.trim_start_matches("unix://")));
         }
         let cgroup = spec

@@ -1,5 +1,5 @@
 //! Proves the private containerd harness with the runc baseline, on
-//! containerd 2.1 and 1.6: image import, `ctr run` output and exit codes,
+//! containerd 2.1, 1.7 and 1.6: image import, `ctr run` output and exit codes,
 //! the shipped `clh` CRI registration, and a clean stop, also after
 //! containerd itself was killed with tasks still running.
 
@@ -155,6 +155,11 @@ fn runc_baseline_containerd_2() {
 #[test]
 fn runc_baseline_containerd_1_6() {
     runc_baseline(ContainerdVersion::V1_6).unwrap();
+}
+
+#[test]
+fn runc_baseline_containerd_1_7() {
+    runc_baseline(ContainerdVersion::V1_7).unwrap();
 }
 
 #[test]

@@ -63,6 +63,16 @@ fn two_containers_containerd_1_6() {
     assert_eq!(a, b, "the pod's containers run in one VM");
 }
 
+/// The same pod on containerd 1.7 (Debian 13's; config version 2).
+#[test]
+fn two_containers_containerd_1_7() {
+    let (_s, mut cri) = setup();
+    cri.version = clh_tests::containerd::ContainerdVersion::V1_7;
+    let seen = scenarios::two_containers(&cri).unwrap();
+    let [a, b] = &seen.boot_ids;
+    assert_eq!(a, b, "the pod's containers run in one VM");
+}
+
 #[test]
 fn container_stats() {
     scenarios::container_stats(&setup().1).unwrap();

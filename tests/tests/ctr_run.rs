@@ -1,5 +1,5 @@
-//! `ctr run --runtime io.containerd.clh.v2` end to end, on containerd 2.1
-//! and 1.6: the container runs in the guest (its `uname -r` is the guest
+//! `ctr run --runtime io.containerd.clh.v2` end to end, on containerd 2.1,
+//! 1.7 and 1.6: the container runs in the guest (its `uname -r` is the guest
 //! kernel's), exit codes and stdin pass through, bad input is refused
 //! clearly, and nothing is left behind; a VM whose VMM or virtiofsd is
 //! killed (REL-VMM-01, REL-VFS-01), whose agent hangs or whose kernel
@@ -290,6 +290,13 @@ fn ctr_run_v2() -> Result<()> {
 #[test]
 fn ctr_run_v1_6() -> Result<()> {
     ctr_run_in_a_vm(ContainerdVersion::V1_6)
+}
+
+/// containerd 1.7 (Debian 13's): the legacy start protocol, which refuses
+/// a reply announcing task API v3.
+#[test]
+fn ctr_run_v1_7() -> Result<()> {
+    ctr_run_in_a_vm(ContainerdVersion::V1_7)
 }
 
 #[test]

@@ -69,7 +69,7 @@ impl ContainerdVersion {
                     snippet = insert_keys(snippet, runtime, runtime_keys),
                 )
             }
-            ContainerdVersion::V1_6 => {
+            ContainerdVersion::V1_6 | ContainerdVersion::V1_7 => {
                 let cri = "[plugins.\"io.containerd.grpc.v1.cri\"]";
                 let keys = format!("{runtime_keys}\n  sandbox_image = \"{SANDBOX_IMAGE}\"");
                 format!(

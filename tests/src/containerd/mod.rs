@@ -15,7 +15,8 @@
 //! named after the instance.
 //!
 //! Binaries come from `packaging/install-containerd.sh`: containerd 1.6 from
-//! Debian 12 in /usr/bin, containerd 2.1 unpacked under the cache dir.
+//! Debian 12 in /usr/bin, containerd 1.7 (Debian 13) and 2.1 (Debian forky)
+//! unpacked under the cache dir.
 
 use std::fs;
 use std::os::unix::net::UnixStream;
@@ -80,6 +81,9 @@ pub enum ContainerdVersion {
     V2,
     /// containerd 1.6 from Debian 12 (/usr/bin), config version 2.
     V1_6,
+    /// containerd 1.7.x from Debian 13 (trixie), unpacked in the cache dir,
+    /// config version 2.
+    V1_7,
 }
 
 impl ContainerdVersion {
@@ -87,6 +91,7 @@ impl ContainerdVersion {
     pub fn bin_dir(self) -> PathBuf {
         match self {
             ContainerdVersion::V1_6 => PathBuf::from("/usr/bin"),
+            ContainerdVersion::V1_7 => cache_dir().join("containerd-1.7/usr/bin"),
             ContainerdVersion::V2 => cache_dir().join("containerd-2.x/usr/bin"),
         }
     }
@@ -96,7 +101,7 @@ impl ContainerdVersion {
     fn clh_snippet(self) -> String {
         let text = match self {
             ContainerdVersion::V2 => CLH_SNIPPET_V3,
-            ContainerdVersion::V1_6 => CLH_SNIPPET_V2,
+            ContainerdVersion::V1_6 | ContainerdVersion::V1_7 => CLH_SNIPPET_V2,
         };
         text.lines()
             .filter(|l| !l.trim_start().starts_with("version"))
@@ -117,7 +122,9 @@ impl ContainerdVersion {
         // section (`cri`) is in cri.rs.
         let (version, opt) = match self {
             ContainerdVersion::V2 => (3, "[plugins.'io.containerd.internal.v1.opt']"),
-            ContainerdVersion::V1_6 => (2, "[plugins.\"io.containerd.internal.v1.opt\"]"),
+            ContainerdVersion::V1_6 | ContainerdVersion::V1_7 => {
+                (2, "[plugins.\"io.containerd.internal.v1.opt\"]")
+            }
         };
         format!(
             "version = {version}\n\
