@@ -6,6 +6,8 @@ pub mod bind_mount;
 pub mod check;
 pub mod daemon;
 pub mod host;
+pub mod logging;
+pub mod logs;
 pub mod mountinfo;
 mod options;
 pub mod pod;
