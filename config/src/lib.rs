@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::ConfigError;
 pub use schema::{
-    BackendChoice, Config, GuestConfig, HypervisorConfig, RuntimeConfig, TimeoutsConfig,
+    BackendChoice, Config, GuestConfig, HypervisorConfig, LogLevel, RuntimeConfig, TimeoutsConfig,
 };
 
 /// Where the shim reads its configuration when `$CLH_SHIM_CONFIG` is unset.

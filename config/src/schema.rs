@@ -132,12 +132,42 @@ impl Default for TimeoutsConfig {
 pub struct RuntimeConfig {
     /// Per-sandbox state (sockets, logs, shared dirs) lives under here.
     pub state_dir: PathBuf,
+    /// The least severe level the shim logs (into containerd's log).
+    /// containerd's own debug level (`-debug`) lowers it to `debug`.
+    pub log_level: LogLevel,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             state_dir: "/run/clh-shim".into(),
+            log_level: LogLevel::Info,
+        }
+    }
+}
+
+/// A log level, as containerd's `--log-level` names them (`warning` is
+/// taken for `warn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    #[serde(alias = "warning")]
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// The level's name as `tracing` and `RUST_LOG`-style filters spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
         }
     }
 }

@@ -18,6 +18,22 @@ fn an_empty_file_gives_the_defaults() {
 }
 
 #[test]
+fn the_log_level_takes_containerds_names() {
+    for (text, level) in [
+        ("error", LogLevel::Error),
+        ("warn", LogLevel::Warn),
+        ("warning", LogLevel::Warn),
+        ("info", LogLevel::Info),
+        ("debug", LogLevel::Debug),
+        ("trace", LogLevel::Trace),
+    ] {
+        let c = parse(&format!("[runtime]\nlog_level = \"{text}\"\n")).unwrap();
+        assert_eq!(c.runtime.log_level, level, "{text}");
+    }
+    assert_eq!(Config::default().runtime.log_level, LogLevel::Info);
+}
+
+#[test]
 fn values_are_read() {
     let c = parse(
         r#"
@@ -106,6 +122,7 @@ fn out_of_range_values_name_the_key_and_the_rule() {
         ("[hypervisor]\nqemu = \"bin/qemu\"\n", "`hypervisor.qemu`"),
         ("[timeouts]\nstop_ms = 0\n", "`timeouts.stop_ms`"),
         ("[runtime]\nstate_dir = \"run\"\n", "`runtime.state_dir`"),
+        ("[runtime]\nlog_level = \"verbose\"\n", "log_level"),
         (
             "[runtime]\nstate_dir = \"/a/very/long/state/directory/path\"\n",
             "`runtime.state_dir`",

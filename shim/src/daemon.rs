@@ -22,8 +22,12 @@ use containerd_shim_protos::ttrpc::r#async::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::bootstrap::{self, LegacyEnv};
+use crate::logging;
 use crate::pod::Role;
 use crate::shim::ClhShim;
+
+/// containerd's name for this runtime.
+pub const RUNTIME_ID: &str = "io.containerd.clh.v2";
 
 const TASK_V3: &str = "containerd.task.v3.Task";
 const TASK_V2: &str = "containerd.task.v2.Task";
@@ -46,7 +50,12 @@ pub async fn start(flags: &Flags) -> anyhow::Result<()> {
     // Before anything is created: a broken configuration fails the
     // container's creation with the file and key named (containerd shows
     // our stderr), instead of running it on defaults.
-    crate::shim::load_config()?;
+    let loaded = clh_config::Config::load_default();
+    if let Ok((config, _)) = &loaded {
+        let level = logging::effective_level(config.runtime.log_level, flags.debug);
+        logging::init_start(origin(flags), level);
+    }
+    crate::shim::service_config(loaded)?;
     // An unreadable or odd spec is Create's to report, with its reason.
     let role = Role::of_bundle(Path::new(".")).unwrap_or(Role::Standalone);
     let address = match role {
@@ -143,9 +152,16 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
     if flags.socket.is_empty() {
         bail!("-socket is required");
     }
-    init_logging(flags.debug);
-    // Checked again: the file may have changed since `start`.
-    let (_, service_config) = crate::shim::load_config()?;
+    // Checked again: the file may have changed since `start`. The log
+    // comes first, so that a broken file is reported there too.
+    let loaded = clh_config::Config::load_default();
+    let runtime = match &loaded {
+        Ok((config, _)) => config.runtime.clone(),
+        Err(_) => clh_config::RuntimeConfig::default(),
+    };
+    let level = logging::effective_level(runtime.log_level, flags.debug);
+    logging::init_daemon(origin(flags), level, &runtime.state_dir);
+    let (_, service_config) = crate::shim::service_config(loaded)?;
     let mut config = Config::default();
     let mut shim = ClhShim::new(runtime_id, flags, &mut config).await;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
@@ -174,6 +190,7 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
         .start()
         .await
         .context("cannot start the ttrpc server")?;
+    tracing::info!(socket = %flags.socket, pid = std::process::id(), log_level = level.as_str(), "shim serving");
     // The parent (`start`) reads our stdout until EOF: close it now.
     nix::unistd::dup2_stdout(std::io::stderr()).context("cannot close stdout")?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -192,22 +209,11 @@ pub async fn serve(runtime_id: &str, flags: &Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs to the `log` FIFO in the bundle, which containerd reads into its own
-/// log; to stderr when there is none.
-fn init_logging(debug: bool) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let level = if debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CLH_SHIM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let fifo = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open("log");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false);
-    let _ = match fifo {
-        Ok(file) => builder.with_writer(std::sync::Mutex::new(file)).try_init(),
-        Err(_) => builder.with_writer(std::io::stderr).try_init(),
-    };
+/// The fields every log line of this shim carries.
+pub fn origin(flags: &Flags) -> logging::Origin {
+    logging::Origin {
+        runtime: RUNTIME_ID.to_string(),
+        namespace: flags.namespace.clone(),
+        id: flags.id.clone(),
+    }
 }

@@ -7,6 +7,8 @@ pub mod bootstrap;
 pub mod check;
 pub mod daemon;
 pub mod host;
+pub mod logging;
+pub mod logs;
 pub mod mountinfo;
 mod options;
 pub mod pod;

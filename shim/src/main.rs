@@ -3,15 +3,19 @@
 use std::process::ExitCode;
 
 use clh_config::{Config, Source};
-use containerd_shim_clh_v2::daemon;
+use containerd_shim_clh_v2::daemon::{self, RUNTIME_ID};
+use containerd_shim_clh_v2::logging;
 use containerd_shim_clh_v2::shim::ClhShim;
 
-const RUNTIME_ID: &str = "io.containerd.clh.v2";
-
 const USAGE: &str = "usage: containerd-shim-clh-v2 check [--config PATH]
+       containerd-shim-clh-v2 logs [--config PATH] [--agent | --console] [--follow] ID
        containerd-shim-clh-v2 --version
 
   check    tell what this host can run, and what to install or set otherwise
+  logs     print the guest console of the VM of pod or container ID (its
+           sandbox's VM for a pod's container): the guest kernel and the
+           agent; --agent: the agent's lines only; --follow: keep printing
+           until the VM stops
 
 Any other arguments are containerd's (shim v2 protocol: start, delete, -info, serve).";
 
@@ -25,6 +29,7 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("check") => check(&args[1..]).await,
+        Some("logs") => containerd_shim_clh_v2::logs::main(&args[1..]),
         Some("--version" | "-v") => {
             println!("containerd-shim-clh-v2 {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -59,16 +64,29 @@ async fn containerd(args: &[String]) -> ExitCode {
             // runtime's drop for a blocking FIFO read containerd may
             // still hold open.
             if let Err(e) = &served {
+                tracing::error!(error = format!("{e:#}"), "the shim stops");
+                logging::flush(logging::FLUSH_TIMEOUT);
                 eprintln!("{RUNTIME_ID}: {e:#}");
                 std::process::exit(1);
             }
+            tracing::info!("the shim exits");
+            logging::flush(logging::FLUSH_TIMEOUT);
             std::process::exit(0);
         }
         _ => {
+            if flags.action == "delete" {
+                // containerd quotes delete's stderr in its log.
+                if let Ok((config, _)) = Config::load_default() {
+                    let level = logging::effective_level(config.runtime.log_level, flags.debug);
+                    logging::init_stderr(daemon::origin(&flags), level);
+                }
+            }
             containerd_shim::asynchronous::run::<ClhShim>(RUNTIME_ID, None).await;
+            logging::flush(logging::FLUSH_TIMEOUT);
             return ExitCode::SUCCESS;
         }
     };
+    logging::flush(logging::FLUSH_TIMEOUT);
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -41,7 +41,8 @@ pub fn load_config() -> Result<(clh_config::Config, ServiceConfig), ShimError> {
     service_config(clh_config::Config::load_default())
 }
 
-fn service_config(
+/// [`load_config`] on an already loaded configuration.
+pub(crate) fn service_config(
     loaded: Result<(clh_config::Config, clh_config::Source), clh_config::ConfigError>,
 ) -> Result<(clh_config::Config, ServiceConfig), ShimError> {
     let (config, _) = loaded.map_err(|e| {

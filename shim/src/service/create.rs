@@ -190,6 +190,15 @@ impl<E: EventSender> TaskService<E> {
         opts.cgroups_path = cgroups_path(spec).map(str::to_string);
         opts.netns = netns;
         let vm = PodVm::start(id, &self.config.state_dir, &opts).await?;
+        tracing::info!(
+            id,
+            backend = ?opts.backend,
+            vcpus = opts.vcpus,
+            memory_mib = opts.memory_mib,
+            boot_ms = u64::try_from(vm.boot_to_agent().as_millis()).unwrap_or(u64::MAX),
+            dir = %vm.dir().display(),
+            "VM started"
+        );
         let oom = super::oom::watch(
             Arc::downgrade(&vm),
             self.containers.clone(),

@@ -359,6 +359,7 @@ impl PodVm {
                 let vm = m.hypervisor.stop(self.stop_timeout).await;
                 let fs = m.virtiofsd.stop(self.stop_timeout).await;
                 let rm = remove_vm_dir(&self.dir);
+                tracing::info!(id = %self.id, "VM stopped");
                 vm.context("stopping the VM")
                     .and(fs.context("stopping virtiofsd"))
                     .and(rm)
