@@ -64,6 +64,8 @@ fn run_as_init() -> anyhow::Result<Infallible> {
             .context("listening for port-forward streams")?;
         let volumes = volumes::Volumes::new(clh_agent_protocol::GUEST_VOLUMES_DIR);
         let _server = server::serve(&addr, containers, volumes).await?;
+        // The QEMU backend waits for this line before it connects
+        // (clh_hypervisor::console_log::AGENT_SERVING_MESSAGE).
         info!("serving ttrpc on {addr}");
         // The server runs in background tasks; PID 1 waits forever.
         std::future::pending::<()>().await;

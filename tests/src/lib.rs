@@ -254,3 +254,4 @@ pub mod ctr;
 pub mod faults;
 pub mod fuse_frontend;
 pub mod podmem;
+pub mod vsock_frontend;

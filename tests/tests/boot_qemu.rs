@@ -177,3 +177,77 @@ async fn real_virtiofsd_starts_sandboxed_and_stops_without_leftovers() {
     std::fs::remove_dir_all(&dir).unwrap();
     leaks.assert_clean().await;
 }
+
+/// Sends SIGCONT to a stopped process when dropped, so that a failing
+/// assertion does not leave the VMM frozen.
+struct Frozen(nix::unistd::Pid);
+
+impl Frozen {
+    fn stop(pid: u32) -> Self {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid fits i32"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// A connect attempt given up while the guest is too slow to answer must
+/// not wedge the VM's vsock. vhost-device-vsock forwards the request into
+/// the guest, and when the guest accepts it writes `OK 1024` with
+/// `write_all(..).unwrap()`: if our side had closed the socket meanwhile,
+/// its vring worker panicked on EPIPE and no later CONNECT was ever
+/// answered (the start failures seen under load: "no complete answer to
+/// CONNECT 1024", 50 attempts in 120 s, with the agent listening). QEMU is
+/// stopped here to make the guest slower than the attempt's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_given_up_while_the_guest_stalls_does_not_wedge_vsock() {
+    let _serial = ONE_VM_TEST_AT_A_TIME.lock().await;
+    let image = GuestImage::locate().unwrap();
+    let root = state_root().unwrap();
+    let leaks = LeakCheck::new(root.path());
+
+    let vm = PodVm::start("stall", root.path(), &qemu_options(&image))
+        .await
+        .unwrap();
+    let uds = vm.vsock_socket().to_path_buf();
+    let qemu = vm.vmm_pid();
+    let comm = std::fs::read_to_string(format!("/proc/{qemu}/comm")).unwrap();
+    assert!(comm.starts_with("qemu-system"), "{comm}");
+
+    let frozen = Frozen::stop(qemu);
+    // vhost-device-vsock (its own process) reads the request and puts it in
+    // the frozen guest's RX ring; the guest answers only after SIGCONT.
+    let err = clh_agent_client::connect_hybrid_vsock(
+        &uds,
+        clh_agent_protocol::AGENT_VSOCK_PORT,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, clh_agent_client::HandshakeError::Timeout { .. }),
+        "{err:?}"
+    );
+    drop(frozen);
+
+    let log =
+        || std::fs::read_to_string(vm.dir().join("vhost-device-vsock.log")).unwrap_or_default();
+    let again = clh_agent_client::AgentClient::connect(&uds, Duration::from_secs(30)).await;
+    let check = match again {
+        Ok(agent) => agent.check().await,
+        Err(e) => panic!(
+            "vsock is wedged: {e:#}\n--- vhost-device-vsock log ---\n{}",
+            log()
+        ),
+    };
+    assert!(check.is_ok(), "{check:?}");
+    assert!(!log().contains("panicked"), "{}", log());
+
+    vm.stop().await.unwrap();
+    leaks.assert_clean().await;
+}

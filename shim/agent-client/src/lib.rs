@@ -6,6 +6,8 @@ mod header_stream;
 #[cfg(test)]
 mod hostile_tests;
 mod hybrid_vsock;
+#[cfg(test)]
+mod linger_tests;
 mod stdio;
 #[cfg(test)]
 mod stdio_tests;
@@ -38,7 +40,9 @@ pub use stdio::{
 /// [`MAX_ATTEMPT_TIMEOUT`]): on a host so loaded that the guest takes
 /// longer than that to answer, fixed short attempts would each be given up
 /// just before their answer arrived, for ever (seen with five TCG VMs
-/// booting at once on two cores).
+/// booting at once on two cores). A given-up attempt's connection is not
+/// closed while its `CONNECT` is unanswered ([`hybrid_vsock::LINGER`]): a
+/// late answer written to a closed socket wedges vhost-device-vsock.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(16);
 

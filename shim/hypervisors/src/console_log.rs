@@ -6,7 +6,9 @@
 //! copies it into `console.log`, which is rotated to `console.log.1` when
 //! it reaches half the cap: the two together never exceed the cap, and the
 //! newest output is always kept. The same task spots the kernel's last
-//! words (`reboot: Power down`), for the QEMU backend's power-off watcher.
+//! words (`reboot: Power down`), for the QEMU backend's power-off watcher,
+//! and the agent's "serving ttrpc" line, after which the QEMU backend lets
+//! the shim connect to the guest's vsock.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -33,6 +35,10 @@ const PIPE: &str = "console.pipe";
 /// Kernel messages after which the guest does nothing more. The kernel
 /// prints them at emergency level, so even with `quiet`.
 const FINAL_MESSAGES: [&str; 2] = ["reboot: Power down", "reboot: System halted"];
+
+/// What the agent prints once it listens on its ttrpc port
+/// (guest-agent/src/main.rs): its vsock driver is up by then.
+pub const AGENT_SERVING_MESSAGE: &str = "serving ttrpc on vsock";
 
 /// Bytes kept from the previous read, so a message split across two reads
 /// is still found.
@@ -122,6 +128,7 @@ pub struct ConsoleLog {
     pipe: PathBuf,
     copier: JoinHandle<()>,
     powered_off: watch::Receiver<bool>,
+    agent_serving: watch::Receiver<bool>,
 }
 
 impl ConsoleLog {
@@ -159,12 +166,18 @@ impl ConsoleLog {
                 return Err(e);
             }
         };
-        let (tx, powered_off) = watch::channel(false);
-        let copier = tokio::spawn(copy(receiver, bounded, tx));
+        let (off_tx, powered_off) = watch::channel(false);
+        let (serving_tx, agent_serving) = watch::channel(false);
+        let seen = Seen {
+            powered_off: off_tx,
+            agent_serving: serving_tx,
+        };
+        let copier = tokio::spawn(copy(receiver, bounded, seen));
         Ok(Self {
             pipe,
             copier,
             powered_off,
+            agent_serving,
         })
     }
 
@@ -178,6 +191,17 @@ impl ConsoleLog {
     pub fn powered_off(&self) -> watch::Receiver<bool> {
         self.powered_off.clone()
     }
+
+    /// Becomes `true` once the agent has printed [`AGENT_SERVING_MESSAGE`].
+    pub fn agent_serving(&self) -> watch::Receiver<bool> {
+        self.agent_serving.clone()
+    }
+}
+
+/// What the copier has spotted in the console so far.
+struct Seen {
+    powered_off: watch::Sender<bool>,
+    agent_serving: watch::Sender<bool>,
 }
 
 impl Drop for ConsoleLog {
@@ -187,11 +211,7 @@ impl Drop for ConsoleLog {
     }
 }
 
-async fn copy(
-    mut pipe: tokio::net::unix::pipe::Receiver,
-    mut log: BoundedLog,
-    powered_off: watch::Sender<bool>,
-) {
+async fn copy(mut pipe: tokio::net::unix::pipe::Receiver, mut log: BoundedLog, seen: Seen) {
     let mut buf = vec![0u8; 64 << 10];
     let mut carry = String::new();
     loop {
@@ -208,25 +228,37 @@ async fn copy(
             // vCPU. The output is lost, the VM is not.
             tracing::warn!(error = %e, "guest console output dropped");
         }
-        if !*powered_off.borrow() && saw_final_message(&mut carry, &buf[..n]) {
-            let _ = powered_off.send(true);
+        let (final_message, serving) = scan(&mut carry, &buf[..n]);
+        if serving && !*seen.agent_serving.borrow() {
+            let _ = seen.agent_serving.send(true);
+        }
+        if final_message && !*seen.powered_off.borrow() {
+            let _ = seen.powered_off.send(true);
         }
     }
 }
 
 /// Whether `chunk`, after what `carry` kept of the previous ones, holds
-/// one of the kernel's final messages; keeps the tail in `carry`.
-fn saw_final_message(carry: &mut String, chunk: &[u8]) -> bool {
+/// one of the kernel's final messages (the first value) or the agent's
+/// [`AGENT_SERVING_MESSAGE`] (the second); keeps the tail in `carry`.
+fn scan(carry: &mut String, chunk: &[u8]) -> (bool, bool) {
     carry.push_str(&String::from_utf8_lossy(chunk));
-    if FINAL_MESSAGES.iter().any(|m| carry.contains(m)) {
-        return true;
-    }
+    let seen = (
+        FINAL_MESSAGES.iter().any(|m| carry.contains(m)),
+        carry.contains(AGENT_SERVING_MESSAGE),
+    );
     let keep_from = carry.len().saturating_sub(OVERLAP);
     let keep_from = (keep_from..carry.len())
         .find(|i| carry.is_char_boundary(*i))
         .unwrap_or(carry.len());
     carry.drain(..keep_from);
-    false
+    seen
+}
+
+/// Whether `chunk` (after `carry`) holds one of the kernel's final messages.
+#[cfg(test)]
+fn saw_final_message(carry: &mut String, chunk: &[u8]) -> bool {
+    scan(carry, chunk).0
 }
 
 #[cfg(test)]
@@ -261,6 +293,18 @@ mod tests {
         assert!(!saw_final_message(&mut carry, &[b'.'; 5000]));
         assert!(!saw_final_message(&mut carry, b"[ 1.0] reboot: Pow"));
         assert!(saw_final_message(&mut carry, b"er down\n"));
+        assert!(carry.len() < 200);
+    }
+
+    #[test]
+    fn the_agent_serving_line_is_found_across_reads() {
+        let mut carry = String::new();
+        assert_eq!(scan(&mut carry, &[b'.'; 5000]), (false, false));
+        assert_eq!(
+            scan(&mut carry, b"[ 5.6] INFO serving ttrpc on vs"),
+            (false, false)
+        );
+        assert_eq!(scan(&mut carry, b"ock://-1:1024\n"), (false, true));
         assert!(carry.len() < 200);
     }
 

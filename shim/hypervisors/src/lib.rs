@@ -280,6 +280,14 @@ pub trait Hypervisor: Send + Sync {
     /// (`CONNECT <port>\n` / `OK <port>\n`).
     fn vsock_socket(&self) -> PathBuf;
 
+    /// Waits, at most `limit`, until connecting to
+    /// [`Hypervisor::vsock_socket`] cannot disturb the vsock device's
+    /// start; says whether it got there (rather than running out of time).
+    /// Only the QEMU backend has something to wait for.
+    async fn wait_vsock_ready(&self, _limit: Duration) -> bool {
+        true
+    }
+
     /// Host pids of the processes that make up this VM (VMM and helpers), for
     /// cgroup placement and leak checks.
     fn pids(&self) -> Vec<u32>;

@@ -487,8 +487,18 @@ async fn start_in(
     }
 
     let uds = hypervisor.vsock_socket();
+    let reach_agent = async {
+        let deadline = Instant::now() + opts.agent_timeout;
+        // At most half the agent deadline: a console that never shows the
+        // agent's line (another guest image) only delays the attempts.
+        if !hypervisor.wait_vsock_ready(opts.agent_timeout / 2).await {
+            tracing::warn!("the guest console did not show the agent serving; connecting anyway");
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        AgentClient::connect(&uds, left).await
+    };
     let agent = tokio::select! {
-        agent = AgentClient::connect(&uds, opts.agent_timeout) => agent.map_err(StartStep::Agent)?,
+        agent = reach_agent => agent.map_err(StartStep::Agent)?,
         how = hypervisor.wait_exit() => return Err(StartStep::VmmExited { how }),
     };
     seed_guest_rng(&agent).await?;

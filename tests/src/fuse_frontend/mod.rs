@@ -17,7 +17,7 @@
 
 mod abi;
 mod fixture;
-mod vring;
+pub(crate) mod vring;
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;

@@ -206,6 +206,24 @@ impl Hypervisor for Qemu {
         result
     }
 
+    /// Until the agent's console says it serves ttrpc. vhost-device-vsock
+    /// 0.3.0 gets the guest memory (SET_MEM_TABLE) a moment before its
+    /// vrings, when the guest's vsock driver starts the device; a host
+    /// connection in between makes its event handler process the TX ring
+    /// before it is ready, `process_tx` fails with IterateQueue
+    /// (vhu_vsock.rs, BACKEND_EVENT), and the error ends its only vring
+    /// worker thread without a word: no later CONNECT is ever read. Waiting
+    /// for the agent's line keeps the shim off the socket until long after
+    /// that moment (and saves the attempts refused while nothing listens).
+    async fn wait_vsock_ready(&self, limit: Duration) -> bool {
+        let Some(running) = &self.running else {
+            return true;
+        };
+        let mut serving = running.console.agent_serving();
+        let waited = tokio::time::timeout(limit, serving.wait_for(|s| *s)).await;
+        matches!(waited, Ok(Ok(_)))
+    }
+
     fn vsock_socket(&self) -> PathBuf {
         self.running
             .as_ref()
