@@ -11,9 +11,15 @@ use crate::{check_nics, Error, Nic, Result, VmSpec};
 pub const GUEST_CID: u32 = 3;
 
 /// What the QEMU backend itself needs on the kernel command line:
-/// `reboot=t` makes a guest reboot a triple fault, which `-no-reboot` turns
-/// into QEMU exiting whatever reset method the machine offers.
-const BACKEND_KERNEL_PARAMS: &str = "reboot=t";
+/// - `reboot=t` makes a guest reboot a triple fault, which `-no-reboot`
+///   turns into QEMU exiting whatever reset method the machine offers;
+/// - `no_timer_check`: at boot Linux checks that the IO-APIC delivers
+///   timer interrupts within a few busy-waited ticks. A TCG vCPU starved
+///   by a loaded host misses that window and the kernel panics ("IO-APIC
+///   + timer doesn't work!", seen with five pods booting at once on two
+///   cores). The emulated timer works; the check only measures the host's
+///   load. (Kata sets it for the same reason.)
+const BACKEND_KERNEL_PARAMS: &str = "reboot=t no_timer_check";
 
 /// Arguments of `vhost-device-vsock` serving one VM: the vhost-user socket
 /// QEMU connects to, and the host-side hybrid-vsock socket (`uds`).
@@ -249,7 +255,7 @@ mod tests {
             joined(&args),
             "-name clh-pod1 -M pc,memory-backend=mem -accel tcg -cpu max -smp 2 -m 256M \
              -object memory-backend-memfd,id=mem,size=256M,share=on -nodefaults -no-user-config -nographic -no-reboot \
-             -kernel /k/vmlinuz -initrd /k/initramfs.cpio.gz -append console=ttyS0 quiet reboot=t \
+             -kernel /k/vmlinuz -initrd /k/initramfs.cpio.gz -append console=ttyS0 quiet reboot=t no_timer_check \
              -chardev socket,id=vsock,path=/run/x/pod1/vv.sock -device vhost-user-vsock-pci,chardev=vsock \
              -chardev socket,id=virtiofs,path=/run/x/pod1/fs.sock -device vhost-user-fs-pci,chardev=virtiofs,tag=clh-shared \
              -serial file:/run/x/pod1/console.pipe -qmp unix:/run/x/pod1/qmp.sock,server=on,wait=off"
