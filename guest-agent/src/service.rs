@@ -9,11 +9,12 @@ use crate::volumes::{VolError, Volumes};
 use async_trait::async_trait;
 use clh_agent_protocol::{
     CheckRequest, CheckResponse, ContainerRequest, ContainerStatsResponse, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, FaultRequest, ListPidsResponse,
-    NetworkConfig, OnlineResourcesResponse, OomEvent, ProcessRequest, ResizeTtyRequest,
-    SeedRandomRequest, SeedRandomResponse, SignalProcessRequest, StartProcessResponse,
-    SyncVolumeRequest, SyncVolumeResponse, SysctlsRequest, UpdateContainerRequest, VersionRequest,
-    VersionResponse, VolumeRequest, WaitProcessResponse, PROTOCOL_VERSION,
+    CreateContainerResponse, Empty, ExecProcessRequest, FaultRequest, GuestCpuTimes, GuestNetDev,
+    ListPidsResponse, NetworkConfig, OnlineResourcesResponse, OomEvent, ProcessRequest,
+    ResizeTtyRequest, SeedRandomRequest, SeedRandomResponse, SignalProcessRequest,
+    StartProcessResponse, SyncVolumeRequest, SyncVolumeResponse, SysctlsRequest,
+    UpdateContainerRequest, VersionRequest, VersionResponse, VolumeRequest, WaitProcessResponse,
+    PROTOCOL_VERSION,
 };
 use tracing::{debug, info, warn};
 use ttrpc::r#async::TtrpcContext;
@@ -420,7 +421,7 @@ fn stats_response(s: Stats) -> ContainerStatsResponse {
 
 fn do_check() -> Result<CheckResponse, SysInfoError> {
     let (mem_total_kib, mem_available_kib) = sysinfo::meminfo_kib()?;
-    Ok(CheckResponse {
+    let mut reply = CheckResponse {
         kernel_release: sysinfo::kernel_release()?,
         boot_id: sysinfo::boot_id()?,
         uptime_ms: sysinfo::uptime_ms()?,
@@ -428,7 +429,59 @@ fn do_check() -> Result<CheckResponse, SysInfoError> {
         mem_total_kib,
         mem_available_kib,
         ..Default::default()
-    })
+    };
+    add_metrics(&mut reply);
+    Ok(reply)
+}
+
+/// The facts Check carries for metrics only: best effort, so that a guest
+/// without one of these files still passes the liveness probe.
+fn add_metrics(reply: &mut CheckResponse) {
+    match sysinfo::loadavg() {
+        Ok((l1, l5, l15)) => (reply.load1, reply.load5, reply.load15) = (l1, l5, l15),
+        Err(e) => debug!("check: {}", crate::error_chain(&e)),
+    }
+    match sysinfo::cpus_online() {
+        Ok(n) => reply.cpus_online = n,
+        Err(e) => debug!("check: {}", crate::error_chain(&e)),
+    }
+    match sysinfo::cpu_times_ms() {
+        Ok([user, nice, system, idle, iowait, irq, softirq, steal]) => {
+            reply.cpu = Some(GuestCpuTimes {
+                user_ms: user,
+                nice_ms: nice,
+                system_ms: system,
+                idle_ms: idle,
+                iowait_ms: iowait,
+                irq_ms: irq,
+                softirq_ms: softirq,
+                steal_ms: steal,
+                ..Default::default()
+            })
+            .into();
+        }
+        Err(e) => debug!("check: {}", crate::error_chain(&e)),
+    }
+    match sysinfo::net_devs() {
+        Ok(devs) => {
+            reply.net = devs
+                .into_iter()
+                .map(|d| GuestNetDev {
+                    name: d.name,
+                    rx_bytes: d.rx_bytes,
+                    rx_packets: d.rx_packets,
+                    rx_errors: d.rx_errors,
+                    rx_dropped: d.rx_dropped,
+                    tx_bytes: d.tx_bytes,
+                    tx_packets: d.tx_packets,
+                    tx_errors: d.tx_errors,
+                    tx_dropped: d.tx_dropped,
+                    ..Default::default()
+                })
+                .collect();
+        }
+        Err(e) => debug!("check: {}", crate::error_chain(&e)),
+    }
 }
 
 fn display_or_unknown(s: &str) -> &str {

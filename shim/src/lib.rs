@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod host;
 pub mod logging;
 pub mod logs;
+pub mod metrics;
 pub mod mountinfo;
 mod options;
 pub mod pod;

@@ -9,6 +9,7 @@ use containerd_shim_clh_v2::shim::ClhShim;
 
 const USAGE: &str = "usage: containerd-shim-clh-v2 check [--config PATH]
        containerd-shim-clh-v2 logs [--config PATH] [--agent | --console] [--follow] ID
+       containerd-shim-clh-v2 monitor [--listen ADDR] [--config PATH]
        containerd-shim-clh-v2 --version
 
   check    tell what this host can run, and what to install or set otherwise
@@ -16,6 +17,10 @@ const USAGE: &str = "usage: containerd-shim-clh-v2 check [--config PATH]
            sandbox's VM for a pod's container): the guest kernel and the
            agent; --agent: the agent's lines only; --follow: keep printing
            until the VM stops
+  monitor  serve every running pod's Prometheus metrics on one HTTP port
+           (GET http://ADDR/metrics; ADDR 127.0.0.1:8090 by default), each
+           series labelled with its sandbox id and CRI pod name, namespace
+           and uid
 
 Any other arguments are containerd's (shim v2 protocol: start, delete, -info, serve).";
 
@@ -30,6 +35,7 @@ async fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("check") => check(&args[1..]).await,
         Some("logs") => containerd_shim_clh_v2::logs::main(&args[1..]),
+        Some("monitor") => containerd_shim_clh_v2::metrics::monitor::main(&args[1..]).await,
         Some("--version" | "-v") => {
             println!("containerd-shim-clh-v2 {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -51,7 +51,11 @@ impl AgentClient {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        let r = self.inner.create_container(self.ctx(), &req).await;
+        let r = crate::metrics::timed(
+            "CreateContainer",
+            self.inner.create_container(self.ctx(), &req),
+        )
+        .await;
         Ok(r.map_err(rpc("CreateContainer"))?.pid)
     }
 
@@ -71,14 +75,16 @@ impl AgentClient {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        let r = self.inner.exec_process(self.ctx(), &req).await;
+        let r =
+            crate::metrics::timed("ExecProcess", self.inner.exec_process(self.ctx(), &req)).await;
         r.map(drop).map_err(rpc("ExecProcess"))
     }
 
     /// Starts init (`exec_id` "") or an exec; returns its guest pid.
     pub async fn start_process(&self, container_id: &str, exec_id: &str) -> Result<u32> {
         let req = process(container_id, exec_id);
-        let r = self.inner.start_process(self.ctx(), &req).await;
+        let r =
+            crate::metrics::timed("StartProcess", self.inner.start_process(self.ctx(), &req)).await;
         Ok(r.map_err(rpc("StartProcess"))?.pid)
     }
 
@@ -109,7 +115,8 @@ impl AgentClient {
             all,
             ..Default::default()
         };
-        let r = self.inner.signal_process(self.ctx(), &req).await;
+        let r = crate::metrics::timed("SignalProcess", self.inner.signal_process(self.ctx(), &req))
+            .await;
         r.map(drop).map_err(rpc("SignalProcess"))
     }
 
@@ -127,20 +134,23 @@ impl AgentClient {
             height,
             ..Default::default()
         };
-        let r = self.inner.resize_tty(self.ctx(), &req).await;
+        let r = crate::metrics::timed("ResizeTty", self.inner.resize_tty(self.ctx(), &req)).await;
         r.map(drop).map_err(rpc("ResizeTty"))
     }
 
     /// Closes the process's stdin (as a half-close of its stdin stream does).
     pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<()> {
         let req = process(container_id, exec_id);
-        let r = self.inner.close_stdin(self.ctx(), &req).await;
+        let r = crate::metrics::timed("CloseStdin", self.inner.close_stdin(self.ctx(), &req)).await;
         r.map(drop).map_err(rpc("CloseStdin"))
     }
 
     pub async fn container_stats(&self, container_id: &str) -> Result<ContainerStatsResponse> {
         let req = container(container_id);
-        let r = self.inner.container_stats(self.ctx(), &req);
+        let r = crate::metrics::timed(
+            "ContainerStats",
+            self.inner.container_stats(self.ctx(), &req),
+        );
         r.await.map_err(rpc("ContainerStats"))
     }
 
@@ -151,32 +161,45 @@ impl AgentClient {
             resources: resources.to_vec(),
             ..Default::default()
         };
-        let r = self.inner.update_container(self.ctx(), &req).await;
+        let r = crate::metrics::timed(
+            "UpdateContainer",
+            self.inner.update_container(self.ctx(), &req),
+        )
+        .await;
         r.map(drop).map_err(rpc("UpdateContainer"))
     }
 
     pub async fn pause_container(&self, container_id: &str) -> Result<()> {
         let req = container(container_id);
-        let r = self.inner.pause_container(self.ctx(), &req);
+        let r = crate::metrics::timed(
+            "PauseContainer",
+            self.inner.pause_container(self.ctx(), &req),
+        );
         r.await.map(drop).map_err(rpc("PauseContainer"))
     }
 
     pub async fn resume_container(&self, container_id: &str) -> Result<()> {
         let req = container(container_id);
-        let r = self.inner.resume_container(self.ctx(), &req);
+        let r = crate::metrics::timed(
+            "ResumeContainer",
+            self.inner.resume_container(self.ctx(), &req),
+        );
         r.await.map(drop).map_err(rpc("ResumeContainer"))
     }
 
     pub async fn list_pids(&self, container_id: &str) -> Result<Vec<u32>> {
         let req = container(container_id);
-        let r = self.inner.list_pids(self.ctx(), &req);
+        let r = crate::metrics::timed("ListPids", self.inner.list_pids(self.ctx(), &req));
         Ok(r.await.map_err(rpc("ListPids"))?.pids)
     }
 
     /// Kills what is left of the container and removes it.
     pub async fn remove_container(&self, container_id: &str) -> Result<()> {
         let req = container(container_id);
-        let r = self.inner.remove_container(self.ctx(), &req);
+        let r = crate::metrics::timed(
+            "RemoveContainer",
+            self.inner.remove_container(self.ctx(), &req),
+        );
         r.await.map(drop).map_err(rpc("RemoveContainer"))
     }
 
@@ -191,7 +214,7 @@ impl AgentClient {
 
     /// Sends one piece of a volume snapshot (volume_sync.rs builds it).
     pub async fn sync_volume(&self, req: &SyncVolumeRequest) -> Result<()> {
-        let r = self.inner.sync_volume(self.ctx(), req).await;
+        let r = crate::metrics::timed("SyncVolume", self.inner.sync_volume(self.ctx(), req)).await;
         r.map(drop).map_err(rpc("SyncVolume"))
     }
 
@@ -202,14 +225,19 @@ impl AgentClient {
             volume,
             ..Default::default()
         };
-        let r = self.inner.remove_volume(self.ctx(), &req).await;
+        let r =
+            crate::metrics::timed("RemoveVolume", self.inner.remove_volume(self.ctx(), &req)).await;
         r.map(drop).map_err(rpc("RemoveVolume"))
     }
 
     /// Configures the guest's interfaces and routes (once, before the
     /// first container).
     pub async fn configure_network(&self, config: &NetworkConfig) -> Result<()> {
-        let r = self.inner.configure_network(self.ctx(), config).await;
+        let r = crate::metrics::timed(
+            "ConfigureNetwork",
+            self.inner.configure_network(self.ctx(), config),
+        )
+        .await;
         r.map(drop).map_err(rpc("ConfigureNetwork"))
     }
 
@@ -226,16 +254,18 @@ impl AgentClient {
                 .collect(),
             ..Default::default()
         };
-        let r = self.inner.apply_sysctls(self.ctx(), &req).await;
+        let r =
+            crate::metrics::timed("ApplySysctls", self.inner.apply_sysctls(self.ctx(), &req)).await;
         r.map(drop).map_err(rpc("ApplySysctls"))
     }
 
     /// Onlines the vCPUs (and memory) hot-plugged into the guest.
     pub async fn online_resources(&self) -> Result<()> {
-        let r = self
-            .inner
-            .online_resources(self.ctx(), &Empty::default())
-            .await;
+        let r = crate::metrics::timed(
+            "OnlineResources",
+            self.inner.online_resources(self.ctx(), &Empty::default()),
+        )
+        .await;
         r.map(drop).map_err(rpc("OnlineResources"))
     }
 }

@@ -8,6 +8,7 @@ mod hostile_tests;
 mod hybrid_vsock;
 #[cfg(test)]
 mod linger_tests;
+pub mod metrics;
 mod stdio;
 #[cfg(test)]
 mod stdio_tests;
@@ -248,8 +249,7 @@ impl AgentClient {
             shim_version: env!("CARGO_PKG_VERSION").to_string(),
             ..Default::default()
         };
-        self.inner
-            .version(self.ctx(), &req)
+        crate::metrics::timed("Version", self.inner.version(self.ctx(), &req))
             .await
             .map_err(|source| Error::Rpc {
                 method: "Version",
@@ -264,8 +264,7 @@ impl AgentClient {
             seed: seed.to_vec(),
             ..Default::default()
         };
-        self.inner
-            .seed_random(self.ctx(), &req)
+        crate::metrics::timed("SeedRandom", self.inner.seed_random(self.ctx(), &req))
             .await
             .map_err(|source| Error::Rpc {
                 method: "SeedRandom",
@@ -274,13 +273,15 @@ impl AgentClient {
     }
 
     pub async fn check(&self) -> Result<CheckResponse> {
-        self.inner
-            .check(self.ctx(), &CheckRequest::default())
-            .await
-            .map_err(|source| Error::Rpc {
-                method: "Check",
-                source,
-            })
+        crate::metrics::timed(
+            "Check",
+            self.inner.check(self.ctx(), &CheckRequest::default()),
+        )
+        .await
+        .map_err(|source| Error::Rpc {
+            method: "Check",
+            source,
+        })
     }
 
     /// The test-only fault switch (REL-AGENT-01, REL-PANIC-01): only the
@@ -294,8 +295,7 @@ impl AgentClient {
             fault: fault.into(),
             ..Default::default()
         };
-        self.inner
-            .inject_fault(self.ctx(), &req)
+        crate::metrics::timed("InjectFault", self.inner.inject_fault(self.ctx(), &req))
             .await
             .map(drop)
             .map_err(|source| Error::Rpc {

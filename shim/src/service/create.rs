@@ -199,6 +199,10 @@ impl<E: EventSender> TaskService<E> {
             dir = %vm.dir().display(),
             "VM started"
         );
+        // Metrics are for operators: a pod runs without them.
+        if let Err(e) = crate::metrics::serve(&vm, crate::metrics::PodLabels::from_spec(spec)) {
+            tracing::warn!(id, error = %e, "the pod's metrics socket is off");
+        }
         let oom = super::oom::watch(
             Arc::downgrade(&vm),
             self.containers.clone(),

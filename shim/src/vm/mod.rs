@@ -307,6 +307,33 @@ impl PodVm {
             .unwrap_or_default()
     }
 
+    /// The VM's host processes by role, each with what it forked: `vmm`,
+    /// `vmm_helper` (the backend's other processes: vhost-device-vsock) and
+    /// `virtiofsd` (its sandboxed worker included). For metrics.
+    pub fn processes(&self) -> Vec<(&'static str, u32)> {
+        let (vmm, fs) = match locked(&self.machine).as_ref() {
+            Some(m) => (
+                m.hypervisor.pids(),
+                m.virtiofsd.exited().is_none().then(|| m.virtiofsd.pid()),
+            ),
+            None => return Vec::new(),
+        };
+        let roots = vmm
+            .into_iter()
+            .enumerate()
+            .map(|(i, pid)| (if i == 0 { "vmm" } else { "vmm_helper" }, pid))
+            .chain(fs.map(|pid| ("virtiofsd", pid)));
+        let mut all: Vec<(&'static str, u32)> = Vec::new();
+        for (role, pid) in roots {
+            for p in with_descendants(vec![pid]) {
+                if !all.iter().any(|(_, q)| *q == p) {
+                    all.push((role, p));
+                }
+            }
+        }
+        all
+    }
+
     /// The VMM's pid, which stands for the pod's pause process.
     pub fn vmm_pid(&self) -> u32 {
         self.pids().first().copied().unwrap_or_default()

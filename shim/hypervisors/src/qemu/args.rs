@@ -15,8 +15,8 @@ pub const GUEST_CID: u32 = 3;
 ///   turns into QEMU exiting whatever reset method the machine offers;
 /// - `no_timer_check`: at boot Linux checks that the IO-APIC delivers
 ///   timer interrupts within a few busy-waited ticks. A TCG vCPU starved
-///   by a loaded host misses that window and the kernel panics ("IO-APIC
-///   + timer doesn't work!", seen with five pods booting at once on two
+///   by a loaded host misses that window and the kernel panics (`IO-APIC +
+///   timer doesn't work!`, seen with five pods booting at once on two
 ///   cores). The emulated timer works; the check only measures the host's
 ///   load. (Kata sets it for the same reason.)
 const BACKEND_KERNEL_PARAMS: &str = "reboot=t no_timer_check";
