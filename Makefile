@@ -5,6 +5,7 @@
 #   make fuzz    run each fuzz target for FUZZ_SECONDS (30) seconds
 #   make bench   boot, ctr, CRI (start latency, memory), shared-fs and network benchmarks, beside their baselines
 #   make soak    pods made and removed for SOAK_CYCLES cycles; resource counts must stay flat
+#   make fresh-root-test   make deps and the build in a freshly debootstrapped Debian 12 root (rerun only when the scripts change)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -24,13 +25,22 @@ export CLH_GUEST_DIR := $(GUEST_DIR)
 FAULTS_GUEST_DIR := $(BUILD_DIR)/guest-faults
 export CLH_FAULTS_GUEST_DIR := $(FAULTS_GUEST_DIR)
 
-.PHONY: all deps build shim agent guest-image guest-image-faults soak test unit-test lint fuzz bench demo check clean install
+.PHONY: all deps fresh-root-test build shim agent guest-image guest-image-faults soak test unit-test lint fuzz bench demo check clean install
 
 all: build guest-image
 
 deps:
 	packaging/install-deps.sh
 	packaging/install-containerd.sh
+
+# make deps, then make build guest-image, as on a fresh machine: in a
+# debootstrapped Debian 12 minbase root with the host's Rust toolchain
+# (tests/fresh-root.sh, about 15 minutes). Cached by the sha256 of the install
+# scripts, the test, the deps target above and guest-image/build.sh: it runs
+# again only when they change (CLH_FRESH_ROOT_FORCE=1 reruns it,
+# CLH_FRESH_ROOT_BUILD=0 stops after make deps).
+fresh-root-test: deps
+	tests/fresh-root.sh
 
 shim:
 	$(CARGO) build --release -p containerd-shim-clh-v2
@@ -69,7 +79,7 @@ lint:
 # count and the reasons are the last thing printed.
 SKIP_LOG := $(BUILD_DIR)/test-skips.log
 test: export CLH_TEST_SKIP_LOG := $(SKIP_LOG)
-test: deps guest-image guest-image-faults lint
+test: deps fresh-root-test guest-image guest-image-faults lint
 	mkdir -p $(BUILD_DIR) && rm -f $(SKIP_LOG)
 	$(CARGO) test --workspace --exclude clh-tests
 	FUZZ_SECONDS=20 tests/fuzz.sh

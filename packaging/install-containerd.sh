@@ -26,8 +26,10 @@ log() { echo "install-containerd: $*"; }
 
 # containerd and runc from Debian 12. The package ships only a systemd unit;
 # PID 1 here is not systemd, so nothing should start, which is checked below.
+# Beside them, what this script itself runs: gpg (the keyring check), pgrep
+# (procps), the Debian archive keyring (trixie's and forky's indices).
 missing=()
-for p in containerd runc; do
+for p in containerd runc gpg procps debian-archive-keyring; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -51,7 +53,12 @@ done
 # status (read only) so that apt can resolve; sources signed by the Debian
 # archive keyring, which must hold the trixie keys (forky is signed by them).
 # Downloads run as root (APT::Sandbox::User) because the cache under $HOME
-# is not reachable by the _apt user.
+# is not reachable by the _apt user. A testing suite's Release file is valid
+# for a week only, and a mirror that lags (seen: forky's expired for a month
+# while bookworm's was current) would stop every new machine here; the
+# signature and the hashes are still checked (Check-Valid-Until=false only
+# accepts an older signed index), and what comes from these suites is only
+# unpacked into the cache for the tests, never installed.
 apt_private() {
   local tool="$1"
   shift
@@ -62,6 +69,7 @@ apt_private() {
     -o Dir::Cache="$apt_dir/cache" \
     -o Dir::State::Status=/var/lib/dpkg/status \
     -o APT::Sandbox::User=root \
+    -o Acquire::Check-Valid-Until=false \
     -o Acquire::Languages=none \
     -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false \
     -o Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false \

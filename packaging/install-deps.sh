@@ -2,9 +2,19 @@
 # Installs what building and testing clh-shim needs on a Debian 12 host:
 # Debian packages, and the vhost-user daemons from crates.io into /usr/local.
 # Idempotent: does nothing for what is already there.
+# Every Debian package it relies on is named here, even those most machines
+# have: tests/fresh-root.sh (make fresh-root-test) runs it in a debootstrapped
+# minbase Debian 12 root, where anything unnamed is missing.
 set -euo pipefail
 
+if [ "$(id -u)" != 0 ]; then
+  echo "install-deps: must run as root (it installs Debian packages and /usr/local/bin tools)" >&2
+  exit 1
+fi
+
 apt_packages=(
+  ca-certificates # cargo reaches crates.io over https
+  libc6-dev # rustc links through gcc (below), which only recommends libc6-dev: not installed with --no-install-recommends
   protobuf-compiler # the agent protocol is compiled at build time
   libseccomp-dev # the agent's seccomp filters (libseccomp.a, linked statically)
   zstd xz-utils kmod file binutils python3 gcc make # guest image build
@@ -14,6 +24,7 @@ apt_packages=(
   libcap-ng-dev # virtiofsd links libcap-ng (cargo install below)
   pkg-config # how virtiofsd's build finds libcap-ng and libseccomp
   g++ # libfuzzer-sys builds libFuzzer (make fuzz)
+  debootstrap # tests/fresh-root.sh builds a fresh Debian 12 root to run this script in
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -29,7 +40,9 @@ fi
 # TCG crashes the guest kernel about one boot in five when the host CPU is
 # contended (double faults, NULL dereferences in early boot); 10.0 does not.
 # Backports is added with a low pin priority, so it never upgrades anything
-# else: only the three QEMU packages are taken from it, by name.
+# else; the QEMU transaction alone targets it (-t), so that what QEMU 10 needs
+# that bookworm lacks (seabios >= 1.16.3, newer libraries) also comes from
+# backports, while packages already installed stay as they are.
 qemu_major() { dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null | sed -E 's/^[0-9]+://; s/[^0-9].*//'; }
 if [ "$(qemu_major || true)" != 10 ]; then
   list=/etc/apt/sources.list.d/clh-shim-bookworm-backports.sources
@@ -49,10 +62,17 @@ PIN
   fi
   echo "install-deps: installing QEMU 10 from bookworm-backports"
   apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports qemu-system-data/bookworm-backports \
-    seabios/bookworm-backports # QEMU 10's BIOS: it needs seabios >= 1.16.3, which only backports has
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t bookworm-backports \
+    qemu-system-x86 qemu-system-common qemu-system-data \
+    seabios # QEMU 10's BIOS: it needs seabios >= 1.16.3, which only backports has
 fi
+case "$(qemu_major || true)" in
+  10) ;;
+  *)
+    echo "install-deps: qemu-system-x86 $(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || echo '(not installed)') is not QEMU 10 after installing from bookworm-backports; check that apt reaches bookworm-backports (apt-cache policy qemu-system-x86)" >&2
+    exit 1
+    ;;
+esac
 echo "install-deps: $(qemu-system-x86_64 --version | head -n 1)"
 
 # vhost-user backends, and cargo-fuzz for make fuzz (it builds libFuzzer
@@ -63,6 +83,10 @@ for bin in "${!crates[@]}"; do
   if [ -x "$HOME/.cargo/bin/$bin" ] && "$HOME/.cargo/bin/$bin" --version 2>/dev/null | grep -q "${crates[$bin]}"; then
     install -m 0755 "$HOME/.cargo/bin/$bin" "/usr/local/bin/$bin"
     continue
+  fi
+  if ! command -v cargo >/dev/null; then
+    echo "install-deps: cargo is not on PATH ($PATH), and $bin must be built from crates.io: install the Rust toolchain with rustup and put ~/.cargo/bin on PATH" >&2
+    exit 1
   fi
   echo "install-deps: building $bin ${crates[$bin]} from crates.io"
   cargo install --locked --root /usr/local --version "${crates[$bin]}" "$bin"
