@@ -3,18 +3,16 @@
 //! guest memory, then the RX and TX rings), one step at a time, so that a
 //! test can make a host connection at any point of that start.
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
-use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::GuestAddress;
 
-use crate::fuse_frontend::vring::{Buffer, GuestRam, SplitQueue};
+use crate::fuse_frontend::vring::{connect_vhost_user, start_vring, Buffer, GuestRam, SplitQueue};
 
 /// virtio-vsock queues the device serves: 0 is RX (device to guest), 1 is
 /// TX; the event queue stays in the VMM.
@@ -64,20 +62,7 @@ impl VsockFrontend {
     /// features and announces the guest memory: the device is then where
     /// QEMU leaves it between SET_MEM_TABLE and the rings' setup.
     pub fn connect_with_memory(socket: &Path, timeout: Duration) -> anyhow::Result<Self> {
-        let stream = UnixStream::connect(socket)
-            .with_context(|| format!("connecting to {}", socket.display()))?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        let mut vhost = Frontend::from_stream(stream, 3);
-        vhost.set_owner().context("SET_OWNER")?;
-        let offered = vhost.get_features().context("GET_FEATURES")?;
-        let wanted =
-            (1u64 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        ensure!(
-            offered & wanted == wanted,
-            "vhost-device-vsock offers {offered:#x}, lacking {:#x}",
-            wanted & !offered
-        );
+        let (mut vhost, wanted) = connect_vhost_user(socket, timeout, 3, "vhost-device-vsock")?;
         vhost.set_features(wanted).context("SET_FEATURES")?;
         vhost
             .get_protocol_features()
@@ -107,25 +92,7 @@ impl VsockFrontend {
         let rx = SplitQueue::new(&self.ram, RX_RINGS, QUEUE_SIZE)?;
         let tx = SplitQueue::new(&self.ram, TX_RINGS, QUEUE_SIZE)?;
         for (index, queue) in [(RX, &rx), (TX, &tx)] {
-            let step = |what: &str| format!("{what} for queue {index}");
-            self.vhost
-                .set_vring_num(index, queue.size())
-                .with_context(|| step("SET_VRING_NUM"))?;
-            self.vhost
-                .set_vring_addr(index, &queue.config(&self.ram)?)
-                .with_context(|| step("SET_VRING_ADDR"))?;
-            self.vhost
-                .set_vring_base(index, 0)
-                .with_context(|| step("SET_VRING_BASE"))?;
-            self.vhost
-                .set_vring_kick(index, &queue.kick)
-                .with_context(|| step("SET_VRING_KICK"))?;
-            self.vhost
-                .set_vring_call(index, &queue.call)
-                .with_context(|| step("SET_VRING_CALL"))?;
-            self.vhost
-                .set_vring_enable(index, true)
-                .with_context(|| step("SET_VRING_ENABLE"))?;
+            start_vring(&mut self.vhost, &self.ram, index, queue)?;
         }
         // As after SET_MEM_TABLE: a reply says the rings are set up in the
         // device (a host connection racing their setup is the bug the

@@ -19,24 +19,20 @@ mod abi;
 mod fixture;
 pub(crate) mod vring;
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use nix::errno::Errno;
-use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
-use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{Address, GuestAddress};
 
 pub use abi::{Attr, Creds, Entry, Opcode, ROOT_ID};
 use abi::{Body, Fields};
 pub use fixture::{host_ino, tree, Fixture, REPLY_TIMEOUT};
-use vring::{Buffer, GuestRam, SplitQueue};
+use vring::{connect_vhost_user, start_vring, Buffer, GuestRam, SplitQueue};
 
 /// What virtiofsd answered: a reply body, or the errno it refused with.
 pub type Answer<T> = Result<T, Errno>;
@@ -75,21 +71,8 @@ impl FuseFrontend {
     /// hiprio and one request queue, and sends FUSE_INIT. `timeout` bounds
     /// every vhost-user reply and every FUSE reply.
     pub fn connect(socket: &Path, timeout: Duration) -> anyhow::Result<Self> {
-        let stream = UnixStream::connect(socket)
-            .with_context(|| format!("connecting to {}", socket.display()))?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        let mut vhost = Frontend::from_stream(stream, 2);
+        let (mut vhost, wanted) = connect_vhost_user(socket, timeout, 2, "virtiofsd")?;
 
-        vhost.set_owner().context("SET_OWNER")?;
-        let offered = vhost.get_features().context("GET_FEATURES")?;
-        let wanted =
-            (1u64 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        ensure!(
-            offered & wanted == wanted,
-            "virtiofsd offers features {offered:#x}, lacking {:#x}",
-            wanted & !offered
-        );
         let protocol = vhost
             .get_protocol_features()
             .context("GET_PROTOCOL_FEATURES")?;
@@ -112,25 +95,7 @@ impl FuseFrontend {
         let hiprio = SplitQueue::new(&ram, HIPRIO_RINGS, QUEUE_SIZE)?;
         let requests = SplitQueue::new(&ram, REQUEST_RINGS, QUEUE_SIZE)?;
         for (index, queue) in [(HIPRIO, &hiprio), (REQUESTS, &requests)] {
-            let step = |what: &str| format!("{what} for queue {index}");
-            vhost
-                .set_vring_num(index, queue.size())
-                .with_context(|| step("SET_VRING_NUM"))?;
-            vhost
-                .set_vring_addr(index, &queue.config(&ram)?)
-                .with_context(|| step("SET_VRING_ADDR"))?;
-            vhost
-                .set_vring_base(index, 0)
-                .with_context(|| step("SET_VRING_BASE"))?;
-            vhost
-                .set_vring_call(index, &queue.call)
-                .with_context(|| step("SET_VRING_CALL"))?;
-            vhost
-                .set_vring_kick(index, &queue.kick)
-                .with_context(|| step("SET_VRING_KICK"))?;
-            vhost
-                .set_vring_enable(index, true)
-                .with_context(|| step("SET_VRING_ENABLE"))?;
+            start_vring(&mut vhost, &ram, index, queue)?;
         }
 
         let mut fs = Self {

@@ -243,3 +243,64 @@ impl SplitQueue {
         }
     }
 }
+
+/// Connects to a vhost-user backend's socket (`device` names it in
+/// errors), every reply bounded by `timeout`, takes ownership and checks
+/// that it offers VIRTIO_F_VERSION_1 and protocol features; returns the
+/// frontend and the features to SET (those two), as QEMU starts a device.
+pub(crate) fn connect_vhost_user(
+    socket: &std::path::Path,
+    timeout: std::time::Duration,
+    max_queues: u64,
+    device: &str,
+) -> anyhow::Result<(vhost::vhost_user::Frontend, u64)> {
+    use vhost::vhost_user::message::VhostUserVirtioFeatures;
+    use vhost::VhostBackend;
+    use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let vhost = vhost::vhost_user::Frontend::from_stream(stream, max_queues);
+    vhost.set_owner().context("SET_OWNER")?;
+    let offered = vhost.get_features().context("GET_FEATURES")?;
+    let wanted = (1u64 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    ensure!(
+        offered & wanted == wanted,
+        "{device} offers features {offered:#x}, lacking {:#x}",
+        wanted & !offered
+    );
+    Ok((vhost, wanted))
+}
+
+/// Sets up and enables ring `index` of `vhost` on `queue` in `ram`, with
+/// the messages and in the order QEMU sends them.
+pub(crate) fn start_vring(
+    vhost: &mut vhost::vhost_user::Frontend,
+    ram: &GuestRam,
+    index: usize,
+    queue: &SplitQueue,
+) -> anyhow::Result<()> {
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostBackend;
+    let step = |what: &str| format!("{what} for queue {index}");
+    vhost
+        .set_vring_num(index, queue.size())
+        .with_context(|| step("SET_VRING_NUM"))?;
+    vhost
+        .set_vring_addr(index, &queue.config(ram)?)
+        .with_context(|| step("SET_VRING_ADDR"))?;
+    vhost
+        .set_vring_base(index, 0)
+        .with_context(|| step("SET_VRING_BASE"))?;
+    vhost
+        .set_vring_call(index, &queue.call)
+        .with_context(|| step("SET_VRING_CALL"))?;
+    vhost
+        .set_vring_kick(index, &queue.kick)
+        .with_context(|| step("SET_VRING_KICK"))?;
+    vhost
+        .set_vring_enable(index, true)
+        .with_context(|| step("SET_VRING_ENABLE"))?;
+    Ok(())
+}
