@@ -274,12 +274,7 @@ fn rel_shim_01_delete_cleans_up_after_a_sigkilled_shim() {
         }
 
         k.restart_containerd()?;
-        for id in &ids {
-            k.cri()
-                .wait_container_state(id, ContainerState::ContainerExited, k.timeout())?;
-        }
-        k.remove_pod(&pod)?;
-        k.finish()
+        exited_then_removed(k, &pod, &ids)
     };
     run().unwrap();
 }
@@ -306,14 +301,20 @@ fn rel_shim_01_containerd_reaps_a_sigkilled_shim() {
         let took = t.elapsed();
         eprintln!("REL-SHIM-01: containerd cleaned up the SIGKILLed shim's pod in {took:?}");
         ensure!(took < DELETE_DEADLINE, "cleanup took {took:?}");
-        for id in &ids {
-            k.cri()
-                .wait_container_state(id, ContainerState::ContainerExited, k.timeout())?;
-        }
-        k.remove_pod(&pod)?;
-        k.finish()
+        exited_then_removed(k, &pod, &ids)
     };
     run().unwrap();
+}
+
+/// CRI reports every container of `pod` EXITED; then the pod's removal
+/// leaves nothing.
+fn exited_then_removed(k: Kubelet, pod: &Pod, ids: &[String]) -> Result<()> {
+    for id in ids {
+        k.cri()
+            .wait_container_state(id, ContainerState::ContainerExited, k.timeout())?;
+    }
+    k.remove_pod(pod)?;
+    k.finish()
 }
 
 /// A small tmpfs over the shim's state root, unmounted on drop.
