@@ -173,6 +173,22 @@ pub fn run(ctd: &PrivateContainerd, args: &[&str]) -> Result<std::process::Outpu
     ctd.ctr(&full)
 }
 
+/// `ctr run -d --runtime clh busybox ID sleep 1000`, checked: a container
+/// that runs until the test stops it.
+pub fn run_sleeper(ctd: &PrivateContainerd, id: &str) -> Result<()> {
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        id,
+        "sleep",
+        "1000",
+    ])?;
+    crate::containerd::check(&out, "ctr run -d")
+}
+
 /// Nothing of ours is left: containerd's report, and the shim's state dir
 /// empty, no VM process naming it, no mount under it.
 pub fn assert_no_leaks(ctd: &PrivateContainerd, state_dir: &Path) {

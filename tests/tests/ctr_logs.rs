@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd, CRI_NAMESPACE};
 use clh_tests::cri::{ContainerBuilder, Kubelet, BUSYBOX as CRI_BUSYBOX};
-use clh_tests::ctr::{self, setup, start, wait_status, wait_within, BUSYBOX, RUNTIME};
+use clh_tests::ctr::{self, run_sleeper, setup, start, wait_status, wait_within, RUNTIME};
 use containerd_shim_clh_v2::logs::is_agent_line;
 
 /// What the agent prints once it serves (guest-agent/src/main.rs).
@@ -158,17 +158,7 @@ fn ctr_container_logs(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
     let mut ctd = start(version, &s, tmpdir())?;
     let id = "logs1";
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        id,
-        "sleep",
-        "1000",
-    ])?;
-    check(&out, "ctr run -d")?;
+    run_sleeper(&ctd, id)?;
     let started = wait_shim_line(&ctd, ctd.namespace(), "VM started", id)?;
     eprintln!("containerd {version:?} logged: {started}");
     ensure!(

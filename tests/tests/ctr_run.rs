@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
 use clh_tests::ctr::{
-    assert_no_leaks, assert_no_leaks_within, run, setup, start, vm_processes, wait_status, Setup,
-    BUSYBOX, RUNTIME,
+    assert_no_leaks, assert_no_leaks_within, run, run_sleeper, setup, start, vm_processes,
+    wait_status, Setup, BUSYBOX, RUNTIME,
 };
 use clh_tests::faults::Fault;
 
@@ -81,17 +81,7 @@ fn ctr_run_in_a_vm(version: ContainerdVersion) -> Result<()> {
 fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
     let ctd = start(version, &s, tmpdir())?;
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        "t4",
-        "sleep",
-        "1000",
-    ])?;
-    check(&out, "ctr run -d")?;
+    run_sleeper(&ctd, "t4")?;
     let out = ctd.ctr(&["task", "exec", "--exec-id", "e1", "t4", "uname", "-r"])?;
     check(&out, "ctr task exec")?;
     let release = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -143,17 +133,7 @@ fn exec_kill_and_stats(version: ContainerdVersion) -> Result<()> {
 fn shim_crash_cleanup(version: ContainerdVersion) -> Result<()> {
     let s = setup()?;
     let mut ctd = start(version, &s, tmpdir())?;
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        "t5",
-        "sleep",
-        "1000",
-    ])?;
-    check(&out, "ctr run -d")?;
+    run_sleeper(&ctd, "t5")?;
     let shim = std::fs::read_dir("/proc")?
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
@@ -203,17 +183,7 @@ fn task_ends_after(
     fault: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let ctd = start(version, s, tmpdir())?;
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        id,
-        "sleep",
-        "1000",
-    ])?;
-    check(&out, "ctr run -d")?;
+    run_sleeper(&ctd, id)?;
     wait_status(&ctd, id, "RUNNING", Duration::from_secs(30))?;
     fault(&s.state_dir.join(id))?;
     wait_status(&ctd, id, "STOPPED", TASK_ENDS_WITHIN)?;

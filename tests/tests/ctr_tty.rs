@@ -12,7 +12,8 @@ use std::time::Instant;
 use anyhow::{ensure, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
 use clh_tests::ctr::{
-    ctr_command, finish, setup, wait_status, wait_within, Setup, BUSYBOX, RUNTIME, VM_DEADLINE,
+    ctr_command, finish, run_sleeper, setup, wait_status, wait_within, Setup, BUSYBOX, RUNTIME,
+    VM_DEADLINE,
 };
 
 fn start(s: &Setup) -> Result<PrivateContainerd> {
@@ -99,17 +100,7 @@ fn tty_size_reaches_the_guest() -> Result<()> {
 fn exec_with_a_tty_sees_its_size_and_exit_code() -> Result<()> {
     let s = setup()?;
     let ctd = start(&s)?;
-    let run = [
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        "tty2",
-        "sleep",
-        "1000",
-    ];
-    check(&ctd.ctr(&run)?, "ctr run -d")?;
+    run_sleeper(&ctd, "tty2")?;
     wait_status(&ctd, "tty2", "RUNNING", VM_DEADLINE)?;
 
     let exec = [
