@@ -25,7 +25,6 @@ use super::error::{Error, Result};
 use super::volume_sync;
 use crate::bind_mount::{self, Propagation, SubmountPolicy};
 use crate::shared_mount::{private_dir, staging_dir};
-use crate::writable_shares::WritableShares;
 
 /// containerd's default root and state directories.
 const CONTAINERD_DIRS: [&str; 2] = ["/var/lib/containerd", "/run/containerd"];
@@ -54,7 +53,10 @@ const EMPTY_DIR_PLUGIN: &str = "kubernetes.io~empty-dir";
 /// VM it becomes guest memory instead (the pod's memory limit covers it
 /// there, as the kubelet's tmpfs is charged to the pod on a node).
 /// `is_tmpfs` tells whether a host path is a tmpfs ([`host_is_tmpfs`]).
-fn memory_volume(m: &serde_json::Value, is_tmpfs: impl Fn(&Path) -> bool) -> Option<String> {
+pub(super) fn memory_volume(
+    m: &serde_json::Value,
+    is_tmpfs: impl Fn(&Path) -> bool,
+) -> Option<String> {
     let source = Path::new(m.get("source")?.as_str()?);
     let parent = source.parent()?;
     if parent.file_name()? != EMPTY_DIR_PLUGIN || !is_tmpfs(source) {
@@ -72,7 +74,7 @@ fn memory_volume(m: &serde_json::Value, is_tmpfs: impl Fn(&Path) -> bool) -> Opt
 /// made may name guest paths, so a spec cannot make the shim skip the host
 /// bind and hand the guest a path of its own choosing
 /// (`/run/clh/volumes/../..` is the guest's root).
-fn refuse_guest_path(m: &serde_json::Value) -> Result<()> {
+pub(super) fn refuse_guest_path(m: &serde_json::Value) -> Result<()> {
     let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
     let path = Path::new(source);
     let dotdot = path
@@ -123,67 +125,6 @@ fn submount_policy(vm_dir: &Path, bundle: &Path) -> SubmountPolicy {
     SubmountPolicy {
         staging: staging_dir(vm_dir),
         hidden,
-    }
-}
-
-/// The spec mounts it read-only (`ro` or `rro`; runc's default is
-/// read-write).
-pub(super) fn is_readonly(m: &serde_json::Value) -> bool {
-    bind_options::is_readonly(m)
-}
-
-/// The host mounts below canonical `source`: a read-only bind that is not
-/// recursively read-only leaves them writable (bind_options.rs).
-fn host_submounts(source: &Path) -> Vec<PathBuf> {
-    let table = crate::mountinfo::read().unwrap_or_default();
-    table
-        .into_iter()
-        .map(|m| m.mount_point)
-        .filter(|at| at.starts_with(source) && at != source)
-        .collect()
-}
-
-/// Records in `writable` the host source of every bind mount of `spec`
-/// that [`Binds::share`] will share read-write: the guest can write those
-/// (writable_shares.rs). Call it before anything of the container is
-/// synced or shared. A source that cannot be resolved is recorded as
-/// given (sharing it fails later anyway).
-pub fn record_writable(spec: &serde_json::Value, writable: &WritableShares) {
-    let Some(mounts) = spec.get("mounts").and_then(|m| m.as_array()) else {
-        return;
-    };
-    for m in mounts {
-        // A source in the guest's volume directory is no host path (and
-        // Binds::share refuses any that is not a synced copy).
-        let host_source = refuse_guest_path(m).is_ok();
-        if !is_bind(m)
-            || is_readonly(m)
-            || !host_source
-            || memory_volume(m, host_is_tmpfs).is_some()
-        {
-            continue;
-        }
-        let Some(source) = m.get("source").and_then(|s| s.as_str()) else {
-            continue;
-        };
-        let source = Path::new(source);
-        writable.add(bind_mount::resolve(source).unwrap_or_else(|_| source.to_path_buf()));
-    }
-    // A read-only bind that is not recursively so leaves its submounts
-    // writable (bind_options.rs): those host paths are guest-writable.
-    for m in mounts {
-        let Ok(opts) = bind_options(m) else { continue };
-        let Some(source) = m.get("source").and_then(|s| s.as_str()) else {
-            continue;
-        };
-        if !is_bind(m) || !opts.recursive || !opts.readonly || opts.recursive_readonly {
-            continue;
-        }
-        if let Ok(source) = bind_mount::resolve(Path::new(source)) {
-            host_submounts(&source)
-                .into_iter()
-                .for_each(|p| writable.add(p));
-        }
     }
 }
 

@@ -16,7 +16,9 @@ use super::error::{Error, Result};
 use super::events::EventSender;
 use super::stdio::{self, Pumps, StdioPaths};
 use super::volume_sync::{self, VolumeSync};
-use super::{bind_options, binds, pod_spec, rootfs, sysctls, validate, TaskService};
+use super::{
+    bind_options, binds, guest_writable, pod_spec, rootfs, sysctls, validate, TaskService,
+};
 use crate::pod::Role;
 use crate::shared_mount::remove_container_dir;
 use crate::sizing::{self, PodLimits};
@@ -288,7 +290,7 @@ async fn create_in_guest(
         rootfs::mount(&req.rootfs, &source, &rootfs).await?;
         // Before any sync starts: this container's own read-write mounts
         // count as guest-writable too.
-        binds::record_writable(spec, vm.writable());
+        guest_writable::record_writable(spec, vm.writable());
         synced = sync_volumes(vm, spec, &req.id).await?;
         let guest_sources: Vec<String> = synced.iter().map(|s| s.guest_dir().to_string()).collect();
         let bundle = Path::new(&req.bundle);
@@ -348,7 +350,11 @@ async fn sync_volumes(vm: &PodVm, spec: &mut Value, cid: &str) -> Result<Vec<Vol
     for (n, m) in mounts.iter_mut().enumerate() {
         let source = m.get("source").and_then(|s| s.as_str()).unwrap_or_default();
         if !binds::is_bind(m)
-            || !volume_sync::should_sync(Path::new(source), binds::is_readonly(m), vm.writable())
+            || !volume_sync::should_sync(
+                Path::new(source),
+                bind_options::is_readonly(m),
+                vm.writable(),
+            )
         {
             continue;
         }

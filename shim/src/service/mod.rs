@@ -11,6 +11,7 @@ pub mod events;
 #[cfg(test)]
 mod fakes;
 mod guest_spec;
+mod guest_writable;
 mod oom;
 mod ops;
 mod pause;
