@@ -139,3 +139,17 @@ fn a_missing_file_is_a_clear_error() {
     let err = Config::load(Path::new("/nonexistent/clh.toml")).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/clh.toml"), "{err}");
 }
+
+#[test]
+fn an_installed_version_reads_the_config_beside_its_bin_dir() {
+    let exe = Path::new("/opt/clh-shim/versions/abc/bin/containerd-shim-clh-v2");
+    assert_eq!(
+        crate::installed_path(exe).as_deref(),
+        Some(Path::new(
+            "/opt/clh-shim/versions/abc/etc/clh-shim/config.toml"
+        ))
+    );
+    // A binary outside a bin/ directory (cargo's target/release) has none.
+    let dev = Path::new("/src/target/release/containerd-shim-clh-v2");
+    assert_eq!(crate::installed_path(dev), None);
+}
