@@ -6,6 +6,8 @@
 #   make bench   boot, ctr, CRI (start latency, memory), shared-fs and network benchmarks, beside their baselines
 #   make soak    pods made and removed for SOAK_CYCLES cycles; resource counts must stay flat
 #   make fresh-root-test   make deps and the build in a freshly debootstrapped Debian 12 root (rerun only when the scripts change)
+#   make node-install      install on this node with clh-install (make node-uninstall takes it off)
+#   make node-image        the node installer image (OCI archive) for packaging/kubernetes/clh-deploy.yaml
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -25,6 +27,7 @@ export CLH_GUEST_DIR := $(GUEST_DIR)
 FAULTS_GUEST_DIR := $(BUILD_DIR)/guest-faults
 export CLH_FAULTS_GUEST_DIR := $(FAULTS_GUEST_DIR)
 
+.PHONY: installer node-payload node-image node-install node-uninstall
 .PHONY: all deps fresh-root-test build shim agent guest-image guest-image-faults soak test unit-test lint fuzz bench demo check clean install
 
 all: build guest-image
@@ -45,14 +48,40 @@ fresh-root-test: deps
 shim:
 	$(CARGO) build --release -p containerd-shim-clh-v2
 
-AGENT_BUILD = LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=$(dir $(shell gcc -print-file-name=libseccomp.a)) \
+STATIC_BUILD = LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=$(dir $(shell gcc -print-file-name=libseccomp.a)) \
 		RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
-		$(CARGO) build --release -p clh-agent --target $(AGENT_TARGET)
+		$(CARGO) build --release --target $(AGENT_TARGET)
+AGENT_BUILD = $(STATIC_BUILD) -p clh-agent
 
 agent:
 	$(AGENT_BUILD)
 
 build: shim agent
+
+# The node installer, static (its image has no libc), built with the
+# agent's flags so that the two share one target dir without rebuilds.
+INSTALLER_BIN := target/$(AGENT_TARGET)/release/clh-install
+installer:
+	$(STATIC_BUILD) -p clh-install
+
+# What clh-install installs: shim, guest image, helpers, config template.
+NODE_PAYLOAD := $(BUILD_DIR)/node-payload
+node-payload: shim installer guest-image
+	packaging/node-payload.sh $(SHIM_BIN) $(INSTALLER_BIN) $(GUEST_DIR) $(NODE_PAYLOAD)
+
+# The installer image as an OCI archive: `ctr -n k8s.io images import` it
+# on each node (or push it to your registry), then kubectl apply
+# packaging/kubernetes/clh-deploy.yaml.
+NODE_IMAGE_NAME := localhost/clh-shim-installer:0.1.0
+node-image: node-payload
+	python3 tests/images/oci_image.py installer $(NODE_PAYLOAD) $(NODE_IMAGE_NAME) $(BUILD_DIR)/clh-node-installer.tar
+
+# One command on a node without Kubernetes (see packaging/README.md).
+node-install: deps node-payload
+	$(NODE_PAYLOAD)/bin/clh-install install
+
+node-uninstall:
+	/opt/clh-shim/current/bin/clh-install uninstall
 
 guest-image: agent
 	guest-image/build.sh $(AGENT_BIN) $(GUEST_DIR)

@@ -18,6 +18,8 @@ apt_packages=(
   protobuf-compiler # the agent protocol is compiled at build time
   libseccomp-dev # the agent's seccomp filters (libseccomp.a, linked statically)
   zstd xz-utils kmod file binutils python3 gcc make # guest image build
+  python3-yaml # tests: the Kubernetes manifests of packaging/kubernetes parse and agree
+  openssl # tests: certificates of the fake Kubernetes API server (node labels)
   containernetworking-plugins # CNI static, loopback, bridge, host-local (/usr/lib/cni) for the CRI tests
   iproute2 # the network tests remove their CNI bridge (ip link delete)
   iptables # the CNI portmap plugin's hostPort rules (the network tests)

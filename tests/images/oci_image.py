@@ -9,6 +9,7 @@ the same digests.
 Usage:
   oci_image.py busybox <busybox-binary> <image-name> <out.tar>
   oci_image.py pause <pause-binary> <image-name> <out.tar>
+  oci_image.py installer <payload-dir> <image-name> <out.tar>
 """
 
 import gzip
@@ -104,6 +105,32 @@ def pause_tree(binary):
     return tree, {"Env": [PATH_ENV], "Entrypoint": ["/pause"]}
 
 
+# Where the node installer image keeps its payload: clh-install finds it
+# above its own bin/ (packaging/build-node-image.sh).
+INSTALLER_PAYLOAD = "opt/clh-shim-payload"
+
+
+def installer_tree(payload):
+    """The node installer: a static clh-install and the payload it installs,
+    no libc, no shell. The DaemonSet mounts the host's / at /host."""
+    tree = base_tree()
+    tree.dir("host")
+    tree.dir("opt")
+    tree.dir(INSTALLER_PAYLOAD)
+    for dirpath, dirnames, filenames in os.walk(payload):
+        rel = os.path.relpath(dirpath, payload)
+        base = INSTALLER_PAYLOAD if rel == "." else f"{INSTALLER_PAYLOAD}/{rel}"
+        for d in dirnames:
+            tree.dir(f"{base}/{d}")
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            with open(path, "rb") as f:
+                tree.file(f"{base}/{name}", f.read(), mode)
+    entry = f"/{INSTALLER_PAYLOAD}/bin/clh-install"
+    return tree, {"Entrypoint": [entry], "Cmd": ["daemonset", "--host-root", "/host"]}
+
+
 def gzip_bytes(data):
     buf = io.BytesIO()
     # filename="" and mtime=0 keep the gzip header reproducible.
@@ -171,10 +198,11 @@ def build(tree, image_config, name, out):
 
 
 def main(argv):
-    if len(argv) != 5 or argv[1] not in ("busybox", "pause"):
+    trees = {"busybox": busybox_tree, "pause": pause_tree, "installer": installer_tree}
+    if len(argv) != 5 or argv[1] not in trees:
         sys.exit(__doc__)
-    kind, binary, name, out = argv[1:]
-    tree, image_config = (busybox_tree if kind == "busybox" else pause_tree)(binary)
+    kind, source, name, out = argv[1:]
+    tree, image_config = trees[kind](source)
     build(tree, image_config, name, out)
 
 

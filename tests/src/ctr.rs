@@ -33,8 +33,15 @@ pub fn release_shim_dir() -> Result<PathBuf> {
 }
 
 fn built_shim_dir(release: bool) -> Result<PathBuf> {
+    built_binary("containerd-shim-clh-v2", "containerd-shim-clh-v2", release)
+        .map(|bin| bin.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// Builds `package` (cheap when fresh) and returns its binary `name` in
+/// target/debug (target/release when `release`).
+pub fn built_binary(package: &str, name: &str, release: bool) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut args = vec!["build", "-q", "-p", "containerd-shim-clh-v2"];
+    let mut args = vec!["build", "-q", "-p", package];
     if release {
         args.push("--release");
     }
@@ -51,13 +58,11 @@ fn built_shim_dir(release: bool) -> Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"));
-    let dir = target.join(if release { "release" } else { "debug" });
-    ensure!(
-        dir.join("containerd-shim-clh-v2").is_file(),
-        "no containerd-shim-clh-v2 in {}",
-        dir.display()
-    );
-    Ok(dir)
+    let bin = target
+        .join(if release { "release" } else { "debug" })
+        .join(name);
+    ensure!(bin.is_file(), "cargo built no {}", bin.display());
+    Ok(bin)
 }
 
 /// The `clh` CRI handler as tests/tests/cri_clh.rs and the CRI bench run

@@ -253,5 +253,7 @@ pub mod cri;
 pub mod ctr;
 pub mod faults;
 pub mod fuse_frontend;
+pub mod kube_api;
+pub mod node;
 pub mod podmem;
 pub mod vsock_frontend;

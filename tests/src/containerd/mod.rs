@@ -109,8 +109,15 @@ impl ContainerdVersion {
             .join("\n")
     }
 
-    /// A complete config for a private instance living in `dir`.
+    /// A complete config for a private instance living in `dir`, with the
+    /// `clh` handler registered as packaging/ ships it.
     fn config(self, dir: &Path, socket: &Path) -> String {
+        self.config_with(dir, socket, &self.clh_snippet())
+    }
+
+    /// [`config`](Self::config) with `snippet` as the extra CRI tables
+    /// (none: a node's config before clh-install ran).
+    fn config_with(self, dir: &Path, socket: &Path, snippet: &str) -> String {
         let d = dir.display();
         let disabled = DISABLED_PLUGINS
             .iter()
@@ -135,7 +142,7 @@ impl ContainerdVersion {
              {opt}\n  path = \"{d}/opt\"\n\n\
              {cri}\n",
             sock = socket.display(),
-            cri = self.cri_config(dir, &self.clh_snippet()),
+            cri = self.cri_config(dir, snippet),
         )
     }
 }
@@ -165,8 +172,16 @@ pub struct PrivateContainerd {
     cni_bridges: Vec<String>,
     /// Shim sockets found on shims that had to be killed, removed at stop.
     shim_sockets: Vec<PathBuf>,
+    /// A config file the test owns (a node's, edited by clh-install),
+    /// used as it is instead of the generated one.
+    node_config: Option<PathBuf>,
     stopped: bool,
 }
+
+/// Makes a node's containerd config: given the instance dir and the
+/// generated config without the `clh` handler, writes the node's file
+/// (and installs clh-shim into it), returning its path.
+pub type NodeConfig<'a> = &'a dyn Fn(&Path, &str) -> Result<PathBuf>;
 
 impl PrivateContainerd {
     /// Starts containerd `version` with `shim_dir` (where
@@ -189,6 +204,32 @@ impl PrivateContainerd {
     /// [`PrivateContainerd::start_with_env`] with its temp dir in `parent`
     /// (keep it short: socket paths).
     pub fn start_in(
+        version: ContainerdVersion,
+        shim_dir: Option<&Path>,
+        env: &[(&str, &str)],
+        parent: &Path,
+    ) -> Result<Self> {
+        let mut me = Self::create(version, shim_dir, env, parent)?;
+        // On error `me` is dropped, which cleans up whatever was started.
+        me.spawn()?;
+        Ok(me)
+    }
+
+    /// Starts containerd `version` from a node's config: `node` writes it
+    /// (see [`NodeConfig`]); nothing puts the shim on containerd's PATH.
+    pub fn start_node(
+        version: ContainerdVersion,
+        env: &[(&str, &str)],
+        node: NodeConfig<'_>,
+    ) -> Result<Self> {
+        let mut me = Self::create(version, None, env, Path::new("/tmp"))?;
+        let base = version.config_with(&me.dir, &me.socket, "");
+        me.node_config = Some(node(&me.dir, &base)?);
+        me.spawn()?;
+        Ok(me)
+    }
+
+    fn create(
         version: ContainerdVersion,
         shim_dir: Option<&Path>,
         env: &[(&str, &str)],
@@ -220,7 +261,7 @@ impl PrivateContainerd {
         path_env.push(bin.display().to_string());
         path_env
             .push(std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
-        let mut me = PrivateContainerd {
+        Ok(PrivateContainerd {
             version,
             socket,
             // Lowercase letters, digits and '-' only: valid as namespace.
@@ -234,16 +275,16 @@ impl PrivateContainerd {
             child: None,
             cni_bridges: Vec::new(),
             shim_sockets: Vec::new(),
+            node_config: None,
             stopped: false,
-        };
-        // On error `me` is dropped, which cleans up whatever was started.
-        me.spawn()?;
-        Ok(me)
+        })
     }
 
     fn spawn(&mut self) -> Result<()> {
         let config = self.config_path();
-        fs::write(&config, self.version.config(&self.dir, &self.socket))?;
+        if self.node_config.is_none() {
+            fs::write(&config, self.version.config(&self.dir, &self.socket))?;
+        }
         self.write_cni_config()?;
         // Appending: a restart keeps the log of the previous run.
         let log = fs::OpenOptions::new()
@@ -313,11 +354,26 @@ impl PrivateContainerd {
     }
 
     pub fn config_path(&self) -> PathBuf {
-        self.dir.join("config.toml")
+        match &self.node_config {
+            Some(path) => path.clone(),
+            None => self.dir.join("config.toml"),
+        }
     }
 
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("containerd.log")
+    }
+
+    /// `containerd config dump` of this instance's config: what it runs
+    /// with once defaults and imports are merged.
+    pub fn config_dump(&self) -> Result<String> {
+        let mut cmd = Command::new(self.version.bin_dir().join("containerd"));
+        cmd.arg("--config")
+            .arg(self.config_path())
+            .args(["config", "dump"]);
+        let out = run_with_timeout(cmd, CTR_TIMEOUT)?;
+        check(&out, "containerd config dump")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The last `n` lines of containerd's log, for failure messages.

@@ -62,7 +62,13 @@ pub struct CriSetup {
     pub timeout: Duration,
     /// Leftovers of the handler itself, checked with the others.
     pub extra_leaks: Option<LeakCheck>,
+    /// A node's own containerd config, written (and clh-shim installed
+    /// into it) by this: containerd then runs from that file.
+    pub node_config: Option<NodeConfigFn>,
 }
+
+/// See [`crate::containerd::NodeConfig`].
+pub type NodeConfigFn = Arc<dyn Fn(&Path, &str) -> Result<PathBuf> + Send + Sync>;
 
 impl CriSetup {
     /// `handler` on containerd 2.x, without shim dir or extra environment.
@@ -75,6 +81,7 @@ impl CriSetup {
             images_dir: images_dir.to_path_buf(),
             timeout: super::CALL_TIMEOUT,
             extra_leaks: None,
+            node_config: None,
         }
     }
 }
@@ -111,8 +118,12 @@ impl Kubelet {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let ctd =
-            PrivateContainerd::start_with_env(setup.version, setup.shim_dir.as_deref(), &env)?;
+        let ctd = match &setup.node_config {
+            Some(node) => PrivateContainerd::start_node(setup.version, &env, node.as_ref())?,
+            None => {
+                PrivateContainerd::start_with_env(setup.version, setup.shim_dir.as_deref(), &env)?
+            }
+        };
         for (script, name) in [
             ("build-pause-image.sh", PAUSE),
             ("build-busybox-image.sh", BUSYBOX),

@@ -33,7 +33,7 @@ mod streaming;
 pub use config::{ContainerBuilder, PodBuilder, Resources, Seccomp};
 pub use k8s_cri::v1 as api;
 pub use k8s_cri::v1::ContainerState;
-pub use kubelet::{image_tar, CriSetup, Kubelet, LeakCheck, Pod, BUSYBOX, PAUSE};
+pub use kubelet::{image_tar, CriSetup, Kubelet, LeakCheck, NodeConfigFn, Pod, BUSYBOX, PAUSE};
 pub use streaming::Streamed;
 
 /// Default deadline of one call: containerd answers in milliseconds, but a
