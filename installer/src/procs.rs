@@ -9,8 +9,11 @@ use std::path::Path;
 /// The pids (from `proc`, the host's /proc: the installer's pod shares the
 /// host's PID namespace) whose executable is a file under `dir`. Files are
 /// compared by device and inode, which hold across mount namespaces where
-/// paths do not.
+/// paths do not. This process is never counted: `clh-install uninstall`
+/// run from an installed version (`make node-uninstall`) is not a user of
+/// it.
 pub fn running_from(dir: &Path, proc: &Path) -> Vec<u32> {
+    let me = std::process::id();
     let mut files = HashSet::new();
     collect_inodes(dir, &mut files);
     if files.is_empty() {
@@ -22,6 +25,7 @@ pub fn running_from(dir: &Path, proc: &Path) -> Vec<u32> {
     let mut pids: Vec<u32> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
         .filter(|pid| {
             // metadata() follows the exe link to the file itself, even one
             // renamed or unlinked since.

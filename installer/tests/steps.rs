@@ -172,3 +172,28 @@ fn a_bad_shim_config_is_refused_before_anything_changes() {
     assert!(err.to_string().contains("vcpus"), "{err}");
     assert_eq!(fs::read_to_string(h.main_config()).unwrap(), ORIGINAL);
 }
+
+#[test]
+fn the_installed_versions_own_installer_uninstalls_it() {
+    // make node-uninstall runs /opt/clh-shim/current/bin/clh-install: it
+    // runs from the version it removes, and must not count as its user.
+    let h = Host::new();
+    fs::write(h.main_config(), ORIGINAL).unwrap();
+    fs::copy(
+        env!("CARGO_BIN_EXE_clh-install"),
+        h.dir.path().join("payload/bin/clh-install"),
+    )
+    .unwrap();
+    install(&h.opts()).unwrap();
+    let own = h.root().join("opt/clh-shim/current/bin/clh-install");
+    let out = std::process::Command::new(&own)
+        .arg("uninstall")
+        .arg("--host-root")
+        .arg(h.root())
+        .arg("--no-restart")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::read_to_string(h.main_config()).unwrap(), ORIGINAL);
+    assert!(!h.root().join("opt/clh-shim").exists(), "{:?}", h.listing());
+}
