@@ -7,6 +7,8 @@
 //!   at a time, then batches started at once (each pod's latency, and the
 //!   batch's wall time: first RunPodSandbox → last container RUNNING).
 //!   Pods are removed between rounds, untimed.
+//! - the clh pods' VM start by step (the shim's spans and the guest's
+//!   boot, from each pod's metrics), beside the whole pod start.
 //! - host memory per idle pod: a few pods with one sleeper each, the PSS
 //!   of each pod's host processes once their sum has settled (podmem.rs:
 //!   how the processes are found, why PSS). clh: shim, VMM, vhost-device-
@@ -27,8 +29,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
+use clh_tests::bench_results::{self, Figure};
 use clh_tests::cri::{ContainerBuilder, ContainerState, Kubelet, Pod, BUSYBOX};
 use clh_tests::ctr;
+use clh_tests::pod_metrics;
 use clh_tests::podmem::{self, ProcessMemory};
 
 const CLH: &str = "clh";
@@ -67,7 +71,7 @@ fn main() -> Result<()> {
         k.remove_pod(&pod)?;
     }
     progress("warm-up pods done");
-    let serial = serial_starts(&k)?;
+    let (serial, steps) = serial_starts(&k, &s.state_dir)?;
     let parallel = parallel_starts(&k)?;
     let memory = [
         idle_memory(&k, &s, CLH).context("clh idle pods")?,
@@ -77,9 +81,11 @@ fn main() -> Result<()> {
         .context("leftovers after the bench; no figures printed")?;
 
     print_starts(&serial, &parallel);
+    print_steps(&steps, &serial);
     print_memory(&memory);
     println!();
     println!("{}", summary(&serial, &parallel, &memory));
+    record(&serial, &parallel, &memory)?;
     println!("cleanup: every pod removed; no shim, VM process, mount, cgroup or state left");
     Ok(())
 }
@@ -173,17 +179,60 @@ impl Samples {
     }
 }
 
-fn serial_starts(k: &Kubelet) -> Result<Samples> {
+fn serial_starts(k: &Kubelet, state_dir: &Path) -> Result<(Samples, StartSteps)> {
     let mut samples = Samples::default();
+    let mut steps = StartSteps::default();
     for round in 0..SERIAL_PODS {
         for handler in order(round) {
             let (pod, took) = start_pod(k, handler, &format!("s{round}-{handler}"))?;
+            if handler == CLH {
+                let socket = state_dir.join(&pod.id).join("metrics.sock");
+                for (step, d) in pod_metrics::start_steps(&socket)? {
+                    match steps.iter_mut().find(|(s, _)| *s == step) {
+                        Some((_, all)) => all.push(d),
+                        None => steps.push((step, vec![d])),
+                    }
+                }
+            }
             k.remove_pod(&pod)?;
             samples.of(handler).push(took);
         }
         progress(&format!("serial round {}/{SERIAL_PODS} done", round + 1));
     }
-    Ok(samples)
+    Ok((samples, steps))
+}
+
+/// Each step of the clh pods' VM starts (`clh_pod_start_step_seconds`), in
+/// the order the shim serves them: one sample per serial pod.
+type StartSteps = Vec<(String, Vec<Duration>)>;
+
+/// The steps' median beside the median pod start (RunPodSandbox →
+/// container RUNNING): the shim's share is every step but the guest's.
+fn print_steps(steps: &StartSteps, serial: &Samples) {
+    const GUEST: &[&str] = &["guest_boot", "agent_connect"];
+    println!();
+    println!("clh pod VM start, by step (median of {SERIAL_PODS} serial pods; network and virtiofsd run concurrently):");
+    println!("{:<16} {:>10} {:>8}", "step", "p50 ms", "whose");
+    let mut shim = Duration::ZERO;
+    for (step, all) in steps {
+        let p50 = percentile(all, 50.0);
+        let whose = if GUEST.contains(&step.as_str()) {
+            "guest"
+        } else {
+            "shim"
+        };
+        if whose == "shim" && step != "network" {
+            shim += p50;
+        }
+        println!("{step:<16} {:>10.1} {whose:>8}", ms(p50));
+    }
+    let pod = percentile(&serial.clh, 50.0);
+    println!(
+        "shim's share (every step but the guest's, network overlapping virtiofsd): {:.1} ms of a {:.1} ms pod start ({:.1}%)",
+        ms(shim),
+        ms(pod),
+        100.0 * shim.as_secs_f64() / pod.as_secs_f64().max(f64::EPSILON)
+    );
 }
 
 /// Per-pod latencies of the parallel batches, and each batch's wall time.
@@ -443,6 +492,52 @@ fn print_memory(memory: &[IdleMemory]) {
             m.change * 100.0
         );
     }
+}
+
+/// The figures into the results directory (table, plot, trend).
+fn record(serial: &Samples, parallel: &Parallel, memory: &[IdleMemory]) -> Result<()> {
+    let p50 = |d: &[Duration]| ms(percentile(d, 50.0)) / 1e3;
+    let p95 = |d: &[Duration]| ms(percentile(d, 95.0)) / 1e3;
+    let pss = |m: &IdleMemory| mean_kib(m, |p| p.pss_kib) / MIB;
+    let (pp, b) = (&parallel.per_pod, &parallel.batches);
+    let figures = [
+        Figure::new(
+            "pod start p50, serial",
+            "s",
+            p50(&serial.clh),
+            p50(&serial.runc),
+            RUNC,
+        ),
+        Figure::new(
+            "pod start p95, serial",
+            "s",
+            p95(&serial.clh),
+            p95(&serial.runc),
+            RUNC,
+        ),
+        Figure::new(
+            &format!("pod start p50, {PARALLEL_PODS} at once"),
+            "s",
+            p50(&pp.clh),
+            p50(&pp.runc),
+            RUNC,
+        ),
+        Figure::new(
+            &format!("batch of {PARALLEL_PODS}, p50"),
+            "s",
+            p50(&b.clh),
+            p50(&b.runc),
+            RUNC,
+        ),
+        Figure::new(
+            "idle pod host PSS",
+            "MiB",
+            pss(&memory[0]),
+            pss(&memory[1]),
+            RUNC,
+        ),
+    ];
+    bench_results::record("cri", &figures).map(|_| ())
 }
 
 fn summary(serial: &Samples, parallel: &Parallel, memory: &[IdleMemory]) -> String {

@@ -248,6 +248,7 @@ fn leaked_processes(root: &Path) -> Vec<(u32, String)> {
         .collect()
 }
 pub mod atomic_writer;
+pub mod bench_results;
 pub mod containerd;
 pub mod cri;
 pub mod ctr;
@@ -255,5 +256,6 @@ pub mod faults;
 pub mod fuse_frontend;
 pub mod kube_api;
 pub mod node;
+pub mod pod_metrics;
 pub mod podmem;
 pub mod vsock_frontend;

@@ -187,6 +187,34 @@ fn metrics(s: &ctr::Setup, setup: &CriSetup) -> Result<()> {
     ensure!(meta.namespace == "team-a" && meta.name == "metrics");
     ensure!(value(&first, &pod.id, "clh_agent_up", &[])? == 1.0);
     ensure!(value(&first, &pod.id, "clh_vm_boot_seconds", &[])? > 0.0);
+    // The start's steps, the shim's and the guest's (issue 14).
+    for step in [
+        "checks",
+        "cgroup",
+        "state_dir",
+        "network",
+        "virtiofsd",
+        "vmm",
+        "accounting",
+        "guest_boot",
+        "agent_connect",
+        "rng_seed",
+    ] {
+        value(
+            &first,
+            &pod.id,
+            "clh_pod_start_step_seconds",
+            &[("step", step)],
+        )?;
+    }
+    ensure!(
+        value(
+            &first,
+            &pod.id,
+            "clh_pod_start_step_seconds",
+            &[("step", "guest_boot")]
+        )? > 0.0
+    );
     ensure!(
         value(&first, &pod.id, "clh_guest_memory_total_bytes", &[])?
             >= value(&first, &pod.id, "clh_guest_memory_available_bytes", &[])?

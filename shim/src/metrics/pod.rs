@@ -125,6 +125,18 @@ pub async fn collect(vm: &PodVm, labels: &PodLabels) -> String {
         "Time from spawning the VMM to the guest agent's first answer.",
         vm.boot_to_agent().as_secs_f64(),
     );
+    e.family(
+        "clh_pod_start_step_seconds",
+        Kind::Gauge,
+        "How long each step of the pod VM's start took (the shim's share and the guest's; network and virtiofsd overlap).",
+    );
+    for span in vm.start_timeline().spans() {
+        e.sample(
+            "clh_pod_start_step_seconds",
+            &[("step", span.step)],
+            span.took.as_secs_f64(),
+        );
+    }
     let size = vm.size();
     e.single(
         "clh_vm_vcpus",

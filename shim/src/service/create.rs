@@ -198,6 +198,7 @@ impl<E: EventSender> TaskService<E> {
             vcpus = opts.vcpus,
             memory_mib = opts.memory_mib,
             boot_ms = u64::try_from(vm.boot_to_agent().as_millis()).unwrap_or(u64::MAX),
+            steps = vm.start_timeline().summary(),
             dir = %vm.dir().display(),
             "VM started"
         );

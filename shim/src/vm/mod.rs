@@ -37,6 +37,7 @@ mod report;
 mod steps;
 #[cfg(test)]
 mod tests;
+pub mod timeline;
 
 use std::fs::Permissions;
 use std::io::Read;
@@ -59,6 +60,7 @@ pub(crate) use error::chain;
 pub use error::{StartStep, VmStartError};
 pub use health::HealthCheck;
 pub use leftovers::{cleanup_container_leftovers, cleanup_leftovers};
+pub use timeline::StartTimeline;
 
 use crate::pod_cgroup::PodCgroup;
 use crate::shared_mount::{export_dir, make_export, remove_vm_dir};
@@ -141,8 +143,8 @@ pub struct PodVm {
     /// at stop.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stop_timeout: Duration,
-    /// Time from spawning the VMM to the agent's Version reply.
-    boot_to_agent: Duration,
+    /// Where its start spent its time.
+    timeline: StartTimeline,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -159,6 +161,7 @@ struct Parts {
     forward: Option<std::net::TcpListener>,
     virtiofsd: Option<Virtiofsd>,
     hypervisor: Option<Box<dyn Hypervisor>>,
+    timeline: StartTimeline,
 }
 
 impl PodVm {
@@ -171,7 +174,7 @@ impl PodVm {
     ) -> Result<Arc<PodVm>, VmStartError> {
         let mut parts = Parts::default();
         match start_in(id, root, opts, &mut parts).await {
-            Ok((agent, boot_to_agent)) => Ok(Self::running(id, opts, parts, agent, boot_to_agent)),
+            Ok(agent) => Ok(Self::running(id, opts, parts, agent)),
             Err(step) => {
                 let report = match &parts.dir {
                     Some(dir) => report::failure_report(dir, opts.backend),
@@ -187,13 +190,7 @@ impl PodVm {
         }
     }
 
-    fn running(
-        id: &str,
-        opts: &VmOptions,
-        parts: Parts,
-        agent: AgentClient,
-        boot_to_agent: Duration,
-    ) -> Arc<PodVm> {
+    fn running(id: &str, opts: &VmOptions, parts: Parts, agent: AgentClient) -> Arc<PodVm> {
         let (Some(dir), Some(virtiofsd), Some(hypervisor)) =
             (parts.dir, parts.virtiofsd, parts.hypervisor)
         else {
@@ -222,7 +219,7 @@ impl PodVm {
             network: Mutex::new(parts.network),
             tasks: Mutex::default(),
             stop_timeout: opts.stop_timeout,
-            boot_to_agent,
+            timeline: parts.timeline,
         });
         match forward {
             Some(Ok(listener)) => {
@@ -296,7 +293,12 @@ impl PodVm {
     }
 
     pub fn boot_to_agent(&self) -> Duration {
-        self.boot_to_agent
+        self.timeline.boot_to_agent()
+    }
+
+    /// Each step of its start (`timeline.rs`).
+    pub fn start_timeline(&self) -> &StartTimeline {
+        &self.timeline
     }
 
     /// The pids of the VMM, its helpers and virtiofsd.
@@ -430,48 +432,75 @@ pub enum GrowError {
     Online(#[source] clh_agent_client::Error),
 }
 
-/// Steps 1 to 6 of the module doc; what they made is in `parts`.
+/// Steps 1 to 6 of the module doc; what they made is in `parts`. Each
+/// step's span goes into `parts.timeline`.
 async fn start_in(
     id: &str,
     root: &Path,
     opts: &VmOptions,
     parts: &mut Parts,
-) -> Result<(AgentClient, Duration), StartStep> {
+) -> Result<AgentClient, StartStep> {
+    let t = Instant::now();
     validate_id(id)?;
     let dir = root.join(id);
     clh_hypervisor::check_vm_dir(&dir).map_err(StartStep::StateDir)?;
     check_guest_image(opts)?;
+    parts.timeline.record("checks", t);
+    let t = Instant::now();
     if let Some(path) = opts.cgroups_path.as_deref().filter(|p| !p.is_empty()) {
         parts.cgroup = Some(PodCgroup::create(path).map_err(StartStep::Cgroup)?);
+        parts.timeline.record("cgroup", t);
     }
+    let t = Instant::now();
     make_vm_dir(root, &dir)?;
     parts.dir = Some(dir.clone());
-    if let Some(netns) = &opts.netns {
-        let netns = netns.clone();
+    make_export(&dir).map_err(|e| StartStep::SharedDir(e.into()))?;
+    parts.timeline.record("state_dir", t);
+
+    // The pod's network and virtiofsd need nothing of each other: wired
+    // while virtiofsd starts.
+    let wire = async {
+        let netns = opts.netns.clone()?;
+        let t = Instant::now();
         let queues = queue_pairs(opts.vcpus);
-        let wired = tokio::task::spawn_blocking(move || clh_network::wire(&netns, queues)).await;
+        let path = netns.clone();
+        let wired = tokio::task::spawn_blocking(move || clh_network::wire(&path, queues)).await;
         let wired = wired.unwrap_or_else(|_| {
             Err(clh_network::NetError::Panicked {
-                path: opts.netns.clone().unwrap_or_default(),
+                path: netns.clone(),
             })
         });
-        parts.network = Some(wired.map_err(StartStep::Network)?);
-        parts.forward = intercept_loopback(opts.netns.clone()).await;
-    }
-    let network = parts.network.clone().filter(|n| !n.links.is_empty());
-
-    make_export(&dir).map_err(|e| StartStep::SharedDir(e.into()))?;
+        let forward = match &wired {
+            Ok(_) => intercept_loopback(Some(netns)).await,
+            Err(_) => None,
+        };
+        Some((wired, forward, t))
+    };
     let fs_socket = dir.join(clh_hypervisor::virtiofsd::SOCKET_NAME);
-    let virtiofsd = Virtiofsd::start(
-        &opts.binaries.virtiofsd,
-        &export_dir(&dir),
-        &fs_socket,
-        &dir.join("virtiofsd.log"),
-        opts.vmm_start_timeout,
-    )
-    .await
-    .map_err(StartStep::Virtiofsd)?;
-    let fs = parts.virtiofsd.insert(virtiofsd);
+    let start_fs = async {
+        let t = Instant::now();
+        let started = Virtiofsd::start(
+            &opts.binaries.virtiofsd,
+            &export_dir(&dir),
+            &fs_socket,
+            &dir.join("virtiofsd.log"),
+            opts.vmm_start_timeout,
+        )
+        .await;
+        (started, t)
+    };
+    let (wired, (started, fs_began)) = tokio::join!(wire, start_fs);
+    // Both results are kept before either error is returned, so that a
+    // failed start undoes what the other branch made.
+    let started = started.map(|fs| parts.virtiofsd.insert(fs).socket().to_path_buf());
+    parts.timeline.record("virtiofsd", fs_began);
+    if let Some((wired, forward, began)) = wired {
+        parts.network = Some(wired.map_err(StartStep::Network)?);
+        parts.forward = forward;
+        parts.timeline.record("network", began);
+    }
+    let fs_socket = started.map_err(StartStep::Virtiofsd)?;
+    let network = parts.network.clone().filter(|n| !n.links.is_empty());
 
     let spec = VmSpec {
         id: id.to_string(),
@@ -483,7 +512,7 @@ async fn start_in(
         initramfs: opts.initramfs.clone(),
         cmdline: kernel_cmdline(opts),
         shared_fs: Some(SharedFs {
-            socket: fs.socket().to_path_buf(),
+            socket: fs_socket,
             tag: SHARED_FS_TAG.to_string(),
         }),
         console_log: dir.join("console.log"),
@@ -492,14 +521,16 @@ async fn start_in(
         netns: network.as_ref().map(|n| n.netns.clone()),
         nics: network.iter().flat_map(nics).collect(),
     };
-    let spawned = Instant::now();
+    let t = Instant::now();
     let hypervisor = parts
         .hypervisor
         .insert(opts.hypervisors.make(opts.backend, &opts.binaries));
     hypervisor.start(&spec).await.map_err(StartStep::Vmm)?;
+    parts.timeline.record(timeline::VMM, t);
 
+    let t = Instant::now();
     let mut pids = hypervisor.pids();
-    pids.push(fs.pid());
+    pids.extend(parts.virtiofsd.as_ref().map(Virtiofsd::pid));
     persist_state(&dir, &pids, parts.network.as_ref())?;
     restrict_sockets(&dir)?;
     if let Some(cgroup) = parts.cgroup.as_mut() {
@@ -512,29 +543,40 @@ async fn start_in(
             }
         }
     }
+    parts.timeline.record("accounting", t);
 
     let uds = hypervisor.vsock_socket();
+    let timeline = &mut parts.timeline;
     let reach_agent = async {
         let deadline = Instant::now() + opts.agent_timeout;
+        let t = Instant::now();
         // At most half the agent deadline: a console that never shows the
         // agent's line (another guest image) only delays the attempts.
         if !hypervisor.wait_vsock_ready(opts.agent_timeout / 2).await {
             tracing::warn!("the guest console did not show the agent serving; connecting anyway");
         }
+        timeline.record("guest_boot", t);
+        let t = Instant::now();
         let left = deadline.saturating_duration_since(Instant::now());
-        AgentClient::connect(&uds, left).await
+        let agent = AgentClient::connect(&uds, left).await;
+        timeline.record("agent_connect", t);
+        agent
     };
     let agent = tokio::select! {
         agent = reach_agent => agent.map_err(StartStep::Agent)?,
         how = hypervisor.wait_exit() => return Err(StartStep::VmmExited { how }),
     };
+    let t = Instant::now();
     seed_guest_rng(&agent).await?;
+    parts.timeline.record("rng_seed", t);
     if let Some(network) = &network {
+        let t = Instant::now();
         let config = network.guest_config();
         let configured = agent.configure_network(&config).await;
         configured.map_err(StartStep::GuestNetwork)?;
+        parts.timeline.record("guest_network", t);
     }
-    Ok((agent, spawned.elapsed()))
+    Ok(agent)
 }
 
 /// Undoes a failed start, last step first.
