@@ -2,6 +2,7 @@
 //! itself; the library also gives the fuzz targets (fuzz/) the request
 //! handlers' pure parts (see [`fuzzing`]).
 
+pub mod boot_marks;
 mod cmdline;
 mod config;
 pub mod containers;

@@ -7,8 +7,8 @@
 //! a VM.
 
 use clh_agent::{
-    containers, forward_server, init, logging, power, reaper, server, service, stdio_server,
-    switch_root, volumes,
+    boot_marks, containers, forward_server, init, logging, power, reaper, server, service,
+    stdio_server, switch_root, volumes,
 };
 
 use anyhow::Context;
@@ -48,7 +48,9 @@ fn main() {
 
 /// PID 1: init, then serve on vsock forever.
 fn run_as_init() -> anyhow::Result<Infallible> {
+    boot_marks::mark("agent_start");
     let config = init::init()?;
+    boot_marks::mark("agent_init_done");
     let addr = ListenAddr::Vsock(config.port);
     runtime()?.block_on(async move {
         let reaper = reaper::Reaper::default();
@@ -64,6 +66,7 @@ fn run_as_init() -> anyhow::Result<Infallible> {
             .context("listening for port-forward streams")?;
         let volumes = volumes::Volumes::new(clh_agent_protocol::GUEST_VOLUMES_DIR);
         let _server = server::serve(&addr, containers, volumes).await?;
+        boot_marks::mark("agent_serving");
         // The QEMU backend waits for this line before it connects
         // (clh_hypervisor::console_log::AGENT_SERVING_MESSAGE).
         info!("serving ttrpc on {addr}");

@@ -428,6 +428,7 @@ fn do_check() -> Result<CheckResponse, SysInfoError> {
         agent_rss_kib: sysinfo::self_rss_kib()?,
         mem_total_kib,
         mem_available_kib,
+        boot_marks: crate::boot_marks::all(),
         ..Default::default()
     };
     add_metrics(&mut reply);

@@ -40,6 +40,12 @@ pub fn uptime_ms() -> Result<u64, SysInfoError> {
     Ok(ms)
 }
 
+/// Time since boot (CLOCK_BOOTTIME), in microseconds.
+pub fn uptime_us() -> Result<u64, SysInfoError> {
+    let ts = clock_gettime(ClockId::CLOCK_BOOTTIME).map_err(SysInfoError::Clock)?;
+    Ok(ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1000)
+}
+
 /// Our resident set size (VmRSS), in KiB.
 pub fn self_rss_kib() -> Result<u64, SysInfoError> {
     const PATH: &str = "/proc/self/status";

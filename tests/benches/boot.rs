@@ -7,6 +7,10 @@
 //! - baseline: spawn of the same backend with the same kernel and a static
 //!   `/init` that prints a line and powers off → that line on the console.
 //!
+//! - the phases of our boot: VMM start, firmware, the kernel to and through
+//!   the initramfs, the agent's re-exec, init and serve, the vsock connect
+//!   (the shim's spans and the guest's boot marks, `boot_phases.rs`).
+//!
 //! Rounds alternate between the two so both see the same host conditions.
 //! The figure is a ratio: under QEMU TCG absolute times say little about
 //! hardware KVM, but our overhead over a bare kernel boot does.
@@ -16,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clh_hypervisor::{qemu::Qemu, wait::wait_until, Hypervisor, VmSpec};
+use clh_tests::bench_results::{self, Figure};
+use clh_tests::boot_phases::{ms, Boot, Phases};
 use clh_tests::{qemu_options, state_root, GuestImage};
 use containerd_shim_clh_v2::vm::PodVm;
 
@@ -33,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let (mut ours, mut baseline, mut rss_kib) = (Vec::new(), Vec::new(), Vec::new());
+    let mut phases: Vec<Phases> = Vec::new();
     for round in 0..ROUNDS {
         baseline.push(bare_kernel_boot(&image, root.path(), round).await?);
 
@@ -40,10 +47,28 @@ async fn main() -> anyhow::Result<()> {
         let vm = PodVm::start(&format!("b{round}"), root.path(), &opts).await?;
         let check = vm.agent().check().await;
         let elapsed = started.elapsed();
+        let spans: Vec<(&str, f64, f64)> = vm
+            .start_timeline()
+            .spans()
+            .iter()
+            .map(|s| (s.step, ms(s.start), ms(s.took)))
+            .collect();
         vm.stop().await?;
         let check = check?;
         ours.push(elapsed);
         rss_kib.push(check.agent_rss_kib);
+        let marks: Vec<(&str, f64)> = check
+            .boot_marks
+            .iter()
+            .map(|m| (m.name.as_str(), m.at_us as f64 / 1e3))
+            .collect();
+        let boot = Boot {
+            spans: &spans,
+            check_done: ms(elapsed),
+            guest_uptime: check.uptime_ms as f64,
+            marks: &marks,
+        };
+        phases.push(boot.phases());
     }
 
     let (ours_med, base_med) = (median(&mut ours), median(&mut baseline));
@@ -55,6 +80,17 @@ async fn main() -> anyhow::Result<()> {
         ours_med.as_secs_f64() / base_med.as_secs_f64(),
         ours_med.saturating_sub(base_med).as_millis()
     );
+    print_phases(&phases);
+    bench_results::record(
+        "boot",
+        &[Figure::new(
+            "spawn to agent Check reply, median",
+            "ms",
+            ms(ours_med),
+            ms(base_med),
+            "the same kernel booting a trivial /init",
+        )],
+    )?;
     rss_kib.sort_unstable();
     println!(
         "agent RSS in the guest (VmRSS after boot): {} KiB median, {} KiB max",
@@ -110,6 +146,21 @@ async fn bare_kernel_boot(
         bail!("baseline boot failed: {e}");
     }
     Ok(elapsed)
+}
+
+/// Each phase's median over the rounds.
+fn print_phases(rounds: &[Phases]) {
+    println!();
+    println!("clh-shim boot, phase by phase (median of {} rounds; the guest's clock placed on the host's at Check):", rounds.len());
+    let Some(first) = rounds.first() else { return };
+    for (label, _) in &first.0 {
+        let mut all: Vec<f64> = rounds
+            .iter()
+            .filter_map(|p| p.0.iter().find(|(l, _)| l == label).map(|x| x.1))
+            .collect();
+        all.sort_by(f64::total_cmp);
+        println!("  {label:<60} {:>8.0} ms", all[all.len() / 2]);
+    }
 }
 
 fn median(samples: &mut [Duration]) -> Duration {

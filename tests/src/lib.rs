@@ -249,6 +249,7 @@ fn leaked_processes(root: &Path) -> Vec<(u32, String)> {
 }
 pub mod atomic_writer;
 pub mod bench_results;
+pub mod boot_phases;
 pub mod containerd;
 pub mod cri;
 pub mod ctr;
