@@ -49,7 +49,7 @@ impl Boot<'_> {
         }
         if let Some(vmm_end) = self.span_end("vmm") {
             out.push((
-                "firmware and boot loader (VMM ready to kernel start)",
+                "firmware, kernel decompression and early setup (to the kernel clock)",
                 kernel_start - vmm_end,
             ));
         }

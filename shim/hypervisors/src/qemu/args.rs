@@ -41,6 +41,11 @@ pub fn vhost_vsock_args(vhost_socket: &Path, uds: &Path) -> Vec<OsString> {
 ///   `microvm,acpi=off` no virtio-mmio device is ever found, and with
 ///   microvm's ACPI no timer interrupt arrives (boot hangs after TSC
 ///   calibration; with `noapic` it oopses). virtio_pci is built in.
+/// - `firmware`: qboot (`-bios`, Debian's qemu-system-data ships it) where
+///   found, instead of SeaBIOS: under TCG SeaBIOS and its linuxboot ROM
+///   take over a second of every boot, qboot a few milliseconds
+///   (`make bench`, boot: the firmware phase). It loads the kernel from
+///   fw_cfg and passes QEMU's ACPI tables on, so power-off still works.
 /// - RAM is a shared memfd: vhost-user backends (virtiofsd,
 ///   vhost-device-vsock) map guest memory.
 /// - `-no-reboot`: a guest reboot or panic (`panic=-1`) ends QEMU; an ACPI
@@ -55,6 +60,7 @@ pub fn qemu_args(
     spec: &VmSpec,
     vhost_vsock_socket: &Path,
     qmp_socket: &Path,
+    firmware: Option<&Path>,
 ) -> Result<Vec<OsString>> {
     let cmdline = format!("{} {BACKEND_KERNEL_PARAMS}", spec.cmdline.trim());
     let console_pipe = crate::console_log::pipe_path(&spec.dir);
@@ -113,6 +119,11 @@ pub fn qemu_args(
         &"-no-user-config",
         &"-nographic",
         &"-no-reboot",
+    ]);
+    if let Some(bios) = firmware {
+        push(&[&"-bios", &bios.as_os_str()]);
+    }
+    push(&[
         &"-kernel",
         &spec.kernel.as_os_str(),
         &"-initrd",
@@ -249,13 +260,14 @@ mod tests {
             &spec(),
             Path::new("/run/x/pod1/vv.sock"),
             Path::new("/run/x/pod1/qmp.sock"),
+            Some(Path::new("/usr/share/qemu/qboot.rom")),
         )
         .unwrap();
         assert_eq!(
             joined(&args),
             "-name clh-pod1 -M pc,memory-backend=mem -accel tcg -cpu max -smp 2 -m 256M \
              -object memory-backend-memfd,id=mem,size=256M,share=on -nodefaults -no-user-config -nographic -no-reboot \
-             -kernel /k/vmlinuz -initrd /k/initramfs.cpio.gz -append console=ttyS0 quiet reboot=t no_timer_check \
+             -bios /usr/share/qemu/qboot.rom -kernel /k/vmlinuz -initrd /k/initramfs.cpio.gz -append console=ttyS0 quiet reboot=t no_timer_check \
              -chardev socket,id=vsock,path=/run/x/pod1/vv.sock -device vhost-user-vsock-pci,chardev=vsock \
              -chardev socket,id=virtiofs,path=/run/x/pod1/fs.sock -device vhost-user-fs-pci,chardev=virtiofs,tag=clh-shared \
              -serial file:/run/x/pod1/console.pipe -qmp unix:/run/x/pod1/qmp.sock,server=on,wait=off"
@@ -286,6 +298,7 @@ mod tests {
             &s,
             Path::new("/run/x/pod1/vv.sock"),
             Path::new("/run/x/pod1/qmp.sock"),
+            Some(Path::new("/usr/share/qemu/qboot.rom")),
         )
         .unwrap();
         let all = joined(&args);
@@ -299,6 +312,7 @@ mod tests {
                 &spec(),
                 Path::new("/run/x/pod1/vv.sock"),
                 Path::new("/run/x/pod1/qmp.sock"),
+                Some(Path::new("/usr/share/qemu/qboot.rom")),
             )
             .unwrap(),
         )
@@ -329,7 +343,7 @@ mod tests {
             nics: vec![Nic { queues: 0, ..nic }],
             ..spec()
         };
-        assert!(qemu_args(&s, Path::new("/a"), Path::new("/b")).is_err());
+        assert!(qemu_args(&s, Path::new("/a"), Path::new("/b"), None).is_err());
     }
 
     #[test]
@@ -352,7 +366,7 @@ mod tests {
                 nics: vec![nic],
                 ..spec()
             };
-            let err = qemu_args(&s, Path::new("/a"), Path::new("/b")).unwrap_err();
+            let err = qemu_args(&s, Path::new("/a"), Path::new("/b"), None).unwrap_err();
             assert!(matches!(err, Error::InvalidSpec(_)), "{err:?}");
         }
     }
@@ -363,14 +377,14 @@ mod tests {
         if let Some(fs) = s.shared_fs.as_mut() {
             fs.tag = "x,chardev=evil".into();
         }
-        assert!(qemu_args(&s, Path::new("/a"), Path::new("/b")).is_err());
+        assert!(qemu_args(&s, Path::new("/a"), Path::new("/b"), None).is_err());
     }
 
     #[test]
     fn a_newline_in_the_kernel_command_line_is_refused() {
         let mut s = spec();
         s.cmdline = "quiet\ninit=/bin/sh".into();
-        assert!(qemu_args(&s, Path::new("/a"), Path::new("/b")).is_err());
+        assert!(qemu_args(&s, Path::new("/a"), Path::new("/b"), None).is_err());
     }
 
     #[test]

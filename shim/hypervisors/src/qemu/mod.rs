@@ -44,6 +44,20 @@ pub struct Qemu {
     running: Option<Running>,
 }
 
+/// qboot, the firmware that boots a kernel fastest under `-M pc` (see
+/// [`args::qemu_args`]), from QEMU's own data directory (`<prefix>/share/
+/// qemu`, beside the binary's `bin/`), else Debian's; None: SeaBIOS.
+fn fast_firmware(qemu: &Path) -> Option<PathBuf> {
+    let beside = qemu
+        .canonicalize()
+        .ok()
+        .and_then(|b| Some(b.parent()?.parent()?.join("share/qemu/qboot.rom")));
+    beside
+        .into_iter()
+        .chain([PathBuf::from("/usr/share/qemu/qboot.rom")])
+        .find(|p| p.is_file())
+}
+
 /// The processes and sockets of a started VM. Kept after `stop` so that
 /// `wait_exit` can still say how QEMU ended.
 struct Running {
@@ -124,7 +138,8 @@ impl Qemu {
         let [vhost, uds, qmp_socket] = sockets;
         let deadline = Instant::now() + spec.start_timeout;
         let left = || deadline.saturating_duration_since(Instant::now());
-        let qemu_args = args::qemu_args(spec, vhost, qmp_socket)?;
+        let firmware = fast_firmware(&self.binary);
+        let qemu_args = args::qemu_args(spec, vhost, qmp_socket, firmware.as_deref())?;
         for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
             if !path.is_file() {
                 return Err(Error::InvalidSpec(format!(
