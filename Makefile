@@ -22,6 +22,10 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/clh-agent
 SHIM_BIN := target/release/containerd-shim-clh-v2
 export CLH_GUEST_DIR := $(GUEST_DIR)
+# The guest kernel: own (built from Debian's linux-source-6.12 with
+# guest-image/kernel/clh.config, cached by the hash of its inputs) or debian
+# (Debian's 6.12 cloud kernel package): make guest-image CLH_GUEST_KERNEL=debian
+export CLH_GUEST_KERNEL ?= own
 # The test guest image: the same kernel, an agent with the fault switch
 # (feature fault-injection; REL-AGENT-01, REL-PANIC-01). Never installed.
 FAULTS_GUEST_DIR := $(BUILD_DIR)/guest-faults

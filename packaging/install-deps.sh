@@ -20,6 +20,7 @@ apt_packages=(
   zstd xz-utils kmod file binutils python3 gcc make # guest image build
   python3-yaml # tests: the Kubernetes manifests of packaging/kubernetes parse and agree
   openssl # tests: certificates of the fake Kubernetes API server (node labels)
+  flex bison bc libelf-dev lz4 # the guest kernel build from linux-source-6.12 (guest-image/kernel/build-kernel.sh)
   containernetworking-plugins # CNI static, loopback, bridge, host-local (/usr/lib/cni) for the CRI tests
   iproute2 # the network tests remove their CNI bridge (ip link delete)
   iptables # the CNI portmap plugin's hostPort rules (the network tests)

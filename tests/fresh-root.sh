@@ -8,12 +8,13 @@
 # fails here, not on a user's first command.
 #
 # `make build guest-image` is what `make demo` and `make test` build first
-# (about 9 of the test's 15 minutes on 2 cores); CLH_FRESH_ROOT_BUILD=0 stops
-# after make deps.
+# (about 9 of the test's 15 minutes on 2 cores, plus about 15 for the guest
+# kernel, which the fresh root builds from source: its cache starts empty);
+# CLH_FRESH_ROOT_BUILD=0 stops after make deps.
 #
 # It runs again only when what it tests changes: the sha256 of both scripts,
-# this file, the Makefile's deps target (and guest-image/build.sh when it
-# builds) names a stamp under $CLH_CACHE_DIR/fresh-root
+# this file, the Makefile's deps target (and guest-image/build.sh, apt.sh and
+# kernel/build-kernel.sh when it builds) names a stamp under $CLH_CACHE_DIR/fresh-root
 # (~/.cache/clh-shim/fresh-root); with the stamp there it says so and passes
 # at once. CLH_FRESH_ROOT_FORCE=1 reruns it anyway.
 #
@@ -158,12 +159,12 @@ fi
 # --- Outside: the cache, then the namespaces ---------------------------------
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot, mounts)"
 # What decides the outcome: the scripts, this test, the deps target, and,
-# when the test builds, the guest image script (its tools are named in
+# when the test builds, the guest image scripts (their tools are named in
 # install-deps.sh).
 hash="$(cd "$repo" && {
   sha256sum packaging/install-deps.sh packaging/install-containerd.sh tests/fresh-root.sh
   sed -n '/^deps:/,/^$/p' Makefile
-  if [ "$build" = 1 ]; then sha256sum guest-image/build.sh; fi
+  if [ "$build" = 1 ]; then sha256sum guest-image/build.sh guest-image/apt.sh guest-image/kernel/build-kernel.sh; fi
   echo "build=$build"
 } | sha256sum | cut -d' ' -f1)"
 stamp="$cache_root/$hash.ok"
@@ -199,7 +200,7 @@ trap cleanup EXIT
 trap 'echo "fresh-root: interrupted; ending the fresh root" >&2; exit 130' INT TERM HUP
 what="make deps"
 if [ "$build" = 1 ]; then what="make deps, then make build guest-image,"; fi
-log "running $what in a fresh $suite root (hash ${hash:0:16}; about 15 minutes on 2 cores, less without the build)"
+log "running $what in a fresh $suite root (hash ${hash:0:16}; about 30 minutes on 2 cores, less without the build)"
 start=$SECONDS
 unshare --mount --pid --fork --propagation private --kill-child bash "$0" --inside "$work" "$tarball" &
 pid=$!
