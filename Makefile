@@ -32,7 +32,7 @@ FAULTS_GUEST_DIR := $(BUILD_DIR)/guest-faults
 export CLH_FAULTS_GUEST_DIR := $(FAULTS_GUEST_DIR)
 
 .PHONY: installer node-payload node-image node-install node-uninstall
-.PHONY: all deps fresh-root-test build shim agent guest-image guest-image-faults soak test unit-test lint fuzz bench demo check clean install
+.PHONY: all deps fresh-root-test build shim agent guest-image guest-image-faults guest-image-debian soak test unit-test lint fuzz bench demo check clean install
 
 all: build guest-image
 
@@ -125,7 +125,11 @@ FUZZ_SECONDS ?= 30
 fuzz: deps
 	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/fuzz.sh
 
-bench: deps guest-image
+# The same agent with the Debian cloud kernel: the boot bench compares.
+guest-image-debian: agent
+	CLH_GUEST_KERNEL=debian guest-image/build.sh $(AGENT_BIN) $(BUILD_DIR)/guest-debian
+
+bench: deps guest-image guest-image-debian
 	$(CARGO) bench -p clh-tests --bench boot
 	$(CARGO) bench -p clh-tests --bench ctr
 	$(CARGO) bench -p clh-tests --bench cri

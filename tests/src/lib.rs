@@ -49,6 +49,12 @@ impl GuestImage {
         Self::locate_in("CLH_FAULTS_GUEST_DIR", "guest-faults", "guest-image-faults")
     }
 
+    /// The same agent with the Debian cloud kernel, for the boot bench's
+    /// comparison: `$CLH_DEBIAN_GUEST_DIR`, else `build/guest-debian`.
+    pub fn locate_debian() -> anyhow::Result<Self> {
+        Self::locate_in("CLH_DEBIAN_GUEST_DIR", "guest-debian", "guest-image-debian")
+    }
+
     fn locate_in(variable: &str, build_dir: &str, make_target: &str) -> anyhow::Result<Self> {
         let dir = match std::env::var_os(variable) {
             Some(dir) => PathBuf::from(dir),
