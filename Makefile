@@ -112,11 +112,14 @@ lint:
 # count and the reasons are the last thing printed.
 SKIP_LOG := $(BUILD_DIR)/test-skips.log
 test: export CLH_TEST_SKIP_LOG := $(SKIP_LOG)
-test: deps fresh-root-test guest-image guest-image-faults lint
+test: deps fresh-root-test guest-image guest-image-faults guest-image-debian lint
 	mkdir -p $(BUILD_DIR) && rm -f $(SKIP_LOG)
 	$(CARGO) test --workspace --exclude clh-tests
 	FUZZ_SECONDS=20 tests/fuzz.sh
 	$(CARGO) test -p clh-tests -- --test-threads=1
+	# The Debian cloud kernel stays selectable (CLH_GUEST_KERNEL=debian):
+	# the boot tests on it too.
+	CLH_GUEST_DIR=$(BUILD_DIR)/guest-debian $(CARGO) test -p clh-tests --test boot_qemu -- --test-threads=1
 	tests/report-skips.sh $(SKIP_LOG)
 
 # The cargo-fuzz targets of fuzz/ (a package of its own, outside the
