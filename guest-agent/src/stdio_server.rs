@@ -5,7 +5,7 @@
 use crate::containers::process::StreamKind;
 use crate::containers::Containers;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
 use tracing::{debug, info, warn};
 
@@ -14,6 +14,17 @@ use tracing::{debug, info, warn};
 const MAX_HEADER: usize = 300;
 /// A peer that connects must send its header within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a stream reads at once (an output pipe holds 1 MiB:
+/// process.rs): a few large reads and wake-ups rather than tokio's 8 KiB
+/// pieces. The buffer is fixed, so a slow peer still holds the writer
+/// back.
+pub(crate) const CHUNK: usize = 256 * 1024;
+/// The most written to the vsock at once: the guest kernel sends a larger
+/// write as a non-linear skb (over 32 KiB with its headers), spread over
+/// several descriptors, which vhost-device-vsock 0.3 drops without a
+/// word, and the stream stalls for want of credit. Still 3 times fewer
+/// packets than tokio's 8 KiB.
+const VSOCK_PIECE: usize = 24 * 1024;
 
 /// Accepts the host's connections on vsock `port` forever.
 pub fn serve_vsock(port: u32, containers: Containers) -> std::io::Result<()> {
@@ -102,12 +113,13 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, containers: Con
     let result = match kind {
         StreamKind::Stdin => {
             let copy = async {
+                let mut from = BufReader::with_capacity(CHUNK, &mut s);
                 if is_fifo(&fd) {
                     let mut tx = pipe::Sender::from_owned_fd(fd)?;
-                    tokio::io::copy(&mut s, &mut tx).await?;
+                    tokio::io::copy_buf(&mut from, &mut tx).await?;
                 } else {
                     let mut tx = tokio::fs::File::from_std(fd.into());
-                    tokio::io::copy(&mut s, &mut tx).await?;
+                    tokio::io::copy_buf(&mut from, &mut tx).await?;
                 }
                 Ok::<_, std::io::Error>(())
             };
@@ -120,8 +132,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, containers: Con
         StreamKind::Stdout | StreamKind::Stderr => {
             let copy = async {
                 if is_fifo(&fd) {
-                    let mut rx = pipe::Receiver::from_owned_fd(fd)?;
-                    tokio::io::copy(&mut rx, &mut s).await?;
+                    copy_out(pipe::Receiver::from_owned_fd(fd)?, &mut s).await?;
                 } else {
                     copy_tty(tokio::fs::File::from_std(fd.into()), &mut s).await?;
                 }
@@ -149,7 +160,7 @@ async fn copy_tty<W: AsyncWrite + Unpin>(
     mut master: tokio::fs::File,
     out: &mut W,
 ) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; CHUNK];
     loop {
         let n = match master.read(&mut buf).await {
             Ok(0) => return Ok(()),
@@ -157,8 +168,31 @@ async fn copy_tty<W: AsyncWrite + Unpin>(
             Err(e) if e.raw_os_error() == Some(libc::EIO) => return Ok(()),
             Err(e) => return Err(e),
         };
-        out.write_all(&buf[..n]).await?;
+        write_pieces(out, &buf[..n]).await?;
     }
+}
+
+/// Copies a process's output pipe to the stream until EOF: reads of up to
+/// [`CHUNK`], written in [`VSOCK_PIECE`]s.
+async fn copy_out<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut from: R,
+    out: &mut W,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        write_pieces(out, &buf[..n]).await?;
+    }
+}
+
+async fn write_pieces<W: AsyncWrite + Unpin>(out: &mut W, data: &[u8]) -> std::io::Result<()> {
+    for piece in data.chunks(VSOCK_PIECE) {
+        out.write_all(piece).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use clh_tests::bench_results::{self, Figure};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
 use clh_tests::GuestImage;
 use nix::sys::signal::{kill, Signal};
@@ -29,8 +30,10 @@ const BUSYBOX: &str = "docker.io/library/busybox:latest";
 const CLH: &str = "io.containerd.clh.v2";
 const RUNC: &str = "io.containerd.runc.v2";
 /// Start rounds per runtime: each clh round boots a TCG VM (seconds).
+/// `CLH_BENCH_START_ROUNDS` overrides it (0 skips the start figures).
 const START_ROUNDS: usize = 5;
 /// Stream rounds per runtime: each clh round moves 100 MiB through TCG.
+/// `CLH_BENCH_STREAM_ROUNDS` overrides it (0 skips the stdout figures).
 const STREAM_ROUNDS: usize = 3;
 const STREAM_BYTES: u64 = 100 * 1024 * 1024;
 /// One `ctr run` that takes longer than this is a hang, not a sample.
@@ -58,8 +61,10 @@ fn main() -> Result<()> {
     let version = Command::new(ctd.version().bin_dir().join("containerd"))
         .arg("--version")
         .output()?;
+    let start_rounds = rounds("CLH_BENCH_START_ROUNDS", START_ROUNDS)?;
+    let stream_rounds = rounds("CLH_BENCH_STREAM_ROUNDS", STREAM_ROUNDS)?;
     println!(
-        "ctr benchmark: {}, busybox image, {START_ROUNDS} start rounds, {STREAM_ROUNDS} stdout rounds",
+        "ctr benchmark: {}, busybox image, {start_rounds} start rounds, {stream_rounds} stdout rounds",
         String::from_utf8_lossy(&version.stdout).trim()
     );
     println!(
@@ -74,7 +79,7 @@ fn main() -> Result<()> {
     }
 
     let (mut clh_start, mut runc_start) = (Vec::new(), Vec::new());
-    for round in 0..START_ROUNDS {
+    for round in 0..start_rounds {
         for runtime in order(round) {
             let took = run_true(&ctd, runtime, &format!("s{round}-{}", short(runtime)))?;
             if runtime == CLH {
@@ -86,7 +91,7 @@ fn main() -> Result<()> {
         }
     }
     let (mut clh_rate, mut runc_rate) = (Vec::new(), Vec::new());
-    for round in 0..STREAM_ROUNDS {
+    for round in 0..stream_rounds {
         for runtime in order(round) {
             let rate = run_stream(&ctd, runtime, &format!("o{round}-{}", short(runtime)))?;
             if runtime == CLH {
@@ -100,30 +105,12 @@ fn main() -> Result<()> {
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!();
-    println!("{:<52} {:>10} {:>10}", "", "median", "min");
-    for (label, samples) in [
-        ("clh:  ctr run --rm busybox true", &clh_start),
-        ("runc: ctr run --rm busybox true", &runc_start),
-    ] {
-        let (med, min) = (median(samples), min(samples));
-        println!("{label:<52} {:>7.0} ms {:>7.0} ms", ms(med), ms(min));
+    if start_rounds > 0 {
+        print_start(&clh_start, &runc_start, ms);
     }
-    println!(
-        "start ratio clh/runc: {:.1}x (median)",
-        ms(median(&clh_start)) / ms(median(&runc_start))
-    );
-    println!("{:<52} {:>10} {:>10}", "", "median", "best");
-    for (label, samples) in [
-        ("clh:  100 MiB stdout, first byte -> EOF", &clh_rate),
-        ("runc: 100 MiB stdout, first byte -> EOF", &runc_rate),
-    ] {
-        let (med, best) = (median(samples), max(samples));
-        println!("{label:<52} {med:>5.1} MB/s {best:>5.1} MB/s");
+    if stream_rounds > 0 {
+        print_stream(&clh_rate, &runc_rate);
     }
-    println!(
-        "stdout ratio clh/runc: {:.3}x (median; every run counted exactly {STREAM_BYTES} bytes)",
-        median(&clh_rate) / median(&runc_rate)
-    );
     println!(
         "These are QEMU TCG figures (software emulation of the guest). On hardware KVM \
          the targets are < 150 ms for ctr run --rm true and >= 200 MB/s for stdout."
@@ -141,7 +128,67 @@ fn main() -> Result<()> {
     ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
 
     println!("cleanup: containerd stopped, no shim, VM process, mount or state left");
+    let mut figures = Vec::new();
+    if start_rounds > 0 {
+        figures.push(Figure::new(
+            "ctr run --rm true, median",
+            "ms",
+            ms(median(&clh_start)),
+            ms(median(&runc_start)),
+            RUNC,
+        ));
+    }
+    if stream_rounds > 0 {
+        figures.push(Figure::new(
+            "100 MiB stdout, median",
+            "MB/s",
+            median(&clh_rate),
+            median(&runc_rate),
+            RUNC,
+        ));
+    }
+    bench_results::record("ctr", &figures)?;
     Ok(())
+}
+
+fn print_start(clh: &[Duration], runc: &[Duration], ms: impl Fn(Duration) -> f64) {
+    println!("{:<52} {:>10} {:>10}", "", "median", "min");
+    for (label, samples) in [
+        ("clh:  ctr run --rm busybox true", clh),
+        ("runc: ctr run --rm busybox true", runc),
+    ] {
+        let (med, min) = (median(samples), min(samples));
+        println!("{label:<52} {:>7.0} ms {:>7.0} ms", ms(med), ms(min));
+    }
+    println!(
+        "start ratio clh/runc: {:.1}x (median)",
+        ms(median(clh)) / ms(median(runc))
+    );
+}
+
+fn print_stream(clh: &[f64], runc: &[f64]) {
+    println!("{:<52} {:>10} {:>10}", "", "median", "best");
+    for (label, samples) in [
+        ("clh:  100 MiB stdout, first byte -> EOF", clh),
+        ("runc: 100 MiB stdout, first byte -> EOF", runc),
+    ] {
+        let (med, best) = (median(samples), max(samples));
+        println!("{label:<52} {med:>5.1} MB/s {best:>5.1} MB/s");
+    }
+    println!(
+        "stdout ratio clh/runc: {:.3}x (median; every run counted exactly {STREAM_BYTES} bytes)",
+        median(clh) / median(runc)
+    );
+}
+
+/// `var` as a round count, `default` when unset.
+fn rounds(var: &str, default: usize) -> Result<usize> {
+    match std::env::var(var) {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{var}={v:?} is not a count")),
+        Err(_) => Ok(default),
+    }
 }
 
 /// Even rounds start with clh, odd ones with runc.

@@ -263,6 +263,7 @@ pub mod faults;
 pub mod fuse_frontend;
 pub mod kube_api;
 pub mod node;
+pub mod output;
 pub mod pod_metrics;
 pub mod podmem;
 pub mod vsock_frontend;

@@ -98,6 +98,12 @@ fn streaming() {
     scenarios::streaming(&setup().1).unwrap();
 }
 
+/// 50 MiB written just before the exit all reach the log.
+#[test]
+fn large_output() {
+    scenarios::large_output(&setup().1).unwrap();
+}
+
 #[test]
 fn parallel_pods() {
     scenarios::parallel_pods(&setup().1).unwrap();

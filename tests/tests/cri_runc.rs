@@ -81,6 +81,11 @@ fn streaming() {
 }
 
 #[test]
+fn large_output() {
+    scenarios::large_output(&setup()).unwrap();
+}
+
+#[test]
 fn parallel_pods() {
     scenarios::parallel_pods(&setup()).unwrap();
 }

@@ -106,6 +106,7 @@ impl Proc {
         let out = |wanted: bool, slot: &mut Option<OwnedFd>| -> std::io::Result<OwnedFd> {
             if wanted {
                 let (r, w) = pipe()?;
+                widen(&r);
                 *slot = Some(r);
                 Ok(w)
             } else {
@@ -274,6 +275,20 @@ impl Proc {
 /// the child's end onto 0/1/2, which clears the flag there.
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
+}
+
+/// The size of an output pipe: the stdio server then reads its output in
+/// pieces of up to [`crate::stdio_server::CHUNK`], not the 64 KiB a
+/// default pipe holds, and a process writing fast blocks less often.
+const OUTPUT_PIPE_SIZE: nix::libc::c_int = 1024 * 1024;
+
+/// Grows an output pipe to [`OUTPUT_PIPE_SIZE`]; a kernel that refuses
+/// (a lower `fs.pipe-max-size`) leaves it as it is: slower, not wrong.
+fn widen(pipe: &OwnedFd) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    if let Err(e) = fcntl(pipe, FcntlArg::F_SETPIPE_SZ(OUTPUT_PIPE_SIZE)) {
+        tracing::debug!("cannot grow an output pipe: {e}");
+    }
 }
 
 fn dev_null() -> std::io::Result<OwnedFd> {

@@ -26,7 +26,8 @@ pub enum StdioKind {
 }
 
 impl StdioKind {
-    fn as_str(self) -> &'static str {
+    /// Its name on the wire (and in logs).
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Stdin => "stdin",
             Self::Stdout => "stdout",

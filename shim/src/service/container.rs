@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use tokio::sync::watch;
@@ -18,8 +17,6 @@ use crate::pod::Role;
 use crate::sizing::PodLimits;
 use crate::vm::PodVm;
 
-/// How long a process's output may take to drain after its exit.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Exit status reported when the VM died under a process.
 pub const VM_DIED_STATUS: u32 = 255;
 

@@ -40,10 +40,11 @@ use containerd_shim_protos::events::task::{TaskDelete, TaskExecStarted, TaskExit
 use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::topics;
 
-use container::{Container, Exit, Status, DRAIN_TIMEOUT};
+use container::{Container, Exit, Status};
 pub use error::{Error, Result};
 use events::{Event, EventSender};
 use stats::CgroupVersion;
+use stdio::DrainBounds;
 
 use crate::shared_mount::remove_container_dir;
 use crate::sizing::SizingPolicy;
@@ -352,24 +353,32 @@ async fn publish<E: EventSender>(
         .await;
 }
 
-/// Waits for a process's exit (or the VM's death), lets its output drain,
-/// records the exit and publishes TaskExit.
+/// Waits for a process's exit (or the VM's death), lets its output drain
+/// (stdio.rs: to its end, unless containerd stops reading it or it
+/// outlives the process), records the exit and publishes TaskExit.
 async fn waiter<E: EventSender>(c: Arc<Container>, exec_id: String, events: Arc<E>) {
-    let exit = tokio::select! {
+    let (exit, bounds) = tokio::select! {
         r = container::wait_process(&c.vm, &c.id, &exec_id) => match r {
-            Ok(exit) => exit,
+            Ok(exit) => (exit, DrainBounds::EXITED),
             Err(e) => {
                 tracing::warn!(id = %c.id, exec_id, error = %e, "lost the process");
-                Exit::now(container::VM_DIED_STATUS)
+                (Exit::now(container::VM_DIED_STATUS), DrainBounds::VM_GONE)
             }
         },
-        _ = c.vm.died() => Exit::now(container::VM_DIED_STATUS),
+        _ = c.vm.died() => (Exit::now(container::VM_DIED_STATUS), DrainBounds::VM_GONE),
     };
     let mut pumps = match c.with_proc(&exec_id, |p| std::mem::take(&mut p.pumps)) {
         Ok(p) => p,
         Err(_) => return,
     };
-    pumps.drain(DRAIN_TIMEOUT).await;
+    pumps.drain(bounds).await;
+    // A stream still open (a process left behind holds it) is copied on
+    // until the process is deleted, which aborts it.
+    let mut left = Some(pumps);
+    let _ = c.with_proc(&exec_id, |p| p.pumps = left.take().unwrap_or_default());
+    if let Some(mut pumps) = left {
+        pumps.abort();
+    }
     oom::publish_new_kills(&c, &*events).await;
     finish(&c, &exec_id, exit, &*events).await;
 }

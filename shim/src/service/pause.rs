@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use super::container::{Container, Exit, Status, DRAIN_TIMEOUT, VM_DIED_STATUS};
+use super::container::{Container, Exit, Status, VM_DIED_STATUS};
 use super::error::{Error, Result};
 use super::events::EventSender;
+use super::stdio::DrainBounds;
 use super::{finish, Containers};
 
 /// Signals whose default action leaves a process running.
@@ -22,8 +23,11 @@ const IGNORED_BY_DEFAULT: [Signal; 4] = [
 ];
 
 /// How long the stand-in waits for the pod's containers to report their
-/// exits: each drains its output for at most DRAIN_TIMEOUT.
-const CONTAINERS_FIRST: Duration = DRAIN_TIMEOUT.saturating_add(Duration::from_secs(1));
+/// exits: each drains what the shim still holds of its output, bounded by
+/// [`DrainBounds::VM_GONE`].
+const CONTAINERS_FIRST: Duration = DrainBounds::VM_GONE
+    .longest()
+    .saturating_add(Duration::from_secs(1));
 
 /// Ends the stand-in process when the VM dies, after the pod's containers
 /// have reported their exits (bounded by [`CONTAINERS_FIRST`]). Order

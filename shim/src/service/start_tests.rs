@@ -480,10 +480,11 @@ async fn a_broken_guest_fails_its_pod(name: &str, break_it: impl FnOnce(&fakes::
     let broken_at = Instant::now();
     assert_eq!(next_topic(&mut h).await, topics::TASK_EXIT_EVENT_TOPIC);
     let detected = broken_at.elapsed();
-    // Detection is bounded by interval + deadline; the container's exit
-    // waits for its output to drain at most DRAIN_TIMEOUT more.
+    // Detection is bounded by interval + deadline; with the VM gone the
+    // container's exit waits for no more output from it (a drain has no
+    // quiet wait then), so only a little scheduling slack is added.
     assert!(
-        detected < health.interval + health.deadline + super::container::DRAIN_TIMEOUT,
+        detected < health.interval + health.deadline + Duration::from_secs(2),
         "{name}: noticed after {detected:?}"
     );
     let delete = DeleteRequest {

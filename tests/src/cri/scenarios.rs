@@ -482,3 +482,90 @@ pub fn seccomp_profiles(setup: &CriSetup) -> Result<()> {
     k.remove_pod(&pod)?;
     k.finish()
 }
+
+/// Bytes the container of [`large_output`] writes.
+pub const LARGE_OUTPUT: u64 = 50 * 1024 * 1024;
+/// containerd is frozen for this long once all but [`FROZEN_AT`] bytes of
+/// the output are in the log: longer than the shim's former fixed drain
+/// deadline (2 s), far shorter than a reader it would give up on.
+const FREEZE: Duration = Duration::from_secs(5);
+/// Less than the buffers between the process and containerd hold, so the
+/// process exits while containerd is frozen with this much unread.
+const FROZEN_AT: u64 = 320 * 1024;
+/// A log line's bytes beside its 64 of output, `<time> stdout F `, on
+/// average: the time has up to 30 bytes (RFC 3339 with nanoseconds, whose
+/// trailing zeros are dropped: one time in ten is a byte shorter).
+const LOG_LINE_OVERHEAD: f64 = 39.9;
+
+/// A container writes 50 MiB to stdout and exits at once, while containerd,
+/// busy, reads nothing for a while (SIGSTOP for [`FREEZE`] near the end):
+/// its log file holds every byte, in order, in CRI's format (`<time>
+/// stdout F <line>`), and its exit code is 0. The log is read once it
+/// stops growing: a runtime that reported the exit with output still
+/// buffered has lost that tail for good.
+pub fn large_output(setup: &CriSetup) -> Result<()> {
+    let k = Kubelet::start(setup)?;
+    let cri = k.cri();
+    let pod = k.run_pod(&k.pod("output"))?;
+    let big = ContainerBuilder::new("big", BUSYBOX).shell(&crate::output::script(LARGE_OUTPUT));
+    let log = pod.log_dir.join("big").join("0.log");
+    let id = k.run_container(&pod, &big)?;
+    let line = crate::output::LINE.len() as f64 + 1.0;
+    let lines = (LARGE_OUTPUT - FROZEN_AT) as f64 / line;
+    let freeze_at = (lines * (line + LOG_LINE_OVERHEAD)) as u64;
+    let pid = k.containerd().pid().context("containerd is not running")?;
+    let pid = i32::try_from(pid)?;
+    let deadline = Instant::now() + k.timeout();
+    while log_size(&log) < freeze_at {
+        ensure!(
+            Instant::now() < deadline,
+            "the log never reached {freeze_at} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    freeze(pid, FREEZE)?;
+    let status = cri.wait_container_state(&id, ContainerState::ContainerExited, k.timeout())?;
+    ensure!(status.exit_code == 0, "exit: {status:?}");
+    // containerd may still be writing what it read before the exit.
+    let (mut size, mut since) = (0, Instant::now());
+    while since.elapsed() < Duration::from_secs(3) && Instant::now() < deadline {
+        let now = log_size(&log);
+        if now != size {
+            (size, since) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = std::fs::read(&log).with_context(|| format!("reading {}", log.display()))?;
+    let mut checker = crate::output::Checker::default();
+    for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let mut parts = line.splitn(4, |b| *b == b' ');
+        let (_, stream, tag, content) = (parts.next(), parts.next(), parts.next(), parts.next());
+        ensure!(
+            stream == Some(b"stdout".as_slice()),
+            "a log line not from stdout: {:?}",
+            String::from_utf8_lossy(line)
+        );
+        checker.feed(content.unwrap_or_default());
+        if tag == Some(b"F".as_slice()) {
+            checker.feed(b"\n");
+        }
+    }
+    checker
+        .verify(LARGE_OUTPUT)
+        .with_context(|| format!("the log {}", log.display()))?;
+    k.remove_pod(&pod)?;
+    k.finish()
+}
+
+fn log_size(log: &std::path::Path) -> u64 {
+    std::fs::metadata(log).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Stops process `pid` for `period`; it is continued even if waiting fails.
+fn freeze(pid: i32, period: Duration) -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    let pid = nix::unistd::Pid::from_raw(pid);
+    kill(pid, Signal::SIGSTOP).context("stopping containerd")?;
+    std::thread::sleep(period);
+    kill(pid, Signal::SIGCONT).context("continuing containerd")
+}

@@ -1,0 +1,123 @@
+//! The output pumps and their drain, over a real FIFO and socket pair:
+//! a reader that pauses gets everything before the drain ends; one that
+//! stops is given up after the stall bound; an output held open, or still
+//! flowing, is left to its pump rather than cut.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::net::UnixStream;
+
+use super::*;
+
+/// A FIFO with its read end open, and a pump from a fresh socket into it;
+/// returns the agent's end of the socket, the reader and the pumps.
+async fn pumped(dir: &tempfile::TempDir) -> (UnixStream, pipe::Receiver, Pumps) {
+    let path = dir.path().join("out");
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let reader = pipe::OpenOptions::new().open_receiver(&path).unwrap();
+    let fifo = open_output(path.to_str().unwrap()).await.unwrap();
+    let (agent, shim) = UnixStream::pair().unwrap();
+    let pumps = Pumps {
+        outputs: vec![OutputPump::start(StdioKind::Stdout, shim, fifo)],
+        ..Default::default()
+    };
+    (agent, reader, pumps)
+}
+
+fn bounds(reader_stall_ms: u64, quiet_ms: u64, flowing_ms: u64) -> DrainBounds {
+    DrainBounds {
+        reader_stall: Duration::from_millis(reader_stall_ms),
+        quiet: Duration::from_millis(quiet_ms),
+        flowing: Duration::from_millis(flowing_ms),
+    }
+}
+
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test]
+async fn a_paused_reader_gets_everything_before_the_drain_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, mut reader, mut pumps) = pumped(&dir).await;
+    let data: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
+    let sent = data.clone();
+    tokio::spawn(async move {
+        agent.write_all(&sent).await.unwrap();
+        // Dropping it is the agent's EOF: the process exited.
+    });
+    let read = tokio::spawn(async move {
+        // Longer than the quiet bound: a pump holding output is waited for.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    pumps.drain(bounds(5_000, 300, 30_000)).await;
+    assert!(pumps.outputs.is_empty(), "the stream ended");
+    assert_eq!(read.await.unwrap(), data);
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_is_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, _reader, mut pumps) = pumped(&dir).await;
+    tokio::spawn(async move {
+        // More than the FIFO and the socket hold: the pump is left holding.
+        let _ = agent.write_all(&vec![7u8; 4 * MIB]).await;
+    });
+    let started = std::time::Instant::now();
+    pumps.drain(bounds(500, 100, 30_000)).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(pumps.outputs.is_empty(), "the pump was aborted");
+}
+
+#[tokio::test]
+async fn an_output_held_open_is_left_to_its_pump() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, mut reader, mut pumps) = pumped(&dir).await;
+    agent.write_all(b"before").await.unwrap();
+    pumps.drain(bounds(5_000, 300, 30_000)).await;
+    assert_eq!(pumps.outputs.len(), 1, "the pump goes on");
+    // What the survivor writes later still arrives, until abort().
+    agent.write_all(b" after").await.unwrap();
+    drop(agent);
+    let mut got = Vec::new();
+    reader.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"before after");
+    pumps.abort();
+    assert!(pumps.outputs.is_empty());
+}
+
+#[tokio::test]
+async fn output_flowing_on_ends_the_wait_not_the_pump() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, mut reader, mut pumps) = pumped(&dir).await;
+    let writer = tokio::spawn(async move {
+        while agent.write_all(b"tick\n").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let drain_reader = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        while reader.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    let started = std::time::Instant::now();
+    pumps.drain(bounds(5_000, 1_000, 600)).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(pumps.outputs.len(), 1, "the pump goes on");
+    pumps.abort();
+    writer.abort();
+    let _ = drain_reader.await;
+}
+
+#[test]
+fn the_longest_drain_is_bounded() {
+    assert_eq!(DrainBounds::EXITED.longest(), Duration::from_secs(60));
+    assert_eq!(DrainBounds::VM_GONE.longest(), Duration::from_secs(10));
+    assert!(DrainBounds::VM_GONE.quiet.is_zero());
+}
