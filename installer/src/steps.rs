@@ -30,8 +30,8 @@ const CONTAINERD_PLACES: &[&str] = &[
 pub fn install(opts: &Options) -> Result<Report> {
     let mut report = Report::default();
     let layout = Layout::new(&opts.host_root, &opts.prefix);
-    let mut created = fsutil::create_dirs(&layout.on_host)?;
-    let _lock = lock(&layout.on_host)?;
+    // Everything that can refuse the install is checked before anything
+    // is made: a refused install leaves the node as it was.
     let payload = Payload::load(&opts.payload)?;
     let (template, template_path, admin) = match &opts.shim_config {
         Some(p) => (fs::read(p).map_err(io("reading", p))?, p.clone(), true),
@@ -48,6 +48,31 @@ pub fn install(opts: &Options) -> Result<Report> {
             problem: format!("the shim would refuse it: {e}"),
         }
     })?;
+    let major = match opts.containerd_major {
+        Some(m) => m,
+        None => detect(opts)?,
+    };
+    let handler = Handler {
+        name: opts.handler.clone(),
+        runtime_path: layout.current_view(payload::SHIM),
+    };
+    let drop_in_path = opts.drop_in_dir.join(format!("{}.toml", opts.handler));
+    let main_on_host = opts.on_host(&opts.containerd_config);
+    let plan_now = || -> Result<(Option<Vec<u8>>, containerd::Plan)> {
+        let main = fsutil::read_optional(&main_on_host)?;
+        let plan = containerd::plan(
+            main.as_deref(),
+            &opts.containerd_config,
+            &drop_in_path,
+            major,
+            &handler,
+        )?;
+        Ok((main, plan))
+    };
+    plan_now()?;
+
+    let mut created = fsutil::create_dirs(&layout.on_host)?;
+    let _lock = lock(&layout.on_host)?;
     if layout.install_version(&payload, &id, &config)? {
         report.say(format!(
             "installed version {id} in {}",
@@ -69,24 +94,8 @@ pub fn install(opts: &Options) -> Result<Report> {
     st.version.clone_from(&id);
     st.main_config.clone_from(&opts.containerd_config);
 
-    let major = match opts.containerd_major {
-        Some(m) => m,
-        None => detect(opts)?,
-    };
-    let handler = Handler {
-        name: opts.handler.clone(),
-        runtime_path: layout.current_view(payload::SHIM),
-    };
-    let drop_in_path = opts.drop_in_dir.join(format!("{}.toml", opts.handler));
-    let main_on_host = opts.on_host(&opts.containerd_config);
-    let main = fsutil::read_optional(&main_on_host)?;
-    let plan = containerd::plan(
-        main.as_deref(),
-        &opts.containerd_config,
-        &drop_in_path,
-        major,
-        &handler,
-    )?;
+    // Again under the lock: another installer may have changed the file.
+    let (main, plan) = plan_now()?;
     if let Some(bytes) = &plan.drop_in {
         let on_host = opts.on_host(&drop_in_path);
         if fsutil::read_optional(&on_host)?.as_deref() != Some(bytes.as_slice()) {

@@ -197,3 +197,22 @@ fn the_installed_versions_own_installer_uninstalls_it() {
     assert_eq!(fs::read_to_string(h.main_config()).unwrap(), ORIGINAL);
     assert!(!h.root().join("opt/clh-shim").exists(), "{:?}", h.listing());
 }
+
+#[test]
+fn a_refused_install_leaves_the_node_as_it_was() {
+    let h = Host::new();
+    fs::write(h.main_config(), ORIGINAL).unwrap();
+    let before = h.listing();
+    let mut o = h.opts();
+    // No containerd in this host root to ask for its version.
+    o.containerd_major = None;
+    o.containerd_binary = Some("/usr/bin/containerd".into());
+    let err = install(&o).unwrap_err();
+    assert!(err.to_string().contains("--containerd-version"), "{err}");
+    assert_eq!(h.listing(), before);
+    // Nor does a config it cannot edit.
+    fs::write(h.main_config(), "root = \"/var/lib/containerd\"\n").unwrap();
+    let err = install(&h.opts()).unwrap_err();
+    assert!(err.to_string().contains("migrate"), "{err}");
+    assert_eq!(h.listing(), before);
+}
