@@ -4,19 +4,22 @@
 //!
 //! [`PodVm::start`] is the whole pod start on the host, in order:
 //! 1. refuse what cannot work (id, socket path lengths, guest image);
-//! 2. create the pod cgroup and `root/<id>/` (0700);
-//! 3. wire each interface of the pod's network namespace to a tap there
-//!    (clh-network), when the pod has one;
-//! 4. make the shared directory and start virtiofsd on it;
-//! 5. start the VMM through the backend the factory makes, in the pod's
+//! 2. create the pod cgroup and `root/<id>/` (0700), and the shared
+//!    directory in it;
+//! 3. at once, as neither needs the other: wire each interface of the
+//!    pod's network namespace to a tap there (clh-network), when the pod
+//!    has one, and start virtiofsd on the shared directory;
+//! 4. start the VMM through the backend the factory makes, in the pod's
 //!    network namespace with a NIC per tap;
-//! 6. record the pids and the wiring (`state.json`, for
+//! 5. record the pids and the wiring (`state.json`, for
 //!    [`cleanup_leftovers`]), make the sockets owner-only, move every host
 //!    process into the pod cgroup;
-//! 7. connect to the agent (retrying while the guest boots), seed the
+//! 6. connect to the agent (retrying while the guest boots), seed the
 //!    guest's RNG and configure its network over that connection;
-//! 8. watch the VMM and virtiofsd, and health-check the agent: either
+//! 7. watch the VMM and virtiofsd, and health-check the agent: either
 //!    process exiting, or the agent failing a check, kills the pod.
+//!
+//! Steps 1 to 6 are `start.rs`, each timed (`timeline.rs`).
 //!
 //! On failure at any step everything made so far is undone, and the error
 //! ([`VmStartError`]) quotes the guest console, VMM and virtiofsd logs.
@@ -34,6 +37,7 @@ mod health;
 mod leftovers;
 mod net;
 mod report;
+mod start;
 mod steps;
 #[cfg(test)]
 mod tests;
@@ -44,14 +48,13 @@ use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clh_agent_client::AgentClient;
 use clh_hypervisor::virtiofsd::Virtiofsd;
-use clh_hypervisor::{
-    Backend, Binaries, Hypervisor, HypervisorFactory, Nic, SharedFs, VmSize, VmSpec,
-};
+use clh_hypervisor::{Backend, Binaries, Hypervisor, HypervisorFactory, Nic, VmSize};
 use clh_network::PodNetwork;
+use start::{start_in, undo, Parts};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -63,15 +66,11 @@ pub use leftovers::{cleanup_container_leftovers, cleanup_leftovers};
 pub use timeline::StartTimeline;
 
 use crate::pod_cgroup::PodCgroup;
-use crate::shared_mount::{export_dir, make_export, remove_vm_dir};
+use crate::shared_mount::remove_vm_dir;
 use crate::writable_shares::WritableShares;
-use leftovers::persist_state;
-use net::{intercept_loopback, nics, queue_pairs, unwire};
+use net::unwire;
 pub(crate) use steps::is_running;
-use steps::{
-    check_guest_image, kernel_cmdline, make_vm_dir, restrict_sockets, seed_guest_rng,
-    with_descendants,
-};
+use steps::with_descendants;
 #[cfg(test)]
 pub(crate) use tests::guest_image as test_guest_image;
 
@@ -149,19 +148,6 @@ pub struct PodVm {
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// What a start made so far, undone if a later step fails.
-#[derive(Default)]
-struct Parts {
-    cgroup: Option<PodCgroup>,
-    dir: Option<PathBuf>,
-    network: Option<PodNetwork>,
-    /// The port-forward interceptor's listener in the pod's namespace.
-    forward: Option<std::net::TcpListener>,
-    virtiofsd: Option<Virtiofsd>,
-    hypervisor: Option<Box<dyn Hypervisor>>,
-    timeline: StartTimeline,
 }
 
 impl PodVm {
@@ -430,183 +416,6 @@ pub enum GrowError {
     Resize(#[source] clh_hypervisor::Error),
     #[error("the guest did not online its new resources")]
     Online(#[source] clh_agent_client::Error),
-}
-
-/// Steps 1 to 6 of the module doc; what they made is in `parts`. Each
-/// step's span goes into `parts.timeline`.
-async fn start_in(
-    id: &str,
-    root: &Path,
-    opts: &VmOptions,
-    parts: &mut Parts,
-) -> Result<AgentClient, StartStep> {
-    let t = Instant::now();
-    validate_id(id)?;
-    let dir = root.join(id);
-    clh_hypervisor::check_vm_dir(&dir).map_err(StartStep::StateDir)?;
-    check_guest_image(opts)?;
-    parts.timeline.record("checks", t);
-    let t = Instant::now();
-    if let Some(path) = opts.cgroups_path.as_deref().filter(|p| !p.is_empty()) {
-        parts.cgroup = Some(PodCgroup::create(path).map_err(StartStep::Cgroup)?);
-        parts.timeline.record("cgroup", t);
-    }
-    let t = Instant::now();
-    make_vm_dir(root, &dir)?;
-    parts.dir = Some(dir.clone());
-    make_export(&dir).map_err(|e| StartStep::SharedDir(e.into()))?;
-    parts.timeline.record("state_dir", t);
-
-    // The pod's network and virtiofsd need nothing of each other: wired
-    // while virtiofsd starts.
-    let wire = async {
-        let netns = opts.netns.clone()?;
-        let t = Instant::now();
-        let queues = queue_pairs(opts.vcpus);
-        let path = netns.clone();
-        let wired = tokio::task::spawn_blocking(move || clh_network::wire(&path, queues)).await;
-        let wired = wired.unwrap_or_else(|_| {
-            Err(clh_network::NetError::Panicked {
-                path: netns.clone(),
-            })
-        });
-        let forward = match &wired {
-            Ok(_) => intercept_loopback(Some(netns)).await,
-            Err(_) => None,
-        };
-        Some((wired, forward, t))
-    };
-    let fs_socket = dir.join(clh_hypervisor::virtiofsd::SOCKET_NAME);
-    let start_fs = async {
-        let t = Instant::now();
-        let started = Virtiofsd::start(
-            &opts.binaries.virtiofsd,
-            &export_dir(&dir),
-            &fs_socket,
-            &dir.join("virtiofsd.log"),
-            opts.vmm_start_timeout,
-        )
-        .await;
-        (started, t)
-    };
-    let (wired, (started, fs_began)) = tokio::join!(wire, start_fs);
-    // Both results are kept before either error is returned, so that a
-    // failed start undoes what the other branch made.
-    let started = started.map(|fs| parts.virtiofsd.insert(fs).socket().to_path_buf());
-    parts.timeline.record("virtiofsd", fs_began);
-    if let Some((wired, forward, began)) = wired {
-        parts.network = Some(wired.map_err(StartStep::Network)?);
-        parts.forward = forward;
-        parts.timeline.record("network", began);
-    }
-    let fs_socket = started.map_err(StartStep::Virtiofsd)?;
-    let network = parts.network.clone().filter(|n| !n.links.is_empty());
-
-    let spec = VmSpec {
-        id: id.to_string(),
-        dir: dir.clone(),
-        vcpus: opts.vcpus,
-        memory_mib: opts.memory_mib,
-        max: opts.max,
-        kernel: opts.kernel.clone(),
-        initramfs: opts.initramfs.clone(),
-        cmdline: kernel_cmdline(opts),
-        shared_fs: Some(SharedFs {
-            socket: fs_socket,
-            tag: SHARED_FS_TAG.to_string(),
-        }),
-        console_log: dir.join("console.log"),
-        console_log_max_bytes: opts.console_log_max_bytes,
-        start_timeout: opts.vmm_start_timeout,
-        netns: network.as_ref().map(|n| n.netns.clone()),
-        nics: network.iter().flat_map(nics).collect(),
-    };
-    let t = Instant::now();
-    let hypervisor = parts
-        .hypervisor
-        .insert(opts.hypervisors.make(opts.backend, &opts.binaries));
-    hypervisor.start(&spec).await.map_err(StartStep::Vmm)?;
-    parts.timeline.record(timeline::VMM, t);
-
-    let t = Instant::now();
-    let mut pids = hypervisor.pids();
-    pids.extend(parts.virtiofsd.as_ref().map(Virtiofsd::pid));
-    persist_state(&dir, &pids, parts.network.as_ref())?;
-    restrict_sockets(&dir)?;
-    if let Some(cgroup) = parts.cgroup.as_mut() {
-        for pid in with_descendants(pids) {
-            match cgroup.add_process(pid) {
-                Ok(()) => {}
-                // A short-lived helper that exited since it was listed.
-                Err(_) if !is_running(pid) => {}
-                Err(e) => return Err(StartStep::Cgroup(e)),
-            }
-        }
-    }
-    parts.timeline.record("accounting", t);
-
-    let uds = hypervisor.vsock_socket();
-    let timeline = &mut parts.timeline;
-    let reach_agent = async {
-        let deadline = Instant::now() + opts.agent_timeout;
-        let t = Instant::now();
-        // At most half the agent deadline: a console that never shows the
-        // agent's line (another guest image) only delays the attempts.
-        if !hypervisor.wait_vsock_ready(opts.agent_timeout / 2).await {
-            tracing::warn!("the guest console did not show the agent serving; connecting anyway");
-        }
-        timeline.record("guest_boot", t);
-        let t = Instant::now();
-        let left = deadline.saturating_duration_since(Instant::now());
-        let agent = AgentClient::connect(&uds, left).await;
-        timeline.record("agent_connect", t);
-        agent
-    };
-    let agent = tokio::select! {
-        agent = reach_agent => agent.map_err(StartStep::Agent)?,
-        how = hypervisor.wait_exit() => return Err(StartStep::VmmExited { how }),
-    };
-    let t = Instant::now();
-    seed_guest_rng(&agent).await?;
-    parts.timeline.record("rng_seed", t);
-    if let Some(network) = &network {
-        let t = Instant::now();
-        let config = network.guest_config();
-        let configured = agent.configure_network(&config).await;
-        configured.map_err(StartStep::GuestNetwork)?;
-        parts.timeline.record("guest_network", t);
-    }
-    Ok(agent)
-}
-
-/// Undoes a failed start, last step first.
-async fn undo(parts: Parts, timeout: Duration) {
-    if let Some(mut hv) = parts.hypervisor {
-        if let Err(e) = hv.stop(timeout).await {
-            tracing::warn!(error = %e, "stopping the VM after a failed start");
-        }
-    }
-    if let Some(mut fs) = parts.virtiofsd {
-        if let Err(e) = fs.stop(timeout).await {
-            tracing::warn!(error = %e, "stopping virtiofsd after a failed start");
-        }
-    }
-    if let Err(e) = unwire(parts.network).await {
-        tracing::warn!(
-            error = format!("{e:#}"),
-            "unwiring the pod network after a failed start"
-        );
-    }
-    if let Some(dir) = parts.dir {
-        if let Err(e) = remove_vm_dir(&dir) {
-            tracing::warn!(dir = %dir.display(), error = format!("{e:#}"), "cannot remove VM directory");
-        }
-    }
-    if let Some(cg) = parts.cgroup {
-        if let Err(e) = cg.destroy(timeout).await {
-            tracing::error!(error = %e, "removing the pod cgroup after a failed start");
-        }
-    }
 }
 
 /// Refuses ids that could escape `root` or make unwieldy paths: the

@@ -6,11 +6,11 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::leftovers::{persist_state, PersistedProcess, PersistedState};
 use super::report::failure_report;
-use super::steps::random_seed;
+use super::steps::{kernel_cmdline, random_seed, restrict_sockets};
 use super::*;
 use crate::shared_mount::private_dir;
-use clh_hypervisor::new_backend;
 use clh_hypervisor::testing::{fake_ch, FAKE_CH_LINE};
+use clh_hypervisor::{new_backend, VmSpec};
 
 /// The rule itself is tested in clh-agent-protocol; here, that the VM
 /// layer refuses a bad sandbox id before touching the disk.
