@@ -174,10 +174,7 @@ pub fn uninstall(opts: &Options, force: bool) -> Result<Report> {
         // What an uninstall --force left: versions that were in use.
         remove_unused_versions(opts, &layout, None, &mut report);
         if layout.versions().is_empty() {
-            let _ = fs::remove_file(layout.on_host.join(crate::layout::CURRENT));
-            let _ = fs::remove_dir(layout.on_host.join(crate::layout::VERSIONS));
-            let _ = fs::remove_file(layout.on_host.join(LOCK_FILE));
-            let _ = fs::remove_dir(&layout.on_host);
+            remove_empty_prefix(&layout);
         }
         report.say(format!(
             "no install record in {}: nothing else to undo",
@@ -252,24 +249,16 @@ pub fn uninstall(opts: &Options, force: bool) -> Result<Report> {
         report.restart = Some(outcome);
     }
     remove_unused_versions(opts, &layout, None, &mut report);
-    let kept = !layout.versions().is_empty();
-    for name in [crate::layout::CURRENT, state::FILE, state::BACKUP_DIR] {
-        let p = layout.on_host.join(name);
-        if kept && name == crate::layout::CURRENT {
-            continue;
-        }
-        let _ = fs::remove_file(&p).or_else(|_| fs::remove_dir_all(&p));
-    }
-    if kept {
+    let _ = fs::remove_file(layout.on_host.join(state::FILE));
+    let _ = fs::remove_dir_all(layout.on_host.join(state::BACKUP_DIR));
+    if !layout.versions().is_empty() {
         report.say(format!(
             "{} kept: processes still run from it; remove it once they are gone",
             opts.prefix.display()
         ));
         return Ok(report);
     }
-    let _ = fs::remove_dir(layout.on_host.join(crate::layout::VERSIONS));
-    let _ = fs::remove_file(layout.on_host.join(LOCK_FILE));
-    let _ = fs::remove_dir(&layout.on_host);
+    remove_empty_prefix(&layout);
     for d in st.created_dirs.iter().rev() {
         // Only if empty: something else may have put files there since.
         let _ = fs::remove_dir(opts.on_host(d));
@@ -311,6 +300,15 @@ pub fn status(opts: &Options) -> Result<Report> {
 }
 
 const LOCK_FILE: &str = ".lock";
+
+/// Takes the prefix itself away once no version is left in it: `current`,
+/// the empty `versions/`, the lock, the directory.
+fn remove_empty_prefix(layout: &Layout) {
+    let _ = fs::remove_file(layout.on_host.join(crate::layout::CURRENT));
+    let _ = fs::remove_dir(layout.on_host.join(crate::layout::VERSIONS));
+    let _ = fs::remove_file(layout.on_host.join(LOCK_FILE));
+    let _ = fs::remove_dir(&layout.on_host);
+}
 
 /// An exclusive flock on the prefix, waited for within [`LOCK_TIMEOUT`].
 fn lock(prefix_on_host: &Path) -> Result<fs::File> {
