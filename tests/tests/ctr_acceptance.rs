@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
 use clh_tests::ctr::{
-    ctr_command, finish, leaks, setup, wait_status, wait_within, Setup, BUSYBOX, RUNTIME,
-    VM_DEADLINE,
+    ctr_command, finish, leaks, run_sleeper, setup, wait_status, wait_within, Setup, BUSYBOX,
+    RUNTIME, VM_DEADLINE,
 };
 
 fn start(s: &Setup) -> Result<PrivateContainerd> {
@@ -30,29 +30,18 @@ fn two_containers_get_two_vms() -> Result<()> {
     let s = setup()?;
     let ctd = start(&s)?;
     let ids = ["par1", "par2"];
-    let outs: Vec<Result<Output>> = std::thread::scope(|scope| {
+    let outs: Vec<Result<()>> = std::thread::scope(|scope| {
         let handles: Vec<_> = ids
             .iter()
             .map(|id| {
                 let ctd = &ctd;
-                scope.spawn(move || {
-                    ctd.ctr(&[
-                        "run",
-                        "-d",
-                        "--runtime",
-                        RUNTIME,
-                        BUSYBOX,
-                        id,
-                        "sleep",
-                        "1000",
-                    ])
-                })
+                scope.spawn(move || run_sleeper(ctd, id))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for out in outs {
-        check(&out?, "ctr run -d")?;
+        out?;
     }
     let mut boot_ids = Vec::new();
     for id in ids {
