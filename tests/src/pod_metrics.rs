@@ -1,5 +1,6 @@
 //! A pod's own metrics (`<state_dir>/<id>/metrics.sock`, Prometheus text
-//! over HTTP on a Unix socket), as the benchmarks read them.
+//! over HTTP on a Unix socket), as the benchmarks read them, and the one
+//! `GET /metrics` the monitor's test uses too.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -12,16 +13,23 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `GET /metrics` on a pod's metrics socket: the body.
 pub fn scrape(socket: &Path) -> Result<String> {
-    let mut stream =
+    let stream =
         UnixStream::connect(socket).with_context(|| format!("connecting {}", socket.display()))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n")?;
+    get_metrics(stream).map(|(_, body)| body)
+}
+
+/// `GET /metrics` over `stream` (a pod's socket, or the monitor's TCP
+/// port), with its read and write deadlines already set: the response's
+/// head and body, failing on anything but 200.
+pub fn get_metrics(mut stream: impl Read + Write) -> Result<(String, String)> {
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
     let (head, body) = answer.split_once("\r\n\r\n").context("not HTTP")?;
     ensure!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    Ok(body.to_string())
+    Ok((head.to_string(), body.to_string()))
 }
 
 /// The steps of the pod VM's start, in the order served, with how long

@@ -9,7 +9,7 @@
 //!
 //! Run one at a time (`-- --test-threads=1`): it boots a VM.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -72,19 +72,15 @@ fn start_monitor(cri: &CriSetup, config: &Path) -> Result<(Monitor, SocketAddr)>
 
 /// `GET /metrics` on the monitor: the body.
 fn scrape(addr: SocketAddr) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: monitor\r\nConnection: close\r\n\r\n")?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    let (head, body) = answer.split_once("\r\n\r\n").context("not HTTP")?;
-    ensure!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let (head, body) = clh_tests::pod_metrics::get_metrics(stream)?;
     ensure!(
         head.contains("Content-Type: text/plain; version=0.0.4"),
         "{head}"
     );
-    Ok(body.to_string())
+    Ok(body)
 }
 
 fn samples(body: &str) -> Vec<Sample> {
