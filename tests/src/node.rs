@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 
 use crate::containerd::{check, PrivateContainerd};
 use crate::GuestImage;
@@ -82,21 +82,7 @@ pub fn terminate(ctd: &PrivateContainerd, id: &str) -> Result<()> {
         &ctd.ctr(&["tasks", "kill", "-s", "SIGTERM", id])?,
         "ctr tasks kill",
     )?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = ctd.ctr(&["tasks", "ls"])?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        match text
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(id))
-        {
-            Some(line) if line.contains("STOPPED") => break,
-            _ if Instant::now() > deadline => {
-                bail!("task {id} did not stop within 30 s:\n{text}")
-            }
-            _ => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
+    crate::ctr::wait_status(ctd, id, "STOPPED", Duration::from_secs(30))?;
     check(&ctd.ctr(&["tasks", "delete", id])?, "ctr tasks delete")?;
     check(&ctd.ctr(&["containers", "rm", id])?, "ctr containers rm")
 }
