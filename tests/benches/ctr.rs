@@ -7,7 +7,12 @@
 //! - stdout: a container writing 100 MiB to stdout, carried to ctr through
 //!   containerd's FIFOs (for clh: pipe → agent → vsock → shim → FIFO) and
 //!   counted here byte by byte; the rate is first byte → end of file, so
-//!   the container's start is not in it.
+//!   the container's start is not in it;
+//! - the in-VM ceiling of that stream: the same writer into a pipe read
+//!   inside the container (`head … | dd of=/dev/null`), timed by the guest,
+//!   nothing crossing to the host. No transport can deliver more than the
+//!   writer makes, so it bounds what the stdout path could reach here: under
+//!   TCG busybox `head -c` itself (a getc/putchar loop) is the bottleneck.
 //!
 //! Rounds alternate between the runtimes, and which goes first, so both
 //! see the same host conditions. Under QEMU TCG the absolute clh figures
@@ -90,8 +95,9 @@ fn main() -> Result<()> {
             .push(took);
         }
     }
-    let (mut clh_rate, mut runc_rate) = (Vec::new(), Vec::new());
+    let (mut clh_rate, mut runc_rate, mut ceiling) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..stream_rounds {
+        ceiling.push(in_vm_ceiling(&ctd, &format!("c{round}"))?);
         for runtime in order(round) {
             let rate = run_stream(&ctd, runtime, &format!("o{round}-{}", short(runtime)))?;
             if runtime == CLH {
@@ -109,7 +115,7 @@ fn main() -> Result<()> {
         print_start(&clh_start, &runc_start, ms);
     }
     if stream_rounds > 0 {
-        print_stream(&clh_rate, &runc_rate);
+        print_stream(&clh_rate, &runc_rate, &ceiling);
     }
     println!(
         "These are QEMU TCG figures (software emulation of the guest). On hardware KVM \
@@ -146,6 +152,13 @@ fn main() -> Result<()> {
             median(&runc_rate),
             RUNC,
         ));
+        figures.push(Figure::new(
+            "100 MiB stdout, in-VM ceiling, median",
+            "MB/s",
+            median(&ceiling),
+            median(&runc_rate),
+            RUNC,
+        ));
     }
     bench_results::record("ctr", &figures)?;
     Ok(())
@@ -166,11 +179,15 @@ fn print_start(clh: &[Duration], runc: &[Duration], ms: impl Fn(Duration) -> f64
     );
 }
 
-fn print_stream(clh: &[f64], runc: &[f64]) {
+fn print_stream(clh: &[f64], runc: &[f64], ceiling: &[f64]) {
     println!("{:<52} {:>10} {:>10}", "", "median", "best");
     for (label, samples) in [
         ("clh:  100 MiB stdout, first byte -> EOF", clh),
         ("runc: 100 MiB stdout, first byte -> EOF", runc),
+        (
+            "clh in-VM ceiling: the writer into a pipe, no host",
+            ceiling,
+        ),
     ] {
         let (med, best) = (median(samples), max(samples));
         println!("{label:<52} {med:>5.1} MB/s {best:>5.1} MB/s");
@@ -178,6 +195,11 @@ fn print_stream(clh: &[f64], runc: &[f64]) {
     println!(
         "stdout ratio clh/runc: {:.3}x (median; every run counted exactly {STREAM_BYTES} bytes)",
         median(clh) / median(runc)
+    );
+    println!(
+        "in-VM ceiling ratio to runc: {:.3}x; clh delivers {:.0}% of its ceiling (medians)",
+        median(ceiling) / median(runc),
+        100.0 * median(clh) / median(ceiling)
     );
 }
 
@@ -257,6 +279,42 @@ fn run_stream(ctd: &PrivateContainerd, runtime: &str, id: &str) -> Result<f64> {
     );
     let first = first.context("no first byte")?;
     Ok(bytes as f64 / (eof - first).as_secs_f64() / 1e6)
+}
+
+/// MB/s of the stream's writer inside a clh container when a pipe read in
+/// the same container takes its output: `head` piped into `dd`, timed by
+/// the guest's /proc/uptime (10 ms steps, over seconds here).
+fn in_vm_ceiling(ctd: &PrivateContainerd, id: &str) -> Result<f64> {
+    let script = format!(
+        "read a _ < /proc/uptime; head -c {STREAM_BYTES} /dev/zero | dd of=/dev/null bs=262144 2>/dev/null; \\
+         read b _ < /proc/uptime; echo \"$a $b\""
+    );
+    let mut cmd = ctr_run(ctd, CLH, id, &["sh", "-c", &script]);
+    cmd.stdout(Stdio::piped());
+    let child = cmd.spawn().context("spawning ctr")?;
+    let (text, status, stderr, _) = supervise_with(child, |child| {
+        let mut text = String::new();
+        child
+            .stdout
+            .take()
+            .context("ctr stdout not piped")?
+            .read_to_string(&mut text)?;
+        Ok(text)
+    })?;
+    ensure!(
+        status.success(),
+        "in-VM ceiling run failed ({status}): {stderr}"
+    );
+    let times: Vec<f64> = text
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("in-VM ceiling: not two uptimes: {text:?}"))?;
+    let [start, end] = times[..] else {
+        bail!("in-VM ceiling: not two uptimes: {text:?}");
+    };
+    ensure!(end > start, "in-VM ceiling: no time passed: {text:?}");
+    Ok(STREAM_BYTES as f64 / (end - start) / 1e6)
 }
 
 /// Reads ctr's stdout to EOF with a large buffer, counting bytes; returns
