@@ -32,8 +32,9 @@ use anyhow::{anyhow, ensure, Context, Result};
 use clh_tests::bench_results::{self, Figure};
 use clh_tests::cri::{ContainerBuilder, ContainerState, Kubelet, Pod, BUSYBOX};
 use clh_tests::ctr;
+use clh_tests::idle_memory::{print_memory, settle, IdleMemory};
 use clh_tests::pod_metrics;
-use clh_tests::podmem::{self, ProcessMemory};
+use clh_tests::podmem;
 
 const CLH: &str = "clh";
 const RUNC: &str = "runc";
@@ -46,13 +47,6 @@ const PARALLEL_ROUNDS: usize = 2;
 const IDLE_PODS: usize = 3;
 /// Several TCG boots at once on a 2-core host take far longer than one.
 const AGENT_TIMEOUT_MS: u64 = 120_000;
-/// The idle pods' memory counts as settled once two samples this far apart
-/// differ by at most SETTLED_CHANGE of their sum...
-const SETTLE_STEP: Duration = Duration::from_secs(2);
-const SETTLED_CHANGE: f64 = 0.02;
-/// ...which must happen within this, or the figure is marked unsettled.
-const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
-const MIB: f64 = 1024.0;
 
 fn main() -> Result<()> {
     progress("starting");
@@ -82,7 +76,7 @@ fn main() -> Result<()> {
 
     print_starts(&serial, &parallel);
     print_steps(&steps, &serial);
-    print_memory(&memory);
+    print_memory("host memory per idle pod (PSS, mean over pods)", &memory);
     println!();
     println!("{}", summary(&serial, &parallel, &memory));
     record(&serial, &parallel, &memory)?;
@@ -294,16 +288,6 @@ fn remove_all<'a>(k: &Kubelet, pods: impl Iterator<Item = &'a Pod>) -> Vec<Strin
     })
 }
 
-/// The idle pods of one handler: each pod's processes, once settled.
-struct IdleMemory {
-    handler: &'static str,
-    pods: Vec<Vec<ProcessMemory>>,
-    /// The last change between two samples of the sum, as a fraction, and
-    /// whether it was within SETTLED_CHANGE before SETTLE_DEADLINE.
-    change: f64,
-    settled: bool,
-}
-
 fn idle_memory(k: &Kubelet, s: &ctr::Setup, handler: &'static str) -> Result<IdleMemory> {
     let mut pods = Vec::new();
     let measured = (|| -> Result<IdleMemory> {
@@ -318,10 +302,7 @@ fn idle_memory(k: &Kubelet, s: &ctr::Setup, handler: &'static str) -> Result<Idl
                 .map(|pod| {
                     let vm_dir = (handler == CLH).then(|| s.state_dir.join(&pod.id));
                     let shim = format!("containerd-shim-{handler}-v2");
-                    podmem::pod_processes(&shim, &pod.id, &pod.cgroup, vm_dir.as_deref())?
-                        .into_iter()
-                        .map(podmem::measure)
-                        .collect::<Result<Vec<_>>>()
+                    podmem::pod_memory(&shim, &pod.id, &pod.cgroup, vm_dir.as_deref())
                 })
                 .collect()
         })
@@ -333,37 +314,6 @@ fn idle_memory(k: &Kubelet, s: &ctr::Setup, handler: &'static str) -> Result<Idl
     })?;
     ensure!(removed.is_empty(), "removing the idle pods: {removed:#?}");
     Ok(measured)
-}
-
-/// Samples `measure` every SETTLE_STEP until the sum of PSS changes by at
-/// most SETTLED_CHANGE between two samples, or SETTLE_DEADLINE passes.
-fn settle(
-    handler: &'static str,
-    mut measure: impl FnMut() -> Result<Vec<Vec<ProcessMemory>>>,
-) -> Result<IdleMemory> {
-    let total = |pods: &[Vec<ProcessMemory>]| -> f64 {
-        pods.iter().flatten().map(|p| p.pss_kib as f64).sum()
-    };
-    let deadline = Instant::now() + SETTLE_DEADLINE;
-    let mut last = measure()?;
-    loop {
-        // A sampling interval, not a synchronization: the question is
-        // whether the figure still moves over this much time.
-        std::thread::sleep(SETTLE_STEP);
-        let now = measure()?;
-        let (before, after) = (total(&last), total(&now));
-        let change = (after - before).abs() / before.max(1.0);
-        let settled = change <= SETTLED_CHANGE;
-        if settled || Instant::now() >= deadline {
-            return Ok(IdleMemory {
-                handler,
-                pods: now,
-                change,
-                settled,
-            });
-        }
-        last = now;
-    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -427,78 +377,11 @@ fn print_starts(serial: &Samples, parallel: &Parallel) {
     );
 }
 
-/// Mean over the pods of the sum over each pod's processes of `f`, in KiB.
-fn mean_kib(m: &IdleMemory, f: impl Fn(&ProcessMemory) -> u64) -> f64 {
-    let sum: u64 = m.pods.iter().flatten().map(f).sum();
-    sum as f64 / m.pods.len().max(1) as f64
-}
-
-fn roles(m: &IdleMemory) -> Vec<&'static str> {
-    let mut roles: Vec<&'static str> = Vec::new();
-    for p in m.pods.iter().flatten() {
-        if !roles.contains(&p.role) {
-            roles.push(p.role);
-        }
-    }
-    roles
-}
-
-/// The configured guest RAM of a clh pod (the same for every pod here).
-fn guest_configured_mib(m: &IdleMemory) -> Option<u64> {
-    m.pods
-        .iter()
-        .flatten()
-        .find_map(|p| p.guest_ram_configured_mib)
-}
-
-fn print_memory(memory: &[IdleMemory]) {
-    println!();
-    println!(
-        "{:<56} {:>11} {:>11} {:>11}",
-        "host memory per idle pod (PSS, mean over pods)", "total", "guest RAM", "the rest"
-    );
-    for m in memory {
-        let h = m.handler;
-        for role in roles(m) {
-            let of_role = |p: &ProcessMemory| p.role == role;
-            let n = m.pods.iter().flatten().filter(|p| of_role(p)).count();
-            let per_pod = n as f64 / m.pods.len().max(1) as f64;
-            let plural = if per_pod > 1.0 { "es" } else { "" };
-            let label = format!("{h}: {role} ({per_pod:.0} process{plural} per pod)");
-            let pss = mean_kib(m, |p| if of_role(p) { p.pss_kib } else { 0 });
-            let guest = mean_kib(m, |p| if of_role(p) { p.guest_ram_kib } else { 0 });
-            println!(
-                "{label:<56} {:>7.1} MiB {:>7.1} MiB {:>7.1} MiB",
-                pss / MIB,
-                guest / MIB,
-                (pss - guest) / MIB
-            );
-        }
-        let pss = mean_kib(m, |p| p.pss_kib);
-        let guest = mean_kib(m, |p| p.guest_ram_kib);
-        let label = format!("{h}: all ({} pods)", m.pods.len());
-        println!(
-            "{label:<56} {:>7.1} MiB {:>7.1} MiB {:>7.1} MiB",
-            pss / MIB,
-            guest / MIB,
-            (pss - guest) / MIB
-        );
-        if let Some(c) = guest_configured_mib(m) {
-            println!("{h}: guest RAM configured {c} MiB per pod; the guest RAM column is what is resident");
-        }
-        let state = if m.settled { "settled" } else { "NOT settled" };
-        println!(
-            "{h}: {state}: the sum moved {:.1}% over the last {SETTLE_STEP:?}",
-            m.change * 100.0
-        );
-    }
-}
-
 /// The figures into the results directory (table, plot, trend).
 fn record(serial: &Samples, parallel: &Parallel, memory: &[IdleMemory]) -> Result<()> {
     let p50 = |d: &[Duration]| ms(percentile(d, 50.0)) / 1e3;
     let p95 = |d: &[Duration]| ms(percentile(d, 95.0)) / 1e3;
-    let pss = |m: &IdleMemory| mean_kib(m, |p| p.pss_kib) / MIB;
+    let pss = |m: &IdleMemory| m.per_pod_mib().0;
     let (pp, b) = (&parallel.per_pod, &parallel.batches);
     let figures = [
         Figure::new(
@@ -543,13 +426,8 @@ fn record(serial: &Samples, parallel: &Parallel, memory: &[IdleMemory]) -> Resul
 fn summary(serial: &Samples, parallel: &Parallel, memory: &[IdleMemory]) -> String {
     let s = |d: &[Duration]| ms(percentile(d, 50.0)) / 1e3;
     let (pp, b) = (&parallel.per_pod, &parallel.batches);
-    let mem = |m: &IdleMemory| {
-        let pss = mean_kib(m, |p| p.pss_kib) / MIB;
-        let guest = mean_kib(m, |p| p.guest_ram_kib) / MIB;
-        (pss, guest)
-    };
-    let [clh, runc] = [&memory[0], &memory[1]].map(mem);
-    let configured = guest_configured_mib(&memory[0]).unwrap_or(0);
+    let [clh, runc] = [&memory[0], &memory[1]].map(IdleMemory::per_pod_mib);
+    let configured = memory[0].guest_configured_mib().unwrap_or(0);
     format!(
         "summary (QEMU TCG, this host): pod+container start p50 clh {:.2} s vs runc {:.2} s \
          serially; {PARALLEL_PODS} at once {:.2} s vs {:.2} s per pod, batch {:.2} s vs {:.2} s; \

@@ -158,6 +158,27 @@ pub fn write_shim_config(path: &Path, state_dir: &Path, image: &GuestImage) -> R
     .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Adds `line` (`key = value`) to the `[guest]` table of the shim
+/// configuration `config` that [`write_shim_config`] wrote. A shim reads
+/// its configuration when it starts: pods started afterwards see it.
+pub fn add_guest_key(config: &Path, line: &str) -> Result<()> {
+    add_key(config, "guest", line)
+}
+
+/// [`add_guest_key`] for any table; an empty `line` adds nothing.
+pub fn add_key(config: &Path, table: &str, line: &str) -> Result<()> {
+    if line.is_empty() {
+        return Ok(());
+    }
+    let header = format!("[{table}]\n");
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("reading the shim config {}", config.display()))?;
+    ensure!(text.contains(&header), "no {header} table in {text}");
+    let text = text.replacen(&header, &format!("{header}{line}\n"), 1);
+    std::fs::write(config, text)
+        .with_context(|| format!("writing the shim config {}", config.display()))
+}
+
 /// A private containerd that runs our shim with `s`'s config, busybox
 /// imported.
 pub fn start(version: ContainerdVersion, s: &Setup, tmpdir: &Path) -> Result<PrivateContainerd> {

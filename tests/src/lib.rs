@@ -126,6 +126,8 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
         extra_kernel_params: Vec::new(),
         debug: false,
         console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
+        free_page_reporting: true,
+        tcg_tb_size_mib: clh_config::DEFAULT_QEMU_TB_SIZE_MIB,
         vmm_start_timeout: Duration::from_secs(20),
         agent_timeout: Duration::from_secs(90),
         stop_timeout: Duration::from_secs(5),
@@ -261,6 +263,7 @@ pub mod cri;
 pub mod ctr;
 pub mod faults;
 pub mod fuse_frontend;
+pub mod idle_memory;
 pub mod kube_api;
 pub mod node;
 pub mod output;

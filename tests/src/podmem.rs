@@ -86,6 +86,19 @@ pub fn pod_processes(
     Ok(std::iter::once(shim).chain(children).collect())
 }
 
+/// [`measure`] of each of [`pod_processes`].
+pub fn pod_memory(
+    shim_binary: &str,
+    pod_id: &str,
+    pod_cgroup: &str,
+    vm_dir: Option<&Path>,
+) -> Result<Vec<ProcessMemory>> {
+    pod_processes(shim_binary, pod_id, pod_cgroup, vm_dir)?
+        .into_iter()
+        .map(measure)
+        .collect()
+}
+
 /// PSS of `pid`, with its guest RAM part, and for a VMM the guest RAM it
 /// was configured with. A VMM must map guest RAM: one that does not shows
 /// a mapping name this module does not know.

@@ -40,10 +40,7 @@ const FLOOD_BYTES: u64 = 1 << 20;
 fn setup_with_guest_key(line: Option<&str>) -> (ctr::Setup, CriSetup) {
     let s = ctr::setup().expect("shim setup");
     if let Some(line) = line {
-        let config = std::fs::read_to_string(&s.config).expect("reading the shim config");
-        assert!(config.contains("[guest]\n"), "{config}");
-        let config = config.replacen("[guest]\n", &format!("[guest]\n{line}\n"), 1);
-        std::fs::write(&s.config, config).expect("writing the shim config");
+        ctr::add_guest_key(&s.config, line).expect("the shim config");
     }
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
     ctr::cri_test_setup(s, images, 60_000)
