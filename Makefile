@@ -3,7 +3,7 @@
 #   make demo    set everything up, ctr run a container in a microVM
 #   make test    set everything up and run every test
 #   make fuzz    run each fuzz target for FUZZ_SECONDS (30) seconds
-#   make bench   boot, ctr, CRI (start latency, memory), shared-fs and network benchmarks, beside their baselines
+#   make bench   boot, ctr, CRI (start latency, memory), shared-fs, network and density benchmarks, beside their baselines
 #   make soak    pods made and removed for SOAK_CYCLES cycles; resource counts must stay flat
 #   make fresh-root-test   make deps and the build in a freshly debootstrapped Debian 12 root (rerun only when the scripts change)
 #   make node-install      install on this node with clh-install (make node-uninstall takes it off)
@@ -138,6 +138,7 @@ bench: deps guest-image guest-image-debian
 	$(CARGO) bench -p clh-tests --bench cri
 	$(CARGO) bench -p clh-tests --bench fs
 	$(CARGO) bench -p clh-tests --bench net
+	$(CARGO) bench -p clh-tests --bench density
 
 # REL-SOAK-01: SOAK_PODS pods at once for SOAK_CYCLES cycles (make test
 # runs 1 x 2); the counts per cycle and a flat-line verdict.

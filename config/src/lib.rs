@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 pub use error::ConfigError;
 pub use schema::{
     BackendChoice, Config, GuestConfig, HypervisorConfig, LogLevel, RuntimeConfig, TimeoutsConfig,
+    DEFAULT_QEMU_TB_SIZE_MIB,
 };
 
 /// Where the shim reads its configuration when `$CLH_SHIM_CONFIG` is unset.

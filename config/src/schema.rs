@@ -33,7 +33,17 @@ pub struct HypervisorConfig {
     pub qemu: PathBuf,
     pub virtiofsd: PathBuf,
     pub vhost_device_vsock: PathBuf,
+    /// QEMU TCG's translated-code buffer (`-accel tcg,tb-size=`), in MiB;
+    /// 0: QEMU's default (1 GiB, resident as code is translated).
+    pub qemu_tb_size_mib: u32,
 }
+
+/// What a QEMU TCG pod's translated code may take: about 30 MiB less
+/// host memory per pod than QEMU's default, for a slower start as code is
+/// translated again (docs/BENCHMARKS.md, density).
+pub const DEFAULT_QEMU_TB_SIZE_MIB: u32 = 32;
+/// Below this, TCG would flush and translate again all the time.
+const MIN_QEMU_TB_SIZE_MIB: u32 = 8;
 
 impl Default for HypervisorConfig {
     fn default() -> Self {
@@ -43,6 +53,7 @@ impl Default for HypervisorConfig {
             qemu: "qemu-system-x86_64".into(),
             virtiofsd: "virtiofsd".into(),
             vhost_device_vsock: "vhost-device-vsock".into(),
+            qemu_tb_size_mib: DEFAULT_QEMU_TB_SIZE_MIB,
         }
     }
 }
@@ -74,6 +85,10 @@ pub struct GuestConfig {
     /// Cap of a VM's console log on the host (`console.log` plus the
     /// rotated `console.log.1`), in KiB: the guest decides what it prints.
     pub console_log_max_kib: u32,
+    /// A virtio-balloon device with free page reporting: memory the guest
+    /// frees goes back to the host within seconds, instead of staying
+    /// resident in the VMM for the pod's life.
+    pub free_page_reporting: bool,
 }
 
 /// Where `make install` puts the guest image.
@@ -94,6 +109,7 @@ impl Default for GuestConfig {
             kernel_params: Vec::new(),
             debug_console: false,
             console_log_max_kib: 4096,
+            free_page_reporting: true,
         }
     }
 }
@@ -245,6 +261,13 @@ impl Config {
     pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
         let g = &self.guest;
         validate_sizes(g)?;
+        let tb = self.hypervisor.qemu_tb_size_mib;
+        if tb != 0 && tb < MIN_QEMU_TB_SIZE_MIB {
+            return Err((
+                "hypervisor.qemu_tb_size_mib",
+                format!("{tb} is too small: 0 (QEMU's default) or at least {MIN_QEMU_TB_SIZE_MIB}"),
+            ));
+        }
         for p in &g.kernel_params {
             if p.is_empty() || p.chars().any(char::is_whitespace) {
                 return Err((

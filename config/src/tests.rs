@@ -120,6 +120,10 @@ fn out_of_range_values_name_the_key_and_the_rule() {
             "`guest.kernel_params`",
         ),
         ("[hypervisor]\nqemu = \"bin/qemu\"\n", "`hypervisor.qemu`"),
+        (
+            "[hypervisor]\nqemu_tb_size_mib = 4\n",
+            "`hypervisor.qemu_tb_size_mib`",
+        ),
         ("[timeouts]\nstop_ms = 0\n", "`timeouts.stop_ms`"),
         ("[runtime]\nstate_dir = \"run\"\n", "`runtime.state_dir`"),
         ("[runtime]\nlog_level = \"verbose\"\n", "log_level"),

@@ -36,6 +36,8 @@ impl VmOptions {
             extra_kernel_params: g.kernel_params.clone(),
             debug: g.debug_console,
             console_log_max_bytes: u64::from(g.console_log_max_kib) << 10,
+            free_page_reporting: g.free_page_reporting,
+            tcg_tb_size_mib: config.hypervisor.qemu_tb_size_mib,
             vmm_start_timeout: Duration::from_millis(t.vmm_start_ms),
             agent_timeout: Duration::from_millis(t.agent_connect_ms),
             stop_timeout: Duration::from_millis(t.stop_ms),

@@ -70,6 +70,13 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     /// Cap of the console log and its rotated file together, in bytes.
     pub console_log_max_bytes: u64,
+    /// A virtio-balloon device that only reports free pages (it never
+    /// inflates): the VMM gives each page the guest reports back to the
+    /// host. The guest kernel needs `CONFIG_PAGE_REPORTING`.
+    pub free_page_reporting: bool,
+    /// QEMU TCG only: the translated-code buffer in MiB (`tb-size`); 0
+    /// leaves QEMU's default.
+    pub tcg_tb_size_mib: u32,
     /// Deadline for the VMM to come up and accept the VM configuration.
     pub start_timeout: Duration,
     /// The pod's network namespace (a file such as

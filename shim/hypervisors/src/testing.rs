@@ -47,6 +47,8 @@ impl VmSpec {
             shared_fs: None,
             console_log: dir.join("console.log"),
             console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
+            free_page_reporting: false,
+            tcg_tb_size_mib: 0,
             start_timeout: Duration::from_secs(10),
             netns: None,
             nics: Vec::new(),

@@ -90,6 +90,10 @@ pub struct VmOptions {
     pub debug: bool,
     /// Cap of the guest console log (`console.log` and `console.log.1`).
     pub console_log_max_bytes: u64,
+    /// The guest reports the memory it frees (virtio-balloon).
+    pub free_page_reporting: bool,
+    /// QEMU TCG's translated-code buffer in MiB; 0: QEMU's default.
+    pub tcg_tb_size_mib: u32,
     pub vmm_start_timeout: Duration,
     pub agent_timeout: Duration,
     pub stop_timeout: Duration,

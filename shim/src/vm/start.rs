@@ -121,6 +121,8 @@ pub(super) async fn start_in(
         }),
         console_log: dir.join("console.log"),
         console_log_max_bytes: opts.console_log_max_bytes,
+        free_page_reporting: opts.free_page_reporting,
+        tcg_tb_size_mib: opts.tcg_tb_size_mib,
         start_timeout: opts.vmm_start_timeout,
         netns: network.as_ref().map(|n| n.netns.clone()),
         nics: network.iter().flat_map(nics).collect(),

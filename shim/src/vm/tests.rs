@@ -271,6 +271,8 @@ pub(super) fn test_options() -> VmOptions {
         extra_kernel_params: vec!["foo=1".into()],
         debug: false,
         console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
+        free_page_reporting: true,
+        tcg_tb_size_mib: 0,
         vmm_start_timeout: Duration::from_secs(1),
         agent_timeout: Duration::from_secs(1),
         stop_timeout: Duration::from_secs(1),

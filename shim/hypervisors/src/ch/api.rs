@@ -38,6 +38,8 @@ pub struct VmConfig {
     pub console: Option<ConsoleConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// `CpusConfig`.
@@ -224,6 +226,17 @@ pub struct VsockConfig {
     pub socket: PathBuf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+/// `BalloonConfig`: a virtio-balloon device. `size` (bytes) is how far it
+/// is inflated at boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonConfig {
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deflate_on_oom: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_page_reporting: Option<bool>,
 }
 
 /// `VmResize`: the body of `vm.resize`. Memory is in bytes.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::api::{DiskConfig, FsConfig, ImageType, NetConfig, RngConfig, VmResize};
+use super::api::{BalloonConfig, DiskConfig, FsConfig, ImageType, NetConfig, RngConfig, VmResize};
 use super::{net_config, resize, vm_config};
 use crate::{Nic, SharedFs, VmSize, VmSpec};
 
@@ -165,6 +165,11 @@ fn vm_create_body_matches_the_spec() {
     everything.rng = Some(RngConfig {
         src: "/dev/urandom".into(),
     });
+    everything.balloon = Some(BalloonConfig {
+        size: 1 << 20,
+        deflate_on_oom: Some(true),
+        free_page_reporting: Some(true),
+    });
     if let Some(memory) = everything.memory.as_mut() {
         memory.hugepages = Some(false);
         memory.hotplug_size = Some(1 << 30);
@@ -303,6 +308,24 @@ fn vm_create_body_golden() {
         "actual:\n{}",
         serde_json::to_string_pretty(&body).unwrap()
     );
+}
+
+#[test]
+fn free_page_reporting_is_a_balloon_that_never_inflates() {
+    let dir = PathBuf::from("/run/clh/pod1");
+    let spec = VmSpec {
+        free_page_reporting: true,
+        ..spec(&dir)
+    };
+    let body = serde_json::to_value(vm_config(&spec, &dir.join("vsock.sock"))).unwrap();
+    assert_eq!(
+        body["balloon"],
+        json!({"size": 0, "free_page_reporting": true}),
+        "{body}"
+    );
+    if let Some(api) = openapi() {
+        api.assert_valid("VmConfig", &body);
+    }
 }
 
 #[test]

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use super::api::{
-    ConsoleConfig, CpusConfig, FsConfig, HotplugMethod, MemoryConfig, NetConfig, PayloadConfig,
-    VmConfig, VsockConfig,
+    BalloonConfig, ConsoleConfig, CpusConfig, FsConfig, HotplugMethod, MemoryConfig, NetConfig,
+    PayloadConfig, VmConfig, VsockConfig,
 };
 use super::resize::hotplug_size_bytes;
 use crate::{Nic, VmSpec};
@@ -16,7 +16,8 @@ pub const GUEST_CID: u64 = 3;
 /// The configuration that boots `spec`, with its hybrid vsock at
 /// `vsock_socket`. With a `spec.max`, the VM gets room to grow to it:
 /// `max_vcpus` and ACPI memory hot-plug (see [`super::resize`] for why ACPI).
-/// One virtio-net device per NIC, on its tap (see [`net_config`]).
+/// One virtio-net device per NIC, on its tap (see [`net_config`]). With
+/// `spec.free_page_reporting`, a balloon that only reports free pages.
 pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
     let max_vcpus = spec.max.map_or(spec.vcpus, |max| max.vcpus.max(spec.vcpus));
     let hotplug_size = spec
@@ -59,6 +60,13 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
             &spec.dir,
         ))),
         console: Some(ConsoleConfig::off()),
+        // Never inflated (size 0): only the guest's reports of free pages,
+        // which CH gives back to the host.
+        balloon: spec.free_page_reporting.then_some(BalloonConfig {
+            size: 0,
+            deflate_on_oom: None,
+            free_page_reporting: Some(true),
+        }),
         ..VmConfig::default()
     }
 }
