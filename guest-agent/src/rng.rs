@@ -16,6 +16,8 @@ pub const MAX_SEED: usize = 512;
 
 /// `_IOW('R', 0x03, int[2])` from include/uapi/linux/random.h.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`: reseed the CRNG from the input pool now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
@@ -23,10 +25,18 @@ pub enum RngError {
     Open(#[source] std::io::Error),
     #[error("RNDADDENTROPY on /dev/urandom failed")]
     Ioctl(#[source] std::io::Error),
+    #[error("RNDRESEEDCRNG on /dev/urandom failed")]
+    Reseed(#[source] std::io::Error),
 }
 
-/// Mixes `seed` into the kernel pool and credits it as entropy.
-/// Returns the number of bytes credited.
+/// Mixes `seed` into the kernel pool, credits it as entropy, and reseeds
+/// the CRNG from the pool at once. Returns the number of bytes credited.
+///
+/// The reseed makes a VM restored from a template its own at once: clones
+/// resume with the template's CRNG state, which adding entropy alone
+/// replaces only at the kernel's next time-based reseed (1 s to a minute
+/// after the last one, growing with uptime), so two clones could draw the
+/// same numbers meanwhile (docs/design/0004-vm-templates.md).
 pub fn credit_seed(seed: &[u8]) -> Result<usize, RngError> {
     let seed = &seed[..seed.len().min(MAX_SEED)];
     let buf = rand_pool_info(seed);
@@ -39,6 +49,16 @@ pub fn credit_seed(seed: &[u8]) -> Result<usize, RngError> {
     let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, buf.as_ptr()) };
     if rc != 0 {
         return Err(RngError::Ioctl(std::io::Error::last_os_error()));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        // ENODATA: the CRNG is not ready yet, so its first seeding, which
+        // the credit above triggers, is still to come from this pool.
+        if e.raw_os_error() != Some(libc::ENODATA) {
+            return Err(RngError::Reseed(e));
+        }
     }
     Ok(seed.len())
 }

@@ -77,6 +77,11 @@ pub struct VmSpec {
     /// QEMU TCG only: the translated-code buffer in MiB (`tb-size`); 0
     /// leaves QEMU's default.
     pub tcg_tb_size_mib: u32,
+    /// QEMU only: restore the VM from this template file
+    /// ([`qemu::save_template`], made from a spec with the same machine)
+    /// instead of booting it; the spec's vsock, virtio-fs and NICs are
+    /// hot-plugged once it runs.
+    pub restore_from: Option<PathBuf>,
     /// Deadline for the VMM to come up and accept the VM configuration.
     pub start_timeout: Duration,
     /// The pod's network namespace (a file such as

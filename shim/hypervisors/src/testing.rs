@@ -49,6 +49,7 @@ impl VmSpec {
             console_log_max_bytes: crate::console_log::DEFAULT_MAX_BYTES,
             free_page_reporting: false,
             tcg_tb_size_mib: 0,
+            restore_from: None,
             start_timeout: Duration::from_secs(10),
             netns: None,
             nics: Vec::new(),

@@ -123,6 +123,7 @@ pub(super) async fn start_in(
         console_log_max_bytes: opts.console_log_max_bytes,
         free_page_reporting: opts.free_page_reporting,
         tcg_tb_size_mib: opts.tcg_tb_size_mib,
+        restore_from: None,
         start_timeout: opts.vmm_start_timeout,
         netns: network.as_ref().map(|n| n.netns.clone()),
         nics: network.iter().flat_map(nics).collect(),

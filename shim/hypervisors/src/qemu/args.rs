@@ -82,6 +82,42 @@ pub fn qemu_args(
     qmp_socket: &Path,
     firmware: Option<&Path>,
 ) -> Result<Vec<OsString>> {
+    build(spec, vhost_vsock_socket, qmp_socket, firmware, Layout::Boot)
+}
+
+/// Which devices a command line has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Every device of the spec: a VM booted for a pod.
+    Boot,
+    /// None of the per-pod devices (vsock, virtio-fs, NICs): the VM a
+    /// template is saved from. vhost-user devices cannot be migrated, and
+    /// a template must not carry a pod's.
+    Template,
+    /// [`Layout::Template`] waiting for the saved state (`-incoming
+    /// defer`); the per-pod devices are hot-plugged once it runs.
+    Restore,
+}
+
+/// The template's and its restores' command line ([`Layout`]): the same
+/// machine, so that the saved state fits.
+pub fn template_args(
+    spec: &VmSpec,
+    qmp_socket: &Path,
+    firmware: Option<&Path>,
+    layout: Layout,
+) -> Result<Vec<OsString>> {
+    build(spec, Path::new(""), qmp_socket, firmware, layout)
+}
+
+fn build(
+    spec: &VmSpec,
+    vhost_vsock_socket: &Path,
+    qmp_socket: &Path,
+    firmware: Option<&Path>,
+    layout: Layout,
+) -> Result<Vec<OsString>> {
+    let per_pod = layout == Layout::Boot;
     let cmdline = format!("{} {BACKEND_KERNEL_PARAMS}", spec.cmdline.trim());
     let console_pipe = crate::console_log::pipe_path(&spec.dir);
     if cmdline.contains(['\n', '\0']) {
@@ -150,12 +186,16 @@ pub fn qemu_args(
         &spec.initramfs.as_os_str(),
         &"-append",
         &cmdline,
-        &"-chardev",
-        &chardev("vsock", vhost_vsock_socket),
-        &"-device",
-        &"vhost-user-vsock-pci,chardev=vsock",
     ]);
-    if let Some(fs) = &spec.shared_fs {
+    if per_pod {
+        push(&[
+            &"-chardev",
+            &chardev("vsock", vhost_vsock_socket),
+            &"-device",
+            &"vhost-user-vsock-pci,chardev=vsock",
+        ]);
+    }
+    if let Some(fs) = spec.shared_fs.as_ref().filter(|_| per_pod) {
         if fs.tag.is_empty()
             || !fs
                 .tag
@@ -177,16 +217,22 @@ pub fn qemu_args(
     if spec.free_page_reporting {
         push(&[&"-device", &BALLOON_DEVICE]);
     }
-    for (i, nic) in spec.nics.iter().enumerate() {
-        for arg in nic_args(i, nic) {
-            push(&[&arg]);
+    if per_pod {
+        for (i, nic) in spec.nics.iter().enumerate() {
+            for arg in nic_args(i, nic) {
+                push(&[&arg]);
+            }
         }
     }
+
     push(&[&"-serial", &file_arg("file:", &console_pipe), &"-qmp", &{
         let mut s = file_arg("unix:", qmp_socket);
         s.push(",server=on,wait=off");
         s
     }]);
+    if layout == Layout::Restore {
+        push(&[&"-incoming", &"defer"]);
+    }
     Ok(args)
 }
 
@@ -295,6 +341,22 @@ mod tests {
              -chardev socket,id=virtiofs,path=/run/x/pod1/fs.sock -device vhost-user-fs-pci,chardev=virtiofs,tag=clh-shared \
              -serial file:/run/x/pod1/console.pipe -qmp unix:/run/x/pod1/qmp.sock,server=on,wait=off"
         );
+    }
+
+    #[test]
+    fn a_template_and_its_restores_share_the_machine_without_per_pod_devices() {
+        let qmp = Path::new("/d/qmp.sock");
+        let s = VmSpec {
+            free_page_reporting: true,
+            ..spec()
+        };
+        let template = joined(&template_args(&s, qmp, None, Layout::Template).unwrap());
+        let restore = joined(&template_args(&s, qmp, None, Layout::Restore).unwrap());
+        assert_eq!(format!("{template} -incoming defer"), restore);
+        for per_pod in ["vhost-user-vsock", "vhost-user-fs", "virtio-net"] {
+            assert!(!restore.contains(per_pod), "{restore}");
+        }
+        assert!(restore.contains("virtio-balloon-pci"), "{restore}");
     }
 
     #[test]

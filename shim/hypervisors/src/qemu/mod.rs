@@ -13,6 +13,9 @@
 mod args;
 mod console;
 mod qmp;
+mod template;
+
+pub use template::save_template;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -67,6 +70,10 @@ struct Running {
     vhost_vsock: ManagedProcess,
     hybrid_vsock: PathBuf,
     sockets: Vec<PathBuf>,
+    /// Restored from a template: the vsock device was hot-plugged and its
+    /// driver seen started, so the agent may be connected at once (its
+    /// console line was printed before the template was saved).
+    vsock_plugged: bool,
 }
 
 impl Qemu {
@@ -139,7 +146,17 @@ impl Qemu {
         let deadline = Instant::now() + spec.start_timeout;
         let left = || deadline.saturating_duration_since(Instant::now());
         let firmware = fast_firmware(&self.binary);
-        let qemu_args = args::qemu_args(spec, vhost, qmp_socket, firmware.as_deref())?;
+        if spec.restore_from.is_some() && !spec.nics.is_empty() {
+            return Err(Error::Unsupported(
+                "restoring a VM with NICs from a template (NIC hot-plug is not written yet)",
+            ));
+        }
+        let qemu_args = match &spec.restore_from {
+            None => args::qemu_args(spec, vhost, qmp_socket, firmware.as_deref())?,
+            Some(_) => {
+                args::template_args(spec, qmp_socket, firmware.as_deref(), args::Layout::Restore)?
+            }
+        };
         for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
             if !path.is_file() {
                 return Err(Error::InvalidSpec(format!(
@@ -178,8 +195,15 @@ impl Qemu {
             vhost_vsock,
             hybrid_vsock: uds.clone(),
             sockets: sockets.to_vec(),
+            vsock_plugged: false,
         });
-        qmp::wait_running(qmp_socket, &qemu, left()).await?;
+        match &spec.restore_from {
+            None => qmp::wait_running(qmp_socket, &qemu, left()).await?,
+            Some(snapshot) => {
+                self.restore(spec, snapshot, vhost, qmp_socket, &qemu, left())
+                    .await?
+            }
+        }
         // vhost-device-vsock opens the hybrid-vsock socket once QEMU has set
         // the device up.
         wait_until(
@@ -193,6 +217,40 @@ impl Qemu {
             },
         )
         .await?
+    }
+}
+
+impl Qemu {
+    /// Loads the template `snapshot` into the QEMU just started with
+    /// `-incoming defer`, then hot-plugs the pod's devices: vsock (until its
+    /// driver runs), then virtio-fs. NICs are not hot-plugged yet: a spec
+    /// with NICs is refused before anything starts.
+    async fn restore(
+        &mut self,
+        spec: &VmSpec,
+        snapshot: &Path,
+        vhost: &Path,
+        qmp_socket: &Path,
+        qemu: &ManagedProcess,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let mut qmp = qmp::Client::connect(qmp_socket, qemu, left()).await?;
+        let what = "QEMU to restore the template and hot-plug the pod's devices";
+        qmp::within(left(), qemu, what, async {
+            template::load(&mut qmp, snapshot).await?;
+            template::plug_vsock(&mut qmp, vhost).await?;
+            if let Some(fs) = &spec.shared_fs {
+                template::plug_fs(&mut qmp, fs).await?;
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(running) = self.running.as_mut() {
+            running.vsock_plugged = true;
+        }
+        Ok(())
     }
 }
 
@@ -234,6 +292,9 @@ impl Hypervisor for Qemu {
         let Some(running) = &self.running else {
             return true;
         };
+        if running.vsock_plugged {
+            return true;
+        }
         let mut serving = running.console.agent_serving();
         let waited = tokio::time::timeout(limit, serving.wait_for(|s| *s)).await;
         matches!(waited, Ok(Ok(_)))

@@ -1,12 +1,14 @@
-//! Just enough QMP to learn that QEMU got past machine setup (kernel and
-//! initramfs loaded, vhost-user devices negotiated) and is running the guest.
-//! Every read and write is under the caller's deadline.
+//! QMP: that QEMU got past machine setup (kernel and initramfs loaded,
+//! vhost-user devices negotiated) and is running the guest, and the
+//! commands of a template's save and restore (template.rs). Every read and
+//! write is under the caller's deadline.
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
@@ -14,45 +16,78 @@ use crate::process::ManagedProcess;
 use crate::wait::wait_until;
 use crate::{Error, Result};
 
-/// Longest QMP line we accept; QEMU's replies to our two commands are tiny.
+/// Longest QMP line we accept; QEMU's replies to our commands are small.
 const MAX_LINE: usize = 64 * 1024;
 
-/// Connects to QEMU's QMP socket and waits until `query-status` reports
-/// the guest running. Fails early, with QEMU's log, if QEMU exits.
-pub async fn wait_running(socket: &Path, qemu: &ManagedProcess, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let stream = wait_until("QEMU's QMP socket", timeout, || async {
-        if qemu.exited().is_some() {
-            return Some(Err(qemu.exited_early()));
-        }
-        UnixStream::connect(socket).await.ok().map(Ok)
-    })
-    .await??;
-    let talk = async {
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read);
-        read_reply(&mut lines, "QMP greeting", |v| v.get("QMP").is_some()).await?;
-        write
-            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
-            .await
-            .map_err(io("QMP write"))?;
-        read_reply(&mut lines, "qmp_capabilities", |v| {
-            v.get("return").is_some()
+/// A QMP session: greeting read, capabilities negotiated. Each command
+/// is answered in order; asynchronous events in between are skipped.
+pub struct Client {
+    lines: BufReader<OwnedReadHalf>,
+    write: OwnedWriteHalf,
+}
+
+impl Client {
+    /// Connects to QEMU's QMP socket within `timeout`, failing early with
+    /// QEMU's log if QEMU exits.
+    pub async fn connect(socket: &Path, qemu: &ManagedProcess, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        let stream = wait_until("QEMU's QMP socket", timeout, || async {
+            if qemu.exited().is_some() {
+                return Some(Err(qemu.exited_early()));
+            }
+            UnixStream::connect(socket).await.ok().map(Ok)
         })
-        .await?;
-        write
-            .write_all(b"{\"execute\":\"query-status\"}\n")
+        .await??;
+        let (read, write) = stream.into_split();
+        let mut client = Self {
+            lines: BufReader::new(read),
+            write,
+        };
+        let greet = async {
+            read_reply(&mut client.lines, "QMP greeting", |v| {
+                v.get("QMP").is_some()
+            })
+            .await?;
+            client.execute("qmp_capabilities", Value::Null).await
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        within(left, qemu, "QEMU's QMP greeting", greet).await?;
+        Ok(client)
+    }
+
+    /// Runs `command` with `arguments` (`Value::Null`: none); its `return`.
+    pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
+        let mut request = serde_json::json!({ "execute": command });
+        if !arguments.is_null() {
+            request["arguments"] = arguments;
+        }
+        let mut line = request.to_string();
+        line.push('\n');
+        self.write
+            .write_all(line.as_bytes())
             .await
             .map_err(io("QMP write"))?;
-        let status = read_reply(&mut lines, "query-status", |v| v.get("return").is_some()).await?;
-        match status["return"]["status"].as_str() {
-            Some("running") => Ok(()),
-            other => Err(Error::Qmp(format!(
-                "QEMU reports the VM as {other:?} instead of running"
-            ))),
-        }
-    };
-    match tokio::time::timeout_at(deadline, talk).await {
+        let reply = read_reply(&mut self.lines, command, |v| v.get("return").is_some()).await?;
+        Ok(reply["return"].clone())
+    }
+
+    /// The VM's run state (`query-status`): "running", "paused",
+    /// "inmigrate", ...
+    pub async fn status(&mut self) -> Result<String> {
+        let status = self.execute("query-status", Value::Null).await?;
+        Ok(status["status"].as_str().unwrap_or_default().to_owned())
+    }
+}
+
+/// Runs `talk` for at most `timeout`; a timeout or an error while QEMU
+/// has exited is reported as QEMU's early exit, with its log.
+pub async fn within<T>(
+    timeout: Duration,
+    qemu: &ManagedProcess,
+    what: &str,
+    talk: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, talk).await {
         Ok(result) => result.map_err(|e| {
             if qemu.exited().is_some() {
                 qemu.exited_early()
@@ -62,9 +97,29 @@ pub async fn wait_running(socket: &Path, qemu: &ManagedProcess, timeout: Duratio
         }),
         Err(_) if qemu.exited().is_some() => Err(qemu.exited_early()),
         Err(_) => Err(Error::Timeout {
-            what: "QEMU to report the VM running over QMP".into(),
+            what: what.into(),
             timeout,
         }),
+    }
+}
+
+/// Connects to QEMU's QMP socket and waits until `query-status` reports
+/// the guest running. Fails early, with QEMU's log, if QEMU exits.
+pub async fn wait_running(socket: &Path, qemu: &ManagedProcess, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut client = Client::connect(socket, qemu, timeout).await?;
+    let status = within(
+        deadline.saturating_duration_since(Instant::now()),
+        qemu,
+        "QEMU to report the VM running over QMP",
+        client.status(),
+    )
+    .await?;
+    match status.as_str() {
+        "running" => Ok(()),
+        other => Err(Error::Qmp(format!(
+            "QEMU reports the VM as {other:?} instead of running"
+        ))),
     }
 }
 

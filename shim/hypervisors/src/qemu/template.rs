@@ -1,0 +1,180 @@
+//! Templates (docs/design/0004-vm-templates.md): a VM booted once without
+//! per-pod devices and saved to a file with QEMU's migration, and a pod's
+//! QEMU restored from that file, its devices hot-plugged over QMP.
+//!
+//! The file uses the `mapped-ram` capability: guest RAM at fixed offsets,
+//! only the pages the guest wrote, so a 512 MiB guest saves as about
+//! 50 MiB of sparse file, and a restore reads just those.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use super::args::{template_args, Layout};
+use super::qmp::{within, Client};
+use crate::console_log::ConsoleLog;
+use crate::process::ManagedProcess;
+use crate::{socket_path, Error, Result, SharedFs, VmSpec};
+
+const TEMPLATE_QMP_SOCKET: &str = "template-qmp.sock";
+const TEMPLATE_LOG: &str = "template-qemu.log";
+/// The QOM path of a hot-plugged virtio device's backend, by device id.
+const VSOCK_ID: &str = "vsock0";
+const FS_ID: &str = "fs0";
+/// How often a migration's or a device's state is asked for.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Boots `spec` without per-pod devices (its `shared_fs` and `nics` are
+/// ignored), waits for the agent's "serving" console line (never a
+/// `Check`: the boot id must stay unread, so that each restore makes its
+/// own), then stops the guest and saves it to `snapshot`, and ends QEMU.
+/// Everything it spawned is gone when it returns, on every path.
+pub async fn save_template(qemu_binary: &Path, spec: &VmSpec, snapshot: &Path) -> Result<()> {
+    check_uri_path(snapshot)?;
+    let deadline = Instant::now() + spec.start_timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let qmp_socket = socket_path(&spec.dir, TEMPLATE_QMP_SOCKET)?;
+    let firmware = super::fast_firmware(qemu_binary);
+    let args = template_args(spec, &qmp_socket, firmware.as_deref(), Layout::Template)?;
+    let console = ConsoleLog::start(&spec.dir, &spec.console_log, spec.console_log_max_bytes)?;
+    let mut cmd = Command::new(qemu_binary);
+    cmd.args(&args);
+    let qemu = ManagedProcess::spawn("qemu-system-x86_64", cmd, &spec.dir.join(TEMPLATE_LOG))?;
+    let saved = async {
+        let mut qmp = Client::connect(&qmp_socket, &qemu, left()).await?;
+        let mut serving = console.agent_serving();
+        let ready = within(left(), &qemu, "the template's agent to serve", async {
+            serving
+                .wait_for(|s| *s)
+                .await
+                .map(|_| ())
+                .map_err(|_| Error::Qmp("the console watcher ended".into()))
+        });
+        ready.await?;
+        qmp.execute("stop", Value::Null).await?;
+        set_mapped_ram(&mut qmp).await?;
+        let uri = format!("file:{}", snapshot.display());
+        qmp.execute("migrate", json!({ "uri": uri })).await?;
+        within(
+            left(),
+            &qemu,
+            "QEMU to save the template",
+            migration_done(&mut qmp),
+        )
+        .await?;
+        qmp.execute("quit", Value::Null).await.map(|_| ())
+    }
+    .await;
+    let ended = qemu.terminate(left().max(Duration::from_secs(1))).await;
+    let _ = std::fs::remove_file(&qmp_socket);
+    let _ = std::fs::remove_file(console.pipe());
+    if saved.is_err() {
+        let _ = std::fs::remove_file(snapshot);
+    }
+    saved.and(ended)
+}
+
+/// After `-incoming defer`: loads `snapshot` and lets the guest run.
+pub(crate) async fn load(qmp: &mut Client, snapshot: &Path) -> Result<()> {
+    check_uri_path(snapshot)?;
+    set_mapped_ram(qmp).await?;
+    let uri = format!("file:{}", snapshot.display());
+    qmp.execute("migrate-incoming", json!({ "uri": uri }))
+        .await?;
+    migration_done(qmp).await?;
+    // QEMU may already run the guest once the state is in (autostart).
+    if qmp.status().await? != "running" {
+        qmp.execute("cont", Value::Null).await?;
+    }
+    Ok(())
+}
+
+/// Hot-plugs the vsock device on `vhost_socket` (vhost-device-vsock's)
+/// and returns once the guest's driver has started it (`DRIVER_OK`): a
+/// host connection before that ends vhost-device-vsock 0.3.0's worker
+/// thread (`Qemu::wait_vsock_ready`).
+pub(crate) async fn plug_vsock(qmp: &mut Client, vhost_socket: &Path) -> Result<()> {
+    add_socket_chardev(qmp, "vsock", vhost_socket).await?;
+    qmp.execute(
+        "device_add",
+        json!({ "driver": "vhost-user-vsock-pci", "chardev": "vsock", "id": VSOCK_ID }),
+    )
+    .await?;
+    wait_driver_ok(qmp, VSOCK_ID).await
+}
+
+/// Hot-plugs the virtio-fs device of `fs`.
+pub(crate) async fn plug_fs(qmp: &mut Client, fs: &SharedFs) -> Result<()> {
+    add_socket_chardev(qmp, "virtiofs", &fs.socket).await?;
+    qmp.execute(
+        "device_add",
+        json!({ "driver": "vhost-user-fs-pci", "chardev": "virtiofs", "tag": fs.tag, "id": FS_ID }),
+    )
+    .await
+    .map(|_| ())
+}
+
+async fn set_mapped_ram(qmp: &mut Client) -> Result<()> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        json!({ "capabilities": [{ "capability": "mapped-ram", "state": true }] }),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Until `query-migrate` says completed; a failed migration is an error
+/// with QEMU's reason.
+async fn migration_done(qmp: &mut Client) -> Result<()> {
+    loop {
+        let state = qmp.execute("query-migrate", Value::Null).await?;
+        match state["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some("failed" | "cancelled") => {
+                return Err(Error::Qmp(format!(
+                    "migration {}: {}",
+                    state["status"],
+                    state["error-desc"].as_str().unwrap_or("no reason given")
+                )))
+            }
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+async fn add_socket_chardev(qmp: &mut Client, id: &str, path: &Path) -> Result<()> {
+    let backend = json!({
+        "type": "socket",
+        "data": { "addr": { "type": "unix", "data": { "path": path } }, "server": false },
+    });
+    qmp.execute("chardev-add", json!({ "id": id, "backend": backend }))
+        .await
+        .map(|_| ())
+}
+
+async fn wait_driver_ok(qmp: &mut Client, id: &str) -> Result<()> {
+    let path = format!("/machine/peripheral/{id}/virtio-backend");
+    loop {
+        let status = qmp
+            .execute("x-query-virtio-status", json!({ "path": path }))
+            .await?;
+        if status["status"].to_string().contains("DRIVER_OK") {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A migration URI is `file:<path>[,offset=N]`: no comma in the path.
+fn check_uri_path(path: &Path) -> Result<()> {
+    if path.as_os_str().as_encoded_bytes().contains(&b',') {
+        return Err(Error::InvalidSpec(format!(
+            "template file {} contains a comma, which QEMU would read as an option separator",
+            path.display()
+        )));
+    }
+    Ok(())
+}
