@@ -151,6 +151,12 @@ pub struct RuntimeConfig {
     /// The least severe level the shim logs (into containerd's log).
     /// containerd's own debug level (`-debug`) lowers it to `debug`.
     pub log_level: LogLevel,
+    /// QEMU pods restored from a template VM instead of booted
+    /// (docs/design/0004-vm-templates.md). Off: the path is incomplete
+    /// (no NIC hot-plug, the guest clock is the template's).
+    pub templates: bool,
+    /// Where templates are kept, one directory per template key.
+    pub template_dir: PathBuf,
 }
 
 impl Default for RuntimeConfig {
@@ -158,6 +164,8 @@ impl Default for RuntimeConfig {
         Self {
             state_dir: "/run/clh-shim".into(),
             log_level: LogLevel::Info,
+            templates: false,
+            template_dir: "/var/lib/clh-shim/templates".into(),
         }
     }
 }
@@ -323,6 +331,13 @@ impl Config {
             if !(1..=600_000).contains(&ms) {
                 return Err((key, format!("must be between 1 and 600000 ms, not {ms}")));
             }
+        }
+        let template_dir = &self.runtime.template_dir;
+        if !template_dir.is_absolute() {
+            return Err((
+                "runtime.template_dir",
+                format!("must be an absolute path, not {}", template_dir.display()),
+            ));
         }
         let state_dir = &self.runtime.state_dir;
         if !state_dir.is_absolute() {

@@ -126,6 +126,10 @@ fn out_of_range_values_name_the_key_and_the_rule() {
         ),
         ("[timeouts]\nstop_ms = 0\n", "`timeouts.stop_ms`"),
         ("[runtime]\nstate_dir = \"run\"\n", "`runtime.state_dir`"),
+        (
+            "[runtime]\ntemplate_dir = \"templates\"\n",
+            "`runtime.template_dir`",
+        ),
         ("[runtime]\nlog_level = \"verbose\"\n", "log_level"),
         (
             "[runtime]\nstate_dir = \"/a/very/long/state/directory/path\"\n",

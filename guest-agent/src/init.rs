@@ -7,6 +7,8 @@ use crate::modules::{self, Loaded};
 use crate::mounts::{self, Outcome, SysMounter};
 use crate::{logging, sysinfo};
 use anyhow::Context;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tracing::{debug, info, warn};
 
 /// Runs the boot steps and returns the configuration for the rest.
@@ -52,32 +54,64 @@ pub fn init() -> anyhow::Result<Config> {
         }
     }
     info!(kernel = %release, "loaded modules: {}", names.join(" "));
-    mount_shared_dir();
+    if let Err(e) = mount_shared_dir() {
+        warn!(
+            "{e}; a VM restored from a template gets the device later, and its first \
+             container mounts it"
+        );
+        SHARED_DIR_PENDING.store(true, Ordering::SeqCst);
+    }
     Ok(config)
+}
+
+/// The shared directory was not mounted at boot: a template's VM has no
+/// virtio-fs device, which is hot-plugged into each VM restored from it.
+static SHARED_DIR_PENDING: AtomicBool = AtomicBool::new(false);
+/// How long a container's creation waits for a just hot-plugged virtio-fs
+/// device to register its tag (the host plugs it before the first
+/// container; the driver's probe ends a moment later), and how often it
+/// tries.
+const SHARED_DIR_WAIT: Duration = Duration::from_secs(10);
+const SHARED_DIR_RETRY: Duration = Duration::from_millis(50);
+
+/// Mounts the shared directory if boot could not: a no-op once mounted,
+/// and in host test mode (no init, nothing pending).
+pub async fn ensure_shared_dir() -> anyhow::Result<()> {
+    if !SHARED_DIR_PENDING.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + SHARED_DIR_WAIT;
+    loop {
+        match mount_shared_dir() {
+            Ok(()) => {
+                SHARED_DIR_PENDING.store(false, Ordering::SeqCst);
+                return Ok(());
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(e.context(format!("still failing after {SHARED_DIR_WAIT:?}")))
+            }
+            Err(_) => tokio::time::sleep(SHARED_DIR_RETRY).await,
+        }
+    }
 }
 
 /// Mounts the host's shared directory (container rootfses). Needs the
 /// virtiofs module, so it comes after the modules. Without the device the
 /// agent still serves (Check works; containers fail saying why), hence a
 /// warning rather than a power-off.
-fn mount_shared_dir() {
+fn mount_shared_dir() -> anyhow::Result<()> {
     use clh_agent_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
-    if let Err(e) = std::fs::create_dir_all(GUEST_SHARED_DIR) {
-        warn!("cannot create {GUEST_SHARED_DIR}: {e}");
-        return;
-    }
+    std::fs::create_dir_all(GUEST_SHARED_DIR)
+        .with_context(|| format!("cannot create {GUEST_SHARED_DIR}"))?;
     let none: Option<&str> = None;
-    match nix::mount::mount(
+    nix::mount::mount(
         Some(SHARED_FS_TAG),
         GUEST_SHARED_DIR,
         Some("virtiofs"),
         nix::mount::MsFlags::empty(),
         none,
-    ) {
-        Ok(()) => info!("mounted virtio-fs {SHARED_FS_TAG} on {GUEST_SHARED_DIR}"),
-        Err(e) => warn!(
-            "cannot mount virtio-fs tag {SHARED_FS_TAG} on {GUEST_SHARED_DIR}: {e}; \
-             containers will not find their rootfs"
-        ),
-    }
+    )
+    .with_context(|| format!("cannot mount virtio-fs tag {SHARED_FS_TAG} on {GUEST_SHARED_DIR}"))?;
+    info!("mounted virtio-fs {SHARED_FS_TAG} on {GUEST_SHARED_DIR}");
+    Ok(())
 }

@@ -145,6 +145,12 @@ impl clh_agent_protocol::Agent for AgentService {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
         info!(id = %req.container_id, "create container");
+        crate::init::ensure_shared_dir().await.map_err(|e| {
+            internal_status(
+                "CreateContainer: the shared directory (container rootfses)",
+                crate::error_chain(&*e),
+            )
+        })?;
         let stdio = req.stdio.get_or_default();
         let pid = self
             .containers

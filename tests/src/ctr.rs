@@ -199,6 +199,21 @@ pub fn run(ctd: &PrivateContainerd, args: &[&str]) -> Result<std::process::Outpu
     ctd.ctr(&full)
 }
 
+/// The guest boot id container `id` sees (`ctr task exec`).
+pub fn boot_id(ctd: &PrivateContainerd, id: &str) -> Result<String> {
+    let out = ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "boot",
+        id,
+        "cat",
+        "/proc/sys/kernel/random/boot_id",
+    ])?;
+    crate::containerd::check(&out, "ctr task exec cat boot_id")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// `ctr run -d --runtime clh busybox ID sleep 1000`, checked: a container
 /// that runs until the test stops it.
 pub fn run_sleeper(ctd: &PrivateContainerd, id: &str) -> Result<()> {

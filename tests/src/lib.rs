@@ -128,6 +128,7 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
         console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
         free_page_reporting: true,
         tcg_tb_size_mib: clh_config::DEFAULT_QEMU_TB_SIZE_MIB,
+        templates: None,
         vmm_start_timeout: Duration::from_secs(20),
         agent_timeout: Duration::from_secs(90),
         stop_timeout: Duration::from_secs(5),

@@ -45,17 +45,7 @@ fn two_containers_get_two_vms() -> Result<()> {
     }
     let mut boot_ids = Vec::new();
     for id in ids {
-        let out = ctd.ctr(&[
-            "task",
-            "exec",
-            "--exec-id",
-            "boot",
-            id,
-            "cat",
-            "/proc/sys/kernel/random/boot_id",
-        ])?;
-        check(&out, "ctr task exec cat boot_id")?;
-        boot_ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        boot_ids.push(clh_tests::ctr::boot_id(&ctd, id)?);
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
     boot_ids.push(host.trim().to_string());

@@ -39,6 +39,7 @@ mod net;
 mod report;
 mod start;
 mod steps;
+mod template;
 #[cfg(test)]
 mod tests;
 pub mod timeline;
@@ -94,6 +95,8 @@ pub struct VmOptions {
     pub free_page_reporting: bool,
     /// QEMU TCG's translated-code buffer in MiB; 0: QEMU's default.
     pub tcg_tb_size_mib: u32,
+    /// Where QEMU templates are kept; `None`: every VM boots.
+    pub templates: Option<PathBuf>,
     pub vmm_start_timeout: Duration,
     pub agent_timeout: Duration,
     pub stop_timeout: Duration,

@@ -18,7 +18,7 @@ use super::steps::{
     with_descendants,
 };
 use super::{
-    is_running, timeline, validate_id, StartStep, StartTimeline, VmOptions, SHARED_FS_TAG,
+    is_running, template, timeline, validate_id, StartStep, StartTimeline, VmOptions, SHARED_FS_TAG,
 };
 use crate::pod_cgroup::PodCgroup;
 use crate::shared_mount::{export_dir, make_export, remove_vm_dir};
@@ -129,10 +129,37 @@ pub(super) async fn start_in(
         nics: network.iter().flat_map(nics).collect(),
     };
     let t = Instant::now();
+    // NICs are not hot-plugged yet: such a pod boots.
+    let restore_from = match &opts.templates {
+        Some(store) if spec.nics.is_empty() => template::restore_source(store, opts, &spec).await,
+        _ => None,
+    };
+    if restore_from.is_some() {
+        parts.timeline.record("template", t);
+    }
+    let t = Instant::now();
     let hypervisor = parts
         .hypervisor
         .insert(opts.hypervisors.make(opts.backend, &opts.binaries));
-    hypervisor.start(&spec).await.map_err(StartStep::Vmm)?;
+    let restored = VmSpec {
+        restore_from: restore_from.clone(),
+        ..spec.clone()
+    };
+    let mut started = hypervisor.start(&restored).await;
+    if let (Err(e), Some(snapshot)) = (&started, &restore_from) {
+        tracing::warn!(
+            template = %snapshot.display(),
+            error = %e,
+            "restoring the VM from its template failed; discarding the template and booting"
+        );
+        template::discard(snapshot);
+        if let Err(e) = hypervisor.stop(Duration::ZERO).await {
+            tracing::warn!(error = %e, "stopping the failed restore");
+        }
+        *hypervisor = opts.hypervisors.make(opts.backend, &opts.binaries);
+        started = hypervisor.start(&spec).await;
+    }
+    started.map_err(StartStep::Vmm)?;
     parts.timeline.record(timeline::VMM, t);
 
     let t = Instant::now();

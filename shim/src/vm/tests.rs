@@ -273,6 +273,7 @@ pub(super) fn test_options() -> VmOptions {
         console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
         free_page_reporting: true,
         tcg_tb_size_mib: 0,
+        templates: None,
         vmm_start_timeout: Duration::from_secs(1),
         agent_timeout: Duration::from_secs(1),
         stop_timeout: Duration::from_secs(1),

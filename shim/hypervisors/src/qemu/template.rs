@@ -77,6 +77,70 @@ pub async fn save_template(qemu_binary: &Path, spec: &VmSpec, snapshot: &Path) -
     saved.and(ended)
 }
 
+/// What shapes a template of `spec` for `qemu_binary`, as text to hash
+/// into its key: the template's command line (with its per-VM paths
+/// and name fixed) and the identity (path, size, mtime, inode) of the QEMU binary,
+/// the firmware, the kernel and the initramfs, so that a change of any of
+/// them makes a new template. A file that cannot be read is an error.
+pub fn template_identity(qemu_binary: &Path, spec: &VmSpec) -> Result<String> {
+    let fixed = VmSpec {
+        id: "template".into(),
+        dir: "/template".into(),
+        console_log: "/template/console.log".into(),
+        ..spec.clone()
+    };
+    let firmware = super::fast_firmware(qemu_binary);
+    let args = template_args(
+        &fixed,
+        Path::new("/template/qmp.sock"),
+        firmware.as_deref(),
+        Layout::Template,
+    )?;
+    let mut text: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let binary = which_binary(qemu_binary);
+    for file in [
+        Some(binary.as_path()),
+        firmware.as_deref(),
+        Some(&spec.kernel),
+        Some(&spec.initramfs),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(file).map_err(|source| Error::Io {
+            what: "reading a template input",
+            path: file.to_path_buf(),
+            source,
+        })?;
+        text.push(format!(
+            "{} {} {}.{} {}",
+            file.display(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ino()
+        ));
+    }
+    Ok(text.join("\n"))
+}
+
+/// `binary` as spawning it would find it: a bare name through PATH.
+fn which_binary(binary: &Path) -> std::path::PathBuf {
+    if binary.components().count() > 1 {
+        return binary.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(binary))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| binary.to_path_buf())
+}
+
 /// After `-incoming defer`: loads `snapshot` and lets the guest run.
 pub(crate) async fn load(qmp: &mut Client, snapshot: &Path) -> Result<()> {
     check_uri_path(snapshot)?;

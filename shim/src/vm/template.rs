@@ -1,0 +1,131 @@
+//! The template store (docs/design/0004-vm-templates.md): one QEMU
+//! template per key under `[runtime] template_dir`, made by the first pod
+//! that needs it while others wait on its lock, and discarded when a
+//! restore from it fails (that pod then boots, and the next one makes a
+//! new template).
+//!
+//! Layout: `<dir>/<key>/snapshot` (QEMU's saved state), `<key>/identity`
+//! (what the key hashes), `<key>/ready` (written last: a directory without
+//! it is incomplete), `<key>.lock` (the flock of whoever makes it),
+//! `<key>.build/` (the one being made).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clh_hypervisor::qemu::{save_template, template_identity};
+use clh_hypervisor::VmSpec;
+use sha2::{Digest, Sha256};
+
+use super::VmOptions;
+
+/// How often a pod waiting for another's template tries its lock.
+const LOCK_POLL: Duration = Duration::from_millis(50);
+
+/// The template to restore `spec` from, made now if there is none; `None`
+/// (with a warning saying why) when it cannot be had, and the pod boots.
+pub(super) async fn restore_source(dir: &Path, opts: &VmOptions, spec: &VmSpec) -> Option<PathBuf> {
+    match ensure(dir, opts, spec).await {
+        Ok(snapshot) => Some(snapshot),
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "no VM template; booting the pod's VM instead"
+            );
+            None
+        }
+    }
+}
+
+/// Removes the template of `snapshot` after a restore from it failed, so
+/// that the next pod makes a new one.
+pub(super) fn discard(snapshot: &Path) {
+    let Some(template) = snapshot.parent() else {
+        return;
+    };
+    // Readiness first: a concurrent pod no longer takes it.
+    let _ = std::fs::remove_file(template.join("ready"));
+    if let Err(e) = std::fs::remove_dir_all(template) {
+        tracing::warn!(template = %template.display(), error = %e, "cannot remove a failed template");
+    }
+}
+
+async fn ensure(dir: &Path, opts: &VmOptions, spec: &VmSpec) -> Result<PathBuf> {
+    let identity = template_identity(&opts.binaries.qemu, spec)?;
+    let key = hex(&Sha256::digest(identity.as_bytes())[..16]);
+    let template = dir.join(&key);
+    let snapshot = template.join("snapshot");
+    if template.join("ready").is_file() {
+        return Ok(snapshot);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Making one takes a boot; whoever waits for it waits as long.
+    let wait = opts.vmm_start_timeout + opts.agent_timeout;
+    let _lock = lock(&dir.join(format!("{key}.lock")), wait).await?;
+    if template.join("ready").is_file() {
+        return Ok(snapshot);
+    }
+    let build = dir.join(format!("{key}.build"));
+    // Left by a maker that died: nobody else holds the lock.
+    let _ = std::fs::remove_dir_all(&build);
+    let _ = std::fs::remove_dir_all(&template);
+    std::fs::create_dir(&build).with_context(|| format!("creating {}", build.display()))?;
+    let made = async {
+        let template_spec = VmSpec {
+            id: format!("template-{key}"),
+            dir: build.clone(),
+            console_log: build.join("console.log"),
+            shared_fs: None,
+            nics: Vec::new(),
+            netns: None,
+            restore_from: None,
+            start_timeout: wait,
+            ..spec.clone()
+        };
+        save_template(&opts.binaries.qemu, &template_spec, &build.join("snapshot"))
+            .await
+            .context("booting and saving the template VM")?;
+        std::fs::write(build.join("identity"), &identity)?;
+        std::fs::rename(&build, &template)
+            .with_context(|| format!("moving {} into place", build.display()))?;
+        std::fs::write(template.join("ready"), b"")?;
+        tracing::info!(template = %template.display(), "made a VM template");
+        anyhow::Ok(())
+    }
+    .await;
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(&build);
+    }
+    made.map(|()| snapshot)
+}
+
+/// An exclusive flock on `path`, waited for up to `wait`. Held until the
+/// file is dropped.
+async fn lock(path: &Path, wait: Duration) -> Result<std::fs::File> {
+    use rustix::fs::{flock, FlockOperation};
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if tokio::time::Instant::now() < deadline => {
+                // A blocking flock has no timeout; a short poll does.
+                tokio::time::sleep(LOCK_POLL).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("waiting {wait:?} for the template lock {}", path.display())
+                })
+            }
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,155 @@
+//! Containers in VMs restored from a template (`[runtime] templates =
+//! true`; docs/design/0004-vm-templates.md), through ctr, containerd 2.x
+//! and the real shim: the first pod makes the template, both pods' QEMU
+//! restore from it (`-incoming defer` on their command lines), their
+//! containers run from the rootfs on the hot-plugged virtio-fs, and their
+//! boot ids differ. A truncated template makes the next pod boot instead
+//! and is discarded; the pod after makes a new one. A changed initramfs
+//! makes a second template, one for three pods started at once. The leak
+//! checks end it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use clh_tests::containerd::{all_pids, check, cmdline, ContainerdVersion, PrivateContainerd};
+use clh_tests::ctr::{self, boot_id, finish, run, run_sleeper, setup, Setup};
+
+fn start(s: &Setup) -> Result<PrivateContainerd> {
+    ctr::start(
+        ContainerdVersion::V2,
+        s,
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+    )
+}
+
+/// The templates in `dir` that are complete (`<key>/ready`).
+fn ready_templates(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut ready = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.join("ready").is_file() {
+            ready.push(path);
+        }
+    }
+    Ok(ready)
+}
+
+/// The QEMU processes of pods under `state_dir` restoring a template.
+fn restored_qemus(state_dir: &Path) -> Vec<i32> {
+    let needle = state_dir.display().to_string();
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            let argv = cmdline(pid);
+            argv.first().is_some_and(|a| a.contains("qemu-system"))
+                && argv.iter().any(|a| a.contains(&needle))
+                && argv.iter().any(|a| a == "-incoming")
+        })
+        .collect()
+}
+
+fn kill(ctd: &PrivateContainerd, id: &str) -> Result<()> {
+    check(
+        &ctd.ctr(&["task", "kill", "-s", "KILL", id])?,
+        "ctr task kill",
+    )?;
+    ctr::wait_status(ctd, id, "STOPPED", ctr::VM_DEADLINE)?;
+    check(&ctd.ctr(&["task", "rm", id])?, "ctr task rm")?;
+    check(&ctd.ctr(&["container", "rm", id])?, "ctr container rm")
+}
+
+fn echo_through(ctd: &PrivateContainerd, id: &str) -> Result<()> {
+    let out = run(ctd, &[id, "sh", "-c", "echo from-the-rootfs"])?;
+    check(&out, &format!("ctr run {id}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.contains("from-the-rootfs"), "{id}: {text:?}");
+    Ok(())
+}
+
+#[test]
+fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
+    let s = setup()?;
+    let templates = tempfile::Builder::new()
+        .prefix("clh-templates-")
+        .tempdir_in("/tmp")?;
+    let store = templates.path();
+    ctr::add_key(
+        &s.config,
+        "runtime",
+        &format!("templates = true\ntemplate_dir = \"{}\"", store.display()),
+    )?;
+    let ctd = start(&s)?;
+
+    // Two pods at a time, both restored from the one template the first made.
+    run_sleeper(&ctd, "t1")?;
+    run_sleeper(&ctd, "t2")?;
+    let restored = restored_qemus(&s.state_dir);
+    ensure!(
+        restored.len() == 2,
+        "QEMUs restoring a template: {restored:?}"
+    );
+    let made = ready_templates(store)?;
+    ensure!(made.len() == 1, "templates: {made:?}");
+    let (a, b) = (boot_id(&ctd, "t1")?, boot_id(&ctd, "t2")?);
+    ensure!(a != b, "two restored VMs share the boot id {a}");
+    kill(&ctd, "t1")?;
+    kill(&ctd, "t2")?;
+    echo_through(&ctd, "t3")?;
+
+    // A truncated template: the pod boots instead, and the template goes.
+    let snapshot = made[0].join("snapshot");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&snapshot)?
+        .set_len(4096)?;
+    echo_through(&ctd, "t4")?;
+    ensure!(
+        !made[0].exists(),
+        "the failed template {} is still there",
+        made[0].display()
+    );
+    echo_through(&ctd, "t5")?;
+    ensure!(ready_templates(store)?.len() == 1, "no new template");
+
+    // A changed initramfs is a new template, and pods started at once for
+    // it make one between them.
+    let initramfs = store.join("initramfs-copy.cpio.gz");
+    std::fs::copy(&s.image.initramfs, &initramfs)?;
+    let config = std::fs::read_to_string(&s.config)?;
+    let old = format!("initramfs = \"{}\"", s.image.initramfs.display());
+    ensure!(config.contains(&old), "{config}");
+    let new = format!("initramfs = \"{}\"", initramfs.display());
+    std::fs::write(&s.config, config.replace(&old, &new)).context("the shim config")?;
+    let ids = ["c1", "c2", "c3"];
+    let started: Vec<Result<()>> = std::thread::scope(|scope| {
+        let ctd = &ctd;
+        let threads: Vec<_> = ids
+            .iter()
+            .map(|id| scope.spawn(move || run_sleeper(ctd, id)))
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))
+            })
+            .collect()
+    });
+    for result in started {
+        result?;
+    }
+    ensure!(
+        ready_templates(store)?.len() == 2,
+        "pods started at once for a new initramfs did not make exactly one template"
+    );
+    // Made: the first, its replacement after the truncation, and one for
+    // the new initramfs, whatever the three pods at once raced for.
+    let log = std::fs::read_to_string(ctd.log_path())?;
+    let made = log.matches("made a VM template").count();
+    ensure!(made == 3, "{made} templates made, not 3");
+    for id in ids {
+        kill(&ctd, id)?;
+    }
+
+    finish(ctd, &s)
+}
