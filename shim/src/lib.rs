@@ -12,6 +12,7 @@ pub mod logs;
 pub mod metrics;
 pub mod mountinfo;
 mod options;
+mod orphan_daemon;
 pub mod pod;
 pub mod pod_cgroup;
 pub mod remove_tree;

@@ -94,8 +94,8 @@ impl Shim for ClhShim {
         ))
     }
 
-    /// After a crashed daemon: for a VM's owner, kill what `state.json`
-    /// recorded, unmount the shared directory and remove the VM directory;
+    /// After a crashed daemon, or one containerd lost ([`crate::orphan_daemon`],
+    /// stopped first): for a VM's owner, kill what `state.json` recorded, unmount the shared directory and remove the VM directory;
     /// for a pod container, unmount its rootfs and binds in the pod's VM
     /// directory. Prints only the DeleteResponse (the bootstrap writes it).
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
@@ -103,6 +103,19 @@ impl Shim for ClhShim {
         // containerd runs `delete` in the bundle.
         let spec = pod::bundle_spec(std::path::Path::new(".")).unwrap_or_default();
         let role = Role::of_spec(&spec).unwrap_or(Role::Standalone);
+        // Where `start` put the daemon's socket: the bundle's `address`
+        // file (containerd 2.3 may name the directory), else the default
+        // place. A pod's containers share their sandbox's.
+        let address = std::fs::read_to_string("address")
+            .ok()
+            .filter(|a| a.starts_with("unix:///"))
+            .unwrap_or_else(|| {
+                containerd_shim::socket_address(&self.containerd_address, &self.namespace, &self.id)
+            });
+        let socket = std::path::PathBuf::from(address.trim_start_matches("unix://"));
+        if !matches!(role, Role::Container { .. }) {
+            crate::orphan_daemon::stop(&socket, &self.id, cfg.vm.stop_timeout).await;
+        }
         let cleaned = match &role {
             Role::Container { sandbox_id } => {
                 vm::cleanup_container_leftovers(&cfg.state_dir, sandbox_id, &self.id)
@@ -113,21 +126,8 @@ impl Shim for ClhShim {
             tracing::warn!(error = format!("{e:#}"), "cleanup after a crashed shim");
         }
         if !matches!(role, Role::Container { .. }) {
-            // The dead daemon's API socket: a pod's containers share their
-            // sandbox's, which goes with the sandbox.
-            // Where `start` put it: the bundle's `address` file (containerd
-            // 2.3 may name the directory), else the default place.
-            let address = std::fs::read_to_string("address")
-                .ok()
-                .filter(|a| a.starts_with("unix:///"))
-                .unwrap_or_else(|| {
-                    containerd_shim::socket_address(
-                        &self.containerd_address,
-                        &self.namespace,
-                        &self.id,
-                    )
-                });
-            remove_socket(std::path::Path::new(address.trim_start_matches("unix://")));
+            // The dead daemon's API socket.
+            remove_socket(&socket);
         }
         let cgroup = spec
             .pointer("/linux/cgroupsPath")
