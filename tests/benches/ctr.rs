@@ -3,7 +3,8 @@
 //!
 //! - start: `ctr run --rm <image> <id> true` wall time, spawn of ctr → its
 //!   exit (create, start, wait, delete; for clh that includes the VM boot
-//!   and stop);
+//!   and stop), and for clh also with the VM restored from a template
+//!   (`[runtime] templates`; docs/design/0004-vm-templates.md);
 //! - stdout: a container writing 100 MiB to stdout, carried to ctr through
 //!   containerd's FIFOs (for clh: pipe → agent → vsock → shim → FIFO) and
 //!   counted here byte by byte; the rate is first byte → end of file, so
@@ -83,7 +84,32 @@ fn main() -> Result<()> {
         run_true(&ctd, runtime, &format!("warm-{}", short(runtime)))?;
     }
 
-    let (mut clh_start, mut runc_start) = (Vec::new(), Vec::new());
+    // The clh start also through a template ([runtime] templates),
+    // switched per run by rewriting the shim config (read at each start);
+    // the first run with it makes the template, unmeasured.
+    let cold_config = std::fs::read_to_string(&config)?;
+    let template_config = cold_config.replacen(
+        "[runtime]\n",
+        &format!(
+            "[runtime]\ntemplates = true\ntemplate_dir = \"{}\"\n",
+            tmp.path().join("templates").display()
+        ),
+        1,
+    );
+    ensure!(
+        template_config != cold_config,
+        "no [runtime] table in {cold_config}"
+    );
+    let use_templates = |on: bool| {
+        let text = if on { &template_config } else { &cold_config };
+        std::fs::write(&config, text)
+    };
+    let (mut clh_start, mut runc_start, mut template_start) = (Vec::new(), Vec::new(), Vec::new());
+    if start_rounds > 0 {
+        use_templates(true)?;
+        run_true(&ctd, CLH, "warm-template")?;
+        use_templates(false)?;
+    }
     for round in 0..start_rounds {
         for runtime in order(round) {
             let took = run_true(&ctd, runtime, &format!("s{round}-{}", short(runtime)))?;
@@ -94,6 +120,9 @@ fn main() -> Result<()> {
             }
             .push(took);
         }
+        use_templates(true)?;
+        template_start.push(run_true(&ctd, CLH, &format!("t{round}-clh"))?);
+        use_templates(false)?;
     }
     let (mut clh_rate, mut runc_rate, mut ceiling) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..stream_rounds {
@@ -112,7 +141,7 @@ fn main() -> Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!();
     if start_rounds > 0 {
-        print_start(&clh_start, &runc_start, ms);
+        print_start(&clh_start, &runc_start, &template_start, ms);
     }
     if stream_rounds > 0 {
         print_stream(&clh_rate, &runc_rate, &ceiling);
@@ -143,6 +172,13 @@ fn main() -> Result<()> {
             ms(median(&runc_start)),
             RUNC,
         ));
+        figures.push(Figure::new(
+            "ctr run --rm true, template restore, median",
+            "ms",
+            ms(median(&template_start)),
+            ms(median(&clh_start)),
+            "clh cold boot",
+        ));
     }
     if stream_rounds > 0 {
         figures.push(Figure::new(
@@ -164,18 +200,25 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn print_start(clh: &[Duration], runc: &[Duration], ms: impl Fn(Duration) -> f64) {
+fn print_start(
+    clh: &[Duration],
+    runc: &[Duration],
+    template: &[Duration],
+    ms: impl Fn(Duration) -> f64,
+) {
     println!("{:<52} {:>10} {:>10}", "", "median", "min");
     for (label, samples) in [
         ("clh:  ctr run --rm busybox true", clh),
         ("runc: ctr run --rm busybox true", runc),
+        ("clh, VM restored from a template", template),
     ] {
         let (med, min) = (median(samples), min(samples));
         println!("{label:<52} {:>7.0} ms {:>7.0} ms", ms(med), ms(min));
     }
     println!(
-        "start ratio clh/runc: {:.1}x (median)",
-        ms(median(clh)) / ms(median(runc))
+        "start ratio clh/runc: {:.1}x; template restore / cold boot: {:.2}x (medians)",
+        ms(median(clh)) / ms(median(runc)),
+        ms(median(template)) / ms(median(clh))
     );
 }
 
