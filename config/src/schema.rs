@@ -153,7 +153,7 @@ pub struct RuntimeConfig {
     pub log_level: LogLevel,
     /// QEMU pods restored from a template VM instead of booted
     /// (docs/design/0004-vm-templates.md). Off: the path is incomplete
-    /// (no NIC hot-plug, the guest clock is the template's).
+    /// (a restored guest's clock is the template's).
     pub templates: bool,
     /// Where templates are kept, one directory per template key.
     pub template_dir: PathBuf,

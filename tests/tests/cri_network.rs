@@ -116,8 +116,52 @@ fn no_taps_on_the_host() -> Result<()> {
 #[test]
 fn a_clh_pod_serves_http_to_the_host_over_ipv4_and_ipv6() {
     let (_s, cri) = setup();
+    serves_http_over_ipv4_and_ipv6(&cri).unwrap();
+}
+
+/// The same pod with its VM restored from a template (`[runtime]
+/// templates`): its NIC is hot-plugged after the restore, and everything
+/// above holds. The pod's QEMU names `-incoming` on its command line.
+#[test]
+fn a_pod_restored_from_a_template_gets_its_network() {
+    let s = ctr::setup().expect("shim setup");
+    let templates = tempfile::Builder::new()
+        .prefix("clh-templates-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let line = format!(
+        "templates = true\ntemplate_dir = \"{}\"",
+        templates.path().display()
+    );
+    ctr::add_key(&s.config, "runtime", &line).unwrap();
+    let state_dir = s.state_dir.clone();
+    let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let (_s, cri) = ctr::cri_test_setup(s, images, AGENT_TIMEOUT_MS);
+    serves_http_over_ipv4_and_ipv6_then(&cri, || {
+        let needle = state_dir.display().to_string();
+        let restored = clh_tests::containerd::all_pids().into_iter().any(|pid| {
+            let argv = clh_tests::containerd::cmdline(pid);
+            argv.iter().any(|a| a.contains(&needle)) && argv.iter().any(|a| a == "-incoming")
+        });
+        ensure!(restored, "the pod's QEMU was not restored from a template");
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn serves_http_over_ipv4_and_ipv6(cri: &CriSetup) -> Result<()> {
+    serves_http_over_ipv4_and_ipv6_then(cri, || Ok(()))
+}
+
+/// A pod on one bridge network with a web server: its addresses, MTU,
+/// routes, DNS and hostname in the container, and HTTP from the host over
+/// both families; `also` runs while the pod does.
+fn serves_http_over_ipv4_and_ipv6_then(
+    cri: &CriSetup,
+    also: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let run = || -> Result<()> {
-        let mut k = Kubelet::start(&cri)?;
+        let mut k = Kubelet::start(cri)?;
         k.use_bridge_networks(1)?;
         let config = k
             .pod("web")
@@ -154,11 +198,12 @@ fn a_clh_pod_serves_http_to_the_host_over_ipv4_and_ipv6() {
         for ip in [v4, v6] {
             http_get(ip, k.timeout())?;
         }
+        also()?;
         k.remove_pod(&pod)?;
         no_taps_on_the_host()?;
         k.finish()
     };
-    run().unwrap();
+    run()
 }
 
 #[test]

@@ -129,10 +129,9 @@ pub(super) async fn start_in(
         nics: network.iter().flat_map(nics).collect(),
     };
     let t = Instant::now();
-    // NICs are not hot-plugged yet: such a pod boots.
     let restore_from = match &opts.templates {
-        Some(store) if spec.nics.is_empty() => template::restore_source(store, opts, &spec).await,
-        _ => None,
+        Some(store) => template::restore_source(store, opts, &spec).await,
+        None => None,
     };
     if restore_from.is_some() {
         parts.timeline.record("template", t);

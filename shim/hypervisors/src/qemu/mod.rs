@@ -146,11 +146,6 @@ impl Qemu {
         let deadline = Instant::now() + spec.start_timeout;
         let left = || deadline.saturating_duration_since(Instant::now());
         let firmware = fast_firmware(&self.binary);
-        if spec.restore_from.is_some() && !spec.nics.is_empty() {
-            return Err(Error::Unsupported(
-                "restoring a VM with NICs from a template (NIC hot-plug is not written yet)",
-            ));
-        }
         let qemu_args = match &spec.restore_from {
             None => args::qemu_args(spec, vhost, qmp_socket, firmware.as_deref())?,
             Some(_) => {
@@ -223,8 +218,7 @@ impl Qemu {
 impl Qemu {
     /// Loads the template `snapshot` into the QEMU just started with
     /// `-incoming defer`, then hot-plugs the pod's devices: vsock (until its
-    /// driver runs), then virtio-fs. NICs are not hot-plugged yet: a spec
-    /// with NICs is refused before anything starts.
+    /// driver runs), virtio-fs, then each NIC (until its driver runs).
     async fn restore(
         &mut self,
         spec: &VmSpec,
@@ -243,6 +237,9 @@ impl Qemu {
             template::plug_vsock(&mut qmp, vhost).await?;
             if let Some(fs) = &spec.shared_fs {
                 template::plug_fs(&mut qmp, fs).await?;
+            }
+            for (i, nic) in spec.nics.iter().enumerate() {
+                template::plug_nic(&mut qmp, i, nic).await?;
             }
             Ok(())
         })

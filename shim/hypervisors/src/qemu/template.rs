@@ -17,7 +17,7 @@ use super::args::{template_args, Layout};
 use super::qmp::{within, Client};
 use crate::console_log::ConsoleLog;
 use crate::process::ManagedProcess;
-use crate::{socket_path, Error, Result, SharedFs, VmSpec};
+use crate::{socket_path, Error, Nic, Result, SharedFs, VmSpec};
 
 const TEMPLATE_QMP_SOCKET: &str = "template-qmp.sock";
 const TEMPLATE_LOG: &str = "template-qemu.log";
@@ -179,6 +179,31 @@ pub(crate) async fn plug_fs(qmp: &mut Client, fs: &SharedFs) -> Result<()> {
     )
     .await
     .map(|_| ())
+}
+
+/// Hot-plugs NIC number `index`: its tap (opened by name in QEMU's network
+/// namespace) and its virtio-net device, as `args::nic_args` describes
+/// them at boot, and waits for its driver (the agent then finds it by MAC).
+pub(crate) async fn plug_nic(qmp: &mut Client, index: usize, nic: &Nic) -> Result<()> {
+    let netdev = format!("net{index}");
+    let id = format!("nic{index}");
+    let mut tap = json!({
+        "type": "tap", "id": netdev, "ifname": nic.tap, "script": "no", "downscript": "no",
+    });
+    let mut device = json!({
+        "driver": "virtio-net-pci", "netdev": netdev, "mac": nic.mac, "id": id,
+    });
+    if nic.mtu != 0 {
+        device["host_mtu"] = json!(nic.mtu);
+    }
+    if nic.queues > 1 {
+        tap["queues"] = json!(nic.queues);
+        device["mq"] = json!(true);
+        device["vectors"] = json!(2 * nic.queues + 2);
+    }
+    qmp.execute("netdev_add", tap).await?;
+    qmp.execute("device_add", device).await?;
+    wait_driver_ok(qmp, &id).await
 }
 
 async fn set_mapped_ram(qmp: &mut Client) -> Result<()> {
