@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use clh_tests::bench_results::{self, Figure};
-use clh_tests::cri::{ContainerBuilder, ContainerState, Kubelet, Pod, BUSYBOX};
+use clh_tests::cri::{ContainerBuilder, ContainerState, Kubelet, Pod};
 use clh_tests::ctr;
 use clh_tests::idle_memory::{print_memory, settle, IdleMemory};
 use clh_tests::pod_metrics;
@@ -114,10 +114,6 @@ fn progress(what: &str) {
     eprintln!("[{:>5.0} s] {what}", began.elapsed().as_secs_f64());
 }
 
-fn sleeper() -> ContainerBuilder {
-    ContainerBuilder::new("sleeper", BUSYBOX).command(&["sleep", "100000"])
-}
-
 /// Runs pod `name` with one sleeper through `handler`; returns it and the
 /// time from RunPodSandbox to the container seen RUNNING. A pod that
 /// fails after RunPodSandbox is removed before the error is returned.
@@ -126,7 +122,7 @@ fn start_pod(k: &Kubelet, handler: &str, name: &str) -> Result<(Pod, Duration)> 
         .run_pod_as(&k.pod(name), handler)
         .with_context(|| format!("{handler} pod {name}"))?;
     let running = (|| -> Result<Duration> {
-        let id = k.run_container(&pod, &sleeper())?;
+        let id = k.run_container(&pod, &ContainerBuilder::sleeper("sleeper"))?;
         // StartContainer has returned: one status call normally shows
         // RUNNING; the wait (polling, deadline) only covers a late state.
         let status = k.cri().container_status(&id)?;
@@ -267,7 +263,7 @@ fn batch(k: &Kubelet, handler: &str, round: usize) -> Result<(Vec<Duration>, Dur
             Err(e) => errors.push(format!("{e:#}")),
         }
     }
-    errors.extend(remove_all(k, pods.iter().map(|(p, _)| p)));
+    errors.extend(k.remove_pods(pods.iter().map(|(p, _)| p)));
     ensure!(errors.is_empty(), "{handler} batch {round}: {errors:#?}");
     Ok((pods.into_iter().map(|(_, took)| took).collect(), wall))
 }
@@ -275,17 +271,6 @@ fn batch(k: &Kubelet, handler: &str, round: usize) -> Result<(Vec<Duration>, Dur
 fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
     h.join()
         .unwrap_or_else(|_| Err(anyhow!("a pod thread panicked")))
-}
-
-/// Removes `pods` in parallel; returns the failures.
-fn remove_all<'a>(k: &Kubelet, pods: impl Iterator<Item = &'a Pod>) -> Vec<String> {
-    std::thread::scope(|s| {
-        let threads: Vec<_> = pods.map(|p| s.spawn(move || k.remove_pod(p))).collect();
-        threads
-            .into_iter()
-            .filter_map(|h| join(h).err().map(|e| format!("{e:#}")))
-            .collect()
-    })
 }
 
 fn idle_memory(k: &Kubelet, s: &ctr::Setup, handler: &'static str) -> Result<IdleMemory> {
@@ -307,7 +292,7 @@ fn idle_memory(k: &Kubelet, s: &ctr::Setup, handler: &'static str) -> Result<Idl
                 .collect()
         })
     })();
-    let removed = remove_all(k, pods.iter());
+    let removed = k.remove_pods(pods.iter());
     let measured = measured.map_err(|e| match removed.is_empty() {
         true => e,
         false => e.context(format!("also, removing the idle pods: {removed:#?}")),

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use clh_tests::bench_results::{self, Figure};
-use clh_tests::cri::{ContainerBuilder, Kubelet, Pod, BUSYBOX};
+use clh_tests::cri::{ContainerBuilder, Kubelet, Pod};
 use clh_tests::ctr;
 use clh_tests::idle_memory::{print_memory, settle, IdleMemory};
 use clh_tests::podmem;
@@ -116,8 +116,7 @@ fn after_alloc_and_free(k: &Kubelet, state_dir: &Path, label: &str) -> Result<Id
             let pod = k.run_pod(&k.pod(&format!("density{i}")))?;
             pods.push(pod);
             let pod = pods.last().context("the pod just started")?;
-            let sleeper = ContainerBuilder::new("sleeper", BUSYBOX).command(&["sleep", "100000"]);
-            let id = k.run_container(pod, &sleeper)?;
+            let id = k.run_container(pod, &ContainerBuilder::sleeper("sleeper"))?;
             k.sh_within(
                 &id,
                 &format!("dd if=/dev/zero of=/dev/null bs={ALLOC_MIB}M count=1 2>/dev/null"),
@@ -138,12 +137,7 @@ fn after_alloc_and_free(k: &Kubelet, state_dir: &Path, label: &str) -> Result<Id
                 .collect()
         })
     })();
-    let mut removed = Vec::new();
-    for pod in &pods {
-        if let Err(e) = k.remove_pod(pod) {
-            removed.push(format!("{}: {e:#}", pod.id));
-        }
-    }
+    let removed = k.remove_pods(pods.iter());
     let measured = measured?;
     ensure!(removed.is_empty(), "removing the pods: {removed:#?}");
     Ok(measured)

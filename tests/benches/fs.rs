@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clh_tests::containerd::{check, run_with_timeout, ContainerdVersion, PrivateContainerd};
-use clh_tests::ctr::{busybox_tar, release_shim_dir, setup, wait_status, BUSYBOX, RUNTIME};
+use clh_tests::ctr::{busybox_tar, release_shim_dir, setup, BUSYBOX, RUNTIME};
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 
 const ROUNDS: usize = 3;
@@ -272,13 +272,7 @@ fn main() -> Result<()> {
     }
 
     drop(bench);
-    check(
-        &ctd.ctr(&["task", "kill", "-s", "SIGKILL", CID])?,
-        "ctr task kill",
-    )?;
-    wait_status(&ctd, CID, "STOPPED", clh_tests::ctr::VM_DEADLINE)?;
-    check(&ctd.ctr(&["task", "rm", CID])?, "ctr task rm")?;
-    check(&ctd.ctr(&["container", "rm", CID])?, "ctr container rm")?;
+    clh_tests::ctr::kill_and_remove(&ctd, CID)?;
     ctd.stop()?;
     let mut leaks = clh_tests::ctr::leaks(&ctd, &s.state_dir);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;

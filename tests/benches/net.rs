@@ -49,7 +49,12 @@ fn main() -> Result<()> {
     let mut starts = [Vec::new(), Vec::new()];
     for round in 0..START_PODS {
         for h in order(round) {
-            let (pod, took) = start(&k, HANDLERS[h], &format!("s{h}x{round}"), sleeper())?;
+            let (pod, took) = start(
+                &k,
+                HANDLERS[h],
+                &format!("s{h}x{round}"),
+                ContainerBuilder::sleeper("sleeper"),
+            )?;
             starts[h].push(took);
             k.remove_pod(&pod)?;
         }
@@ -91,10 +96,6 @@ fn order(round: usize) -> [usize; 2] {
     }
 }
 
-fn sleeper() -> ContainerBuilder {
-    ContainerBuilder::new("sleeper", BUSYBOX).command(&["sleep", "100000"])
-}
-
 /// A discarding sink on [`SINK_PORT`] (one connection at a time) and an
 /// httpd on 80.
 fn servers() -> ContainerBuilder {
@@ -134,7 +135,12 @@ struct Figures {
 
 fn measure(k: &Kubelet, handler: &str, h: usize) -> Result<Figures> {
     let (server, _) = start(k, handler, &format!("srv{h}"), servers())?;
-    let (client, _) = start(k, handler, &format!("cli{h}"), sleeper())?;
+    let (client, _) = start(
+        k,
+        handler,
+        &format!("cli{h}"),
+        ContainerBuilder::sleeper("sleeper"),
+    )?;
     let ip = pod_ipv4(k, &server)?;
     let result = (|| -> Result<Figures> {
         let host_to_pod = host_bulk(ip, k.timeout())?;

@@ -299,6 +299,34 @@ pub fn vm_processes(program: &str, vm_dir: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// The QEMU processes under `state_dir` that were restored from a VM
+/// template (`-incoming` on their command line).
+pub fn restored_vms(state_dir: &Path) -> Vec<i32> {
+    vm_processes("qemu-system-x86_64", state_dir)
+        .into_iter()
+        .filter(|&pid| {
+            crate::containerd::cmdline(pid)
+                .iter()
+                .any(|a| a == "-incoming")
+        })
+        .collect()
+}
+
+/// SIGKILLs task `id`, waits for it to stop (within [`VM_DEADLINE`]), then
+/// deletes the task and the container, each checked.
+pub fn kill_and_remove(ctd: &PrivateContainerd, id: &str) -> Result<()> {
+    crate::containerd::check(
+        &ctd.ctr(&["task", "kill", "-s", "SIGKILL", id])?,
+        "ctr task kill",
+    )?;
+    wait_status(ctd, id, "STOPPED", VM_DEADLINE)?;
+    crate::containerd::check(&ctd.ctr(&["task", "delete", id])?, "ctr task delete")?;
+    crate::containerd::check(
+        &ctd.ctr(&["container", "delete", id])?,
+        "ctr container delete",
+    )
+}
+
 /// Polls `ctr task ls` until `id`'s line contains `status` (e.g. STOPPED).
 pub fn wait_status(
     ctd: &PrivateContainerd,

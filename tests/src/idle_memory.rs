@@ -99,9 +99,47 @@ impl IdleMemory {
 /// Prints `groups` as one table under `title`: per role and in all, the
 /// mean per pod of PSS, its guest RAM part and the rest.
 pub fn print_memory(title: &str, groups: &[IdleMemory]) {
-    let width = groups
+    /// A table row (label, mean PSS, mean guest RAM, in KiB) or a note.
+    enum Line {
+        Row(String, f64, f64),
+        Note(String),
+    }
+    let mut lines = Vec::new();
+    for m in groups {
+        let l = &m.label;
+        for role in m.roles() {
+            let of_role = |p: &ProcessMemory| p.role == role;
+            let n = m.pods.iter().flatten().filter(|p| of_role(p)).count();
+            let per_pod = n as f64 / m.pods.len().max(1) as f64;
+            let plural = if per_pod > 1.0 { "es" } else { "" };
+            lines.push(Line::Row(
+                format!("{l}: {role} ({per_pod:.0} process{plural} per pod)"),
+                m.mean_kib(|p| if of_role(p) { p.pss_kib } else { 0 }),
+                m.mean_kib(|p| if of_role(p) { p.guest_ram_kib } else { 0 }),
+            ));
+        }
+        lines.push(Line::Row(
+            format!("{l}: all ({} pods)", m.pods.len()),
+            m.mean_kib(|p| p.pss_kib),
+            m.mean_kib(|p| p.guest_ram_kib),
+        ));
+        if let Some(c) = m.guest_configured_mib() {
+            lines.push(Line::Note(format!(
+                "{l}: guest RAM configured {c} MiB per pod; the guest RAM column is what is resident"
+            )));
+        }
+        let state = if m.settled { "settled" } else { "NOT settled" };
+        lines.push(Line::Note(format!(
+            "{l}: {state}: the sum moved {:.1}% over the last {SETTLE_STEP:?}",
+            m.change * 100.0
+        )));
+    }
+    let width = lines
         .iter()
-        .flat_map(|m| m.roles().into_iter().map(|r| m.label.len() + r.len() + 26))
+        .filter_map(|line| match line {
+            Line::Row(label, ..) => Some(label.len()),
+            Line::Note(_) => None,
+        })
         .chain([title.len(), 56])
         .max()
         .unwrap_or(56);
@@ -110,41 +148,15 @@ pub fn print_memory(title: &str, groups: &[IdleMemory]) {
         "{title:<width$} {:>11} {:>11} {:>11}",
         "total", "guest RAM", "the rest"
     );
-    let row = |label: &str, pss: f64, guest: f64| {
-        println!(
-            "{label:<width$} {:>7.1} MiB {:>7.1} MiB {:>7.1} MiB",
-            pss / MIB,
-            guest / MIB,
-            (pss - guest) / MIB
-        );
-    };
-    for m in groups {
-        let l = &m.label;
-        for role in m.roles() {
-            let of_role = |p: &ProcessMemory| p.role == role;
-            let n = m.pods.iter().flatten().filter(|p| of_role(p)).count();
-            let per_pod = n as f64 / m.pods.len().max(1) as f64;
-            let plural = if per_pod > 1.0 { "es" } else { "" };
-            row(
-                &format!("{l}: {role} ({per_pod:.0} process{plural} per pod)"),
-                m.mean_kib(|p| if of_role(p) { p.pss_kib } else { 0 }),
-                m.mean_kib(|p| if of_role(p) { p.guest_ram_kib } else { 0 }),
-            );
+    for line in lines {
+        match line {
+            Line::Row(label, pss, guest) => println!(
+                "{label:<width$} {:>7.1} MiB {:>7.1} MiB {:>7.1} MiB",
+                pss / MIB,
+                guest / MIB,
+                (pss - guest) / MIB
+            ),
+            Line::Note(text) => println!("{text}"),
         }
-        row(
-            &format!("{l}: all ({} pods)", m.pods.len()),
-            m.mean_kib(|p| p.pss_kib),
-            m.mean_kib(|p| p.guest_ram_kib),
-        );
-        if let Some(c) = m.guest_configured_mib() {
-            println!(
-                "{l}: guest RAM configured {c} MiB per pod; the guest RAM column is what is resident"
-            );
-        }
-        let state = if m.settled { "settled" } else { "NOT settled" };
-        println!(
-            "{l}: {state}: the sum moved {:.1}% over the last {SETTLE_STEP:?}",
-            m.change * 100.0
-        );
     }
 }

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use clh_tests::cri::{ContainerBuilder, Kubelet, Pod, BUSYBOX};
+use clh_tests::cri::{ContainerBuilder, Kubelet, Pod};
 use clh_tests::{ctr, podmem};
 
 const AGENT_TIMEOUT_MS: u64 = 120_000;
@@ -45,7 +45,9 @@ fn memory_a_container_frees_goes_back_to_the_host() {
     let k = Kubelet::start(&cri).expect("kubelet");
 
     let pod = k.run_pod(&k.pod("reported")).expect("pod");
-    let id = run_sleeper(&k, &pod).unwrap();
+    let id = k
+        .run_container(&pod, &ContainerBuilder::sleeper("sleeper"))
+        .unwrap();
     let features = k.sh(&id, BALLOON_FEATURES).unwrap();
     assert_eq!(features.trim(), "1", "one balloon, reporting free pages");
     let out = k
@@ -78,7 +80,9 @@ fn memory_a_container_frees_goes_back_to_the_host() {
     std::fs::write(&s.config, &config).unwrap();
     ctr::add_guest_key(&s.config, "free_page_reporting = false").unwrap();
     let pod = k.run_pod(&k.pod("unreported")).expect("pod");
-    let id = run_sleeper(&k, &pod).unwrap();
+    let id = k
+        .run_container(&pod, &ContainerBuilder::sleeper("sleeper"))
+        .unwrap();
     let features = k.sh(&id, BALLOON_FEATURES).unwrap();
     assert_eq!(
         features.trim(),
@@ -87,11 +91,6 @@ fn memory_a_container_frees_goes_back_to_the_host() {
     );
     k.remove_pod(&pod).unwrap();
     k.finish().unwrap();
-}
-
-fn run_sleeper(k: &Kubelet, pod: &Pod) -> Result<String> {
-    let sleeper = ContainerBuilder::new("sleeper", BUSYBOX).command(&["sleep", "100000"]);
-    k.run_container(pod, &sleeper)
 }
 
 /// The guest RAM resident on the host for `pod`, over its processes (each

@@ -526,10 +526,7 @@ fn rel_disk_01_state_fs_full_or_read_only() {
         only_the_survivor(&k, &s, &pod, &alive)?;
 
         // Recovery: space is back, both work again.
-        let c = k.run_container(
-            &pod,
-            &ContainerBuilder::new("later", BUSYBOX).command(&["sleep", "100000"]),
-        )?;
+        let c = k.run_container(&pod, &ContainerBuilder::sleeper("later"))?;
         k.cri()
             .wait_container_state(&c, ContainerState::ContainerRunning, k.timeout())?;
         let other = k.run_pod(&k.pod("after"))?;

@@ -138,12 +138,10 @@ fn a_pod_restored_from_a_template_gets_its_network() {
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let (_s, cri) = ctr::cri_test_setup(s, images, AGENT_TIMEOUT_MS);
     serves_http_over_ipv4_and_ipv6_then(&cri, || {
-        let needle = state_dir.display().to_string();
-        let restored = clh_tests::containerd::all_pids().into_iter().any(|pid| {
-            let argv = clh_tests::containerd::cmdline(pid);
-            argv.iter().any(|a| a.contains(&needle)) && argv.iter().any(|a| a == "-incoming")
-        });
-        ensure!(restored, "the pod's QEMU was not restored from a template");
+        ensure!(
+            !ctr::restored_vms(&state_dir).is_empty(),
+            "the pod's QEMU was not restored from a template"
+        );
         Ok(())
     })
     .unwrap();

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd, CRI_NAMESPACE};
 use clh_tests::cri::{ContainerBuilder, Kubelet, BUSYBOX as CRI_BUSYBOX};
-use clh_tests::ctr::{self, run_sleeper, setup, start, wait_status, wait_within, RUNTIME};
+use clh_tests::ctr::{self, run_sleeper, setup, start, wait_within, RUNTIME};
 use containerd_shim_clh_v2::logs::is_agent_line;
 
 /// What the agent prints once it serves (guest-agent/src/main.rs).
@@ -186,16 +186,7 @@ fn ctr_container_logs(version: ContainerdVersion) -> Result<()> {
         text
     });
 
-    check(
-        &ctd.ctr(&["task", "kill", "-s", "KILL", id])?,
-        "ctr task kill",
-    )?;
-    wait_status(&ctd, id, "STOPPED", ctr::VM_DEADLINE)?;
-    check(&ctd.ctr(&["task", "delete", id])?, "ctr task delete")?;
-    check(
-        &ctd.ctr(&["container", "delete", id])?,
-        "ctr container delete",
-    )?;
+    ctr::kill_and_remove(&ctd, id)?;
     wait_shim_line(&ctd, ctd.namespace(), "VM stopped", id)?;
 
     let status = wait_within(&mut follower, Duration::from_secs(30))

@@ -21,9 +21,10 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
+use clh_tests::containerd::{ContainerdVersion, PrivateContainerd};
 use clh_tests::ctr::{
-    ctr_command, finish, run_sleeper, setup, start, wait_status, BUSYBOX, RUNTIME, VM_DEADLINE,
+    ctr_command, finish, kill_and_remove, run_sleeper, setup, start, wait_status, BUSYBOX, RUNTIME,
+    VM_DEADLINE,
 };
 use clh_tests::output::{self, Checker};
 
@@ -144,15 +145,6 @@ fn exec_output_all_arrives() -> Result<()> {
     ];
     let seen = ctr_streaming(&ctd, &args)?;
     seen.verify(BYTES)?;
-    check(
-        &ctd.ctr(&["task", "kill", "-s", "SIGKILL", "big2"])?,
-        "ctr task kill",
-    )?;
-    wait_status(&ctd, "big2", "STOPPED", VM_DEADLINE)?;
-    check(&ctd.ctr(&["task", "delete", "big2"])?, "ctr task delete")?;
-    check(
-        &ctd.ctr(&["container", "delete", "big2"])?,
-        "ctr container delete",
-    )?;
+    kill_and_remove(&ctd, "big2")?;
     finish(ctd, &s)
 }

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use clh_tests::containerd::{all_pids, check, cmdline, ContainerdVersion, PrivateContainerd};
+use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
 use clh_tests::ctr::{self, boot_id, finish, run, run_sleeper, setup, Setup};
 
 fn start(s: &Setup) -> Result<PrivateContainerd> {
@@ -32,30 +32,6 @@ fn ready_templates(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(ready)
-}
-
-/// The QEMU processes of pods under `state_dir` restoring a template.
-fn restored_qemus(state_dir: &Path) -> Vec<i32> {
-    let needle = state_dir.display().to_string();
-    all_pids()
-        .into_iter()
-        .filter(|&pid| {
-            let argv = cmdline(pid);
-            argv.first().is_some_and(|a| a.contains("qemu-system"))
-                && argv.iter().any(|a| a.contains(&needle))
-                && argv.iter().any(|a| a == "-incoming")
-        })
-        .collect()
-}
-
-fn kill(ctd: &PrivateContainerd, id: &str) -> Result<()> {
-    check(
-        &ctd.ctr(&["task", "kill", "-s", "KILL", id])?,
-        "ctr task kill",
-    )?;
-    ctr::wait_status(ctd, id, "STOPPED", ctr::VM_DEADLINE)?;
-    check(&ctd.ctr(&["task", "rm", id])?, "ctr task rm")?;
-    check(&ctd.ctr(&["container", "rm", id])?, "ctr container rm")
 }
 
 fn echo_through(ctd: &PrivateContainerd, id: &str) -> Result<()> {
@@ -83,7 +59,7 @@ fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
     // Two pods at a time, both restored from the one template the first made.
     run_sleeper(&ctd, "t1")?;
     run_sleeper(&ctd, "t2")?;
-    let restored = restored_qemus(&s.state_dir);
+    let restored = ctr::restored_vms(&s.state_dir);
     ensure!(
         restored.len() == 2,
         "QEMUs restoring a template: {restored:?}"
@@ -92,8 +68,8 @@ fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
     ensure!(made.len() == 1, "templates: {made:?}");
     let (a, b) = (boot_id(&ctd, "t1")?, boot_id(&ctd, "t2")?);
     ensure!(a != b, "two restored VMs share the boot id {a}");
-    kill(&ctd, "t1")?;
-    kill(&ctd, "t2")?;
+    ctr::kill_and_remove(&ctd, "t1")?;
+    ctr::kill_and_remove(&ctd, "t2")?;
     echo_through(&ctd, "t3")?;
 
     // A truncated template: the pod boots instead, and the template goes.
@@ -148,7 +124,7 @@ fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
     let made = log.matches("made a VM template").count();
     ensure!(made == 3, "{made} templates made, not 3");
     for id in ids {
-        kill(&ctd, id)?;
+        ctr::kill_and_remove(&ctd, id)?;
     }
 
     finish(ctd, &s)

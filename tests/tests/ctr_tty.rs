@@ -10,10 +10,10 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
-use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
+use clh_tests::containerd::{ContainerdVersion, PrivateContainerd};
 use clh_tests::ctr::{
-    ctr_command, finish, run_sleeper, setup, wait_status, wait_within, Setup, BUSYBOX, RUNTIME,
-    VM_DEADLINE,
+    ctr_command, finish, kill_and_remove, run_sleeper, setup, wait_status, wait_within, Setup,
+    BUSYBOX, RUNTIME, VM_DEADLINE,
 };
 
 fn start(s: &Setup) -> Result<PrivateContainerd> {
@@ -121,15 +121,6 @@ fn exec_with_a_tty_sees_its_size_and_exit_code() -> Result<()> {
         "ctr task exec -t: {status}, output {text:?}"
     );
 
-    check(
-        &ctd.ctr(&["task", "kill", "-s", "SIGKILL", "tty2"])?,
-        "ctr task kill",
-    )?;
-    wait_status(&ctd, "tty2", "STOPPED", VM_DEADLINE)?;
-    check(&ctd.ctr(&["task", "delete", "tty2"])?, "ctr task delete")?;
-    check(
-        &ctd.ctr(&["container", "delete", "tty2"])?,
-        "ctr container delete",
-    )?;
+    kill_and_remove(&ctd, "tty2")?;
     finish(ctd, &s)
 }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::ContainerdVersion;
-use clh_tests::cri::{scenarios, ContainerBuilder, Kubelet, BUSYBOX};
+use clh_tests::cri::{scenarios, ContainerBuilder, Kubelet};
 use clh_tests::ctr;
 use clh_tests::node::{self, payload, SHIM};
 
@@ -122,8 +122,7 @@ impl Node {
 /// A pod with one sleeping busybox container: (pod, container id).
 fn sleeper_pod(k: &Kubelet, name: &str) -> Result<(clh_tests::cri::Pod, String)> {
     let pod = k.run_pod(&k.pod(name))?;
-    let sleeper = ContainerBuilder::new(name, BUSYBOX).command(&["sleep", "100000"]);
-    let id = k.run_container(&pod, &sleeper)?;
+    let id = k.run_container(&pod, &ContainerBuilder::sleeper(name))?;
     Ok((pod, id))
 }
 

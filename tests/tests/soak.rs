@@ -163,8 +163,7 @@ fn cycle(k: &Kubelet, anchor: &clh_tests::cri::Pod, cycle: usize, pods: usize) -
     let mut made = Vec::new();
     for n in 0..pods {
         let pod = k.run_pod(&k.pod(&format!("soak-{cycle}-{n}")))?;
-        let c = ContainerBuilder::new("work", BUSYBOX).command(&["sleep", "100000"]);
-        let id = k.run_container(&pod, &c)?;
+        let id = k.run_container(&pod, &ContainerBuilder::sleeper("work"))?;
         made.push((pod, id));
     }
     for (_, id) in &made {

@@ -270,6 +270,11 @@ impl ContainerBuilder {
         }
     }
 
+    /// A busybox container that sleeps until it is stopped.
+    pub fn sleeper(name: &str) -> Self {
+        Self::new(name, super::BUSYBOX).command(&["sleep", "100000"])
+    }
+
     /// `securityContext.privileged` (its pod must be privileged too).
     pub fn privileged(mut self) -> Self {
         self.privileged = true;

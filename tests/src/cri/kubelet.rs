@@ -318,6 +318,20 @@ impl Kubelet {
         Ok(())
     }
 
+    /// [`Kubelet::remove_pod`] of each of `pods` at once; the failures.
+    pub fn remove_pods<'a>(&self, pods: impl Iterator<Item = &'a Pod>) -> Vec<String> {
+        std::thread::scope(|s| {
+            let threads: Vec<_> = pods.map(|p| s.spawn(move || self.remove_pod(p))).collect();
+            threads
+                .into_iter()
+                .filter_map(|h| match h.join() {
+                    Ok(removed) => removed.err().map(|e| format!("{e:#}")),
+                    Err(_) => Some("a pod removal thread panicked".into()),
+                })
+                .collect()
+        })
+    }
+
     /// What pod `pod` left after RemovePodSandbox: listings, container
     /// cgroups under its cgroup, mounts and CNI cache entries naming it.
     fn pod_leaks(&self, pod: &Pod) -> Result<Vec<String>> {

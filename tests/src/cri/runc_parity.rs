@@ -23,10 +23,6 @@ const POD_SYSCTLS: [(&str, &str); 3] = [
 /// A sysctl Linux does not keep per namespace.
 pub const HOST_SYSCTL: &str = "vm.swappiness";
 
-fn sleeper(name: &str) -> ContainerBuilder {
-    ContainerBuilder::new(name, BUSYBOX).command(&["sleep", "100000"])
-}
-
 /// (j) A pod's sysctls (`securityContext.sysctls`) hold in every one of its
 /// containers before the first starts: `kernel.shm_rmid_forced`,
 /// `kernel.msgmax` (IPC namespace), `net.ipv4.ip_unprivileged_port_start`
@@ -50,7 +46,7 @@ pub fn pod_sysctls(setup: &CriSetup) -> Result<String> {
         .shell(&format!("({script}) > /tmp/at-start; exec sleep 100000"));
     let ids = [
         k.run_container(&pod, &first)?,
-        k.run_container(&pod, &sleeper("second"))?,
+        k.run_container(&pod, &ContainerBuilder::sleeper("second"))?,
     ];
     let want: Vec<&str> = POD_SYSCTLS.iter().map(|(_, v)| *v).collect();
     for id in &ids {
@@ -146,7 +142,10 @@ pub fn read_only_submounts(setup: &CriSetup) -> Result<bool> {
 
     let k = Kubelet::start(setup)?;
     let pod = k.run_pod(&k.pod("rosub"))?;
-    let ro = k.run_container(&pod, &sleeper("ro").mount(vol_s, "/ro", true))?;
+    let ro = k.run_container(
+        &pod,
+        &ContainerBuilder::sleeper("ro").mount(vol_s, "/ro", true),
+    )?;
     k.cri()
         .wait_container_state(&ro, ContainerState::ContainerRunning, k.timeout())?;
     ensure!(
@@ -168,7 +167,7 @@ pub fn read_only_submounts(setup: &CriSetup) -> Result<bool> {
 
     let rro = k.cri().supports_recursive_read_only(k.handler())?;
     if rro {
-        let c = sleeper("rro").mount_with(
+        let c = ContainerBuilder::sleeper("rro").mount_with(
             vol_s,
             "/rro",
             true,
@@ -220,7 +219,7 @@ pub fn mount_propagation(setup: &CriSetup) -> Result<Bidirectional> {
 
     let k = Kubelet::start(setup)?;
     let pod = k.run_pod(&k.pod("propagation").privileged())?;
-    let h2c = sleeper("h2c").mount_with(
+    let h2c = ContainerBuilder::sleeper("h2c").mount_with(
         prop_s,
         "/prop",
         false,

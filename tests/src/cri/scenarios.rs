@@ -24,11 +24,6 @@ const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 
 const MIB: i64 = 1024 * 1024;
 
-/// A container that idles until it is killed.
-fn sleeper(name: &str) -> ContainerBuilder {
-    ContainerBuilder::new(name, BUSYBOX).command(&["sleep", "100000"])
-}
-
 /// `cat /proc/sys/kernel/random/boot_id` in container `id`: containers of
 /// one VM share the guest's, runc containers share the host's.
 pub fn boot_id(cri: &Cri, id: &str) -> Result<String> {
@@ -59,8 +54,8 @@ pub fn two_containers(setup: &CriSetup) -> Result<TwoContainers> {
     let ip = status.network.as_ref().map(|n| n.ip.as_str());
     ensure!(ip == Some("127.0.0.1"), "pod IP {ip:?}");
     let ids = [
-        k.run_container(&pod, &sleeper("first"))?,
-        k.run_container(&pod, &sleeper("second"))?,
+        k.run_container(&pod, &ContainerBuilder::sleeper("first"))?,
+        k.run_container(&pod, &ContainerBuilder::sleeper("second"))?,
     ];
     for id in &ids {
         cri.wait_container_state(id, ContainerState::ContainerRunning, k.timeout())?;
@@ -255,8 +250,8 @@ pub fn remove_running_pod(setup: &CriSetup) -> Result<()> {
         ensure!(got == Some(want), "annotation {key}: {got:?} in {spec}");
     }
     let ids = [
-        k.run_container(&pod, &sleeper("one"))?,
-        k.run_container(&pod, &sleeper("two"))?,
+        k.run_container(&pod, &ContainerBuilder::sleeper("one"))?,
+        k.run_container(&pod, &ContainerBuilder::sleeper("two"))?,
     ];
     for id in &ids {
         cri.wait_container_state(id, ContainerState::ContainerRunning, k.timeout())?;
@@ -291,7 +286,7 @@ pub fn parallel_pods(setup: &CriSetup) -> Result<()> {
     let k = Kubelet::start(setup)?;
     let one = |i: usize| -> Result<()> {
         let pod = k.run_pod(&k.pod(&format!("par{i}")))?;
-        let id = k.run_container(&pod, &sleeper("c"))?;
+        let id = k.run_container(&pod, &ContainerBuilder::sleeper("c"))?;
         k.cri()
             .wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
         let r = k
@@ -328,7 +323,7 @@ pub fn parallel_pods(setup: &CriSetup) -> Result<()> {
 pub fn containerd_restart(setup: &CriSetup) -> Result<()> {
     let mut k = Kubelet::start(setup)?;
     let pod = k.run_pod(&k.pod("survivor"))?;
-    let id = k.run_container(&pod, &sleeper("c"))?;
+    let id = k.run_container(&pod, &ContainerBuilder::sleeper("c"))?;
     k.cri()
         .wait_container_state(&id, ContainerState::ContainerRunning, k.timeout())?;
     let shims = k.containerd().shims();
