@@ -36,7 +36,7 @@ pub async fn stop(socket: &Path, id: &str, wait: Duration) {
     let pid = Pid::from_raw(pid);
     let _ = kill(pid, Signal::SIGTERM);
     let deadline = Instant::now() + wait;
-    while alive(pid) {
+    while crate::vm::is_running(pid.as_raw().unsigned_abs()) {
         if Instant::now() >= deadline {
             tracing::warn!(
                 pid = pid.as_raw(),
@@ -66,15 +66,4 @@ fn daemon_pid(socket: &Path, id: &str) -> Option<i32> {
         .windows(2)
         .any(|w| w[0] == b"-id" && w[1] == id.as_bytes());
     (same_binary && same_id).then_some(pid)
-}
-
-/// Whether `pid` still runs (a zombie has exited).
-fn alive(pid: Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw()))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(") ")
-                .map(|(_, rest)| !rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
 }

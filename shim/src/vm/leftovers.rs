@@ -89,23 +89,34 @@ impl CleanupLock {
     /// Waits up to [`CLEANUP_LOCK_WAIT`]; past it (or when the root cannot
     /// be opened) the cleanup goes on unlocked, which the walks tolerate.
     fn take(root: &Path) -> Self {
-        use rustix::fs::{flock, FlockOperation};
         let Ok(dir) = std::fs::File::open(root) else {
             return CleanupLock { _held: None };
         };
-        let deadline = std::time::Instant::now() + CLEANUP_LOCK_WAIT;
-        loop {
-            match flock(&dir, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return CleanupLock { _held: Some(dir) },
-                Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
-                    // A blocking flock has no timeout; a short poll does.
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => {
-                    tracing::warn!(root = %root.display(), error = %e, "cleaning up without the state root's lock");
-                    return CleanupLock { _held: None };
-                }
+        match flock_exclusive_within(&dir, CLEANUP_LOCK_WAIT) {
+            Ok(()) => CleanupLock { _held: Some(dir) },
+            Err(e) => {
+                tracing::warn!(root = %root.display(), error = %e, "cleaning up without the state root's lock");
+                CleanupLock { _held: None }
             }
+        }
+    }
+}
+
+/// Takes an exclusive flock on `file`, waiting up to `wait` for another
+/// holder: a blocking flock has no timeout, a short poll does. Past `wait`
+/// the error is `WOULDBLOCK`.
+pub(super) fn flock_exclusive_within(
+    file: &std::fs::File,
+    wait: std::time::Duration,
+) -> rustix::io::Result<()> {
+    use rustix::fs::{flock, FlockOperation};
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match flock(file, FlockOperation::NonBlockingLockExclusive) {
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            taken => return taken,
         }
     }
 }

@@ -106,7 +106,7 @@ pub(super) async fn start_in(
     let fs_socket = started.map_err(StartStep::Virtiofsd)?;
     let network = parts.network.clone().filter(|n| !n.links.is_empty());
 
-    let spec = VmSpec {
+    let mut spec = VmSpec {
         id: id.to_string(),
         dir: dir.clone(),
         vcpus: opts.vcpus,
@@ -129,32 +129,25 @@ pub(super) async fn start_in(
         nics: network.iter().flat_map(nics).collect(),
     };
     let t = Instant::now();
-    let restore_from = match &opts.templates {
-        Some(store) => template::restore_source(store, opts, &spec).await,
-        None => None,
-    };
-    if restore_from.is_some() {
+    if let Some(store) = &opts.templates {
+        spec.restore_from = template::restore_source(store, opts, &spec).await;
+    }
+    if spec.restore_from.is_some() {
         parts.timeline.record("template", t);
     }
     let t = Instant::now();
     let hypervisor = parts
         .hypervisor
         .insert(opts.hypervisors.make(opts.backend, &opts.binaries));
-    let restored = VmSpec {
-        restore_from: restore_from.clone(),
-        ..spec.clone()
-    };
-    let mut started = hypervisor.start(&restored).await;
-    if let (Err(e), Some(snapshot)) = (&started, &restore_from) {
+    let mut started = hypervisor.start(&spec).await;
+    // A failed start has stopped what it spawned (Hypervisor::start).
+    if let (Err(e), Some(snapshot)) = (&started, spec.restore_from.take()) {
         tracing::warn!(
             template = %snapshot.display(),
             error = %e,
             "restoring the VM from its template failed; discarding the template and booting"
         );
-        template::discard(snapshot);
-        if let Err(e) = hypervisor.stop(Duration::ZERO).await {
-            tracing::warn!(error = %e, "stopping the failed restore");
-        }
+        template::discard(&snapshot);
         *hypervisor = opts.hypervisors.make(opts.backend, &opts.binaries);
         started = hypervisor.start(&spec).await;
     }

@@ -17,10 +17,8 @@ use clh_hypervisor::qemu::{save_template, template_identity};
 use clh_hypervisor::VmSpec;
 use sha2::{Digest, Sha256};
 
+use super::leftovers::flock_exclusive_within;
 use super::VmOptions;
-
-/// How often a pod waiting for another's template tries its lock.
-const LOCK_POLL: Duration = Duration::from_millis(50);
 
 /// The template to restore `spec` from, made now if there is none; `None`
 /// (with a warning saying why) when it cannot be had, and the pod boots.
@@ -102,28 +100,17 @@ async fn ensure(dir: &Path, opts: &VmOptions, spec: &VmSpec) -> Result<PathBuf> 
 /// An exclusive flock on `path`, waited for up to `wait`. Held until the
 /// file is dropped.
 async fn lock(path: &Path, wait: Duration) -> Result<std::fs::File> {
-    use rustix::fs::{flock, FlockOperation};
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(file),
-            Err(rustix::io::Errno::WOULDBLOCK) if tokio::time::Instant::now() < deadline => {
-                // A blocking flock has no timeout; a short poll does.
-                tokio::time::sleep(LOCK_POLL).await;
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("waiting {wait:?} for the template lock {}", path.display())
-                })
-            }
-        }
-    }
+    let taken =
+        tokio::task::spawn_blocking(move || flock_exclusive_within(&file, wait).map(|()| file))
+            .await
+            .context("the template lock's waiting thread")?;
+    taken.with_context(|| format!("waiting {wait:?} for the template lock {}", path.display()))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -4,6 +4,8 @@
 use std::ffi::OsString;
 use std::path::Path;
 
+use serde_json::{json, Value};
+
 use crate::{check_nics, Error, Nic, Result, VmSpec};
 
 /// The guest's vsock context id. Each VM has its own vhost-device-vsock, so
@@ -195,7 +197,8 @@ fn build(
             &"vhost-user-vsock-pci,chardev=vsock",
         ]);
     }
-    if let Some(fs) = spec.shared_fs.as_ref().filter(|_| per_pod) {
+    // Checked in every layout: a restore hot-plugs the same device.
+    if let Some(fs) = &spec.shared_fs {
         if fs.tag.is_empty()
             || !fs
                 .tag
@@ -207,6 +210,8 @@ fn build(
                 fs.tag
             )));
         }
+    }
+    if let Some(fs) = spec.shared_fs.as_ref().filter(|_| per_pod) {
         push(&[
             &"-chardev",
             &chardev("virtiofs", &fs.socket),
@@ -236,36 +241,73 @@ fn build(
     Ok(args)
 }
 
+/// A QEMU object's properties in order, typed as QMP takes them; the
+/// first is its kind (`type` of a netdev, `driver` of a device).
+pub type Properties = Vec<(&'static str, Value)>;
+
 /// The tap backend and virtio-net device of NIC number `index` (checked by
-/// [`check_nics`], so nothing in it can add options).
+/// [`check_nics`], so nothing in it can add options): what [`nic_args`]
+/// writes at boot and a restore hot-plugs over QMP (template.rs).
 ///
-/// - `ifname=`: QEMU opens the existing tap by name (it is in QEMU's
+/// - `ifname`: QEMU opens the existing tap by name (it is in QEMU's
 ///   network namespace); `script=no,downscript=no`: it runs no helper to
 ///   configure or remove it; the tap is the shim's.
 /// - No `vhost=on`: under TCG vhost-net gains nothing, and QEMU's default
 ///   is off.
 /// - `host_mtu`: the MTU the device offers the guest (`VIRTIO_NET_F_MTU`);
 ///   left out when the NIC has none (0).
-pub fn nic_args(index: usize, nic: &Nic) -> Vec<OsString> {
-    let mut device = format!("virtio-net-pci,netdev=net{index},mac={}", nic.mac);
+pub fn nic_properties(index: usize, nic: &Nic) -> (Properties, Properties) {
+    let netdev_id = format!("net{index}");
+    let mut netdev: Properties = vec![
+        ("type", json!("tap")),
+        ("id", json!(netdev_id)),
+        ("ifname", json!(nic.tap)),
+        ("script", json!("no")),
+        ("downscript", json!("no")),
+    ];
+    let mut device: Properties = vec![
+        ("driver", json!("virtio-net-pci")),
+        ("netdev", json!(netdev_id)),
+        ("mac", json!(nic.mac)),
+    ];
     if nic.mtu != 0 {
-        device.push_str(&format!(",host_mtu={}", nic.mtu));
+        device.push(("host_mtu", json!(nic.mtu)));
     }
-    let mut netdev = format!(
-        "tap,id=net{index},ifname={},script=no,downscript=no",
-        nic.tap
-    );
     if nic.queues > 1 {
         // A vector per queue, one for config changes, one for control.
-        netdev.push_str(&format!(",queues={}", nic.queues));
-        device.push_str(&format!(",mq=on,vectors={}", 2 * nic.queues + 2));
+        netdev.push(("queues", json!(nic.queues)));
+        device.push(("mq", json!(true)));
+        device.push(("vectors", json!(2 * nic.queues + 2)));
     }
+    (netdev, device)
+}
+
+/// The `-netdev` and `-device` options of NIC number `index`
+/// ([`nic_properties`]).
+pub fn nic_args(index: usize, nic: &Nic) -> Vec<OsString> {
+    let (netdev, device) = nic_properties(index, nic);
     vec![
         "-netdev".into(),
-        netdev.into(),
+        option_string(&netdev).into(),
         "-device".into(),
-        device.into(),
+        option_string(&device).into(),
     ]
+}
+
+/// `kind,key=value,...` as QEMU's command line takes `properties`; a
+/// boolean is `on` or `off`.
+fn option_string(properties: &[(&str, Value)]) -> String {
+    let value = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => if *b { "on" } else { "off" }.to_owned(),
+        other => other.to_string(),
+    };
+    let mut parts = properties.iter();
+    let mut out = parts.next().map(|(_, v)| value(v)).unwrap_or_default();
+    for (key, v) in parts {
+        out.push_str(&format!(",{key}={}", value(v)));
+    }
+    out
 }
 
 fn chardev(id: &str, path: &Path) -> OsString {

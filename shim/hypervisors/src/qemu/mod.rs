@@ -70,10 +70,11 @@ struct Running {
     vhost_vsock: ManagedProcess,
     hybrid_vsock: PathBuf,
     sockets: Vec<PathBuf>,
-    /// Restored from a template: the vsock device was hot-plugged and its
-    /// driver seen started, so the agent may be connected at once (its
-    /// console line was printed before the template was saved).
-    vsock_plugged: bool,
+    /// Restored from a template: once started, the vsock device was
+    /// hot-plugged and its driver seen started, so the agent may be
+    /// connected at once (its console line was printed before the template
+    /// was saved).
+    restored: bool,
 }
 
 impl Qemu {
@@ -190,14 +191,11 @@ impl Qemu {
             vhost_vsock,
             hybrid_vsock: uds.clone(),
             sockets: sockets.to_vec(),
-            vsock_plugged: false,
+            restored: spec.restore_from.is_some(),
         });
         match &spec.restore_from {
             None => qmp::wait_running(qmp_socket, &qemu, left()).await?,
-            Some(snapshot) => {
-                self.restore(spec, snapshot, vhost, qmp_socket, &qemu, left())
-                    .await?
-            }
+            Some(snapshot) => restore(spec, snapshot, vhost, qmp_socket, &qemu, left()).await?,
         }
         // vhost-device-vsock opens the hybrid-vsock socket once QEMU has set
         // the device up.
@@ -215,40 +213,33 @@ impl Qemu {
     }
 }
 
-impl Qemu {
-    /// Loads the template `snapshot` into the QEMU just started with
-    /// `-incoming defer`, then hot-plugs the pod's devices: vsock (until its
-    /// driver runs), virtio-fs, then each NIC (until its driver runs).
-    async fn restore(
-        &mut self,
-        spec: &VmSpec,
-        snapshot: &Path,
-        vhost: &Path,
-        qmp_socket: &Path,
-        qemu: &ManagedProcess,
-        timeout: Duration,
-    ) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let left = || deadline.saturating_duration_since(Instant::now());
-        let mut qmp = qmp::Client::connect(qmp_socket, qemu, left()).await?;
-        let what = "QEMU to restore the template and hot-plug the pod's devices";
-        qmp::within(left(), qemu, what, async {
-            template::load(&mut qmp, snapshot).await?;
-            template::plug_vsock(&mut qmp, vhost).await?;
-            if let Some(fs) = &spec.shared_fs {
-                template::plug_fs(&mut qmp, fs).await?;
-            }
-            for (i, nic) in spec.nics.iter().enumerate() {
-                template::plug_nic(&mut qmp, i, nic).await?;
-            }
-            Ok(())
-        })
-        .await?;
-        if let Some(running) = self.running.as_mut() {
-            running.vsock_plugged = true;
+/// Loads the template `snapshot` into the QEMU just started with
+/// `-incoming defer`, then hot-plugs the pod's devices: vsock (until its
+/// driver runs), virtio-fs, then each NIC (until its driver runs).
+async fn restore(
+    spec: &VmSpec,
+    snapshot: &Path,
+    vhost: &Path,
+    qmp_socket: &Path,
+    qemu: &ManagedProcess,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let mut qmp = qmp::Client::connect(qmp_socket, qemu, left()).await?;
+    let what = "QEMU to restore the template and hot-plug the pod's devices";
+    qmp::within(left(), qemu, what, async {
+        template::load(&mut qmp, snapshot).await?;
+        template::plug_vsock(&mut qmp, vhost).await?;
+        if let Some(fs) = &spec.shared_fs {
+            template::plug_fs(&mut qmp, fs).await?;
+        }
+        for (i, nic) in spec.nics.iter().enumerate() {
+            template::plug_nic(&mut qmp, i, nic).await?;
         }
         Ok(())
-    }
+    })
+    .await
 }
 
 #[async_trait]
@@ -289,7 +280,7 @@ impl Hypervisor for Qemu {
         let Some(running) = &self.running else {
             return true;
         };
-        if running.vsock_plugged {
+        if running.restored {
             return true;
         }
         let mut serving = running.console.agent_serving();

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::process::Command;
 use tokio::time::Instant;
 
-use super::args::{template_args, Layout};
+use super::args::{nic_properties, template_args, Layout, Properties};
 use super::qmp::{within, Client};
 use crate::console_log::ConsoleLog;
 use crate::process::ManagedProcess;
@@ -77,11 +77,12 @@ pub async fn save_template(qemu_binary: &Path, spec: &VmSpec, snapshot: &Path) -
     saved.and(ended)
 }
 
-/// What shapes a template of `spec` for `qemu_binary`, as text to hash
-/// into its key: the template's command line (with its per-VM paths
-/// and name fixed) and the identity (path, size, mtime, inode) of the QEMU binary,
-/// the firmware, the kernel and the initramfs, so that a change of any of
-/// them makes a new template. A file that cannot be read is an error.
+/// What shapes a template of `spec` for `qemu_binary` (the path the shim
+/// resolved, `host::binaries`), as text to hash into its key: the
+/// template's command line (its per-VM paths and name fixed) and the
+/// identity (path, size, mtime, inode) of the QEMU binary, the firmware,
+/// the kernel and the initramfs, so that a change of any of them makes a
+/// new template. A file that cannot be read is an error.
 pub fn template_identity(qemu_binary: &Path, spec: &VmSpec) -> Result<String> {
     let fixed = VmSpec {
         id: "template".into(),
@@ -100,9 +101,8 @@ pub fn template_identity(qemu_binary: &Path, spec: &VmSpec) -> Result<String> {
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let binary = which_binary(qemu_binary);
     for file in [
-        Some(binary.as_path()),
+        Some(qemu_binary),
         firmware.as_deref(),
         Some(&spec.kernel),
         Some(&spec.initramfs),
@@ -126,19 +126,6 @@ pub fn template_identity(qemu_binary: &Path, spec: &VmSpec) -> Result<String> {
         ));
     }
     Ok(text.join("\n"))
-}
-
-/// `binary` as spawning it would find it: a bare name through PATH.
-fn which_binary(binary: &Path) -> std::path::PathBuf {
-    if binary.components().count() > 1 {
-        return binary.to_path_buf();
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join(binary))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| binary.to_path_buf())
 }
 
 /// After `-incoming defer`: loads `snapshot` and lets the guest run.
@@ -182,27 +169,23 @@ pub(crate) async fn plug_fs(qmp: &mut Client, fs: &SharedFs) -> Result<()> {
 }
 
 /// Hot-plugs NIC number `index`: its tap (opened by name in QEMU's network
-/// namespace) and its virtio-net device, as `args::nic_args` describes
-/// them at boot, and waits for its driver (the agent then finds it by MAC).
+/// namespace) and its virtio-net device, with the properties it has at boot
+/// (`args::nic_properties`), and waits for its driver (the agent then finds
+/// it by MAC).
 pub(crate) async fn plug_nic(qmp: &mut Client, index: usize, nic: &Nic) -> Result<()> {
-    let netdev = format!("net{index}");
     let id = format!("nic{index}");
-    let mut tap = json!({
-        "type": "tap", "id": netdev, "ifname": nic.tap, "script": "no", "downscript": "no",
-    });
-    let mut device = json!({
-        "driver": "virtio-net-pci", "netdev": netdev, "mac": nic.mac, "id": id,
-    });
-    if nic.mtu != 0 {
-        device["host_mtu"] = json!(nic.mtu);
-    }
-    if nic.queues > 1 {
-        tap["queues"] = json!(nic.queues);
-        device["mq"] = json!(true);
-        device["vectors"] = json!(2 * nic.queues + 2);
-    }
-    qmp.execute("netdev_add", tap).await?;
-    qmp.execute("device_add", device).await?;
+    let (netdev, mut device) = nic_properties(index, nic);
+    device.push(("id", json!(id)));
+    let object = |properties: Properties| {
+        Value::Object(
+            properties
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+        )
+    };
+    qmp.execute("netdev_add", object(netdev)).await?;
+    qmp.execute("device_add", object(device)).await?;
     wait_driver_ok(qmp, &id).await
 }
 
