@@ -9,6 +9,7 @@ pub mod containers;
 mod faults;
 pub mod forward_server;
 mod hotplug;
+mod identity;
 pub mod init;
 pub mod logging;
 mod modules;

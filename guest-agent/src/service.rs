@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use clh_agent_protocol::{
     CheckRequest, CheckResponse, ContainerRequest, ContainerStatsResponse, CreateContainerRequest,
     CreateContainerResponse, Empty, ExecProcessRequest, FaultRequest, GuestCpuTimes, GuestNetDev,
-    ListPidsResponse, NetworkConfig, OnlineResourcesResponse, OomEvent, ProcessRequest,
-    ResizeTtyRequest, SeedRandomRequest, SeedRandomResponse, SignalProcessRequest,
+    IdentityRequest, ListPidsResponse, NetworkConfig, OnlineResourcesResponse, OomEvent,
+    ProcessRequest, ResizeTtyRequest, SeedRandomRequest, SeedRandomResponse, SignalProcessRequest,
     StartProcessResponse, SyncVolumeRequest, SyncVolumeResponse, SysctlsRequest,
     UpdateContainerRequest, VersionRequest, VersionResponse, VolumeRequest, WaitProcessResponse,
     PROTOCOL_VERSION,
@@ -137,6 +137,26 @@ impl clh_agent_protocol::Agent for AgentService {
             entropy_avail,
             ..Default::default()
         })
+    }
+
+    async fn set_identity(
+        &self,
+        _ctx: &TtrpcContext,
+        req: IdentityRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::identity::apply(&req).map_err(|e| {
+            let code = if e.is_invalid_argument() {
+                Code::INVALID_ARGUMENT
+            } else {
+                Code::INTERNAL
+            };
+            Error::RpcStatus(ttrpc::get_status(
+                code,
+                format!("SetIdentity: {}", crate::error_chain(&e)),
+            ))
+        })?;
+        info!(hostname = %req.hostname, "identity set");
+        Ok(Empty::default())
     }
 
     async fn create_container(

@@ -34,6 +34,7 @@ impl VmOptions {
                 .can_resize()
                 .then(|| SizingPolicy::from_config(g, host_cpus()).max),
             extra_kernel_params: g.kernel_params.clone(),
+            hostname: None,
             debug: g.debug_console,
             console_log_max_bytes: u64::from(g.console_log_max_kib) << 10,
             free_page_reporting: g.free_page_reporting,

@@ -124,6 +124,7 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
         max: None,
         memory_mib: 256,
         extra_kernel_params: Vec::new(),
+        hostname: None,
         debug: false,
         console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
         free_page_reporting: true,
@@ -270,4 +271,5 @@ pub mod node;
 pub mod output;
 pub mod pod_metrics;
 pub mod podmem;
+pub mod templates;
 pub mod vsock_frontend;

@@ -125,15 +125,7 @@ fn a_clh_pod_serves_http_to_the_host_over_ipv4_and_ipv6() {
 #[test]
 fn a_pod_restored_from_a_template_gets_its_network() {
     let s = ctr::setup().expect("shim setup");
-    let templates = tempfile::Builder::new()
-        .prefix("clh-templates-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let line = format!(
-        "templates = true\ntemplate_dir = \"{}\"",
-        templates.path().display()
-    );
-    ctr::add_key(&s.config, "runtime", &line).unwrap();
+    let _templates = clh_tests::templates::enable(&s).unwrap();
     let state_dir = s.state_dir.clone();
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let (_s, cri) = ctr::cri_test_setup(s, images, AGENT_TIMEOUT_MS);

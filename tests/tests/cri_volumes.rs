@@ -36,6 +36,7 @@ use anyhow::{ensure, Context, Result};
 use clh_tests::atomic_writer::{atomic_write, build_inotify_wait};
 use clh_tests::cri::{ContainerBuilder, CriSetup, Kubelet, BUSYBOX};
 use clh_tests::ctr;
+use clh_tests::templates::{self, RestoreWatch};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 fn setup() -> (ctr::Setup, CriSetup) {
@@ -90,6 +91,19 @@ fn s(p: &Path) -> &str {
 fn volumes_and_escapes() {
     let (_s, cri) = setup();
     volumes(&cri).unwrap();
+}
+
+/// The same with the pod's VM restored from a template: its virtio-fs is
+/// hot-plugged after the restore.
+#[test]
+fn volumes_in_a_vm_restored_from_a_template() {
+    let s = ctr::setup().expect("shim setup");
+    let _store = templates::enable(&s).expect("templates on");
+    let watch = RestoreWatch::start(&s.state_dir);
+    let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let (_s, cri) = ctr::cri_test_setup(s, images, 30_000);
+    volumes(&cri).unwrap();
+    watch.all_restored(1).unwrap();
 }
 
 fn volumes(setup: &CriSetup) -> Result<()> {

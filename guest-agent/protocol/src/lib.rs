@@ -35,7 +35,11 @@ pub mod agent_ttrpc {
 ///
 /// 5: ApplySysctls; a pod's sysctls must hold before its first container,
 /// so an agent of version 4 would run the pod without them.
-pub const PROTOCOL_VERSION: u32 = 5;
+///
+/// 6: SetIdentity; the hostname left the kernel command line (so that
+/// pods of every name share one template), so an agent of version 5 would
+/// run a pod under the default name.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The AF_VSOCK port the agent serves ttrpc on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -62,9 +66,11 @@ pub const EPHEMERAL_DIR: &str = "/run/clh/ephemeral";
 /// `<GUEST_VOLUMES_DIR>/<container_id>/<volume>`.
 pub const GUEST_VOLUMES_DIR: &str = "/run/clh/volumes";
 
+mod hostname;
 mod id;
 pub mod sysctl;
 
 pub use agent::*;
 pub use agent_ttrpc::{create_agent, Agent, AgentClient};
+pub use hostname::{is_valid_hostname, HOSTNAME_RULE, MAX_HOSTNAME};
 pub use id::{check_id, IdError, ID_RULE, MAX_ID_LEN};

@@ -19,8 +19,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use clh_agent_protocol::{
-    CheckRequest, CheckResponse, SeedRandomRequest, SeedRandomResponse, VersionRequest,
-    VersionResponse, AGENT_VSOCK_PORT, PROTOCOL_VERSION,
+    CheckRequest, CheckResponse, IdentityRequest, SeedRandomRequest, SeedRandomResponse,
+    VersionRequest, VersionResponse, AGENT_VSOCK_PORT, PROTOCOL_VERSION,
 };
 use tokio::time::Instant;
 use ttrpc::r#async::transport::Socket;
@@ -268,6 +268,26 @@ impl AgentClient {
             .await
             .map_err(|source| Error::Rpc {
                 method: "SeedRandom",
+                source,
+            })
+    }
+
+    /// Sets the guest's wall clock to the host's now and, when given, its
+    /// hostname.
+    pub async fn set_identity(&self, hostname: Option<&str>) -> Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let req = IdentityRequest {
+            hostname: hostname.unwrap_or_default().to_string(),
+            realtime_unix_ns: i64::try_from(now.as_nanos()).unwrap_or(i64::MAX),
+            ..Default::default()
+        };
+        crate::metrics::timed("SetIdentity", self.inner.set_identity(self.ctx(), &req))
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc {
+                method: "SetIdentity",
                 source,
             })
     }

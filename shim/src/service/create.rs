@@ -183,10 +183,7 @@ impl<E: EventSender> TaskService<E> {
         netns: Option<std::path::PathBuf>,
     ) -> Result<Arc<PodVm>> {
         let mut opts = self.config.vm.clone();
-        if let Some(hostname) = hostname {
-            opts.extra_kernel_params
-                .push(format!("clh.hostname={hostname}"));
-        }
+        opts.hostname = hostname;
         let size = sizing::vm_size(limits, &self.config.sizing);
         (opts.vcpus, opts.memory_mib) = (size.vcpus, size.memory_mib);
         opts.cgroups_path = cgroups_path(spec).map(str::to_string);

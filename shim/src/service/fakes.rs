@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use clh_agent_protocol::{
     CheckRequest, CheckResponse, ContainerRequest, ContainerStatsResponse, CreateContainerRequest,
-    CreateContainerResponse, Empty, OomEvent, ProcessRequest, SeedRandomRequest,
+    CreateContainerResponse, Empty, IdentityRequest, OomEvent, ProcessRequest, SeedRandomRequest,
     SeedRandomResponse, SignalProcessRequest, StartProcessResponse, VersionRequest,
     VersionResponse, WaitProcessResponse, PROTOCOL_VERSION,
 };
@@ -293,6 +293,11 @@ impl clh_agent_protocol::Agent for FakeAgent {
             entropy_avail: 256,
             ..Default::default()
         })
+    }
+
+    async fn set_identity(&self, _: &TtrpcContext, _: IdentityRequest) -> ttrpc::Result<Empty> {
+        self.called("SetIdentity");
+        Ok(Empty::default())
     }
 
     async fn create_container(

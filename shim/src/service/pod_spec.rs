@@ -12,8 +12,6 @@ use super::error::{Error, Result};
 /// Namespaces a pod container shares with the guest when CRI asks to share
 /// them with the sandbox.
 const GUEST_NAMESPACES: [&str; 3] = ["network", "ipc", "uts"];
-/// Longest hostname (HOST_NAME_MAX).
-const MAX_HOSTNAME: usize = 64;
 /// Size of a pod container's /dev/shm, as CRI's default for the sandbox.
 const SHM_SIZE: &str = "size=65536k";
 
@@ -126,8 +124,8 @@ pub fn strip_host_security_labels(spec: &mut serde_json::Value) {
     }
 }
 
-/// The pod's hostname from the sandbox spec, checked for the kernel
-/// command line (`clh.hostname=`).
+/// The pod's hostname from the sandbox spec, checked here so that a bad
+/// one fails the pod before its VM starts (the agent sets it, SetIdentity).
 pub fn sandbox_hostname(spec: &serde_json::Value) -> Result<Option<String>> {
     let Some(name) = spec.get("hostname").and_then(|h| h.as_str()) else {
         return Ok(None);
@@ -135,13 +133,10 @@ pub fn sandbox_hostname(spec: &serde_json::Value) -> Result<Option<String>> {
     if name.is_empty() {
         return Ok(None);
     }
-    let ok = name.len() <= MAX_HOSTNAME
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if !ok {
+    if !clh_agent_protocol::is_valid_hostname(name) {
         return Err(Error::InvalidArgument(format!(
-            "invalid pod hostname {name:?}: it must be 1 to {MAX_HOSTNAME} characters of [A-Za-z0-9.-_]"
+            "invalid pod hostname {name:?}: {}",
+            clh_agent_protocol::HOSTNAME_RULE
         )));
     }
     Ok(Some(name.to_string()))
@@ -214,7 +209,7 @@ mod tests {
     }
 
     #[test]
-    fn hostnames_are_checked_for_the_kernel_command_line() {
+    fn hostnames_are_checked_before_the_vm_starts() {
         assert_eq!(
             sandbox_hostname(&json!({"hostname": "web-0"})).unwrap(),
             Some("web-0".into())

@@ -187,6 +187,7 @@ async fn a_container_is_created_started_killed_and_deleted_leaving_nothing() {
     for call in [
         "Version",
         "SeedRandom",
+        "SetIdentity",
         "CreateContainer",
         "StartProcess",
         "SignalProcess",

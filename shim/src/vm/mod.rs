@@ -88,6 +88,10 @@ pub struct VmOptions {
     /// What the VM may grow to (Cloud Hypervisor hot-plug); `None`: never.
     pub max: Option<VmSize>,
     pub extra_kernel_params: Vec<String>,
+    /// The guest's hostname (the pod's), set by the agent (SetIdentity),
+    /// never on the kernel command line: templates are shared by pods of
+    /// every name. `None`: the agent's default.
+    pub hostname: Option<String>,
     pub debug: bool,
     /// Cap of the guest console log (`console.log` and `console.log.1`).
     pub console_log_max_bytes: u64,

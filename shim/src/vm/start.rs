@@ -195,6 +195,10 @@ pub(super) async fn start_in(
     let t = Instant::now();
     seed_guest_rng(&agent).await?;
     parts.timeline.record("rng_seed", t);
+    let t = Instant::now();
+    let identity = agent.set_identity(opts.hostname.as_deref()).await;
+    identity.map_err(StartStep::Agent)?;
+    parts.timeline.record("identity", t);
     if let Some(network) = &network {
         let t = Instant::now();
         let config = network.guest_config();

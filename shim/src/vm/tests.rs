@@ -269,6 +269,7 @@ pub(super) fn test_options() -> VmOptions {
         memory_mib: 256,
         max: None,
         extra_kernel_params: vec!["foo=1".into()],
+        hostname: None,
         debug: false,
         console_log_max_bytes: clh_hypervisor::console_log::DEFAULT_MAX_BYTES,
         free_page_reporting: true,
