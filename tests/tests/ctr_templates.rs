@@ -5,14 +5,16 @@
 //! containers run from the rootfs on the hot-plugged virtio-fs, and their
 //! boot ids differ. A truncated template makes the next pod boot instead
 //! and is discarded; the pod after makes a new one. A changed initramfs
-//! makes a second template, one for three pods started at once. The leak
-//! checks end it.
+//! makes a second template, one for three pods started at once; that
+//! initramfs rewritten, the next pod's new template replaces the stale
+//! one. The leak checks end it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
 use clh_tests::ctr::{self, boot_id, finish, run, run_sleeper, setup, Setup};
+use clh_tests::templates;
 
 fn start(s: &Setup) -> Result<PrivateContainerd> {
     ctr::start(
@@ -20,18 +22,6 @@ fn start(s: &Setup) -> Result<PrivateContainerd> {
         s,
         Path::new(env!("CARGO_TARGET_TMPDIR")),
     )
-}
-
-/// The templates in `dir` that are complete (`<key>/ready`).
-fn ready_templates(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut ready = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.join("ready").is_file() {
-            ready.push(path);
-        }
-    }
-    Ok(ready)
 }
 
 fn echo_through(ctd: &PrivateContainerd, id: &str) -> Result<()> {
@@ -45,15 +35,8 @@ fn echo_through(ctd: &PrivateContainerd, id: &str) -> Result<()> {
 #[test]
 fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
     let s = setup()?;
-    let templates = tempfile::Builder::new()
-        .prefix("clh-templates-")
-        .tempdir_in("/tmp")?;
-    let store = templates.path();
-    ctr::add_key(
-        &s.config,
-        "runtime",
-        &format!("templates = true\ntemplate_dir = \"{}\"", store.display()),
-    )?;
+    let store_dir = templates::enable(&s)?;
+    let store = store_dir.path();
     let ctd = start(&s)?;
 
     // Two pods at a time, both restored from the one template the first made.
@@ -64,7 +47,7 @@ fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
         restored.len() == 2,
         "QEMUs restoring a template: {restored:?}"
     );
-    let made = ready_templates(store)?;
+    let made = templates::ready(store)?;
     ensure!(made.len() == 1, "templates: {made:?}");
     let (a, b) = (boot_id(&ctd, "t1")?, boot_id(&ctd, "t2")?);
     ensure!(a != b, "two restored VMs share the boot id {a}");
@@ -85,7 +68,8 @@ fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
         made[0].display()
     );
     echo_through(&ctd, "t5")?;
-    ensure!(ready_templates(store)?.len() == 1, "no new template");
+    let made_first = templates::ready(store)?;
+    ensure!(made_first.len() == 1, "no new template");
 
     // A changed initramfs is a new template, and pods started at once for
     // it make one between them.
@@ -115,7 +99,7 @@ fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
         result?;
     }
     ensure!(
-        ready_templates(store)?.len() == 2,
+        templates::ready(store)?.len() == 2,
         "pods started at once for a new initramfs did not make exactly one template"
     );
     // Made: the first, its replacement after the truncation, and one for
@@ -126,6 +110,25 @@ fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
     for id in ids {
         ctr::kill_and_remove(&ctd, id)?;
     }
+
+    // The copy rewritten: its template is stale and goes when the next pod
+    // makes a new one, with a dead maker's build directory; the template
+    // of the original initramfs stays.
+    let for_copy = templates::ready(store)?
+        .into_iter()
+        .find(|t| !made_first.contains(t))
+        .context("the template of the copy")?;
+    let dead_maker = store.join("0123456789abcdef.build");
+    std::fs::create_dir(&dead_maker)?;
+    std::fs::remove_file(&initramfs)?;
+    std::fs::copy(&s.image.initramfs, &initramfs)?;
+    echo_through(&ctd, "t6")?;
+    let now = templates::ready(store)?;
+    ensure!(
+        now.len() == 2 && !now.contains(&for_copy) && !dead_maker.exists(),
+        "after a rewritten initramfs: {now:?}, dead maker's left: {}",
+        dead_maker.exists()
+    );
 
     finish(ctd, &s)
 }

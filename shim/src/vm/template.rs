@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clh_hypervisor::qemu::{save_template, template_identity};
+use clh_hypervisor::qemu::{input_records_hold, save_template, template_identity};
 use clh_hypervisor::VmSpec;
 use sha2::{Digest, Sha256};
 
@@ -88,6 +88,7 @@ async fn ensure(dir: &Path, opts: &VmOptions, spec: &VmSpec) -> Result<PathBuf> 
             .with_context(|| format!("moving {} into place", build.display()))?;
         std::fs::write(template.join("ready"), b"")?;
         tracing::info!(template = %template.display(), "made a VM template");
+        remove_stale(dir, &key);
         anyhow::Ok(())
     }
     .await;
@@ -95,6 +96,48 @@ async fn ensure(dir: &Path, opts: &VmOptions, spec: &VmSpec) -> Result<PathBuf> 
         let _ = std::fs::remove_dir_all(&build);
     }
     made.map(|()| snapshot)
+}
+
+/// Removes the templates in `dir`, other than `keep`, whose input files
+/// (QEMU, firmware, kernel, initramfs) changed since they were made: no
+/// pod can choose them again, their key is gone. Also the build directory
+/// of a maker that died, when nobody holds its lock. Called when a new
+/// template was made, which is when inputs change. A pod that chose a
+/// template just before falls back to a boot if its file is gone.
+fn remove_stale(dir: &Path, keep: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name == keep || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let stale = if let Some(key) = name.strip_suffix(".build") {
+            lock_is_free(&dir.join(format!("{key}.lock")))
+        } else {
+            let identity = std::fs::read_to_string(path.join("identity")).unwrap_or_default();
+            !input_records_hold(&identity)
+        };
+        if !stale {
+            continue;
+        }
+        let _ = std::fs::remove_file(path.join("ready"));
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!(template = %path.display(), "removed a stale VM template"),
+            Err(e) => {
+                tracing::warn!(template = %path.display(), error = %e, "cannot remove a stale VM template")
+            }
+        }
+    }
+}
+
+/// Whether nobody holds the flock on `path` (a missing file: nobody).
+fn lock_is_free(path: &Path) -> bool {
+    std::fs::File::open(path).map_or(true, |file| {
+        flock_exclusive_within(&file, Duration::ZERO).is_ok()
+    })
 }
 
 /// An exclusive flock on `path`, waited for up to `wait`. Held until the
