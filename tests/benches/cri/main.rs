@@ -1,7 +1,10 @@
 //! `make bench` (cri): pods through the CRI, handler `clh` beside `runc`,
 //! on one private containerd 2.1 with the same images, in one run.
 //!
-//! - start latency: RunPodSandbox sent → ContainerStatus reports the
+//! - start latency, three ways: clh with the pod's VM booted, clh with it
+//!   restored from a template (`[runtime] templates`, switched per start
+//!   by rewriting the shim config, which each shim reads when it starts),
+//!   and runc. RunPodSandbox sent → ContainerStatus reports the
 //!   container RUNNING, for a pod with one busybox sleeper (RunPodSandbox,
 //!   CreateContainer, StartContainer, then ContainerStatus). First pods one
 //!   at a time, then batches started at once (each pod's latency, and the
@@ -16,28 +19,98 @@
 //!   map shown apart beside its configured size; runc: shim, pause, the
 //!   container.
 //!
-//! Rounds alternate between the handlers, and which goes first, so both
-//! see the same host conditions. Under QEMU TCG the absolute clh figures
+//! Rounds rotate through the three, and which goes first, so all see the
+//! same host conditions. Under QEMU TCG the absolute clh figures
 //! say little about hardware KVM; the ratio to runc is the figure to
 //! track. No figure is printed unless every pod ran and nothing was left
 //! behind; a failure still removes the pods (here, or by the Kubelet's
 //! drop) and stops containerd.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
-use clh_tests::bench_results::{self, Figure};
 use clh_tests::cri::{ContainerBuilder, ContainerState, Kubelet, Pod};
 use clh_tests::ctr;
 use clh_tests::idle_memory::{print_memory, settle, IdleMemory};
+
+mod report;
 use clh_tests::pod_metrics;
 use clh_tests::podmem;
+use report::{print_starts, print_steps, record, summary, StartSteps};
 
 const CLH: &str = "clh";
 const RUNC: &str = "runc";
+
+/// How a pod starts: a handler, and for clh whether from a template.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Boot,
+    Template,
+    Runc,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::Boot, Mode::Template, Mode::Runc];
+
+    fn handler(self) -> &'static str {
+        match self {
+            Mode::Runc => RUNC,
+            Mode::Boot | Mode::Template => CLH,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Boot => "clh booted",
+            Mode::Template => "clh from a template",
+            Mode::Runc => RUNC,
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Mode::Boot => "clh",
+            Mode::Template => "tpl",
+            Mode::Runc => RUNC,
+        }
+    }
+}
+
+/// The shim config, rewritten before each clh start to boot or restore.
+struct ShimConfig {
+    path: PathBuf,
+    boot: String,
+    template: String,
+}
+
+impl ShimConfig {
+    fn new(s: &ctr::Setup, template_dir: &Path) -> Result<Self> {
+        let boot = std::fs::read_to_string(&s.config)?;
+        let line = format!(
+            "[runtime]\ntemplates = true\ntemplate_dir = \"{}\"\n",
+            template_dir.display()
+        );
+        let template = boot.replacen("[runtime]\n", &line, 1);
+        ensure!(template != boot, "no [runtime] table in {boot}");
+        Ok(Self {
+            path: s.config.clone(),
+            boot,
+            template,
+        })
+    }
+
+    fn set(&self, mode: Mode) -> Result<()> {
+        let text = match mode {
+            Mode::Runc => return Ok(()),
+            Mode::Boot => &self.boot,
+            Mode::Template => &self.template,
+        };
+        std::fs::write(&self.path, text).context("rewriting the shim config")
+    }
+}
 /// Pods per handler started one at a time.
 const SERIAL_PODS: usize = 10;
 /// Pods per batch started at once, and batches per handler.
@@ -53,20 +126,27 @@ fn main() -> Result<()> {
     let s = ctr::setup()?;
     let images = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let setup = ctr::cri_setup(&s, ctr::release_shim_dir()?, images, AGENT_TIMEOUT_MS)?;
+    let templates = tempfile::Builder::new()
+        .prefix("clh-bench-templates-")
+        .tempdir_in("/tmp")?;
+    let config = ShimConfig::new(&s, templates.path())?;
     let k = Kubelet::start(&setup)?;
     // The header now, the figures only once everything has passed.
     println!("{}", header(&k)?);
     progress("containerd up, images imported");
 
     // Unmeasured: the first pod of each handler pays one-off costs (page
-    // cache of the guest image and the binaries, snapshot preparation).
-    for handler in [CLH, RUNC] {
-        let (pod, _) = start_pod(&k, handler, &format!("warm-{handler}"))?;
+    // cache of the guest image and the binaries, snapshot preparation),
+    // and the first from a template makes it.
+    for mode in Mode::ALL {
+        config.set(mode)?;
+        let (pod, _) = start_pod(&k, mode.handler(), &format!("warm-{}", mode.short()))?;
         k.remove_pod(&pod)?;
     }
     progress("warm-up pods done");
-    let (serial, steps) = serial_starts(&k, &s.state_dir)?;
-    let parallel = parallel_starts(&k)?;
+    let (serial, steps) = serial_starts(&k, &config, &s.state_dir)?;
+    let parallel = parallel_starts(&k, &config)?;
+    config.set(Mode::Boot)?;
     let memory = [
         idle_memory(&k, &s, CLH).context("clh idle pods")?,
         idle_memory(&k, &s, RUNC).context("runc idle pods")?,
@@ -75,7 +155,9 @@ fn main() -> Result<()> {
         .context("leftovers after the bench; no figures printed")?;
 
     print_starts(&serial, &parallel);
-    print_steps(&steps, &serial);
+    for (mode, steps) in &steps {
+        print_steps(*mode, steps, &serial);
+    }
     print_memory("host memory per idle pod (PSS, mean over pods)", &memory);
     println!();
     println!("{}", summary(&serial, &parallel, &memory));
@@ -100,7 +182,8 @@ fn header(k: &Kubelet) -> Result<String> {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     Ok(format!(
         "CRI benchmark: {containerd}; handlers clh (QEMU TCG: {qemu}; pods without limits: \
-         1 vCPU, 512 MiB VM) and runc; busybox sleeper, loopback-only CNI\n\
+         1 vCPU, 512 MiB VM; booted, and restored from a template) and runc; busybox sleeper, \
+         loopback-only CNI\n\
          host: {cores} cores, kernel {}; {SERIAL_PODS} serial pods, \
          {PARALLEL_ROUNDS}x{PARALLEL_PODS} parallel, {IDLE_PODS} idle pods per handler",
         host.release().to_string_lossy()
@@ -143,39 +226,42 @@ fn start_pod(k: &Kubelet, handler: &str, name: &str) -> Result<(Pod, Duration)> 
     }
 }
 
-/// Even rounds start with clh, odd ones with runc.
-fn order(round: usize) -> [&'static str; 2] {
-    if round % 2 == 0 {
-        [CLH, RUNC]
-    } else {
-        [RUNC, CLH]
-    }
+/// Each round starts with the next mode, so that each goes first in turn.
+fn order(round: usize) -> [Mode; 3] {
+    let mut modes = Mode::ALL;
+    modes.rotate_left(round % Mode::ALL.len());
+    modes
 }
 
-/// Latency samples of both handlers.
+/// Latency samples of each mode.
 #[derive(Default)]
-struct Samples {
-    clh: Vec<Duration>,
-    runc: Vec<Duration>,
-}
+struct Samples([Vec<Duration>; 3]);
 
 impl Samples {
-    fn of(&mut self, handler: &str) -> &mut Vec<Duration> {
-        if handler == CLH {
-            &mut self.clh
-        } else {
-            &mut self.runc
-        }
+    fn of(&self, mode: Mode) -> &[Duration] {
+        &self.0[mode as usize]
+    }
+
+    fn push(&mut self, mode: Mode, took: impl IntoIterator<Item = Duration>) {
+        self.0[mode as usize].extend(took);
     }
 }
 
-fn serial_starts(k: &Kubelet, state_dir: &Path) -> Result<(Samples, StartSteps)> {
+fn serial_starts(
+    k: &Kubelet,
+    config: &ShimConfig,
+    state_dir: &Path,
+) -> Result<(Samples, Vec<(Mode, StartSteps)>)> {
     let mut samples = Samples::default();
-    let mut steps = StartSteps::default();
+    let mut steps: Vec<(Mode, StartSteps)> = vec![
+        (Mode::Boot, StartSteps::default()),
+        (Mode::Template, StartSteps::default()),
+    ];
     for round in 0..SERIAL_PODS {
-        for handler in order(round) {
-            let (pod, took) = start_pod(k, handler, &format!("s{round}-{handler}"))?;
-            if handler == CLH {
+        for mode in order(round) {
+            config.set(mode)?;
+            let (pod, took) = start_pod(k, mode.handler(), &format!("s{round}-{}", mode.short()))?;
+            if let Some((_, steps)) = steps.iter_mut().find(|(m, _)| *m == mode) {
                 let socket = state_dir.join(&pod.id).join("metrics.sock");
                 for (step, d) in pod_metrics::start_steps(&socket)? {
                     match steps.iter_mut().find(|(s, _)| *s == step) {
@@ -185,44 +271,11 @@ fn serial_starts(k: &Kubelet, state_dir: &Path) -> Result<(Samples, StartSteps)>
                 }
             }
             k.remove_pod(&pod)?;
-            samples.of(handler).push(took);
+            samples.push(mode, [took]);
         }
         progress(&format!("serial round {}/{SERIAL_PODS} done", round + 1));
     }
     Ok((samples, steps))
-}
-
-/// Each step of the clh pods' VM starts (`clh_pod_start_step_seconds`), in
-/// the order the shim serves them: one sample per serial pod.
-type StartSteps = Vec<(String, Vec<Duration>)>;
-
-/// The steps' median beside the median pod start (RunPodSandbox →
-/// container RUNNING): the shim's share is every step but the guest's.
-fn print_steps(steps: &StartSteps, serial: &Samples) {
-    const GUEST: &[&str] = &["guest_boot", "agent_connect"];
-    println!();
-    println!("clh pod VM start, by step (median of {SERIAL_PODS} serial pods; network and virtiofsd run concurrently):");
-    println!("{:<16} {:>10} {:>8}", "step", "p50 ms", "whose");
-    let mut shim = Duration::ZERO;
-    for (step, all) in steps {
-        let p50 = percentile(all, 50.0);
-        let whose = if GUEST.contains(&step.as_str()) {
-            "guest"
-        } else {
-            "shim"
-        };
-        if whose == "shim" && step != "network" {
-            shim += p50;
-        }
-        println!("{step:<16} {:>10.1} {whose:>8}", ms(p50));
-    }
-    let pod = percentile(&serial.clh, 50.0);
-    println!(
-        "shim's share (every step but the guest's, network overlapping virtiofsd): {:.1} ms of a {:.1} ms pod start ({:.1}%)",
-        ms(shim),
-        ms(pod),
-        100.0 * shim.as_secs_f64() / pod.as_secs_f64().max(f64::EPSILON)
-    );
 }
 
 /// Per-pod latencies of the parallel batches, and each batch's wall time.
@@ -231,14 +284,19 @@ struct Parallel {
     batches: Samples,
 }
 
-fn parallel_starts(k: &Kubelet) -> Result<Parallel> {
+fn parallel_starts(k: &Kubelet, config: &ShimConfig) -> Result<Parallel> {
     let (mut per_pod, mut batches) = (Samples::default(), Samples::default());
     for round in 0..PARALLEL_ROUNDS {
-        for handler in order(round) {
-            let (took, wall) = batch(k, handler, round)?;
-            per_pod.of(handler).extend(took);
-            batches.of(handler).push(wall);
-            progress(&format!("parallel batch {} of {handler} done", round + 1));
+        for mode in order(round) {
+            config.set(mode)?;
+            let (took, wall) = batch(k, mode, round)?;
+            per_pod.push(mode, took);
+            batches.push(mode, [wall]);
+            progress(&format!(
+                "parallel batch {} of {} done",
+                round + 1,
+                mode.label()
+            ));
         }
     }
     Ok(Parallel { per_pod, batches })
@@ -246,11 +304,12 @@ fn parallel_starts(k: &Kubelet) -> Result<Parallel> {
 
 /// Starts PARALLEL_PODS pods at once, then removes them (also at once);
 /// every pod that started is removed even when another failed.
-fn batch(k: &Kubelet, handler: &str, round: usize) -> Result<(Vec<Duration>, Duration)> {
+fn batch(k: &Kubelet, mode: Mode, round: usize) -> Result<(Vec<Duration>, Duration)> {
+    let (handler, short) = (mode.handler(), mode.short());
     let started = Instant::now();
     let results: Vec<Result<(Pod, Duration)>> = std::thread::scope(|s| {
         let threads: Vec<_> = (0..PARALLEL_PODS)
-            .map(|i| s.spawn(move || start_pod(k, handler, &format!("p{round}-{i}-{handler}"))))
+            .map(|i| s.spawn(move || start_pod(k, handler, &format!("p{round}-{i}-{short}"))))
             .collect();
         threads.into_iter().map(join).collect()
     });
@@ -264,7 +323,11 @@ fn batch(k: &Kubelet, handler: &str, round: usize) -> Result<(Vec<Duration>, Dur
         }
     }
     errors.extend(k.remove_pods(pods.iter().map(|(p, _)| p)));
-    ensure!(errors.is_empty(), "{handler} batch {round}: {errors:#?}");
+    ensure!(
+        errors.is_empty(),
+        "{} batch {round}: {errors:#?}",
+        mode.label()
+    );
     Ok((pods.into_iter().map(|(_, took)| took).collect(), wall))
 }
 
@@ -299,134 +362,4 @@ fn idle_memory(k: &Kubelet, s: &ctr::Setup, handler: &'static str) -> Result<Idl
     })?;
     ensure!(removed.is_empty(), "removing the idle pods: {removed:#?}");
     Ok(measured)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Nearest-rank percentile of `samples` (p in 0..=100).
-fn percentile(samples: &[Duration], p: f64) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable();
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted
-        .get(rank.clamp(1, sorted.len().max(1)) - 1)
-        .copied()
-        .unwrap_or_default()
-}
-
-fn print_starts(serial: &Samples, parallel: &Parallel) {
-    println!();
-    println!(
-        "{:<56} {:>9} {:>9} {:>9} {:>9}",
-        "pod + container start (RunPodSandbox -> RUNNING)", "p50", "p95", "min", "max"
-    );
-    let row = |label: String, samples: &[Duration]| {
-        let p = |q| ms(percentile(samples, q));
-        println!(
-            "{label:<56} {:>6.0} ms {:>6.0} ms {:>6.0} ms {:>6.0} ms",
-            p(50.0),
-            p(95.0),
-            p(0.0),
-            p(100.0)
-        );
-    };
-    for (h, samples) in [(CLH, &serial.clh), (RUNC, &serial.runc)] {
-        row(
-            format!("{h}: {} pods one at a time", samples.len()),
-            samples,
-        );
-    }
-    let (pp, b) = (&parallel.per_pod, &parallel.batches);
-    for (h, samples) in [(CLH, &pp.clh), (RUNC, &pp.runc)] {
-        let label = format!(
-            "{h}: {PARALLEL_PODS} at once, per pod ({} pods)",
-            samples.len()
-        );
-        row(label, samples);
-    }
-    for (h, samples) in [(CLH, &b.clh), (RUNC, &b.runc)] {
-        let label = format!(
-            "{h}: {PARALLEL_PODS} at once, batch wall ({} batches)",
-            samples.len()
-        );
-        row(label, samples);
-    }
-    let ratio = |a: &[Duration], b: &[Duration]| ms(percentile(a, 50.0)) / ms(percentile(b, 50.0));
-    println!(
-        "start ratio clh/runc (p50): {:.1}x serial, {:.1}x per pod in parallel, {:.1}x batch wall",
-        ratio(&serial.clh, &serial.runc),
-        ratio(&pp.clh, &pp.runc),
-        ratio(&b.clh, &b.runc)
-    );
-}
-
-/// The figures into the results directory (table, plot, trend).
-fn record(serial: &Samples, parallel: &Parallel, memory: &[IdleMemory]) -> Result<()> {
-    let p50 = |d: &[Duration]| ms(percentile(d, 50.0)) / 1e3;
-    let p95 = |d: &[Duration]| ms(percentile(d, 95.0)) / 1e3;
-    let pss = |m: &IdleMemory| m.per_pod_mib().0;
-    let (pp, b) = (&parallel.per_pod, &parallel.batches);
-    let figures = [
-        Figure::new(
-            "pod start p50, serial",
-            "s",
-            p50(&serial.clh),
-            p50(&serial.runc),
-            RUNC,
-        ),
-        Figure::new(
-            "pod start p95, serial",
-            "s",
-            p95(&serial.clh),
-            p95(&serial.runc),
-            RUNC,
-        ),
-        Figure::new(
-            &format!("pod start p50, {PARALLEL_PODS} at once"),
-            "s",
-            p50(&pp.clh),
-            p50(&pp.runc),
-            RUNC,
-        ),
-        Figure::new(
-            &format!("batch of {PARALLEL_PODS}, p50"),
-            "s",
-            p50(&b.clh),
-            p50(&b.runc),
-            RUNC,
-        ),
-        Figure::new(
-            "idle pod host PSS",
-            "MiB",
-            pss(&memory[0]),
-            pss(&memory[1]),
-            RUNC,
-        ),
-    ];
-    bench_results::record("cri", &figures).map(|_| ())
-}
-
-fn summary(serial: &Samples, parallel: &Parallel, memory: &[IdleMemory]) -> String {
-    let s = |d: &[Duration]| ms(percentile(d, 50.0)) / 1e3;
-    let (pp, b) = (&parallel.per_pod, &parallel.batches);
-    let [clh, runc] = [&memory[0], &memory[1]].map(IdleMemory::per_pod_mib);
-    let configured = memory[0].guest_configured_mib().unwrap_or(0);
-    format!(
-        "summary (QEMU TCG, this host): pod+container start p50 clh {:.2} s vs runc {:.2} s \
-         serially; {PARALLEL_PODS} at once {:.2} s vs {:.2} s per pod, batch {:.2} s vs {:.2} s; \
-         idle pod host PSS clh {:.0} MiB ({:.0} MiB of it resident guest RAM of {configured} MiB, \
-         {:.0} MiB the rest) vs runc {:.1} MiB",
-        s(&serial.clh),
-        s(&serial.runc),
-        s(&pp.clh),
-        s(&pp.runc),
-        s(&b.clh),
-        s(&b.runc),
-        clh.0,
-        clh.1,
-        clh.0 - clh.1,
-        runc.0
-    )
 }
