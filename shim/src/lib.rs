@@ -22,5 +22,6 @@ pub mod shim;
 pub mod sizing;
 pub mod submounts;
 pub mod task;
+pub mod template_cmd;
 pub mod vm;
 pub mod writable_shares;

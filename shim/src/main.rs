@@ -10,6 +10,7 @@ use containerd_shim_clh_v2::shim::ClhShim;
 const USAGE: &str = "usage: containerd-shim-clh-v2 check [--config PATH]
        containerd-shim-clh-v2 logs [--config PATH] [--agent | --console] [--follow] ID
        containerd-shim-clh-v2 monitor [--listen ADDR] [--config PATH]
+       containerd-shim-clh-v2 template make [--config PATH]
        containerd-shim-clh-v2 --version
 
   check    tell what this host can run, and what to install or set otherwise
@@ -21,6 +22,10 @@ const USAGE: &str = "usage: containerd-shim-clh-v2 check [--config PATH]
            (GET http://ADDR/metrics; ADDR 127.0.0.1:8090 by default), each
            series labelled with its sandbox id and CRI pod name, namespace
            and uid
+  template make
+           make the VM template that pods of the default size restore from
+           ([runtime] templates = true), so that the first pod does not
+           wait for it; prints the template's path
 
 Any other arguments are containerd's (shim v2 protocol: start, delete, -info, serve).";
 
@@ -36,6 +41,7 @@ async fn main() -> ExitCode {
         Some("check") => check(&args[1..]).await,
         Some("logs") => containerd_shim_clh_v2::logs::main(&args[1..]),
         Some("monitor") => containerd_shim_clh_v2::metrics::monitor::main(&args[1..]).await,
+        Some("template") => containerd_shim_clh_v2::template_cmd::main(&args[1..]).await,
         Some("--version" | "-v") => {
             println!("containerd-shim-clh-v2 {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -64,6 +64,7 @@ pub(crate) use error::chain;
 pub use error::{StartStep, VmStartError};
 pub use health::HealthCheck;
 pub use leftovers::{cleanup_container_leftovers, cleanup_leftovers};
+pub use template::make_ahead as make_template;
 pub use timeline::StartTimeline;
 
 use crate::pod_cgroup::PodCgroup;

@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use clh_agent_client::AgentClient;
 use clh_hypervisor::virtiofsd::Virtiofsd;
-use clh_hypervisor::{Hypervisor, SharedFs, VmSpec};
+use clh_hypervisor::{Hypervisor, SharedFs};
 use clh_network::PodNetwork;
 
 use super::leftovers::persist_state;
 use super::net::{intercept_loopback, nics, queue_pairs, unwire};
 use super::steps::{
-    check_guest_image, kernel_cmdline, make_vm_dir, restrict_sockets, seed_guest_rng,
-    with_descendants,
+    check_guest_image, make_vm_dir, restrict_sockets, seed_guest_rng, vm_spec, with_descendants,
 };
 use super::{
     is_running, template, timeline, validate_id, StartStep, StartTimeline, VmOptions, SHARED_FS_TAG,
@@ -106,28 +105,13 @@ pub(super) async fn start_in(
     let fs_socket = started.map_err(StartStep::Virtiofsd)?;
     let network = parts.network.clone().filter(|n| !n.links.is_empty());
 
-    let mut spec = VmSpec {
-        id: id.to_string(),
-        dir: dir.clone(),
-        vcpus: opts.vcpus,
-        memory_mib: opts.memory_mib,
-        max: opts.max,
-        kernel: opts.kernel.clone(),
-        initramfs: opts.initramfs.clone(),
-        cmdline: kernel_cmdline(opts),
-        shared_fs: Some(SharedFs {
-            socket: fs_socket,
-            tag: SHARED_FS_TAG.to_string(),
-        }),
-        console_log: dir.join("console.log"),
-        console_log_max_bytes: opts.console_log_max_bytes,
-        free_page_reporting: opts.free_page_reporting,
-        tcg_tb_size_mib: opts.tcg_tb_size_mib,
-        restore_from: None,
-        start_timeout: opts.vmm_start_timeout,
-        netns: network.as_ref().map(|n| n.netns.clone()),
-        nics: network.iter().flat_map(nics).collect(),
-    };
+    let mut spec = vm_spec(id, &dir, opts);
+    spec.shared_fs = Some(SharedFs {
+        socket: fs_socket,
+        tag: SHARED_FS_TAG.to_string(),
+    });
+    spec.netns = network.as_ref().map(|n| n.netns.clone());
+    spec.nics = network.iter().flat_map(nics).collect();
     let t = Instant::now();
     if let Some(store) = &opts.templates {
         spec.restore_from = template::restore_source(store, opts, &spec).await;

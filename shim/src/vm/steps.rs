@@ -2,6 +2,7 @@
 //! refusals, the directory, the RNG seed, sockets and processes.
 
 use super::*;
+use clh_hypervisor::VmSpec;
 
 /// The kernel and initramfs exist: a missing one is the user's to fix
 /// (build the image, or point the configuration at it), not the VMM's to
@@ -82,6 +83,32 @@ pub(super) fn kernel_cmdline(opts: &VmOptions) -> String {
     params.push(if opts.debug { "clh.debug" } else { "quiet" }.to_string());
     params.extend(opts.extra_kernel_params.iter().cloned());
     params.join(" ")
+}
+
+/// The VM `id` in `dir` as `opts` describe it, without the per-pod
+/// devices (virtio-fs, NICs) that the start adds once they exist. A
+/// template is keyed by what this holds (`template::make_ahead` builds
+/// the same).
+pub(super) fn vm_spec(id: &str, dir: &Path, opts: &VmOptions) -> VmSpec {
+    VmSpec {
+        id: id.to_string(),
+        dir: dir.to_path_buf(),
+        vcpus: opts.vcpus,
+        memory_mib: opts.memory_mib,
+        max: opts.max,
+        kernel: opts.kernel.clone(),
+        initramfs: opts.initramfs.clone(),
+        cmdline: kernel_cmdline(opts),
+        shared_fs: None,
+        console_log: dir.join("console.log"),
+        console_log_max_bytes: opts.console_log_max_bytes,
+        free_page_reporting: opts.free_page_reporting,
+        tcg_tb_size_mib: opts.tcg_tb_size_mib,
+        restore_from: None,
+        start_timeout: opts.vmm_start_timeout,
+        netns: None,
+        nics: Vec::new(),
+    }
 }
 
 /// 64 random bytes (512 bits, twice the kernel pool's 256), read from

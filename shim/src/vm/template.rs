@@ -35,6 +35,21 @@ pub(super) async fn restore_source(dir: &Path, opts: &VmOptions, spec: &VmSpec) 
     }
 }
 
+/// Makes the template that pods started with `opts` restore from, unless
+/// it is there already, and returns its snapshot (`containerd-shim-clh-v2
+/// template make`: the first pod then restores at once rather than make
+/// it). An error says why there is none.
+pub async fn make_ahead(opts: &VmOptions) -> Result<PathBuf> {
+    let Some(dir) = &opts.templates else {
+        anyhow::bail!(
+            "templates are off: set [runtime] templates = true (QEMU backend only) in the configuration"
+        );
+    };
+    // What the key hashes has no per-VM path in it: any directory will do.
+    let spec = super::steps::vm_spec("ahead", dir, opts);
+    ensure(dir, opts, &spec).await
+}
+
 /// Removes the template of `snapshot` after a restore from it failed, so
 /// that the next pod makes a new one.
 pub(super) fn discard(snapshot: &Path) {
