@@ -294,4 +294,44 @@ mod tests {
         std::fs::remove_file(&kernel).unwrap();
         assert!(!input_records_hold(&identity), "removed");
     }
+
+    /// The key of a template changes with the kernel, the initramfs and
+    /// the VM's size, not with the per-pod devices a restore hot-plugs.
+    #[test]
+    fn the_identity_follows_the_inputs_and_not_the_pod() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let qemu = file("qemu", "q");
+        let spec = VmSpec {
+            kernel: file("vmlinuz", "k1"),
+            initramfs: file("initramfs", "i1"),
+            memory_mib: 256,
+            ..VmSpec::for_test(dir.path())
+        };
+        let identity = |spec: &VmSpec| template_identity(&qemu, spec).unwrap();
+        let before = identity(&spec);
+        let pod = VmSpec {
+            id: "another-pod".into(),
+            shared_fs: Some(crate::SharedFs {
+                socket: dir.path().join("fs.sock"),
+                tag: "clh-shared".into(),
+            }),
+            ..spec.clone()
+        };
+        assert_eq!(identity(&pod), before, "per-pod devices and names");
+        let bigger = VmSpec {
+            memory_mib: 512,
+            ..spec.clone()
+        };
+        assert_ne!(identity(&bigger), before, "size");
+        std::fs::write(&spec.kernel, "k2, longer").unwrap();
+        let after_kernel = identity(&spec);
+        assert_ne!(after_kernel, before, "kernel");
+        std::fs::write(&spec.initramfs, "i2, longer").unwrap();
+        assert_ne!(identity(&spec), after_kernel, "initramfs");
+    }
 }
