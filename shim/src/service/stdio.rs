@@ -22,8 +22,6 @@ use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Deadline of opening an output FIFO.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most a pump copies at once: a few large writes wake containerd's
 /// reader far less often than tokio's 8 KiB pieces.
 const CHUNK: usize = 256 * 1024;
@@ -254,14 +252,14 @@ pub async fn attach(
     let result = async {
         if !paths.stdout.is_empty() {
             let stream = open_stream(uds, container_id, exec_id, StdioKind::Stdout).await?;
-            let fifo = open_output(&paths.stdout).await?;
+            let fifo = open_output(&paths.stdout)?;
             pumps
                 .outputs
                 .push(OutputPump::start(StdioKind::Stdout, stream, fifo));
         }
         if !paths.stderr.is_empty() && !paths.terminal {
             let stream = open_stream(uds, container_id, exec_id, StdioKind::Stderr).await?;
-            let fifo = open_output(&paths.stderr).await?;
+            let fifo = open_output(&paths.stderr)?;
             pumps
                 .outputs
                 .push(OutputPump::start(StdioKind::Stderr, stream, fifo));
@@ -283,22 +281,17 @@ pub async fn attach(
     }
 }
 
-/// containerd's reader is open before Create, so a non-blocking open of the
-/// write end succeeds; ENXIO (no reader yet) is retried until the deadline.
-async fn open_output(path: &str) -> anyhow::Result<tokio::net::unix::pipe::Sender> {
-    let deadline = tokio::time::Instant::now() + ATTACH_TIMEOUT;
-    loop {
-        match tokio::net::unix::pipe::OpenOptions::new().open_sender(path) {
-            Ok(sender) => return Ok(sender),
-            Err(e)
-                if e.raw_os_error() == Some(nix::libc::ENXIO)
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot open the FIFO {path}")),
-        }
-    }
+/// Opens containerd's output FIFO read-write, as containerd's own runc
+/// shim keeps a read end open beside its write end: the FIFO then always
+/// has a reader, so a write while containerd restarts (its reader closed,
+/// the new one not yet open) waits in the FIFO instead of failing with
+/// EPIPE, which would end the pump and lose all later output. This end is
+/// never read from.
+fn open_output(path: &str) -> anyhow::Result<tokio::net::unix::pipe::Sender> {
+    tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_sender(path)
+        .with_context(|| format!("cannot open the FIFO {path}"))
 }
 
 impl OutputPump {

@@ -17,7 +17,7 @@ async fn pumped(dir: &tempfile::TempDir) -> (UnixStream, pipe::Receiver, Pumps) 
     let path = dir.path().join("out");
     nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let reader = pipe::OpenOptions::new().open_receiver(&path).unwrap();
-    let fifo = open_output(path.to_str().unwrap()).await.unwrap();
+    let fifo = open_output(path.to_str().unwrap()).unwrap();
     let (agent, shim) = UnixStream::pair().unwrap();
     let pumps = Pumps {
         outputs: vec![OutputPump::start(StdioKind::Stdout, shim, fifo)],
@@ -56,6 +56,33 @@ async fn a_paused_reader_gets_everything_before_the_drain_ends() {
     pumps.drain(bounds(5_000, 300, 30_000)).await;
     assert!(pumps.outputs.is_empty(), "the stream ended");
     assert_eq!(read.await.unwrap(), data);
+}
+
+/// containerd restarting: its reader closes, the process writes, then the
+/// new containerd opens the FIFO again and gets what was written meanwhile
+/// and after (REL-CTRD-01; a write-only end failed with EPIPE, which ended
+/// the pump).
+#[tokio::test]
+async fn output_written_while_the_reader_is_away_reaches_the_next_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, reader, mut pumps) = pumped(&dir).await;
+    drop(reader);
+    agent.write_all(b"while away\n").await.unwrap();
+    // The pump has taken it from the socket and written it to the FIFO:
+    // its count says so (a failed write would have ended the pump).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while pumps.outputs[0].progress.written.load(Ordering::Relaxed) == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let path = dir.path().join("out");
+    let mut next = pipe::OpenOptions::new().open_receiver(&path).unwrap();
+    agent.write_all(b"and after\n").await.unwrap();
+    drop(agent);
+    pumps.drain(bounds(5_000, 300, 30_000)).await;
+    let mut got = Vec::new();
+    next.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"while away\nand after\n");
 }
 
 #[tokio::test]
