@@ -11,6 +11,7 @@
 //! one. The leak checks end it.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
@@ -25,13 +26,17 @@ fn start(s: &Setup) -> Result<PrivateContainerd> {
     )
 }
 
+/// `containerd-shim-clh-v2 template make --config`, not yet run.
+fn template_make(s: &Setup) -> Result<std::process::Command> {
+    let shim = ctr::shim_dir()?.join("containerd-shim-clh-v2");
+    let mut cmd = std::process::Command::new(&shim);
+    cmd.args(["template", "make", "--config"]).arg(&s.config);
+    Ok(cmd)
+}
+
 /// `containerd-shim-clh-v2 template make --config`: the template's path.
 fn make_template(s: &Setup) -> Result<PathBuf> {
-    let shim = ctr::shim_dir()?.join("containerd-shim-clh-v2");
-    let out = std::process::Command::new(&shim)
-        .args(["template", "make", "--config"])
-        .arg(&s.config)
-        .output()?;
+    let out = template_make(s)?.output()?;
     check(&out, "containerd-shim-clh-v2 template make")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let path = text
@@ -160,4 +165,48 @@ fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
     );
 
     finish(ctd, &s)
+}
+
+/// Polls `cond` every 20 ms until it holds, for at most `within`.
+fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        ensure!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A maker killed while its template VM boots (a shim SIGKILLed during a
+/// pod's first start is the same process tree): its QEMU dies with it
+/// (PR_SET_PDEATHSIG), no template is left half made, and the next maker
+/// makes a whole one.
+#[test]
+fn a_template_maker_killed_midway_leaves_no_vm_and_no_template() -> Result<()> {
+    let s = setup()?;
+    let store_dir = templates::enable(&s)?;
+    let store = store_dir.path();
+    let mut maker = template_make(&s)?.spawn()?;
+    let qemus = || ctr::vm_processes("qemu-system-x86_64", store);
+    let seen = wait_until("the template's QEMU", Duration::from_secs(60), || {
+        !qemus().is_empty()
+    });
+    maker.kill()?;
+    maker.wait()?;
+    seen?;
+    wait_until(
+        "the template's QEMU to die with its maker",
+        Duration::from_secs(10),
+        || qemus().is_empty(),
+    )?;
+    ensure!(templates::ready(store)?.is_empty(), "a template was left");
+    let made = make_template(&s)?;
+    ensure!(made.is_file(), "{}", made.display());
+    let left: Vec<_> = std::fs::read_dir(store)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".build"))
+        .collect();
+    ensure!(left.is_empty(), "build directories left: {left:?}");
+    Ok(())
 }
