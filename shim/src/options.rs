@@ -39,7 +39,9 @@ impl VmOptions {
             console_log_max_bytes: u64::from(g.console_log_max_kib) << 10,
             free_page_reporting: g.free_page_reporting,
             tcg_tb_size_mib: config.hypervisor.qemu_tb_size_mib,
-            templates: (config.runtime.templates && backend == Backend::Qemu)
+            templates: config
+                .runtime
+                .templates
                 .then(|| config.runtime.template_dir.clone()),
             vmm_start_timeout: Duration::from_millis(t.vmm_start_ms),
             agent_timeout: Duration::from_millis(t.agent_connect_ms),

@@ -271,5 +271,6 @@ pub mod node;
 pub mod output;
 pub mod pod_metrics;
 pub mod podmem;
+pub mod pvh;
 pub mod templates;
 pub mod vsock_frontend;

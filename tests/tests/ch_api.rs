@@ -2,12 +2,10 @@
 //! start (create + boot), info, virtio-fs at boot and hot-plugged, stop, and
 //! what stop must leave behind (nothing).
 //!
-//! The guest is a tiny PVH ELF written by the test (its code is `hlt`), so
-//! the test needs no kernel build and does not depend on whether a real
-//! guest can run on this host: what it checks is the API, the VMM process
-//! and the cleanup. (On a PVM host, `kvm-pvm`, a stock Linux guest dies
-//! within two seconds with a KVM internal error and CH exits; this guest
-//! halts at once and keeps running anywhere KVM does.)
+//! The guest is a tiny PVH ELF written by the test (its code is `hlt`,
+//! [`write_pvh_kernel`]), so the test needs no kernel build and does not
+//! depend on whether a real guest can run on this host: what it checks is
+//! the API, the VMM process and the cleanup.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,6 +15,7 @@ use clh_hypervisor::ch::CloudHypervisor;
 use clh_hypervisor::virtiofsd::Virtiofsd;
 use clh_hypervisor::wait::wait_until;
 use clh_hypervisor::{Error, Hypervisor, SharedFs, VmSize, VmSpec};
+use clh_tests::pvh::write_pvh_kernel;
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,51 +54,6 @@ fn short_tempdir() -> tempfile::TempDir {
         .prefix("chapi")
         .tempdir_in("/tmp")
         .expect("create a temporary directory in /tmp")
-}
-
-/// A minimal x86-64 ELF "kernel" with a PVH entry note: one page at 1 MiB
-/// holding `hlt; jmp .-1`. Enough for CH to load and boot it.
-fn write_pvh_kernel(path: &Path) {
-    const LOAD: u64 = 0x10_0000;
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    let note_off = EHDR + 2 * PHDR;
-    let mut note = Vec::new();
-    for word in [4u32, 4, 18] {
-        // namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
-        note.extend_from_slice(&word.to_le_bytes());
-    }
-    note.extend_from_slice(b"Xen\0");
-    note.extend_from_slice(&(LOAD as u32).to_le_bytes());
-    let code_off = note_off + note.len();
-    let code = [0xf4u8, 0xeb, 0xfd];
-
-    let mut elf = Vec::new();
-    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
-    elf.extend_from_slice(&[0; 8]);
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
-    elf.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for half in [EHDR as u16, PHDR as u16, 2, 0, 0, 0] {
-        // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
-        elf.extend_from_slice(&half.to_le_bytes());
-    }
-    let mut phdr = |kind: u32, flags: u32, offset: usize, addr: u64, size: usize, align: u64| {
-        elf.extend_from_slice(&kind.to_le_bytes());
-        elf.extend_from_slice(&flags.to_le_bytes());
-        for value in [offset as u64, addr, addr, size as u64, size as u64, align] {
-            elf.extend_from_slice(&value.to_le_bytes());
-        }
-    };
-    phdr(1, 5, code_off, LOAD, code.len(), 0x1000); // PT_LOAD, R+X
-    phdr(4, 4, note_off, 0, note.len(), 4); // PT_NOTE
-    elf.extend_from_slice(&note);
-    elf.extend_from_slice(&code);
-    std::fs::write(path, elf).expect("write the test kernel");
 }
 
 fn vm_spec(dir: &Path, kernel: PathBuf, shared_fs: Option<SharedFs>) -> VmSpec {
@@ -188,7 +142,7 @@ async fn start_info_add_fs_and_stop_against_real_cloud_hypervisor() {
     };
     let dir = short_tempdir();
     let kernel = dir.path().join("vmlinux");
-    write_pvh_kernel(&kernel);
+    write_pvh_kernel(&kernel, b"");
     let mut boot_fs = start_virtiofsd(dir.path(), "fs0").await;
     let shared_fs = SharedFs {
         socket: boot_fs.socket().to_path_buf(),
@@ -299,7 +253,7 @@ async fn resize_grows_vcpus_and_memory_within_the_max_against_real_cloud_hypervi
     };
     let dir = short_tempdir();
     let kernel = dir.path().join("vmlinux");
-    write_pvh_kernel(&kernel);
+    write_pvh_kernel(&kernel, b"");
     let mut spec = vm_spec(dir.path(), kernel, None);
     let max = VmSize {
         vcpus: 2,

@@ -30,6 +30,7 @@ pub mod console_log;
 mod error;
 pub mod process;
 pub mod qemu;
+pub mod template_key;
 #[doc(hidden)]
 pub mod testing;
 pub mod virtiofsd;
@@ -77,10 +78,11 @@ pub struct VmSpec {
     /// QEMU TCG only: the translated-code buffer in MiB (`tb-size`); 0
     /// leaves QEMU's default.
     pub tcg_tb_size_mib: u32,
-    /// QEMU only: restore the VM from this template file
-    /// ([`qemu::save_template`], made from a spec with the same machine)
-    /// instead of booting it; the spec's vsock, virtio-fs and NICs are
-    /// hot-plugged once it runs.
+    /// Restore the VM from this template instead of booting it: for QEMU
+    /// a file ([`qemu::save_template`]), for Cloud Hypervisor a snapshot
+    /// directory ([`ch::save_template`]), made from a spec with the same
+    /// machine. The spec's vsock, virtio-fs and NICs are hot-plugged into
+    /// the restored VM.
     pub restore_from: Option<PathBuf>,
     /// Deadline for the VMM to come up and accept the VM configuration.
     pub start_timeout: Duration,

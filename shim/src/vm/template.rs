@@ -1,10 +1,11 @@
-//! The template store (docs/design/0004-vm-templates.md): one QEMU
-//! template per key under `[runtime] template_dir`, made by the first pod
+//! The template store (docs/design/0004-vm-templates.md): one template
+//! per key (QEMU's migration file or Cloud Hypervisor's snapshot
+//! directory) under `[runtime] template_dir`, made by the first pod
 //! that needs it while others wait on its lock, and discarded when a
 //! restore from it fails (that pod then boots, and the next one makes a
 //! new template).
 //!
-//! Layout: `<dir>/<key>/snapshot` (QEMU's saved state), `<key>/identity`
+//! Layout: `<dir>/<key>/snapshot` (the saved state: a file or a directory), `<key>/identity`
 //! (what the key hashes), `<key>/ready` (written last: a directory without
 //! it is incomplete), `<key>.lock` (the flock of whoever makes it),
 //! `<key>.build/` (the one being made).
@@ -13,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clh_hypervisor::qemu::{input_records_hold, save_template, template_identity};
+use clh_hypervisor::template_key::input_records_hold;
 use clh_hypervisor::VmSpec;
+use clh_hypervisor::{ch, qemu, Backend};
 use sha2::{Digest, Sha256};
 
 use super::leftovers::flock_exclusive_within;
@@ -41,9 +43,7 @@ pub(super) async fn restore_source(dir: &Path, opts: &VmOptions, spec: &VmSpec) 
 /// it). An error says why there is none.
 pub async fn make_ahead(opts: &VmOptions) -> Result<PathBuf> {
     let Some(dir) = &opts.templates else {
-        anyhow::bail!(
-            "templates are off: set [runtime] templates = true (QEMU backend only) in the configuration"
-        );
+        anyhow::bail!("templates are off: set [runtime] templates = true in the configuration");
     };
     // What the key hashes has no per-VM path in it: any directory will do.
     let spec = super::steps::vm_spec("ahead", dir, opts);
@@ -64,7 +64,7 @@ pub(super) fn discard(snapshot: &Path) {
 }
 
 async fn ensure(dir: &Path, opts: &VmOptions, spec: &VmSpec) -> Result<PathBuf> {
-    let identity = template_identity(&opts.binaries.qemu, spec)?;
+    let identity = identity(opts, spec)?;
     let key = hex(&Sha256::digest(identity.as_bytes())[..16]);
     let template = dir.join(&key);
     let snapshot = template.join("snapshot");
@@ -95,7 +95,7 @@ async fn ensure(dir: &Path, opts: &VmOptions, spec: &VmSpec) -> Result<PathBuf> 
             start_timeout: wait,
             ..spec.clone()
         };
-        save_template(&opts.binaries.qemu, &template_spec, &build.join("snapshot"))
+        save(opts, &template_spec, &build.join("snapshot"))
             .await
             .context("booting and saving the template VM")?;
         std::fs::write(build.join("identity"), &identity)?;
@@ -111,6 +111,25 @@ async fn ensure(dir: &Path, opts: &VmOptions, spec: &VmSpec) -> Result<PathBuf> 
         let _ = std::fs::remove_dir_all(&build);
     }
     made.map(|()| snapshot)
+}
+
+/// What the key of `spec`'s template hashes, for the configured backend.
+fn identity(opts: &VmOptions, spec: &VmSpec) -> clh_hypervisor::Result<String> {
+    match opts.backend {
+        Backend::Qemu => qemu::template_identity(&opts.binaries.qemu, spec),
+        Backend::CloudHypervisor => ch::template_identity(&opts.binaries.cloud_hypervisor, spec),
+    }
+}
+
+/// Boots `spec` as a template and saves it to `snapshot`: QEMU's
+/// migration file, or Cloud Hypervisor's snapshot directory.
+async fn save(opts: &VmOptions, spec: &VmSpec, snapshot: &Path) -> clh_hypervisor::Result<()> {
+    match opts.backend {
+        Backend::Qemu => qemu::save_template(&opts.binaries.qemu, spec, snapshot).await,
+        Backend::CloudHypervisor => {
+            ch::save_template(&opts.binaries.cloud_hypervisor, spec, snapshot).await
+        }
+    }
 }
 
 /// Removes the templates in `dir`, other than `keep`, whose input files

@@ -250,6 +250,26 @@ pub struct VmResize {
     pub desired_balloon: Option<u64>,
 }
 
+/// `VmSnapshotConfig`: the body of `vm.snapshot`. The VM must be paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSnapshotConfig {
+    /// `file://<dir>`: an existing directory, where CH writes
+    /// `config.json`, `state.json` and `memory-ranges`.
+    pub destination_url: String,
+}
+
+/// `RestoreConfig`: the body of `vm.restore`, sent to a CH that has no VM
+/// yet. The VM comes back paused (we never set the spec's `resume`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreConfig {
+    /// `file://<dir>`: a directory written by `vm.snapshot`.
+    pub source_url: String,
+    /// Whether CH populates all of guest RAM (`MAP_POPULATE`) before
+    /// copying the snapshot in. Always sent, so the choice is ours, not
+    /// CH's default.
+    pub prefault: bool,
+}
+
 /// `VmState`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmState {

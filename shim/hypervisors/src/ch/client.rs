@@ -23,8 +23,8 @@ use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
 use super::api::{
-    DiskConfig, FsConfig, NetConfig, PciDeviceInfo, VmConfig, VmCounters, VmInfo, VmResize,
-    VmmPingResponse,
+    DiskConfig, FsConfig, NetConfig, PciDeviceInfo, RestoreConfig, VmConfig, VmCounters, VmInfo,
+    VmResize, VmSnapshotConfig, VmmPingResponse, VsockConfig,
 };
 use crate::{Error, Result};
 
@@ -67,6 +67,11 @@ const VM_ADD_NET: Endpoint = put("vm.add-net");
 const VM_ADD_DISK: Endpoint = put("vm.add-disk");
 const VM_RESIZE: Endpoint = put("vm.resize");
 const VM_SHUTDOWN: Endpoint = put("vm.shutdown");
+const VM_PAUSE: Endpoint = put("vm.pause");
+const VM_RESUME: Endpoint = put("vm.resume");
+const VM_SNAPSHOT: Endpoint = put("vm.snapshot");
+const VM_RESTORE: Endpoint = put("vm.restore");
+const VM_ADD_VSOCK: Endpoint = put("vm.add-vsock");
 
 /// Client of one CH process's API socket.
 pub struct ApiClient {
@@ -157,6 +162,36 @@ impl ApiClient {
         self.call(VM_RESIZE, Some(body), self.timeout)
             .await
             .map(drop)
+    }
+
+    /// `vm.add-vsock`; see [`ApiClient::add_fs`] for the result. CH takes
+    /// one vsock device per VM.
+    pub async fn add_vsock(&self, vsock: &VsockConfig) -> Result<Option<PciDeviceInfo>> {
+        self.add_device(VM_ADD_VSOCK, vsock).await
+    }
+
+    /// `vm.pause`: stops the vCPUs of a booted VM.
+    pub async fn pause(&self) -> Result<()> {
+        self.call(VM_PAUSE, None, self.timeout).await.map(drop)
+    }
+
+    /// `vm.resume`: runs the vCPUs of a paused (or restored) VM again.
+    pub async fn resume(&self) -> Result<()> {
+        self.call(VM_RESUME, None, self.timeout).await.map(drop)
+    }
+
+    /// `vm.snapshot` of the paused VM. Writes all of guest RAM, so the
+    /// caller gives the deadline.
+    pub async fn snapshot(&self, snapshot: &VmSnapshotConfig, timeout: Duration) -> Result<()> {
+        let body = encode(VM_SNAPSHOT, snapshot)?;
+        self.call(VM_SNAPSHOT, Some(body), timeout).await.map(drop)
+    }
+
+    /// `vm.restore` into this VMM, which must have no VM yet. Reads the
+    /// snapshot's RAM, so the caller gives the deadline.
+    pub async fn restore(&self, restore: &RestoreConfig, timeout: Duration) -> Result<()> {
+        let body = encode(VM_RESTORE, restore)?;
+        self.call(VM_RESTORE, Some(body), timeout).await.map(drop)
     }
 
     /// `vm.shutdown`: stops the guest; the VMM keeps running.

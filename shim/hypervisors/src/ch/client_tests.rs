@@ -1,5 +1,6 @@
 //! The API client against a fake CH: a tiny HTTP/1.1 server on a Unix socket
-//! that answers each connection with one canned response.
+//! that answers each connection with one canned response. The fake is also
+//! used by `template_tests`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,8 +15,8 @@ use crate::Error;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-struct FakeCh {
-    _dir: tempfile::TempDir,
+pub(super) struct FakeCh {
+    _dir: Option<tempfile::TempDir>,
     socket: PathBuf,
     /// The requests received, as text (head and body).
     requests: JoinHandle<Vec<String>>,
@@ -26,13 +27,26 @@ impl FakeCh {
     /// connection, reads the request and never answers.
     fn serve(responses: Vec<Option<&'static str>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("api.sock");
+        let mut fake = Self::serve_at(dir.path().join("api.sock"), responses);
+        fake._dir = Some(dir);
+        fake
+    }
+
+    /// [`FakeCh::serve`] on `socket`, which the caller's directory holds.
+    pub(super) fn serve_at(socket: PathBuf, responses: Vec<Option<&'static str>>) -> Self {
         let listener = UnixListener::bind(&socket).unwrap();
         let requests = tokio::spawn(async move {
             let mut seen = Vec::new();
             for response in responses {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                seen.push(read_request(&mut stream).await);
+                let mut stream = loop {
+                    let (mut stream, _) = listener.accept().await.unwrap();
+                    // A connection closed unused is a readiness probe
+                    // (`wait_for_api_socket`), not a request.
+                    if let Some(request) = read_request(&mut stream).await {
+                        seen.push(request);
+                        break stream;
+                    }
+                };
                 match response {
                     Some(response) => stream.write_all(response.as_bytes()).await.unwrap(),
                     None => std::future::pending::<()>().await,
@@ -41,7 +55,7 @@ impl FakeCh {
             seen
         });
         Self {
-            _dir: dir,
+            _dir: None,
             socket,
             requests,
         }
@@ -51,13 +65,19 @@ impl FakeCh {
         ApiClient::new(&self.socket, timeout)
     }
 
-    async fn requests(self) -> Vec<String> {
-        self.requests.await.unwrap()
+    /// The requests, once every response was sent; a panic, rather than a
+    /// hung test, if the client stops short of that.
+    pub(super) async fn requests(self) -> Vec<String> {
+        tokio::time::timeout(TIMEOUT, self.requests)
+            .await
+            .expect("the client made fewer requests than the fake has responses")
+            .unwrap()
     }
 }
 
-/// Reads one request: the head, then `content-length` bytes of body.
-async fn read_request(stream: &mut UnixStream) -> String {
+/// Reads one request: the head, then `content-length` bytes of body; None
+/// if the client closed without sending anything.
+async fn read_request(stream: &mut UnixStream) -> Option<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -72,16 +92,19 @@ async fn read_request(stream: &mut UnixStream) -> String {
                 })
                 .unwrap_or(0);
             if buf.len() >= head_end + 4 + length {
-                return text;
+                return Some(text);
             }
         }
         let n = stream.read(&mut chunk).await.unwrap();
+        if n == 0 && buf.is_empty() {
+            return None;
+        }
         assert!(n > 0, "client closed before sending a whole request");
         buf.extend_from_slice(&chunk[..n]);
     }
 }
 
-fn response(status: &str, body: &str) -> &'static str {
+pub(super) fn response(status: &str, body: &str) -> &'static str {
     let content_type = if body.is_empty() {
         ""
     } else {

@@ -2,6 +2,8 @@
 //! VM, configured and booted through its REST API ([`client::ApiClient`]).
 //! The process runs in the pod's network namespace ([`VmSpec::netns`]) and
 //! gets one virtio-net device per existing tap there ([`net_config`]).
+//! With [`VmSpec::restore_from`], the VM is restored from a template made
+//! by [`save_template`] instead of created and booted (`template.rs`).
 //!
 //! Files in the VM's state directory:
 //! - `ch-api.sock`: the API socket;
@@ -13,12 +15,15 @@
 pub mod api;
 pub mod client;
 pub mod resize;
+mod template;
 mod vm_config;
 
 #[cfg(test)]
 mod client_tests;
 #[cfg(test)]
 mod spec_tests;
+#[cfg(test)]
+mod template_tests;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,7 +39,8 @@ use crate::console_log::ConsoleLog;
 use crate::process::{ManagedProcess, NetNs};
 use crate::{check_nics, socket_path, Error, Hypervisor, Result, VmSize, VmSpec};
 
-pub use self::vm_config::{net_config, vm_config};
+pub use self::template::{save_template, template_identity};
+pub use self::vm_config::{net_config, template_config, vm_config, vsock_config};
 
 /// The CH major version whose API (`cloud-hypervisor-v53.0-openapi.yaml`) this
 /// backend is written and tested against.
@@ -142,16 +148,10 @@ impl CloudHypervisor {
 
         // Before CH, which opens its FIFO at vm.create.
         let console = ConsoleLog::start(&spec.dir, &spec.console_log, spec.console_log_max_bytes)?;
-        let mut cmd = Command::new(&self.binary);
-        // -v: info level, so the log records each API request and CH's own
-        // explanation of any failure.
-        cmd.arg("-v")
-            .arg("--api-socket")
-            .arg(format!("path={}", api_socket.display()));
         // In the pod's network namespace, where it opens the taps by name.
         let process = ManagedProcess::spawn_in(
             &format!("cloud-hypervisor for {}", spec.id),
-            cmd,
+            vmm_command(&self.binary, &api_socket, &spec.dir),
             &spec.dir.join(VMM_LOG),
             netns.as_ref(),
         )?;
@@ -178,6 +178,10 @@ impl CloudHypervisor {
         wait_for_api_socket(&vmm.process, &api_socket, remaining(deadline)).await?;
         vmm.ping = vmm.client.ping_within(remaining(deadline)).await?;
         check_version(&vmm.ping);
+        if let Some(snapshot_dir) = &spec.restore_from {
+            let client = &vmm.client;
+            return template::restore(client, spec, snapshot_dir, &vsock_socket, deadline).await;
+        }
         let config = vm_config(spec, &vsock_socket);
         vmm.client
             .create_within(&config, remaining(deadline))
@@ -264,6 +268,19 @@ impl Hypervisor for CloudHypervisor {
         remove_socket(vmm.console.pipe())?;
         remove_socket(&vmm.vsock_socket)
     }
+}
+
+/// How CH is started: `-v` (info level, so its log records each API
+/// request and CH's own explanation of any failure) and its API socket,
+/// in the VM directory `dir`, where the relative console path of a
+/// restored template resolves (`template.rs`).
+fn vmm_command(binary: &Path, api_socket: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg("-v")
+        .arg("--api-socket")
+        .arg(format!("path={}", api_socket.display()))
+        .current_dir(dir);
+    cmd
 }
 
 /// `vm.shutdown` then `vmm.shutdown`, then waits for the process to exit,

@@ -41,7 +41,7 @@ static COMPONENTS: LazyLock<Option<Value>> = LazyLock::new(|| {
 /// The loaded spec, or None after recording the skip. CI always has the
 /// shared reference directory, so there a missing spec is a failure, never
 /// a skip.
-fn openapi() -> Option<OpenApi> {
+pub(super) fn openapi() -> Option<OpenApi> {
     if let Some(components) = COMPONENTS.as_ref() {
         return Some(OpenApi(components));
     }
@@ -59,11 +59,11 @@ fn openapi() -> Option<OpenApi> {
 
 /// The strict `components` of CH's OpenAPI spec.
 #[derive(Clone, Copy)]
-struct OpenApi(&'static Value);
+pub(super) struct OpenApi(&'static Value);
 
 impl OpenApi {
     /// Validation errors of `instance` against `#/components/schemas/<schema>`.
-    fn violations(self, schema: &str, instance: &Value) -> Vec<String> {
+    pub(super) fn violations(self, schema: &str, instance: &Value) -> Vec<String> {
         let root = json!({
             "$ref": format!("#/components/schemas/{schema}"),
             "components": self.0,
@@ -78,7 +78,7 @@ impl OpenApi {
             .collect()
     }
 
-    fn assert_valid<T: Serialize>(self, schema: &str, body: &T) -> Value {
+    pub(super) fn assert_valid<T: Serialize>(self, schema: &str, body: &T) -> Value {
         let json = serde_json::to_value(body).unwrap();
         let errors = self.violations(schema, &json);
         assert!(
@@ -177,7 +177,7 @@ fn vm_create_body_matches_the_spec() {
     api.assert_valid("VmConfig", &everything);
 }
 
-fn nics() -> Vec<Nic> {
+pub(super) fn nics() -> Vec<Nic> {
     vec![
         Nic {
             tap: "tap0_clh".into(),

@@ -48,11 +48,7 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
             .as_ref()
             .map(|fs| vec![FsConfig::new(fs.tag.clone(), fs.socket.clone())]),
         net: (!spec.nics.is_empty()).then(|| spec.nics.iter().map(net_config).collect()),
-        vsock: Some(VsockConfig {
-            cid: GUEST_CID,
-            socket: vsock_socket.to_path_buf(),
-            id: None,
-        }),
+        vsock: Some(vsock_config(vsock_socket)),
         // The guest kernel logs to ttyS0 (the serial port); the virtio
         // console would default to CH's own tty, which a shim does not have.
         // Into the FIFO whose reader caps the log (crate::console_log).
@@ -68,6 +64,35 @@ pub fn vm_config(spec: &VmSpec, vsock_socket: &Path) -> VmConfig {
             free_page_reporting: Some(true),
         }),
         ..VmConfig::default()
+    }
+}
+
+/// The configuration of a template VM ([`super::save_template`]): `spec`'s
+/// machine (vCPUs, memory and room to grow, payload, balloon) without any
+/// per-pod device, no vsock, virtio-fs or NIC (its `shared_fs` and `nics`
+/// are ignored), and its serial console on the relative path
+/// `console.pipe`. CH saves this configuration in the snapshot and reopens
+/// the console file from it at each restore, relative to its working
+/// directory, which is each restored VM's own directory.
+pub fn template_config(spec: &VmSpec) -> VmConfig {
+    VmConfig {
+        fs: None,
+        net: None,
+        vsock: None,
+        serial: Some(ConsoleConfig::file(crate::console_log::pipe_path(
+            Path::new(""),
+        ))),
+        ..vm_config(spec, Path::new(""))
+    }
+}
+
+/// The guest's hybrid vsock device, its host end at `socket`: at boot
+/// ([`vm_config`]) and hot-plugged into a restored template.
+pub fn vsock_config(socket: &Path) -> VsockConfig {
+    VsockConfig {
+        cid: GUEST_CID,
+        socket: socket.to_path_buf(),
+        id: None,
     }
 }
 

@@ -15,7 +15,7 @@ mod console;
 mod qmp;
 mod template;
 
-pub use template::{input_records_hold, save_template, template_identity};
+pub use template::{save_template, template_identity};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
