@@ -26,11 +26,15 @@ fn start_agent(sock: &Path) -> Agent {
         .expect("spawn clh-agent");
     let mut agent = Agent(child);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
+    // Until it accepts: the socket file exists from bind(), before listen().
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
         if let Some(status) = agent.0.try_wait().expect("try_wait") {
             panic!("clh-agent exited early: {status}");
         }
-        assert!(Instant::now() < deadline, "agent socket never appeared");
+        assert!(
+            Instant::now() < deadline,
+            "the agent never accepted a connection"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     agent
