@@ -25,7 +25,7 @@ const TEMPLATE_LOG: &str = "template-qemu.log";
 const VSOCK_ID: &str = "vsock0";
 const FS_ID: &str = "fs0";
 /// How often a migration's or a device's state is asked for.
-const POLL: Duration = Duration::from_millis(20);
+const POLL: Duration = Duration::from_millis(5);
 
 /// Boots `spec` without per-pod devices (its `shared_fs` and `nics` are
 /// ignored), waits for the agent's "serving" console line (never a
@@ -130,18 +130,33 @@ pub(crate) async fn load(qmp: &mut Client, snapshot: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Hot-plugs the vsock device on `vhost_socket` (vhost-device-vsock's)
-/// and returns once the guest's driver has started it (`DRIVER_OK`): a
-/// host connection before that ends vhost-device-vsock 0.3.0's worker
-/// thread (`Qemu::wait_vsock_ready`).
+/// Hot-plugs the vsock device on `vhost_socket` (vhost-device-vsock's).
+/// The guest's driver starts it later ([`wait_plugged`]): a host
+/// connection before that ends vhost-device-vsock 0.3.0's worker thread
+/// (`Qemu::wait_vsock_ready`).
 pub(crate) async fn plug_vsock(qmp: &mut Client, vhost_socket: &Path) -> Result<()> {
     add_socket_chardev(qmp, "vsock", vhost_socket).await?;
     qmp.execute(
         "device_add",
         json!({ "driver": "vhost-user-vsock-pci", "chardev": "vsock", "id": VSOCK_ID }),
     )
-    .await?;
-    wait_driver_ok(qmp, VSOCK_ID).await
+    .await
+    .map(|_| ())
+}
+
+/// Until the guest's drivers run the vsock device and the first `nics`
+/// NICs (`DRIVER_OK`). Waited for after all are added, so that the guest
+/// takes them in one round of hot-plug handling.
+pub(crate) async fn wait_plugged(qmp: &mut Client, nics: usize) -> Result<()> {
+    wait_driver_ok(qmp, VSOCK_ID).await?;
+    for index in 0..nics {
+        wait_driver_ok(qmp, &nic_id(index)).await?;
+    }
+    Ok(())
+}
+
+fn nic_id(index: usize) -> String {
+    format!("nic{index}")
 }
 
 /// Hot-plugs the virtio-fs device of `fs`.
@@ -157,12 +172,11 @@ pub(crate) async fn plug_fs(qmp: &mut Client, fs: &SharedFs) -> Result<()> {
 
 /// Hot-plugs NIC number `index`: its tap (opened by name in QEMU's network
 /// namespace) and its virtio-net device, with the properties it has at boot
-/// (`args::nic_properties`), and waits for its driver (the agent then finds
-/// it by MAC).
+/// (`args::nic_properties`); [`wait_plugged`] waits for its driver (the
+/// agent then finds it by MAC).
 pub(crate) async fn plug_nic(qmp: &mut Client, index: usize, nic: &Nic) -> Result<()> {
-    let id = format!("nic{index}");
     let (netdev, mut device) = nic_properties(index, nic);
-    device.push(("id", json!(id)));
+    device.push(("id", json!(nic_id(index))));
     let object = |properties: Properties| {
         Value::Object(
             properties
@@ -172,8 +186,7 @@ pub(crate) async fn plug_nic(qmp: &mut Client, index: usize, nic: &Nic) -> Resul
         )
     };
     qmp.execute("netdev_add", object(netdev)).await?;
-    qmp.execute("device_add", object(device)).await?;
-    wait_driver_ok(qmp, &id).await
+    qmp.execute("device_add", object(device)).await.map(|_| ())
 }
 
 async fn set_mapped_ram(qmp: &mut Client) -> Result<()> {
