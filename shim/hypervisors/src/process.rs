@@ -242,6 +242,32 @@ impl ManagedProcess {
             log_tail: self.log_tail(20),
         }
     }
+
+    /// Runs `talk` (a conversation with this process, its API or QMP) for
+    /// at most `timeout`; a timeout or an error while the process has
+    /// exited is reported as its early exit, with its log, which says more
+    /// than a refused connection.
+    pub async fn within<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        talk: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(timeout, talk).await {
+            Ok(result) => result.map_err(|e| {
+                if self.exited().is_some() {
+                    self.exited_early()
+                } else {
+                    e
+                }
+            }),
+            Err(_) if self.exited().is_some() => Err(self.exited_early()),
+            Err(_) => Err(Error::Timeout {
+                what: what.into(),
+                timeout,
+            }),
+        }
+    }
 }
 
 impl Drop for ManagedProcess {

@@ -12,7 +12,6 @@
 //! console FIFO, never into the template's directory, and the template may
 //! be moved (its build directory renamed) once saved.
 
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -64,24 +63,25 @@ pub async fn save_template(binary: &Path, spec: &VmSpec, snapshot_dir: &Path) ->
     )?;
     let client = ApiClient::new(&api_socket, API_TIMEOUT);
     let what = "Cloud Hypervisor to boot and save the template";
-    let saved = within(spec.start_timeout, &ch, what, async {
-        wait_for_api_socket(&ch, &api_socket, remaining(deadline)).await?;
-        check_version(&client.ping_within(remaining(deadline)).await?);
-        let config = template_config(spec);
-        client.create_within(&config, remaining(deadline)).await?;
-        client.boot_within(remaining(deadline)).await?;
-        wait_for_agent(&ch, &console, remaining(deadline)).await?;
-        // CH snapshots only a paused VM.
-        client.pause().await?;
-        std::fs::create_dir(snapshot_dir).map_err(|source| Error::Io {
-            what: "cannot create the template snapshot directory",
-            path: snapshot_dir.to_path_buf(),
-            source,
-        })?;
-        let snapshot = VmSnapshotConfig { destination_url };
-        client.snapshot(&snapshot, remaining(deadline)).await
-    })
-    .await;
+    let saved = ch
+        .within(spec.start_timeout, what, async {
+            wait_for_api_socket(&ch, &api_socket, remaining(deadline)).await?;
+            check_version(&client.ping_within(remaining(deadline)).await?);
+            let config = template_config(spec);
+            client.create_within(&config, remaining(deadline)).await?;
+            client.boot_within(remaining(deadline)).await?;
+            wait_for_agent(&ch, &console, remaining(deadline)).await?;
+            // CH snapshots only a paused VM.
+            client.pause().await?;
+            std::fs::create_dir(snapshot_dir).map_err(|source| Error::Io {
+                what: "cannot create the template snapshot directory",
+                path: snapshot_dir.to_path_buf(),
+                source,
+            })?;
+            let snapshot = VmSnapshotConfig { destination_url };
+            client.snapshot(&snapshot, remaining(deadline)).await
+        })
+        .await;
     if saved.is_ok() {
         // Best effort: SIGTERM follows anyway.
         if let Err(e) = client.shutdown_vmm(remaining(deadline).max(MIN_END)).await {
@@ -199,23 +199,4 @@ async fn wait_for_agent(
         (*serving.borrow()).then_some(Ok(()))
     })
     .await?
-}
-
-/// `talk` within `timeout`; a failure or timeout once CH has exited is
-/// reported as its exit, whose log says more than a refused connection.
-async fn within<T>(
-    timeout: Duration,
-    ch: &ManagedProcess,
-    what: &str,
-    talk: impl Future<Output = Result<T>>,
-) -> Result<T> {
-    match tokio::time::timeout(timeout, talk).await {
-        Ok(Ok(value)) => Ok(value),
-        _ if ch.exited().is_some() => Err(ch.exited_early()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(Error::Timeout {
-            what: what.into(),
-            timeout,
-        }),
-    }
 }

@@ -228,7 +228,7 @@ async fn restore(
     let left = || deadline.saturating_duration_since(Instant::now());
     let mut qmp = qmp::Client::connect(qmp_socket, qemu, left()).await?;
     let what = "QEMU to restore the template and hot-plug the pod's devices";
-    qmp::within(left(), qemu, what, async {
+    qemu.within(left(), what, async {
         let began = Instant::now();
         template::load(&mut qmp, snapshot).await?;
         let loaded = began.elapsed();

@@ -51,7 +51,7 @@ impl Client {
             client.execute("qmp_capabilities", Value::Null).await
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        within(left, qemu, "QEMU's QMP greeting", greet).await?;
+        qemu.within(left, "QEMU's QMP greeting", greet).await?;
         Ok(client)
     }
 
@@ -79,42 +79,18 @@ impl Client {
     }
 }
 
-/// Runs `talk` for at most `timeout`; a timeout or an error while QEMU
-/// has exited is reported as QEMU's early exit, with its log.
-pub async fn within<T>(
-    timeout: Duration,
-    qemu: &ManagedProcess,
-    what: &str,
-    talk: impl std::future::Future<Output = Result<T>>,
-) -> Result<T> {
-    match tokio::time::timeout(timeout, talk).await {
-        Ok(result) => result.map_err(|e| {
-            if qemu.exited().is_some() {
-                qemu.exited_early()
-            } else {
-                e
-            }
-        }),
-        Err(_) if qemu.exited().is_some() => Err(qemu.exited_early()),
-        Err(_) => Err(Error::Timeout {
-            what: what.into(),
-            timeout,
-        }),
-    }
-}
-
 /// Connects to QEMU's QMP socket and waits until `query-status` reports
 /// the guest running. Fails early, with QEMU's log, if QEMU exits.
 pub async fn wait_running(socket: &Path, qemu: &ManagedProcess, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut client = Client::connect(socket, qemu, timeout).await?;
-    let status = within(
-        deadline.saturating_duration_since(Instant::now()),
-        qemu,
-        "QEMU to report the VM running over QMP",
-        client.status(),
-    )
-    .await?;
+    let status = qemu
+        .within(
+            deadline.saturating_duration_since(Instant::now()),
+            "QEMU to report the VM running over QMP",
+            client.status(),
+        )
+        .await?;
     match status.as_str() {
         "running" => Ok(()),
         other => Err(Error::Qmp(format!(

@@ -14,7 +14,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use super::args::{nic_properties, template_args, Layout, Properties};
-use super::qmp::{within, Client};
+use super::qmp::Client;
 use crate::console_log::ConsoleLog;
 use crate::process::ManagedProcess;
 use crate::{socket_path, Error, Nic, Result, SharedFs, VmSpec};
@@ -46,7 +46,7 @@ pub async fn save_template(qemu_binary: &Path, spec: &VmSpec, snapshot: &Path) -
     let saved = async {
         let mut qmp = Client::connect(&qmp_socket, &qemu, left()).await?;
         let mut serving = console.agent_serving();
-        let ready = within(left(), &qemu, "the template's agent to serve", async {
+        let ready = qemu.within(left(), "the template's agent to serve", async {
             serving
                 .wait_for(|s| *s)
                 .await
@@ -58,9 +58,8 @@ pub async fn save_template(qemu_binary: &Path, spec: &VmSpec, snapshot: &Path) -
         set_mapped_ram(&mut qmp).await?;
         let uri = format!("file:{}", snapshot.display());
         qmp.execute("migrate", json!({ "uri": uri })).await?;
-        within(
+        qemu.within(
             left(),
-            &qemu,
             "QEMU to save the template",
             migration_done(&mut qmp),
         )
