@@ -7,12 +7,38 @@
 
 use std::path::Path;
 
-use crate::{Error, Result};
+use crate::{Error, Result, VmSpec};
+
+/// `spec` with the names and paths that differ from one VM to the next
+/// fixed, for the backend's description of it: a template is shared by
+/// VMs of every id and directory.
+pub(crate) fn with_fixed_paths(spec: &VmSpec) -> VmSpec {
+    VmSpec {
+        id: "template".into(),
+        dir: "/template".into(),
+        console_log: "/template/console.log".into(),
+        ..spec.clone()
+    }
+}
+
+/// The identity text: the backend's `description` of the template VM,
+/// then one input line per file in `inputs`. A file that cannot be read
+/// is an error.
+pub(crate) fn identity<'a>(
+    description: impl IntoIterator<Item = String>,
+    inputs: impl IntoIterator<Item = &'a Path>,
+) -> Result<String> {
+    let mut text: Vec<String> = description.into_iter().collect();
+    for file in inputs {
+        text.push(input_record(file)?);
+    }
+    Ok(text.join("\n"))
+}
 
 /// The line of a template's identity for one input file: `input <path>
 /// <size> <mtime> <inode>`. A template whose input lines no longer match
 /// the files ([`input_records_hold`]) is stale.
-pub(crate) fn input_record(file: &Path) -> Result<String> {
+fn input_record(file: &Path) -> Result<String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(file).map_err(|source| Error::Io {
         what: "reading a template input",

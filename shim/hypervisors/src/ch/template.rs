@@ -25,6 +25,7 @@ use super::{
 };
 use crate::console_log::ConsoleLog;
 use crate::process::ManagedProcess;
+use crate::template_key;
 use crate::{socket_path, Error, Result, VmSpec};
 
 /// Files of the template VM in its directory, named apart from a pod VM's
@@ -108,23 +109,15 @@ pub async fn save_template(binary: &Path, spec: &VmSpec, snapshot_dir: &Path) ->
 /// per-VM paths fixed) and the identity of CH, the kernel and the
 /// initramfs, so that a change of any of them makes a new template.
 pub fn template_identity(binary: &Path, spec: &VmSpec) -> Result<String> {
-    let fixed = VmSpec {
-        id: "template".into(),
-        dir: "/template".into(),
-        console_log: "/template/console.log".into(),
-        ..spec.clone()
-    };
-    let config = serde_json::to_string_pretty(&template_config(&fixed)).map_err(|source| {
-        Error::ApiEncode {
-            endpoint: "vm.create (template)",
-            source,
-        }
+    let config = template_config(&template_key::with_fixed_paths(spec));
+    let config = serde_json::to_string_pretty(&config).map_err(|source| Error::ApiEncode {
+        endpoint: "vm.create (template)",
+        source,
     })?;
-    let mut text: Vec<String> = config.lines().map(str::to_owned).collect();
-    for file in [binary, &spec.kernel, &spec.initramfs] {
-        text.push(crate::template_key::input_record(file)?);
-    }
-    Ok(text.join("\n"))
+    template_key::identity(
+        config.lines().map(str::to_owned),
+        [binary, spec.kernel.as_path(), spec.initramfs.as_path()],
+    )
 }
 
 /// Restores the template in `snapshot_dir` into the CH just started (it

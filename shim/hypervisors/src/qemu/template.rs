@@ -17,6 +17,7 @@ use super::args::{nic_properties, template_args, Layout, Properties};
 use super::qmp::Client;
 use crate::console_log::ConsoleLog;
 use crate::process::ManagedProcess;
+use crate::template_key;
 use crate::{socket_path, Error, Nic, Result, SharedFs, VmSpec};
 
 const TEMPLATE_QMP_SOCKET: &str = "template-qmp.sock";
@@ -83,35 +84,23 @@ pub async fn save_template(qemu_binary: &Path, spec: &VmSpec, snapshot: &Path) -
 /// the kernel and the initramfs, so that a change of any of them makes a
 /// new template. A file that cannot be read is an error.
 pub fn template_identity(qemu_binary: &Path, spec: &VmSpec) -> Result<String> {
-    let fixed = VmSpec {
-        id: "template".into(),
-        dir: "/template".into(),
-        console_log: "/template/console.log".into(),
-        ..spec.clone()
-    };
     let firmware = super::fast_firmware(qemu_binary);
     let args = template_args(
-        &fixed,
+        &template_key::with_fixed_paths(spec),
         Path::new("/template/qmp.sock"),
         firmware.as_deref(),
         Layout::Template,
     )?;
-    let mut text: Vec<String> = args
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    for file in [
+    let inputs = [
         Some(qemu_binary),
         firmware.as_deref(),
         Some(&spec.kernel),
         Some(&spec.initramfs),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        text.push(crate::template_key::input_record(file)?);
-    }
-    Ok(text.join("\n"))
+    ];
+    template_key::identity(
+        args.iter().map(|a| a.to_string_lossy().into_owned()),
+        inputs.into_iter().flatten(),
+    )
 }
 
 /// After `-incoming defer`: loads `snapshot` and lets the guest run.
