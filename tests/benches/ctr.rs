@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use clh_tests::bench_results::{self, Figure};
 use clh_tests::containerd::{check, ContainerdVersion, PrivateContainerd};
+use clh_tests::templates::ConfigSwitch;
 use clh_tests::GuestImage;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -87,28 +88,12 @@ fn main() -> Result<()> {
     // The clh start also through a template ([runtime] templates),
     // switched per run by rewriting the shim config (read at each start);
     // the first run with it makes the template, unmeasured.
-    let cold_config = std::fs::read_to_string(&config)?;
-    let template_config = cold_config.replacen(
-        "[runtime]\n",
-        &format!(
-            "[runtime]\ntemplates = true\ntemplate_dir = \"{}\"\n",
-            tmp.path().join("templates").display()
-        ),
-        1,
-    );
-    ensure!(
-        template_config != cold_config,
-        "no [runtime] table in {cold_config}"
-    );
-    let use_templates = |on: bool| {
-        let text = if on { &template_config } else { &cold_config };
-        std::fs::write(&config, text)
-    };
+    let switch = ConfigSwitch::new(Path::new(&config), &tmp.path().join("templates"))?;
     let (mut clh_start, mut runc_start, mut template_start) = (Vec::new(), Vec::new(), Vec::new());
     if start_rounds > 0 {
-        use_templates(true)?;
+        switch.use_templates(true)?;
         run_true(&ctd, CLH, "warm-template")?;
-        use_templates(false)?;
+        switch.use_templates(false)?;
     }
     for round in 0..start_rounds {
         for runtime in order(round) {
@@ -120,9 +105,9 @@ fn main() -> Result<()> {
             }
             .push(took);
         }
-        use_templates(true)?;
+        switch.use_templates(true)?;
         template_start.push(run_true(&ctd, CLH, &format!("t{round}-clh"))?);
-        use_templates(false)?;
+        switch.use_templates(false)?;
     }
     let (mut clh_rate, mut runc_rate, mut ceiling) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..stream_rounds {

@@ -170,13 +170,19 @@ pub fn add_key(config: &Path, table: &str, line: &str) -> Result<()> {
     if line.is_empty() {
         return Ok(());
     }
-    let header = format!("[{table}]\n");
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("reading the shim config {}", config.display()))?;
-    ensure!(text.contains(&header), "no {header} table in {text}");
-    let text = text.replacen(&header, &format!("{header}{line}\n"), 1);
+    let text = with_key(&text, table, line)?;
     std::fs::write(config, text)
         .with_context(|| format!("writing the shim config {}", config.display()))
+}
+
+/// Config `text` with `line` added at the top of `[table]`, which must be
+/// there.
+pub fn with_key(text: &str, table: &str, line: &str) -> Result<String> {
+    let header = format!("[{table}]\n");
+    ensure!(text.contains(&header), "no {header} table in {text}");
+    Ok(text.replacen(&header, &format!("{header}{line}\n"), 1))
 }
 
 /// A private containerd that runs our shim with `s`'s config, busybox
@@ -295,19 +301,6 @@ pub fn vm_processes(program: &str, vm_dir: &Path) -> Vec<i32> {
             let args = crate::containerd::cmdline(pid);
             args.first().is_some_and(|a| a.ends_with(program))
                 && args.iter().any(|a| a.contains(&dir))
-        })
-        .collect()
-}
-
-/// The QEMU processes under `state_dir` that were restored from a VM
-/// template (`-incoming` on their command line).
-pub fn restored_vms(state_dir: &Path) -> Vec<i32> {
-    vm_processes("qemu-system-x86_64", state_dir)
-        .into_iter()
-        .filter(|&pid| {
-            crate::containerd::cmdline(pid)
-                .iter()
-                .any(|a| a == "-incoming")
         })
         .collect()
 }

@@ -9,13 +9,18 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use tempfile::TempDir;
 
-use crate::ctr::{add_key, vm_processes, Setup};
+use crate::ctr::{add_key, vm_processes, with_key, Setup};
 
 /// How often the watch lists the QEMU processes.
 const WATCH_EVERY: Duration = Duration::from_millis(50);
+
+/// The `[runtime]` lines that turn templates on, kept in `store`.
+fn config_lines(store: &Path) -> String {
+    format!("templates = true\ntemplate_dir = \"{}\"", store.display())
+}
 
 /// Turns templates on in `s`'s shim config, kept in a new store that lives
 /// as long as the returned directory.
@@ -23,12 +28,39 @@ pub fn enable(s: &Setup) -> Result<TempDir> {
     let store = tempfile::Builder::new()
         .prefix("clh-templates-")
         .tempdir_in("/tmp")?;
-    let line = format!(
-        "templates = true\ntemplate_dir = \"{}\"",
-        store.path().display()
-    );
-    add_key(&s.config, "runtime", &line)?;
+    add_key(&s.config, "runtime", &config_lines(store.path()))?;
     Ok(store)
+}
+
+/// A shim config switched between booting pod VMs and restoring them from
+/// templates in a store, by rewriting the file before a start (each shim
+/// reads it when it starts): a bench compares both in one run.
+pub struct ConfigSwitch {
+    path: PathBuf,
+    boot: String,
+    template: String,
+}
+
+impl ConfigSwitch {
+    /// The switch for the config at `path`, as it is now (booting), with
+    /// templates kept in `store`.
+    pub fn new(path: &Path, store: &Path) -> Result<Self> {
+        let boot = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the shim config {}", path.display()))?;
+        let template = with_key(&boot, "runtime", &config_lines(store))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            boot,
+            template,
+        })
+    }
+
+    /// Writes the config that restores (`true`) or boots (`false`).
+    pub fn use_templates(&self, on: bool) -> Result<()> {
+        let text = if on { &self.template } else { &self.boot };
+        std::fs::write(&self.path, text)
+            .with_context(|| format!("writing the shim config {}", self.path.display()))
+    }
 }
 
 /// The templates in `store` that are complete (`<key>/ready`).
@@ -41,6 +73,15 @@ pub fn ready(store: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(ready)
+}
+
+/// The QEMU processes under `state_dir` that were restored from a VM
+/// template.
+pub fn restored_vms(state_dir: &Path) -> Vec<i32> {
+    vm_processes("qemu-system-x86_64", state_dir)
+        .into_iter()
+        .filter(|&pid| is_restored(pid))
+        .collect()
 }
 
 /// Whether QEMU `pid` was restored from a template (`-incoming`).

@@ -131,7 +131,7 @@ fn a_pod_restored_from_a_template_gets_its_network() {
     let (_s, cri) = ctr::cri_test_setup(s, images, AGENT_TIMEOUT_MS);
     serves_http_over_ipv4_and_ipv6_then(&cri, || {
         ensure!(
-            !ctr::restored_vms(&state_dir).is_empty(),
+            !clh_tests::templates::restored_vms(&state_dir).is_empty(),
             "the pod's QEMU was not restored from a template"
         );
         Ok(())

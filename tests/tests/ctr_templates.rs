@@ -68,7 +68,7 @@ fn containers_run_in_vms_restored_from_one_template() -> Result<()> {
     // Two pods at a time, both restored from the template made ahead.
     run_sleeper(&ctd, "t1")?;
     run_sleeper(&ctd, "t2")?;
-    let restored = ctr::restored_vms(&s.state_dir);
+    let restored = templates::restored_vms(&s.state_dir);
     ensure!(
         restored.len() == 2,
         "QEMUs restoring a template: {restored:?}"

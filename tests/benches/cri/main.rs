@@ -26,7 +26,7 @@
 //! behind; a failure still removes the pods (here, or by the Kubelet's
 //! drop) and stops containerd.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -39,6 +39,7 @@ use clh_tests::idle_memory::{print_memory, settle, IdleMemory};
 mod report;
 use clh_tests::pod_metrics;
 use clh_tests::podmem;
+use clh_tests::templates::ConfigSwitch;
 use report::{print_starts, print_steps, record, summary, StartSteps};
 
 const CLH: &str = "clh";
@@ -79,38 +80,15 @@ impl Mode {
     }
 }
 
-/// The shim config, rewritten before each clh start to boot or restore.
-struct ShimConfig {
-    path: PathBuf,
-    boot: String,
-    template: String,
-}
-
-impl ShimConfig {
-    fn new(s: &ctr::Setup, template_dir: &Path) -> Result<Self> {
-        let boot = std::fs::read_to_string(&s.config)?;
-        let line = format!(
-            "[runtime]\ntemplates = true\ntemplate_dir = \"{}\"\n",
-            template_dir.display()
-        );
-        let template = boot.replacen("[runtime]\n", &line, 1);
-        ensure!(template != boot, "no [runtime] table in {boot}");
-        Ok(Self {
-            path: s.config.clone(),
-            boot,
-            template,
-        })
-    }
-
-    fn set(&self, mode: Mode) -> Result<()> {
-        let text = match mode {
-            Mode::Runc => return Ok(()),
-            Mode::Boot => &self.boot,
-            Mode::Template => &self.template,
-        };
-        std::fs::write(&self.path, text).context("rewriting the shim config")
+/// Rewrites the shim config for `mode` before a clh start (runc reads
+/// none).
+fn configure(config: &ConfigSwitch, mode: Mode) -> Result<()> {
+    match mode {
+        Mode::Runc => Ok(()),
+        Mode::Boot | Mode::Template => config.use_templates(mode == Mode::Template),
     }
 }
+
 /// Pods per handler started one at a time.
 const SERIAL_PODS: usize = 10;
 /// Pods per batch started at once, and batches per handler.
@@ -129,7 +107,7 @@ fn main() -> Result<()> {
     let templates = tempfile::Builder::new()
         .prefix("clh-bench-templates-")
         .tempdir_in("/tmp")?;
-    let config = ShimConfig::new(&s, templates.path())?;
+    let config = ConfigSwitch::new(&s.config, templates.path())?;
     let k = Kubelet::start(&setup)?;
     // The header now, the figures only once everything has passed.
     println!("{}", header(&k)?);
@@ -139,14 +117,14 @@ fn main() -> Result<()> {
     // cache of the guest image and the binaries, snapshot preparation),
     // and the first from a template makes it.
     for mode in Mode::ALL {
-        config.set(mode)?;
+        configure(&config, mode)?;
         let (pod, _) = start_pod(&k, mode.handler(), &format!("warm-{}", mode.short()))?;
         k.remove_pod(&pod)?;
     }
     progress("warm-up pods done");
     let (serial, steps) = serial_starts(&k, &config, &s.state_dir)?;
     let parallel = parallel_starts(&k, &config)?;
-    config.set(Mode::Boot)?;
+    configure(&config, Mode::Boot)?;
     let memory = [
         idle_memory(&k, &s, CLH).context("clh idle pods")?,
         idle_memory(&k, &s, RUNC).context("runc idle pods")?,
@@ -249,7 +227,7 @@ impl Samples {
 
 fn serial_starts(
     k: &Kubelet,
-    config: &ShimConfig,
+    config: &ConfigSwitch,
     state_dir: &Path,
 ) -> Result<(Samples, Vec<(Mode, StartSteps)>)> {
     let mut samples = Samples::default();
@@ -259,7 +237,7 @@ fn serial_starts(
     ];
     for round in 0..SERIAL_PODS {
         for mode in order(round) {
-            config.set(mode)?;
+            configure(config, mode)?;
             let (pod, took) = start_pod(k, mode.handler(), &format!("s{round}-{}", mode.short()))?;
             if let Some((_, steps)) = steps.iter_mut().find(|(m, _)| *m == mode) {
                 let socket = state_dir.join(&pod.id).join("metrics.sock");
@@ -284,11 +262,11 @@ struct Parallel {
     batches: Samples,
 }
 
-fn parallel_starts(k: &Kubelet, config: &ShimConfig) -> Result<Parallel> {
+fn parallel_starts(k: &Kubelet, config: &ConfigSwitch) -> Result<Parallel> {
     let (mut per_pod, mut batches) = (Samples::default(), Samples::default());
     for round in 0..PARALLEL_ROUNDS {
         for mode in order(round) {
-            config.set(mode)?;
+            configure(config, mode)?;
             let (took, wall) = batch(k, mode, round)?;
             per_pod.push(mode, took);
             batches.push(mode, [wall]);
