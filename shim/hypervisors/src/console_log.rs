@@ -14,11 +14,13 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::process::ManagedProcess;
 use crate::{Error, Result};
 
 /// Cap of `console.log` and `console.log.1` together when the
@@ -195,6 +197,27 @@ impl ConsoleLog {
     /// Becomes `true` once the agent has printed [`AGENT_SERVING_MESSAGE`].
     pub fn agent_serving(&self) -> watch::Receiver<bool> {
         self.agent_serving.clone()
+    }
+
+    /// Until the agent has printed that it serves, within `timeout`; fails
+    /// early, with `vmm`'s exit and log, if the VMM writing this console
+    /// exits, or if the console ends without the line.
+    pub async fn wait_agent_serving(
+        &self,
+        vmm: &ManagedProcess,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<()> {
+        let mut serving = self.agent_serving();
+        let seen = async {
+            serving
+                .wait_for(|s| *s)
+                .await
+                .map(|_| ())
+                // The copier ended: the VMM closed its end of the console.
+                .map_err(|_| vmm.exited_early())
+        };
+        vmm.within(timeout, what, seen).await
     }
 }
 

@@ -71,7 +71,10 @@ pub async fn save_template(binary: &Path, spec: &VmSpec, snapshot_dir: &Path) ->
             let config = template_config(spec);
             client.create_within(&config, remaining(deadline)).await?;
             client.boot_within(remaining(deadline)).await?;
-            wait_for_agent(&ch, &console, remaining(deadline)).await?;
+            let what = "the template's agent to print its serving line on the console";
+            console
+                .wait_agent_serving(&ch, remaining(deadline), what)
+                .await?;
             // CH snapshots only a paused VM.
             client.pause().await?;
             std::fs::create_dir(snapshot_dir).map_err(|source| Error::Io {
@@ -175,21 +178,4 @@ pub(crate) fn file_url(dir: &Path) -> Result<String> {
             dir.display()
         ))),
     }
-}
-
-/// Until the agent has printed that it serves (on the template's console).
-async fn wait_for_agent(
-    ch: &ManagedProcess,
-    console: &ConsoleLog,
-    timeout: Duration,
-) -> Result<()> {
-    let serving = console.agent_serving();
-    let what = "the template's agent to print its serving line on the console";
-    crate::wait::wait_until(what, timeout, || async {
-        if ch.exited().is_some() {
-            return Some(Err(ch.exited_early()));
-        }
-        (*serving.borrow()).then_some(Ok(()))
-    })
-    .await?
 }

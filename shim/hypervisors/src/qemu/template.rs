@@ -46,15 +46,8 @@ pub async fn save_template(qemu_binary: &Path, spec: &VmSpec, snapshot: &Path) -
     let qemu = ManagedProcess::spawn("qemu-system-x86_64", cmd, &spec.dir.join(TEMPLATE_LOG))?;
     let saved = async {
         let mut qmp = Client::connect(&qmp_socket, &qemu, left()).await?;
-        let mut serving = console.agent_serving();
-        let ready = qemu.within(left(), "the template's agent to serve", async {
-            serving
-                .wait_for(|s| *s)
-                .await
-                .map(|_| ())
-                .map_err(|_| Error::Qmp("the console watcher ended".into()))
-        });
-        ready.await?;
+        let what = "the template's agent to serve";
+        console.wait_agent_serving(&qemu, left(), what).await?;
         qmp.execute("stop", Value::Null).await?;
         set_mapped_ram(&mut qmp).await?;
         let uri = format!("file:{}", snapshot.display());
