@@ -56,11 +56,16 @@ pub(super) fn discard(snapshot: &Path) {
     let Some(template) = snapshot.parent() else {
         return;
     };
-    // Readiness first: a concurrent pod no longer takes it.
-    let _ = std::fs::remove_file(template.join("ready"));
-    if let Err(e) = std::fs::remove_dir_all(template) {
+    if let Err(e) = remove_template(template) {
         tracing::warn!(template = %template.display(), error = %e, "cannot remove a failed template");
     }
+}
+
+/// Removes the template (or build) directory `template`, its readiness
+/// first: a concurrent pod no longer takes it.
+fn remove_template(template: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(template.join("ready"));
+    std::fs::remove_dir_all(template)
 }
 
 async fn ensure(dir: &Path, opts: &VmOptions, spec: &VmSpec) -> Result<PathBuf> {
@@ -157,8 +162,7 @@ fn remove_stale(dir: &Path, keep: &str) {
         if !stale {
             continue;
         }
-        let _ = std::fs::remove_file(path.join("ready"));
-        match std::fs::remove_dir_all(&path) {
+        match remove_template(&path) {
             Ok(()) => tracing::info!(template = %path.display(), "removed a stale VM template"),
             Err(e) => {
                 tracing::warn!(template = %path.display(), error = %e, "cannot remove a stale VM template")
