@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -109,13 +109,7 @@ fn memory_limit_oom_kills_with_an_event() -> Result<()> {
     let mut events = ctr_command(&ctd, &["events"])
         .stdout(Stdio::piped())
         .spawn()?;
-    let (tx, rx) = mpsc::channel();
-    let stdout = events.stdout.take().context("ctr events stdout")?;
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stdout_lines(&mut events)?;
     let out = ctd.ctr(&[
         "run",
         "--runtime",
@@ -176,22 +170,24 @@ fn kill_exit_codes() -> Result<()> {
     .stdin(Stdio::null())
     .spawn()?;
     wait_status(&ctd, "kill1", "RUNNING", VM_DEADLINE)?;
-    let mut exec = ctr_command(
-        &ctd,
-        &["task", "exec", "--exec-id", "e1", "kill1", "sleep", "1000"],
-    )
-    .stdin(Stdio::null())
-    .spawn()?;
-    // Started once `ctr task ps` lists a second process (after its header).
-    let deadline = Instant::now() + VM_DEADLINE;
-    loop {
-        let out = ctd.ctr(&["task", "ps", "kill1"])?;
-        if String::from_utf8_lossy(&out.stdout).lines().count() >= 3 {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "exec e1 never started");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let exec_args = [
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "kill1",
+        "sh",
+        "-c",
+        "echo started; exec sleep 1000",
+    ];
+    let mut exec = ctr_command(&ctd, &exec_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    // Started once it says so: `ctr task ps` lists an exec the guest has
+    // created but not yet started, and a signal to it then is refused.
+    let said = stdout_lines(&mut exec)?.recv_timeout(VM_DEADLINE);
+    ensure!(said.as_deref() == Ok("started"), "exec e1: {said:?}");
     let args = ["task", "kill", "--exec-id", "e1", "-s", "SIGTERM", "kill1"];
     check(&ctd.ctr(&args)?, "ctr task kill -s SIGTERM")?;
     let term = wait_within(&mut exec, VM_DEADLINE)?.code();
@@ -280,4 +276,16 @@ fn bad_input_is_refused_clearly() -> Result<()> {
     refused(&out, "runtime options", "unsupported runtime options")?;
     nothing_running(&ctd, &s)?;
     finish(ctd, &s)
+}
+
+/// The lines `child` writes to its piped stdout, as they come.
+fn stdout_lines(child: &mut Child) -> Result<mpsc::Receiver<String>> {
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().context("the child's stdout")?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    Ok(rx)
 }
