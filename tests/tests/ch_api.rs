@@ -183,14 +183,7 @@ async fn start_info_add_fs_and_stop_against_real_cloud_hypervisor() {
     println!("hot-plugged virtio-fs: {device:?}");
     assert_eq!(device.map(|d| d.id).as_deref(), Some("hotfs"));
     let info = ch.info().await.unwrap();
-    let tags: Vec<_> = info
-        .config
-        .fs
-        .iter()
-        .flatten()
-        .map(|f| f.tag.as_str())
-        .collect();
-    assert_eq!(tags, ["boot", "hot"]);
+    assert_eq!(info.config.fs_tags(), ["boot", "hot"]);
     ch.counters().await.unwrap();
 
     let stop_started = Instant::now();

@@ -175,20 +175,14 @@ async fn a_saved_template_restores_with_the_pods_own_vsock_and_fs_against_real_c
     let vsock = info
         .config
         .vsock
+        .as_ref()
         .expect("a vsock device after vm.add-vsock");
-    assert_eq!((vsock.cid, vsock.socket), (3, pod.join("vsock.sock")));
+    assert_eq!((vsock.cid, &vsock.socket), (3, &pod.join("vsock.sock")));
     assert!(
         ch.vsock_socket().exists(),
         "CH did not bind the pod's vsock"
     );
-    let tags: Vec<_> = info
-        .config
-        .fs
-        .iter()
-        .flatten()
-        .map(|f| f.tag.as_str())
-        .collect();
-    assert_eq!(tags, ["clh-shared"]);
+    assert_eq!(info.config.fs_tags(), ["clh-shared"]);
     assert!(info.config.net.unwrap_or_default().is_empty());
     // The template's relative console path resolved in the pod's directory.
     let serial = info.config.serial.and_then(|s| s.file);

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::VmSpec;
+use crate::{Nic, VmSpec};
 
 /// The line the stand-in of [`fake_ch`] prints before failing.
 pub const FAKE_CH_LINE: &str = "fake-ch: error booting VM: no KVM here";
@@ -28,6 +28,27 @@ pub fn fake_ch(dir: &Path) -> PathBuf {
         path.display()
     );
     path
+}
+
+impl Nic {
+    /// Two NICs as CNI makes them: `tap0_clh` with MTU 1450 and `tap1_clh`
+    /// with the default MTU (0), one queue each.
+    pub fn two_for_test() -> Vec<Nic> {
+        vec![
+            Nic {
+                tap: "tap0_clh".into(),
+                mac: "0a:58:0a:f4:00:07".into(),
+                mtu: 1450,
+                queues: 1,
+            },
+            Nic {
+                tap: "tap1_clh".into(),
+                mac: "0a:58:0a:f4:01:07".into(),
+                mtu: 0,
+                queues: 1,
+            },
+        ]
+    }
 }
 
 impl VmSpec {

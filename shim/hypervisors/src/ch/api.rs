@@ -42,6 +42,13 @@ pub struct VmConfig {
     pub balloon: Option<BalloonConfig>,
 }
 
+impl VmConfig {
+    /// The tags of the VM's virtio-fs devices, in the order CH lists them.
+    pub fn fs_tags(&self) -> Vec<&str> {
+        self.fs.iter().flatten().map(|f| f.tag.as_str()).collect()
+    }
+}
+
 /// `CpusConfig`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpusConfig {

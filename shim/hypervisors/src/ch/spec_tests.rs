@@ -177,23 +177,6 @@ fn vm_create_body_matches_the_spec() {
     api.assert_valid("VmConfig", &everything);
 }
 
-pub(super) fn nics() -> Vec<Nic> {
-    vec![
-        Nic {
-            tap: "tap0_clh".into(),
-            mac: "0a:58:0a:f4:00:07".into(),
-            mtu: 1450,
-            queues: 1,
-        },
-        Nic {
-            tap: "tap1_clh".into(),
-            mac: "0a:58:0a:f4:01:07".into(),
-            mtu: 0,
-            queues: 1,
-        },
-    ]
-}
-
 /// One `net` entry per NIC, in order: the tap, the guest MAC and the MTU
 /// when one is given, one queue pair; never `ip`/`mask` (CH would put
 /// them on the pod's tap) nor `host_mac`.
@@ -202,7 +185,7 @@ fn each_nic_is_a_net_device_on_its_tap() {
     let dir = PathBuf::from("/run/clh/pod1");
     let pod = VmSpec {
         netns: Some("/var/run/netns/cni-1234".into()),
-        nics: nics(),
+        nics: Nic::two_for_test(),
         ..spec(&dir)
     };
     let body = serde_json::to_value(vm_config(&pod, &dir.join("vsock.sock"))).unwrap();
@@ -214,7 +197,7 @@ fn each_nic_is_a_net_device_on_its_tap() {
         ])
     );
     // A multi-queue tap: one RX and one TX queue per pair.
-    let mut multi = nics();
+    let mut multi = Nic::two_for_test();
     multi[0].queues = 4;
     let pod4 = VmSpec {
         nics: multi,

@@ -35,7 +35,7 @@ fn pod(dir: &Path) -> VmSpec {
             socket: dir.join("fs.sock"),
             tag: "clh-shared".into(),
         }),
-        nics: super::spec_tests::nics(),
+        nics: crate::Nic::two_for_test(),
         max: Some(VmSize {
             vcpus: 2,
             memory_mib: 1024,

@@ -432,20 +432,7 @@ mod tests {
     fn each_nic_is_a_tap_netdev_and_a_virtio_net_device() {
         let s = VmSpec {
             netns: Some(PathBuf::from("/var/run/netns/cni-1")),
-            nics: vec![
-                Nic {
-                    tap: "tap0_clh".into(),
-                    mac: "0a:58:0a:f4:00:07".into(),
-                    mtu: 1450,
-                    queues: 1,
-                },
-                Nic {
-                    tap: "tap1_clh".into(),
-                    mac: "0a:58:0a:f4:01:07".into(),
-                    mtu: 0,
-                    queues: 1,
-                },
-            ],
+            nics: Nic::two_for_test(),
             ..spec()
         };
         let args = qemu_args(
