@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Result;
 
 /// The kubelet's atomic writer (pkg/volume/util/atomic_writer.go), in
 /// order: new timestamped dir, `..data_tmp` renamed over `..data`, new
@@ -39,13 +39,5 @@ pub fn atomic_write(dir: &Path, serial: u32, files: &[(&str, &[u8])]) -> Result<
 
 /// Compiles `tests/images/inotify-wait.c` statically to `out`.
 pub fn build_inotify_wait(out: &Path) -> Result<()> {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/inotify-wait.c");
-    let status = std::process::Command::new("gcc")
-        .args(["-static", "-Os", "-Wall", "-Werror", "-o"])
-        .arg(out)
-        .arg(&source)
-        .status()
-        .context("running gcc (apt-get install gcc libc6-dev)")?;
-    ensure!(status.success(), "gcc -static {} failed", source.display());
-    Ok(())
+    crate::build_static_helper("inotify-wait", out)
 }

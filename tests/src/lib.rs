@@ -19,6 +19,22 @@ const VM_PROCESS_NAMES: [&str; 4] = [
     "cloud-hyperviso",
 ];
 
+/// Compiles `tests/images/<name>.c` with `gcc -static` to `out`: a helper
+/// for a container image that has no libc (busybox).
+pub fn build_static_helper(name: &str, out: &Path) -> anyhow::Result<()> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("images")
+        .join(format!("{name}.c"));
+    let status = std::process::Command::new("gcc")
+        .args(["-static", "-Os", "-Wall", "-Werror", "-o"])
+        .arg(out)
+        .arg(&source)
+        .status()
+        .context("running gcc (apt-get install gcc libc6-dev)")?;
+    anyhow::ensure!(status.success(), "gcc -static {} failed", source.display());
+    Ok(())
+}
+
 /// The built guest image.
 #[derive(Debug, Clone)]
 pub struct GuestImage {

@@ -227,6 +227,7 @@ pub struct ContainerBuilder {
     mounts: Vec<cri::Mount>,
     privileged: bool,
     seccomp: Option<cri::SecurityProfile>,
+    working_dir: String,
 }
 
 /// A seccomp profile as the kubelet sends it (`securityContext.seccompProfile`).
@@ -267,6 +268,7 @@ impl ContainerBuilder {
             mounts: Vec::new(),
             privileged: false,
             seccomp: None,
+            working_dir: String::new(),
         }
     }
 
@@ -278,6 +280,12 @@ impl ContainerBuilder {
     /// `securityContext.privileged` (its pod must be privileged too).
     pub fn privileged(mut self) -> Self {
         self.privileged = true;
+        self
+    }
+
+    /// `workingDir`: the process's cwd (none: the image's).
+    pub fn working_dir(mut self, dir: &str) -> Self {
+        self.working_dir = dir.to_owned();
         self
     }
 
@@ -373,6 +381,7 @@ impl ContainerBuilder {
             image: Some(super::image_spec(&self.image)),
             command: self.command.clone(),
             args: self.args.clone(),
+            working_dir: self.working_dir.clone(),
             log_path: format!("{}/{}.log", self.name, self.attempt),
             mounts: self.mounts.clone(),
             linux: Some(cri::LinuxContainerConfig {
