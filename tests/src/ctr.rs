@@ -198,6 +198,26 @@ pub fn start(version: ContainerdVersion, s: &Setup, tmpdir: &Path) -> Result<Pri
     Ok(ctd)
 }
 
+/// A busybox rootfs in `dir` (for `ctr run --rootfs` or a container spec
+/// of our own): the directories `subdirs`, `bin/busybox` from the cache
+/// that packaging/install-containerd.sh fills, and `bin/<applet>` links.
+pub fn busybox_rootfs(dir: &Path, subdirs: &[&str], applets: &[&str]) -> Result<()> {
+    for sub in subdirs.iter().chain(&["bin"]) {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let busybox = crate::containerd::cache_dir().join("busybox-static/bin/busybox");
+    ensure!(
+        busybox.is_file(),
+        "{} is missing: run packaging/install-containerd.sh first",
+        busybox.display()
+    );
+    std::fs::copy(&busybox, dir.join("bin/busybox")).context("copying busybox")?;
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet))?;
+    }
+    Ok(())
+}
+
 /// `ctr run --runtime clh --rm busybox args...`.
 pub fn run(ctd: &PrivateContainerd, args: &[&str]) -> Result<std::process::Output> {
     let mut full = vec!["run", "--runtime", RUNTIME, "--rm", BUSYBOX];

@@ -16,7 +16,7 @@ use anyhow::{ensure, Context, Result};
 use clh_agent_client::{open_stdio_stream, Stdio, StdioKind};
 use clh_agent_protocol::GUEST_SHARED_DIR;
 use clh_tests::atomic_writer::{atomic_write, build_inotify_wait};
-use clh_tests::{containerd::cache_dir, qemu_options, state_root, GuestImage, LeakCheck};
+use clh_tests::{qemu_options, state_root, GuestImage, LeakCheck};
 use containerd_shim_clh_v2::service::volume_sync;
 use containerd_shim_clh_v2::shared_mount::private_dir;
 use containerd_shim_clh_v2::vm::PodVm;
@@ -33,19 +33,8 @@ const CID: &str = "vols";
 /// A busybox rootfs with `inotify-wait` compiled into it.
 fn make_rootfs(shared: &Path) -> Result<()> {
     let rootfs = shared.join(CID).join("rootfs");
-    for dir in ["bin", "proc", "sys", "dev", "tmp", "etc", "vol"] {
-        std::fs::create_dir_all(rootfs.join(dir))?;
-    }
-    let busybox = cache_dir().join("busybox-static/bin/busybox");
-    ensure!(
-        busybox.is_file(),
-        "{} is missing: run packaging/install-containerd.sh first",
-        busybox.display()
-    );
-    std::fs::copy(&busybox, rootfs.join("bin/busybox")).context("copying busybox")?;
-    for applet in ["sh", "cat", "echo", "ls", "wc"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
-    }
+    let dirs = ["proc", "sys", "dev", "tmp", "etc", "vol"];
+    clh_tests::ctr::busybox_rootfs(&rootfs, &dirs, &["sh", "cat", "echo", "ls", "wc"])?;
     build_inotify_wait(&rootfs.join("bin/inotify-wait"))?;
     Ok(())
 }

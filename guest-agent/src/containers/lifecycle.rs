@@ -156,6 +156,7 @@ impl Containers {
                 root.display()
             )));
         }
+        super::kernel_fs_targets::check(&spec, &root)?;
         make_ephemeral_dirs(&spec)?;
 
         let _build = self.build_lock.lock().await;

@@ -7,6 +7,7 @@
 
 mod cgroup;
 mod exec_seccomp;
+mod kernel_fs_targets;
 mod lifecycle;
 pub mod process;
 mod tty;
