@@ -95,6 +95,13 @@ pub fn cri_setup(
     Ok(cri)
 }
 
+/// [`cri_test_setup`] of a fresh [`setup`] with a 60 s agent deadline. Keep
+/// the returned [`Setup`] alive: it owns the state directories.
+pub fn default_cri_test_setup(images_dir: &Path) -> (Setup, CriSetup) {
+    let s = setup().expect("shim setup");
+    cri_test_setup(s, images_dir, 60_000)
+}
+
 /// [`cri_setup`] for an end-to-end test: the debug shim (built if need
 /// be), images under `images_dir` (the test's `CARGO_TARGET_TMPDIR`).
 /// Panics on failure, naming what failed.

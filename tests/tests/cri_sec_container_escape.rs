@@ -32,8 +32,7 @@ const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The shim's setup (kept alive: it owns the state dirs) and CRI's.
 fn cri_setup() -> (ctr::Setup, CriSetup) {
-    let s = ctr::setup().expect("shim setup");
-    ctr::cri_test_setup(s, Path::new(env!("CARGO_TARGET_TMPDIR")), 60_000)
+    ctr::default_cri_test_setup(Path::new(env!("CARGO_TARGET_TMPDIR")))
 }
 
 /// Every target the probe tries: the agent's three ports on every CID a

@@ -5,6 +5,7 @@
 //! to us and not reaped as an orphan.
 
 use super::exec_seccomp;
+use super::executor::ContainerExec;
 use super::process::{ChildStdio, Proc};
 use super::tty::ConsoleSocket;
 use super::{
@@ -179,6 +180,7 @@ impl Containers {
             let console = console_socket(terminal)?;
             let (container, rx) = reaper.spawn_registered(|| {
                 let container = builder(&owned_id, child, console.as_ref())?
+                    .with_executor(ContainerExec { seccomp: None })
                     .as_init(&bundle2)
                     .with_systemd(false)
                     .with_detach(true)
@@ -282,11 +284,11 @@ impl Containers {
         let (pid, rx, master) = blocking(move || {
             let console = console_socket(pending.terminal)?;
             let (pid, rx) = reaper.spawn_registered(|| {
-                let mut builder = builder(&owned_id, pending.stdio, console.as_ref())?;
-                if let Some(filtered) = pending.seccomp {
-                    builder = builder.with_executor(filtered);
-                }
-                let pid = builder
+                let executor = ContainerExec {
+                    seccomp: pending.seccomp,
+                };
+                let pid = builder(&owned_id, pending.stdio, console.as_ref())?
+                    .with_executor(executor)
                     .as_tenant()
                     .with_process(Some(&pending.spec_path))
                     .with_detach(true)

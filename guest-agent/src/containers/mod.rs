@@ -7,6 +7,7 @@
 
 mod cgroup;
 mod exec_seccomp;
+mod executor;
 mod kernel_fs_targets;
 mod lifecycle;
 pub mod process;

@@ -60,6 +60,11 @@ pub struct Cri {
     timeout: Duration,
 }
 
+/// The largest answer the client takes: more than the kubelet's 16 MiB,
+/// so that an ExecSync answer at containerd's 16 MiB output cap (plus its
+/// framing) still decodes.
+const MAX_MESSAGE: usize = 32 << 20;
+
 impl Cri {
     /// Connects to the CRI server listening on `socket` (containerd's gRPC
     /// address) with [`CALL_TIMEOUT`] per call.
@@ -84,7 +89,8 @@ impl Cri {
             )
             .with_context(|| format!("connecting to the CRI socket {}", socket.display()))?;
         Ok(Self {
-            runtime: RuntimeServiceClient::new(channel.clone()),
+            runtime: RuntimeServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE),
             images: ImageServiceClient::new(channel),
             rt,
             timeout: CALL_TIMEOUT,

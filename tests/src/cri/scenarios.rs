@@ -19,6 +19,9 @@ pub use super::runc_parity::{
     mount_propagation, pod_sysctls, read_only_submounts, Bidirectional, HOST_SYSCTL,
 };
 
+/// SIGPIPE (13) in a /proc/<pid>/status signal mask.
+const SIGPIPE_BIT: u64 = 1 << (13 - 1);
+
 /// Deadline of one exec'd command.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -44,7 +47,8 @@ pub struct TwoContainers {
 }
 
 /// (a) A pod with two containers: both run, ExecSync in each returns the
-/// command's stdout, stderr and exit code; returns their boot ids.
+/// command's stdout, stderr and exit code, and their processes do not
+/// ignore SIGPIPE; returns their boot ids.
 pub fn two_containers(setup: &CriSetup) -> Result<TwoContainers> {
     let k = Kubelet::start(setup)?;
     let cri = k.cri();
@@ -68,6 +72,18 @@ pub fn two_containers(setup: &CriSetup) -> Result<TwoContainers> {
         ensure!(
             r.stderr == "oops\n" && r.stdout.is_empty() && r.exit_code == 0,
             "{r:?}"
+        );
+        // Processes start with SIGPIPE not ignored, as runc starts them: a
+        // writer whose reader left dies of it, silently.
+        let sigpipe = "grep SigIgn /proc/1/status /proc/self/status; yes | head -c 1 >/dev/null";
+        let r = cri.exec_sync(id, &["sh", "-c", sigpipe], EXEC_TIMEOUT)?;
+        let ignored: Vec<bool> = (r.stdout.lines())
+            .filter_map(|l| l.split('\t').nth(1))
+            .map(|mask| u64::from_str_radix(mask, 16).map(|m| m & SIGPIPE_BIT != 0))
+            .collect::<Result<_, _>>()?;
+        ensure!(
+            ignored == [false; 2] && r.stderr.is_empty(),
+            "SIGPIPE ignored in {id}'s init or exec: {r:?}"
         );
     }
     let listed = cri.list_containers(Some(&pod.id))?;
