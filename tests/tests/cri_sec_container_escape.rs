@@ -24,7 +24,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use clh_tests::containerd::{check, ContainerdVersion};
+use clh_tests::containerd::ContainerdVersion;
 use clh_tests::cri::{ContainerBuilder, CriSetup, Kubelet, Seccomp, BUSYBOX};
 use clh_tests::{build_static_helper, ctr};
 
@@ -178,11 +178,9 @@ fn leaked_fd_exec_cwd() -> Result<()> {
             println!("exec with cwd {cwd} refused: {stderr}");
             return Ok(None);
         }
-        let root = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("root: "))
-            .with_context(|| format!("no root line from the exec in {cwd}: {stdout}"))?;
-        Ok(Some(format!(" {} ", root.trim())))
+        walked_root(&stdout)
+            .map(Some)
+            .with_context(|| format!("no root line from the exec in {cwd}: {stdout}"))
     };
     let own_root = walk_up("control", "/")?.context("the control exec (cwd /) failed")?;
     ensure!(!own_root.contains(" init "), "{own_root}");
@@ -196,16 +194,7 @@ fn leaked_fd_exec_cwd() -> Result<()> {
             println!("{cwd}: ran, confined");
         }
     }
-    check(
-        &ctd.ctr(&["task", "kill", "-s", "SIGKILL", "cwd1"])?,
-        "ctr task kill",
-    )?;
-    ctr::wait_status(&ctd, "cwd1", "STOPPED", ctr::VM_DEADLINE)?;
-    check(&ctd.ctr(&["task", "delete", "cwd1"])?, "ctr task delete")?;
-    check(
-        &ctd.ctr(&["container", "delete", "cwd1"])?,
-        "ctr container delete",
-    )?;
+    ctr::kill_and_remove(&ctd, "cwd1")?;
     ctr::finish(ctd, &s)
 }
 
@@ -234,9 +223,17 @@ fn walk_up_from(
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             Ok(text.contains(" END").then_some(text))
         })?;
-    let root = text
+    walked_root(&text)
+        .map(Some)
+        .with_context(|| format!("no root line in {name}'s log: {text}"))
+}
+
+/// The listing of [`WALK_UP`]'s `root:` line in `output` (a process's own
+/// stdout, or a CRI log whose lines carry a prefix), space-delimited at both
+/// ends so that ` init ` matches an entry.
+fn walked_root(output: &str) -> Option<String> {
+    output
         .lines()
-        .find_map(|l| l.split_once(" root: ").map(|(_, r)| r.trim().to_owned()))
-        .with_context(|| format!("no root line in {name}'s log: {text}"))?;
-    Ok(Some(format!(" {root} ")))
+        .find_map(|l| l.split_once("root: "))
+        .map(|(_, listing)| format!(" {} ", listing.trim()))
 }
