@@ -5,7 +5,7 @@
 //! namespaces, cgroup path, personality and time offsets, so every exec ran
 //! unfiltered (`Seccomp: 0` under `kubectl exec`, where runc gives 2). runc
 //! loads the container's filter into each exec, and so do we: in the last
-//! step before execve, a libcontainer [`Executor`].
+//! step before execve (`super::executor`, a libcontainer `Executor`).
 //!
 //! Loading a filter needs no_new_privs or CAP_SYS_ADMIN, and by that step
 //! libcontainer has dropped the process to its own capabilities. Without
@@ -21,7 +21,7 @@ use libcontainer::capabilities::drop_privileges;
 use libcontainer::seccomp::{initialize_seccomp, is_notify};
 use libcontainer::syscall::syscall::create_syscall;
 use libcontainer::workload::default::DefaultExecutor;
-use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use libcontainer::workload::{Executor, ExecutorError};
 use oci_spec::runtime::{Capability, LinuxCapabilities, LinuxSeccomp, Process, Spec};
 
 /// What loading a filter and then dropping the bounding set take.
@@ -77,8 +77,10 @@ fn with_loading_caps(caps: &LinuxCapabilities) -> LinuxCapabilities {
     wide
 }
 
-impl Executor for FilteredExec {
-    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+impl FilteredExec {
+    /// Loads the filter, drops to the process's own capabilities, then
+    /// execs as libcontainer does: the last step of [`super::executor`].
+    pub(super) fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         initialize_seccomp(&self.filter).map_err(|e| {
             ExecutorError::Other(format!("loading the container's seccomp filter: {e}"))
         })?;
@@ -90,10 +92,6 @@ impl Executor for FilteredExec {
             })?;
         }
         DefaultExecutor {}.exec(spec)
-    }
-
-    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
-        DefaultExecutor {}.validate(spec)
     }
 }
 
