@@ -122,6 +122,9 @@ pub struct TimeoutsConfig {
     pub vmm_start_ms: u64,
     /// VM boot to the agent's first reply. QEMU TCG needs seconds.
     pub agent_connect_ms: u64,
+    /// One request to a running agent (create a container, start a
+    /// process, ...), the long polls (a process's exit) aside.
+    pub agent_call_ms: u64,
     /// Graceful VM shutdown before SIGKILL.
     pub stop_ms: u64,
     /// How often a running pod's agent is health-checked (REL-AGENT-01).
@@ -136,6 +139,7 @@ impl Default for TimeoutsConfig {
         Self {
             vmm_start_ms: 5_000,
             agent_connect_ms: 30_000,
+            agent_call_ms: 30_000,
             stop_ms: 3_000,
             health_check_interval_ms: 5_000,
             health_check_ms: 10_000,
@@ -321,6 +325,7 @@ impl Config {
         for (key, ms) in [
             ("timeouts.vmm_start_ms", t.vmm_start_ms),
             ("timeouts.agent_connect_ms", t.agent_connect_ms),
+            ("timeouts.agent_call_ms", t.agent_call_ms),
             ("timeouts.stop_ms", t.stop_ms),
             (
                 "timeouts.health_check_interval_ms",

@@ -49,6 +49,7 @@ fn values_are_read() {
         kernel_params = ["loglevel=7"]
         [timeouts]
         agent_connect_ms = 1000
+        agent_call_ms = 45000
         "#,
     )
     .unwrap();
@@ -59,6 +60,7 @@ fn values_are_read() {
     assert_eq!((g.max_vcpus, g.max_memory_mib), (4, 4096));
     assert_eq!(c.guest.kernel_params, vec!["loglevel=7".to_string()]);
     assert_eq!(c.timeouts.agent_connect_ms, 1000);
+    assert_eq!(c.timeouts.agent_call_ms, 45000);
 }
 
 #[test]

@@ -45,6 +45,7 @@ impl VmOptions {
                 .then(|| config.runtime.template_dir.clone()),
             vmm_start_timeout: Duration::from_millis(t.vmm_start_ms),
             agent_timeout: Duration::from_millis(t.agent_connect_ms),
+            agent_call_timeout: Duration::from_millis(t.agent_call_ms),
             stop_timeout: Duration::from_millis(t.stop_ms),
             health: HealthCheck {
                 interval: Duration::from_millis(t.health_check_interval_ms),
@@ -76,6 +77,10 @@ mod tests {
         assert_eq!(
             ch.agent_timeout,
             Duration::from_millis(config.timeouts.agent_connect_ms)
+        );
+        assert_eq!(
+            ch.agent_call_timeout,
+            Duration::from_millis(config.timeouts.agent_call_ms)
         );
     }
 }

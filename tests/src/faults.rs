@@ -62,7 +62,7 @@ impl FaultSwitch {
     /// Throws `fault`. The agent may not live to answer; an agent without
     /// the switch is an error.
     pub fn throw(&self, fault: Fault) -> Result<()> {
-        match self.rt.block_on(self.agent.inject_fault(fault)) {
+        match self.rt.block_on(self.agent.inject_fault(fault, 0)) {
             Err(clh_agent_client::Error::Rpc {
                 source: ttrpc::Error::RpcStatus(status),
                 ..
@@ -72,6 +72,22 @@ impl FaultSwitch {
             // Done, or the agent (or the guest) went before it answered.
             _ => Ok(()),
         }
+    }
+
+    /// Makes every later CreateContainer answer `delay` late, after its
+    /// container is built; zero ends that. Unlike a hang or a panic, this
+    /// is answered: the answer is awaited (a busy TCG guest may take
+    /// seconds).
+    pub fn slow_create(&self, delay: Duration) -> Result<()> {
+        let delay_ms = u32::try_from(delay.as_millis()).context("a delay of over 49 days")?;
+        let agent = self
+            .agent
+            .clone()
+            .with_call_timeout(Duration::from_secs(30));
+        (self
+            .rt
+            .block_on(agent.inject_fault(Fault::SLOW_CREATE, delay_ms)))
+        .context("throwing SLOW_CREATE")
     }
 }
 

@@ -148,6 +148,7 @@ pub fn qemu_options(image: &GuestImage) -> VmOptions {
         templates: None,
         vmm_start_timeout: Duration::from_secs(20),
         agent_timeout: Duration::from_secs(90),
+        agent_call_timeout: Duration::from_secs(60),
         stop_timeout: Duration::from_secs(5),
         // TCG on a loaded host: a Check may take seconds.
         health: containerd_shim_clh_v2::vm::HealthCheck {

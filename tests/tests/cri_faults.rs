@@ -13,6 +13,12 @@
 //!   VM ends (QEMU `-no-reboot`; on Cloud Hypervisor, which reboots, the
 //!   health check notices the lost agent) and the pod fails within 10 s.
 //!
+//! - `a_create_past_its_deadline_leaves_nothing_in_the_guest`: the agent
+//!   builds a container but answers after `agent_call_ms`: StartContainer
+//!   fails DeadlineExceeded naming the setting, the container is removed
+//!   in the guest (its cgroup, seen from a privileged container of the
+//!   pod, goes), and the pod runs on.
+//!
 //! Run one at a time (`-- --test-threads=1`).
 
 use std::path::Path;
@@ -147,4 +153,84 @@ fn rel_panic_01_guest_panic() {
         Ok(move || switch.throw(Fault::PANIC))
     })
     .unwrap();
+}
+
+/// `agent_call_ms` of the slow-create test, and how late the agent answers
+/// CreateContainer there: well past it, so the container is built first.
+const CALL_DEADLINE_MS: u64 = 6_000;
+const CREATE_DELAY: Duration = Duration::from_secs(12);
+
+/// The ids of the containers the guest has: its container cgroups, as a
+/// privileged container of the pod (`watcher`, with no cgroup namespace of
+/// its own) sees them.
+fn guest_containers(k: &Kubelet, watcher: &str) -> Result<Vec<String>> {
+    let out = k.sh(watcher, "ls /sys/fs/cgroup/clh")?;
+    Ok(out.split_whitespace().map(str::to_owned).collect())
+}
+
+#[test]
+fn a_create_past_its_deadline_leaves_nothing_in_the_guest() {
+    let (s, cri) = setup_with_faults();
+    let config = std::fs::read_to_string(&s.config).unwrap();
+    let deadline = format!("\n[timeouts]\nagent_call_ms = {CALL_DEADLINE_MS}\n");
+    std::fs::write(&s.config, config.replacen("\n[timeouts]\n", &deadline, 1)).unwrap();
+    slow_create(&s, &cri).unwrap();
+}
+
+fn slow_create(s: &ctr::Setup, cri: &CriSetup) -> Result<()> {
+    let k = Kubelet::start(cri)?;
+    let pod = k.run_pod(&k.pod("slow").privileged())?;
+    let watcher = k.run_container(&pod, &ContainerBuilder::sleeper("watcher").privileged())?;
+    k.cri()
+        .wait_container_state(&watcher, ContainerState::ContainerRunning, k.timeout())?;
+    let before = guest_containers(&k, &watcher)?;
+    ensure!(
+        before.contains(&watcher),
+        "the guest's container cgroups do not show the watcher itself: {before:?}"
+    );
+
+    let switch = FaultSwitch::connect(&s.state_dir.join(&pod.id))?;
+    switch.slow_create(CREATE_DELAY)?;
+    let late = k.create_container(&pod, &ContainerBuilder::sleeper("late"))?;
+    let asked = Instant::now();
+    let err = match k.cri().start_container(&late) {
+        Ok(()) => anyhow::bail!("a CreateContainer answered {CREATE_DELAY:?} late succeeded"),
+        Err(e) => format!("{e:#}"),
+    };
+    let failed_after = asked.elapsed();
+    for what in [
+        "DeadlineExceeded",
+        "CreateContainer within 6s",
+        "agent_call_ms",
+    ] {
+        ensure!(err.contains(what), "{what:?} not in: {err}");
+    }
+    ensure!(
+        failed_after < CREATE_DELAY,
+        "StartContainer failed after {failed_after:?}, not at its deadline"
+    );
+
+    // Built, then removed once the agent's late answer found nobody.
+    let mut seen = false;
+    k.cri().wait_for(
+        "the late container to go from the guest",
+        CREATE_DELAY * 2,
+        |_| {
+            let now = guest_containers(&k, &watcher)?;
+            seen |= now.contains(&late);
+            Ok((seen && !now.contains(&late)).then_some(()))
+        },
+    )?;
+    switch.slow_create(Duration::ZERO)?;
+
+    // The pod runs on: a new container starts and answers.
+    let after = k.run_container(&pod, &ContainerBuilder::sleeper("after"))?;
+    k.cri()
+        .wait_container_state(&after, ContainerState::ContainerRunning, k.timeout())?;
+    ensure!(k.sh(&after, "echo ok")?.trim() == "ok");
+    let now = guest_containers(&k, &watcher)?;
+    ensure!(!now.contains(&late) && now.contains(&after), "{now:?}");
+    k.cri().remove_container(&late)?;
+    k.remove_pod(&pod)?;
+    k.finish()
 }

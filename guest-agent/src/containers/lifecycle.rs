@@ -146,8 +146,15 @@ pub(crate) fn prepare_process(process_json: &[u8], terminal: bool) -> Result<(Pr
 }
 
 impl Containers {
-    /// Sets up the container and its init process, not started.
-    pub async fn create(&self, id: &str, spec_json: &[u8], stdio: &Stdio) -> Result<u32> {
+    /// Sets up the container and its init process, not started; the
+    /// caller (`create`, in `unheard`) has claimed `id` and registers the
+    /// entry.
+    pub(super) async fn build(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        stdio: &Stdio,
+    ) -> Result<(u32, Entry)> {
         let (spec, terminal) = prepare_spec(id, spec_json, stdio.terminal)?;
         let root = spec.root().as_ref().map(|r| r.path().clone());
         let root = root.ok_or_else(|| CtrError::InvalidArgument("spec has no root".into()))?;
@@ -161,11 +168,6 @@ impl Containers {
         make_ephemeral_dirs(&spec)?;
 
         let _build = self.build_lock.lock().await;
-        if lock(&self.map).contains_key(id) {
-            return Err(CtrError::AlreadyExists(format!(
-                "container {id:?} already exists"
-            )));
-        }
         let bundle = Path::new(BUNDLE_ROOT).join(id);
         std::fs::create_dir_all(&bundle)
             .map_err(|e| CtrError::internal(format!("creating {}", bundle.display()), e))?;
@@ -218,9 +220,8 @@ impl Containers {
             bundle,
             seccomp,
         };
-        lock(&self.map).insert(id.to_owned(), Arc::new(entry));
         info!(id, pid, "container created");
-        Ok(pid as u32)
+        Ok((pid as u32, entry))
     }
 
     /// Registers an exec: its stdio now (the shim attaches before Start),
@@ -256,7 +257,8 @@ impl Containers {
     }
 
     /// Starts init (empty exec_id) or a registered exec; returns its pid.
-    pub async fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
+    /// The caller is `start` (in `unheard`).
+    pub(super) async fn start_now(&self, id: &str, exec_id: &str) -> Result<u32> {
         let entry = self.get(id)?;
         let proc = entry.process(exec_id)?;
         if exec_id.is_empty() {
@@ -334,8 +336,12 @@ impl Containers {
             .map_err(|e| CtrError::internal(format!("kill({pid}, {sig})"), e))
     }
 
-    /// Kills what is left, deletes the container and its bundle.
+    /// Kills what is left, deletes the container and its bundle. A
+    /// container still being created is removed once built.
     pub async fn remove(&self, id: &str) -> Result<()> {
+        if self.cancel_creation(id) {
+            return Ok(());
+        }
         let entry = self.get(id)?;
         if let Err(e) = signal_all(&entry, Signal::SIGKILL) {
             warn!(id, "killing leftovers: {e}");

@@ -12,6 +12,7 @@ mod kernel_fs_targets;
 mod lifecycle;
 pub mod process;
 mod tty;
+mod unheard;
 
 pub(crate) use cgroup::resource_writes;
 pub(crate) use lifecycle::{ephemeral_dirs, prepare_process, prepare_spec, validate_id};
@@ -134,6 +135,9 @@ pub struct Containers {
     /// Serializes libcontainer builds: each forks from this multi-threaded
     /// process, and one at a time keeps that window small.
     build_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Ids being created, and whether a removal came for one meanwhile
+    /// (`unheard`). Locked before `map` when both are.
+    creating: Arc<Mutex<HashMap<String, bool>>>,
     oom: Arc<cgroup::OomWatch>,
 }
 
@@ -143,6 +147,7 @@ impl Containers {
             map: Arc::default(),
             reaper,
             build_lock: Arc::default(),
+            creating: Arc::default(),
             oom: Arc::new(cgroup::OomWatch::default()),
         }
     }

@@ -9,11 +9,7 @@ use clh_agent_protocol::{
     SyncVolumeRequest, SysctlsRequest, UpdateContainerRequest, VolumeRequest, WaitProcessResponse,
 };
 
-use crate::{AgentClient, Error, Result};
-
-fn rpc(method: &'static str) -> impl FnOnce(ttrpc::Error) -> Error {
-    move |source| Error::Rpc { method, source }
-}
+use crate::{AgentClient, Result};
 
 fn process(container_id: &str, exec_id: &str) -> ProcessRequest {
     ProcessRequest {
@@ -56,7 +52,7 @@ impl AgentClient {
             self.inner.create_container(self.ctx(), &req),
         )
         .await;
-        Ok(r.map_err(rpc("CreateContainer"))?.pid)
+        Ok(r.map_err(self.failed("CreateContainer"))?.pid)
     }
 
     /// Registers an exec (`process` = OCI Process JSON); start it with
@@ -77,7 +73,7 @@ impl AgentClient {
         };
         let r =
             crate::metrics::timed("ExecProcess", self.inner.exec_process(self.ctx(), &req)).await;
-        r.map(drop).map_err(rpc("ExecProcess"))
+        r.map(drop).map_err(self.failed("ExecProcess"))
     }
 
     /// Starts init (`exec_id` "") or an exec; returns its guest pid.
@@ -85,7 +81,7 @@ impl AgentClient {
         let req = process(container_id, exec_id);
         let r =
             crate::metrics::timed("StartProcess", self.inner.start_process(self.ctx(), &req)).await;
-        Ok(r.map_err(rpc("StartProcess"))?.pid)
+        Ok(r.map_err(self.failed("StartProcess"))?.pid)
     }
 
     /// Long poll, no deadline: returns once the process has exited.
@@ -96,7 +92,7 @@ impl AgentClient {
     ) -> Result<WaitProcessResponse> {
         let req = process(container_id, exec_id);
         let r = self.inner.wait_process(no_timeout(), &req).await;
-        r.map_err(rpc("WaitProcess"))
+        r.map_err(self.failed("WaitProcess"))
     }
 
     /// Sends `signal` to the process, or with `all` to every process of
@@ -117,7 +113,7 @@ impl AgentClient {
         };
         let r = crate::metrics::timed("SignalProcess", self.inner.signal_process(self.ctx(), &req))
             .await;
-        r.map(drop).map_err(rpc("SignalProcess"))
+        r.map(drop).map_err(self.failed("SignalProcess"))
     }
 
     pub async fn resize_tty(
@@ -135,14 +131,14 @@ impl AgentClient {
             ..Default::default()
         };
         let r = crate::metrics::timed("ResizeTty", self.inner.resize_tty(self.ctx(), &req)).await;
-        r.map(drop).map_err(rpc("ResizeTty"))
+        r.map(drop).map_err(self.failed("ResizeTty"))
     }
 
     /// Closes the process's stdin (as a half-close of its stdin stream does).
     pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<()> {
         let req = process(container_id, exec_id);
         let r = crate::metrics::timed("CloseStdin", self.inner.close_stdin(self.ctx(), &req)).await;
-        r.map(drop).map_err(rpc("CloseStdin"))
+        r.map(drop).map_err(self.failed("CloseStdin"))
     }
 
     pub async fn container_stats(&self, container_id: &str) -> Result<ContainerStatsResponse> {
@@ -151,7 +147,7 @@ impl AgentClient {
             "ContainerStats",
             self.inner.container_stats(self.ctx(), &req),
         );
-        r.await.map_err(rpc("ContainerStats"))
+        r.await.map_err(self.failed("ContainerStats"))
     }
 
     /// Applies `resources` (OCI LinuxResources JSON) to the container's cgroup.
@@ -166,7 +162,7 @@ impl AgentClient {
             self.inner.update_container(self.ctx(), &req),
         )
         .await;
-        r.map(drop).map_err(rpc("UpdateContainer"))
+        r.map(drop).map_err(self.failed("UpdateContainer"))
     }
 
     pub async fn pause_container(&self, container_id: &str) -> Result<()> {
@@ -175,7 +171,7 @@ impl AgentClient {
             "PauseContainer",
             self.inner.pause_container(self.ctx(), &req),
         );
-        r.await.map(drop).map_err(rpc("PauseContainer"))
+        r.await.map(drop).map_err(self.failed("PauseContainer"))
     }
 
     pub async fn resume_container(&self, container_id: &str) -> Result<()> {
@@ -184,13 +180,13 @@ impl AgentClient {
             "ResumeContainer",
             self.inner.resume_container(self.ctx(), &req),
         );
-        r.await.map(drop).map_err(rpc("ResumeContainer"))
+        r.await.map(drop).map_err(self.failed("ResumeContainer"))
     }
 
     pub async fn list_pids(&self, container_id: &str) -> Result<Vec<u32>> {
         let req = container(container_id);
         let r = crate::metrics::timed("ListPids", self.inner.list_pids(self.ctx(), &req));
-        Ok(r.await.map_err(rpc("ListPids"))?.pids)
+        Ok(r.await.map_err(self.failed("ListPids"))?.pids)
     }
 
     /// Kills what is left of the container and removes it.
@@ -200,7 +196,7 @@ impl AgentClient {
             "RemoveContainer",
             self.inner.remove_container(self.ctx(), &req),
         );
-        r.await.map(drop).map_err(rpc("RemoveContainer"))
+        r.await.map(drop).map_err(self.failed("RemoveContainer"))
     }
 
     /// Long poll, no deadline: the id of the next container with an OOM kill.
@@ -209,13 +205,13 @@ impl AgentClient {
             .inner
             .get_oom_event(no_timeout(), &Empty::default())
             .await;
-        Ok(r.map_err(rpc("GetOomEvent"))?.container_id)
+        Ok(r.map_err(self.failed("GetOomEvent"))?.container_id)
     }
 
     /// Sends one piece of a volume snapshot (volume_sync.rs builds it).
     pub async fn sync_volume(&self, req: &SyncVolumeRequest) -> Result<()> {
         let r = crate::metrics::timed("SyncVolume", self.inner.sync_volume(self.ctx(), req)).await;
-        r.map(drop).map_err(rpc("SyncVolume"))
+        r.map(drop).map_err(self.failed("SyncVolume"))
     }
 
     /// Removes the guest's copy of volume `volume` of the container.
@@ -227,7 +223,7 @@ impl AgentClient {
         };
         let r =
             crate::metrics::timed("RemoveVolume", self.inner.remove_volume(self.ctx(), &req)).await;
-        r.map(drop).map_err(rpc("RemoveVolume"))
+        r.map(drop).map_err(self.failed("RemoveVolume"))
     }
 
     /// Configures the guest's interfaces and routes (once, before the
@@ -238,7 +234,7 @@ impl AgentClient {
             self.inner.configure_network(self.ctx(), config),
         )
         .await;
-        r.map(drop).map_err(rpc("ConfigureNetwork"))
+        r.map(drop).map_err(self.failed("ConfigureNetwork"))
     }
 
     /// Writes `sysctls` in the guest's own namespaces, the ones the pod's
@@ -256,7 +252,7 @@ impl AgentClient {
         };
         let r =
             crate::metrics::timed("ApplySysctls", self.inner.apply_sysctls(self.ctx(), &req)).await;
-        r.map(drop).map_err(rpc("ApplySysctls"))
+        r.map(drop).map_err(self.failed("ApplySysctls"))
     }
 
     /// Onlines the vCPUs (and memory) hot-plugged into the guest.
@@ -266,6 +262,6 @@ impl AgentClient {
             self.inner.online_resources(self.ctx(), &Empty::default()),
         )
         .await;
-        r.map(drop).map_err(rpc("OnlineResources"))
+        r.map(drop).map_err(self.failed("OnlineResources"))
     }
 }

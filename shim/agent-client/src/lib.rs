@@ -80,6 +80,14 @@ pub enum Error {
     #[error("the guest agent speaks protocol version {agent} but this shim speaks {shim}: the guest image and the shim come from different builds (rebuild the guest image)")]
     ProtocolMismatch { shim: u32, agent: u32 },
 
+    #[error("the guest agent did not answer {method} within {timeout:?} (a guest starved of CPU, or a stuck agent)")]
+    Deadline {
+        method: &'static str,
+        timeout: Duration,
+        #[source]
+        source: ttrpc::Error,
+    },
+
     #[error("agent call {method} failed")]
     Rpc {
         method: &'static str,
@@ -112,13 +120,8 @@ impl Error {
     /// handshake, or a call passed its deadline.
     pub fn is_timeout(&self) -> bool {
         match self {
-            Self::Unreachable { .. } => true,
-            Self::Rpc { source, .. } => match source {
-                ttrpc::Error::RpcStatus(status) => status.code() == ttrpc::Code::DEADLINE_EXCEEDED,
-                // ttrpc's client-side deadline ("Request deadline elapsed").
-                ttrpc::Error::Others(message) => message.contains("deadline"),
-                _ => false,
-            },
+            Self::Unreachable { .. } | Self::Deadline { .. } => true,
+            Self::Rpc { source, .. } => missed_deadline(source),
             _ => false,
         }
     }
@@ -138,6 +141,17 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Whether a call failed for its deadline: the agent's server gave up on
+/// it, or the client did.
+fn missed_deadline(e: &ttrpc::Error) -> bool {
+    match e {
+        ttrpc::Error::RpcStatus(status) => status.code() == ttrpc::Code::DEADLINE_EXCEEDED,
+        // ttrpc's client-side deadline ("Request deadline elapsed").
+        ttrpc::Error::Others(message) => message.contains("deadline"),
+        _ => false,
+    }
+}
 
 /// A connected, version-checked agent client. Cheap to clone.
 #[derive(Clone)]
@@ -179,6 +193,7 @@ impl AgentClient {
                     {
                         Box::new(source)
                     }
+                    Err(Error::Deadline { source, .. }) => Box::new(source),
                     Err(e) => return Err(e),
                 };
             if Instant::now() + backoff >= deadline {
@@ -243,6 +258,20 @@ impl AgentClient {
         ttrpc::context::with_duration(self.call_timeout)
     }
 
+    /// The error of a failed call of `method`: a missed deadline (ours, or
+    /// the agent's server's, which has the same one) says which it was.
+    pub(crate) fn failed(&self, method: &'static str) -> impl FnOnce(ttrpc::Error) -> Error {
+        let timeout = self.call_timeout;
+        move |source| match missed_deadline(&source) {
+            true => Error::Deadline {
+                method,
+                timeout,
+                source,
+            },
+            false => Error::Rpc { method, source },
+        }
+    }
+
     pub async fn version(&self) -> Result<VersionResponse> {
         let req = VersionRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -251,10 +280,7 @@ impl AgentClient {
         };
         crate::metrics::timed("Version", self.inner.version(self.ctx(), &req))
             .await
-            .map_err(|source| Error::Rpc {
-                method: "Version",
-                source,
-            })
+            .map_err(self.failed("Version"))
     }
 
     /// Credits `seed` to the guest's RNG; the reply says whether the
@@ -266,10 +292,7 @@ impl AgentClient {
         };
         crate::metrics::timed("SeedRandom", self.inner.seed_random(self.ctx(), &req))
             .await
-            .map_err(|source| Error::Rpc {
-                method: "SeedRandom",
-                source,
-            })
+            .map_err(self.failed("SeedRandom"))
     }
 
     /// Sets the guest's wall clock to the host's now and, when given, its
@@ -286,10 +309,7 @@ impl AgentClient {
         crate::metrics::timed("SetIdentity", self.inner.set_identity(self.ctx(), &req))
             .await
             .map(|_| ())
-            .map_err(|source| Error::Rpc {
-                method: "SetIdentity",
-                source,
-            })
+            .map_err(self.failed("SetIdentity"))
     }
 
     pub async fn check(&self) -> Result<CheckResponse> {
@@ -298,29 +318,26 @@ impl AgentClient {
             self.inner.check(self.ctx(), &CheckRequest::default()),
         )
         .await
-        .map_err(|source| Error::Rpc {
-            method: "Check",
-            source,
-        })
+        .map_err(self.failed("Check"))
     }
 
     /// The test-only fault switch (REL-AGENT-01, REL-PANIC-01): only the
     /// test guest image's agent acts on it; the shim never calls it.
+    /// `delay_ms`: SLOW_CREATE's delay.
     #[doc(hidden)]
     pub async fn inject_fault(
         &self,
         fault: clh_agent_protocol::fault_request::Fault,
+        delay_ms: u32,
     ) -> Result<()> {
         let req = clh_agent_protocol::FaultRequest {
             fault: fault.into(),
+            delay_ms,
             ..Default::default()
         };
         crate::metrics::timed("InjectFault", self.inner.inject_fault(self.ctx(), &req))
             .await
             .map(drop)
-            .map_err(|source| Error::Rpc {
-                method: "InjectFault",
-                source,
-            })
+            .map_err(self.failed("InjectFault"))
     }
 }

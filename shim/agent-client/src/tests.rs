@@ -204,6 +204,9 @@ impl clh_agent_protocol::Agent for FakeAgent {
         _ctx: &ttrpc::r#async::TtrpcContext,
         req: clh_agent_protocol::ProcessRequest,
     ) -> ttrpc::Result<clh_agent_protocol::StartProcessResponse> {
+        if req.container_id == "slow" {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         if req.container_id != "c1" {
             let msg = format!("container {:?} not found", req.container_id);
             return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
@@ -302,6 +305,17 @@ async fn typed_calls_map_replies_and_codes() {
     // An RPC the fake does not implement: answered, with a code.
     let err = client.list_pids("c1").await.unwrap_err();
     assert!(err.rpc_code().is_some(), "{err:?}");
+    // A call past its deadline names the call and the deadline.
+    let err = client.start_process("slow", "").await.unwrap_err();
+    assert!(
+        matches!(err, Error::Deadline { method: "StartProcess", timeout, .. } if timeout == Duration::from_millis(200)),
+        "{err:?}"
+    );
+    assert!(err.is_timeout());
+    assert!(
+        err.to_string().contains("StartProcess within 200ms"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -294,10 +294,18 @@ async fn create_in_guest(
         let bundle = Path::new(&req.bundle);
         binds = Binds::share(spec, vm.dir(), &req.id, bundle, &guest_sources)?;
         let oci_spec = serde_json::to_vec(spec).context("serializing the OCI spec")?;
-        let agent = vm.agent();
-        let pid = agent
-            .create_container(&req.id, &oci_spec, stdio.wire())
-            .await?;
+        let created_in_guest = vm
+            .agent()
+            .create_container(&req.id, &oci_spec, stdio.wire());
+        let pid = match created_in_guest.await {
+            Ok(pid) => pid,
+            Err(e) => {
+                // Unanswered: the agent may build it all the same. It
+                // removes what nobody waits for; a removal makes sure.
+                created = e.is_timeout() || e.is_disconnected();
+                return Err(e.into());
+            }
+        };
         created = true;
         let pumps = stdio::attach(vm.vsock_socket(), &req.id, "", stdio).await?;
         Ok::<_, Error>((pid, pumps))
@@ -399,7 +407,10 @@ pub(super) async fn remove_in_guest(vm: &PodVm, id: &str) {
     if vm.is_dead() {
         return;
     }
-    if let Err(e) = vm.agent().remove_container(id).await {
-        tracing::warn!(id, error = %Error::from(e), "agent RemoveContainer");
+    match vm.agent().remove_container(id).await {
+        Ok(()) => {}
+        // A creation that was not answered may have made nothing.
+        Err(e) if e.rpc_code() == Some(ttrpc::Code::NOT_FOUND) => {}
+        Err(e) => tracing::warn!(id, error = %Error::from(e), "agent RemoveContainer"),
     }
 }

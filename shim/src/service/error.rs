@@ -73,7 +73,18 @@ impl From<clh_agent_client::Error> for Error {
             };
         }
         let msg = chain(&e);
-        if e.is_timeout() {
+        if let Agent::Deadline { method, .. } = e {
+            // The agent undoes what these make for a caller that is gone.
+            let undone = match method {
+                "CreateContainer" | "StartProcess" => " The guest keeps nothing of it.",
+                _ => "",
+            };
+            Error::DeadlineExceeded(format!(
+                "{msg}.{undone} If the host is this busy, raise [timeouts] agent_call_ms \
+                 in the shim's configuration ({})",
+                clh_config::DEFAULT_PATH
+            ))
+        } else if e.is_timeout() {
             Error::DeadlineExceeded(msg)
         } else if e.is_disconnected() {
             Error::Unavailable(format!("{msg} (has the pod's VM stopped?)"))
@@ -267,6 +278,20 @@ mod tests {
         let (code, msg) = status(rpc(ttrpc::Error::RemoteClosed).into());
         assert_eq!(code, Code::UNAVAILABLE);
         assert!(msg.contains("agent call StartProcess failed"), "{msg}");
+        let missed = clh_agent_client::Error::Deadline {
+            method: "CreateContainer",
+            timeout: std::time::Duration::from_secs(30),
+            source: ttrpc::Error::Others("Request deadline elapsed".into()),
+        };
+        let (code, msg) = status(missed.into());
+        assert_eq!(code, Code::DEADLINE_EXCEEDED);
+        for what in [
+            "CreateContainer within 30s",
+            "agent_call_ms",
+            "keeps nothing",
+        ] {
+            assert!(msg.contains(what), "{what:?} not in {msg}");
+        }
         let mismatch = clh_agent_client::Error::ProtocolMismatch { shim: 3, agent: 2 };
         assert_eq!(status(mismatch.into()).0, Code::FAILED_PRECONDITION);
     }

@@ -385,30 +385,28 @@ async fn each_failure_of_a_pod_start_has_its_code_and_leaves_nothing() {
     }
 }
 
-/// A pod container the agent refuses fails alone: the pod's VM runs on,
-/// and the container's directory in it is gone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_pod_container_leaves_its_pod_running() {
-    let Some(h) = harness(Boot::WithAgent, |_| {}) else {
-        return;
-    };
+/// A pod (its sandbox container "pod" created) and the bundle of a
+/// container "app" of it; returns the pod's cgroup and the app's bundle.
+async fn pod_and_app_bundle(h: &Harness) -> (String, PathBuf) {
     let cgroup = cgroups_path("pod");
     let mut pause = container_spec(&cgroup);
     pause["annotations"] = serde_json::json!({"io.kubernetes.cri.container-type": "sandbox"});
     // A network namespace of its own: without one the pod would share the
     // host's, which is refused.
     pause["linux"]["namespaces"] = serde_json::json!([{"type": "network"}]);
-    let pod = bundle(&h, "pod", pause);
+    let pod = bundle(h, "pod", pause);
     h.svc.create(create_request("pod", &pod)).await.unwrap();
-    *h.fakes.agent.refuse_create.lock().unwrap() = Some("no such user".into());
     let mut spec = container_spec("");
     spec["annotations"] = serde_json::json!({
         "io.kubernetes.cri.container-type": "container",
         "io.kubernetes.cri.sandbox-id": "pod",
     });
-    let app = bundle(&h, "app", spec);
-    let err = h.svc.create(create_request("app", &app)).await.unwrap_err();
-    assert_eq!(err.code(), Code::INVALID_ARGUMENT, "{err}");
+    (cgroup, bundle(h, "app", spec))
+}
+
+/// After "app" failed to create: the pod's VM runs on and the app's
+/// directory in it is gone; then the pod is removed, leaving nothing.
+async fn app_failed_alone(h: &Harness, cgroup: &str) {
     let vmm = h.fakes.vmm_pids.lock().unwrap()[0];
     assert!(
         fakes::is_running(vmm),
@@ -428,7 +426,46 @@ async fn a_refused_pod_container_leaves_its_pod_running() {
         ..Default::default()
     };
     h.svc.delete(delete).await.unwrap();
-    assert_nothing_left(&h, &cgroup).await;
+    assert_nothing_left(h, cgroup).await;
+}
+
+/// A pod container the agent refuses fails alone: the pod's VM runs on,
+/// and the container's directory in it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_pod_container_leaves_its_pod_running() {
+    let Some(h) = harness(Boot::WithAgent, |_| {}) else {
+        return;
+    };
+    let (cgroup, app) = pod_and_app_bundle(&h).await;
+    *h.fakes.agent.refuse_create.lock().unwrap() = Some("no such user".into());
+    let err = h.svc.create(create_request("app", &app)).await.unwrap_err();
+    assert_eq!(err.code(), Code::INVALID_ARGUMENT, "{err}");
+    assert!(!h.fakes.agent.calls().contains(&"RemoveContainer"));
+    app_failed_alone(&h, &cgroup).await;
+}
+
+/// A CreateContainer the agent does not answer within agent_call_ms is
+/// DeadlineExceeded, naming the setting; the shim removes the container
+/// in the guest (the agent may have built it after all), and the pod runs
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_container_past_its_deadline_is_removed_in_the_guest() {
+    let Some(h) = harness(Boot::WithAgent, |vm| {
+        vm.agent_call_timeout = Duration::from_millis(500);
+    }) else {
+        return;
+    };
+    let (cgroup, app) = pod_and_app_bundle(&h).await;
+    let never = Arc::new(tokio::sync::Semaphore::new(0));
+    *h.fakes.agent.hold_create.lock().unwrap() = Some(never);
+    let err = h.svc.create(create_request("app", &app)).await.unwrap_err();
+    assert_eq!(err.code(), Code::DEADLINE_EXCEEDED, "{err}");
+    let msg = err.to_string();
+    for what in ["CreateContainer within 500ms", "agent_call_ms"] {
+        assert!(msg.contains(what), "{what:?} not in {msg}");
+    }
+    assert!(h.fakes.agent.calls().contains(&"RemoveContainer"));
+    app_failed_alone(&h, &cgroup).await;
 }
 
 /// `hostNetwork: true` (no network namespace in the sandbox's spec) is

@@ -104,6 +104,8 @@ pub struct VmOptions {
     pub templates: Option<PathBuf>,
     pub vmm_start_timeout: Duration,
     pub agent_timeout: Duration,
+    /// Each request to the running agent, the long polls aside.
+    pub agent_call_timeout: Duration,
     pub stop_timeout: Duration,
     /// The running pod's agent health check.
     pub health: HealthCheck,

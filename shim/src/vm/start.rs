@@ -169,6 +169,7 @@ pub(super) async fn start_in(
         let t = Instant::now();
         let left = deadline.saturating_duration_since(Instant::now());
         let agent = AgentClient::connect(&uds, left).await;
+        let agent = agent.map(|a| a.with_call_timeout(opts.agent_call_timeout));
         timeline.record("agent_connect", t);
         agent
     };

@@ -277,6 +277,7 @@ pub(super) fn test_options() -> VmOptions {
         templates: None,
         vmm_start_timeout: Duration::from_secs(1),
         agent_timeout: Duration::from_secs(1),
+        agent_call_timeout: Duration::from_secs(1),
         stop_timeout: Duration::from_secs(1),
         health: super::HealthCheck {
             interval: Duration::from_millis(100),
