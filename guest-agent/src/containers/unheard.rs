@@ -8,8 +8,7 @@
 
 use super::{lock, Containers, CtrError, Entry, Result};
 use clh_agent_protocol::Stdio;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
@@ -40,7 +39,7 @@ impl Containers {
                 let removed = format!("container {id:?} was removed while being created");
                 let _ = answer.send(Err(CtrError::FailedPrecondition(removed)));
             } else if answer.send(Ok(pid)).is_err() {
-                warn!(id, "CreateContainer's caller gave up before the container was built (its deadline passed): removing it");
+                warn!(id, "CreateContainer's caller gave up before its answer (its deadline passed): removing the container");
             } else {
                 return;
             }
@@ -70,7 +69,9 @@ impl Containers {
                         pid,
                         "StartProcess's caller gave up (its deadline passed): killing the exec"
                     );
-                    if let Err(e) = kill(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                    // Through its record: never a pid that was reaped and
+                    // reused meanwhile.
+                    if let Err(e) = this.signal(&id, &exec_id, Signal::SIGKILL as u32, false) {
                         debug!(id, exec_id, pid, "the exec had already gone: {e}");
                     }
                 }
