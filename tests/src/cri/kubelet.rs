@@ -33,6 +33,8 @@ const POLL: Duration = Duration::from_millis(100);
 /// A check of the handler's own leftovers (e.g. a VM shim's state dir,
 /// `ctr::state_dir_leaks`), given the running containerd.
 pub type LeakCheck = Arc<dyn Fn(&PrivateContainerd) -> Vec<String> + Send + Sync>;
+/// What the handler can tell of a failed test (the guests' consoles).
+pub type FailureReport = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// What a scenario needs to know about the runtime handler under test.
 /// For our shim (cf. `ctr::setup`, which writes its config):
@@ -62,6 +64,8 @@ pub struct CriSetup {
     pub timeout: Duration,
     /// Leftovers of the handler itself, checked with the others.
     pub extra_leaks: Option<LeakCheck>,
+    /// Printed, with containerd's warnings, when a test fails.
+    pub failure_report: Option<FailureReport>,
     /// A node's own containerd config, written (and clh-shim installed
     /// into it) by this: containerd then runs from that file.
     pub node_config: Option<NodeConfigFn>,
@@ -81,6 +85,7 @@ impl CriSetup {
             images_dir: images_dir.to_path_buf(),
             timeout: super::CALL_TIMEOUT,
             extra_leaks: None,
+            failure_report: None,
             node_config: None,
         }
     }
@@ -106,6 +111,9 @@ pub struct Kubelet {
     /// Every pod id run, to look for its leftovers.
     pod_ids: Mutex<Vec<String>>,
     next_uid: AtomicU32,
+    /// `finish` was called: a Kubelet dropped without it is a failed test,
+    /// whose containerd (and shim) warnings are printed.
+    finished: bool,
 }
 
 impl Kubelet {
@@ -139,6 +147,7 @@ impl Kubelet {
             sockets: Mutex::new(BTreeSet::new()),
             pod_ids: Mutex::new(Vec::new()),
             next_uid: AtomicU32::new(0),
+            finished: false,
         };
         me.cri.wait_ready(setup.timeout)?;
         // The CRI plugin must see the imported sandbox image: it would try
@@ -464,6 +473,7 @@ impl Kubelet {
     /// asynchronous cleanup); then the CRI cgroup root goes and containerd
     /// stops, which must leave nothing either.
     pub fn finish(mut self) -> Result<()> {
+        self.finished = true;
         let mut leaks = Vec::new();
         let settled = self
             .cri
@@ -495,6 +505,22 @@ impl Drop for Kubelet {
     /// containerd's own cleanup (and the CNI cache) is done; what is left
     /// then goes with the PrivateContainerd.
     fn drop(&mut self) {
+        if !self.finished {
+            // What CI shows of a failure: the shim logs into containerd's.
+            let log = self.ctd.log_tail(usize::MAX);
+            let problems: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("level=warning") || l.contains("level=error"))
+                .collect();
+            eprintln!(
+                "the test ended without Kubelet::finish; containerd's last warnings and errors ({}):\n{}",
+                self.ctd.log_path().display(),
+                problems[problems.len().saturating_sub(40)..].join("\n")
+            );
+            if let Some(report) = &self.setup.failure_report {
+                eprintln!("{}", report());
+            }
+        }
         let ids: Vec<String> = lock(&self.pod_ids).clone();
         let listed = self.cri.list_pod_sandbox().unwrap_or_default();
         for p in listed.iter().filter(|p| ids.contains(&p.id)) {
