@@ -93,25 +93,31 @@ pub fn cri_setup(
     let state = s.state_dir.clone();
     cri.extra_leaks = Some(Arc::new(move |_| state_dir_leaks(&state)));
     let state = s.state_dir.clone();
-    cri.failure_report = Some(Arc::new(move || console_tails(&state, 40)));
+    cri.failure_report = Some(Arc::new(move || vm_log_tails(&state, 40)));
     Ok(cri)
 }
 
-/// The last `lines` lines of the console log (the guest kernel's and the
-/// agent's messages) of every VM under `state_dir`.
-pub fn console_tails(state_dir: &Path, lines: usize) -> String {
+/// The last `lines` lines of every log of every VM under `state_dir`: the
+/// guest console (kernel and agent), the VMM's, virtiofsd's, the vsock
+/// device's.
+pub fn vm_log_tails(state_dir: &Path, lines: usize) -> String {
     let mut report = String::new();
-    for entry in std::fs::read_dir(state_dir).into_iter().flatten().flatten() {
-        let path = entry.path().join("console.log");
-        let Ok(log) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let all: Vec<&str> = log.lines().collect();
-        let tail = all[all.len().saturating_sub(lines)..].join("\n");
-        report.push_str(&format!(
-            "{} (last {lines} lines):\n{tail}\n",
-            path.display()
-        ));
+    for vm in std::fs::read_dir(state_dir).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "log") {
+                continue;
+            }
+            let Ok(log) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let all: Vec<&str> = log.lines().collect();
+            let tail = all[all.len().saturating_sub(lines)..].join("\n");
+            report.push_str(&format!(
+                "{} (last {lines} lines):\n{tail}\n",
+                path.display()
+            ));
+        }
     }
     report
 }

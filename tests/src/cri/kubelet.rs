@@ -512,10 +512,14 @@ impl Drop for Kubelet {
                 .lines()
                 .filter(|l| l.contains("level=warning") || l.contains("level=error"))
                 .collect();
+            // The first ones say what went wrong, the last what followed.
+            let first = &problems[..problems.len().min(20)];
+            let last = &problems[problems.len().saturating_sub(20).max(first.len())..];
             eprintln!(
-                "the test ended without Kubelet::finish; containerd's last warnings and errors ({}):\n{}",
+                "the test ended without Kubelet::finish; containerd's first and last warnings and errors ({}):\n{}\n...\n{}",
                 self.ctd.log_path().display(),
-                problems[problems.len().saturating_sub(40)..].join("\n")
+                first.join("\n"),
+                last.join("\n")
             );
             if let Some(report) = &self.setup.failure_report {
                 eprintln!("{}", report());
