@@ -77,15 +77,7 @@ pub fn cri_setup(
     images_dir: &Path,
     agent_connect_ms: u64,
 ) -> Result<CriSetup> {
-    let mut config = std::fs::read_to_string(&s.config)
-        .with_context(|| format!("reading {}", s.config.display()))?;
-    let timeout = format!("\n[timeouts]\nagent_connect_ms = {agent_connect_ms}\n");
-    // One [timeouts] table: a config may have one (faults::setup).
-    config = match config.find("\n[timeouts]\n") {
-        Some(_) => config.replacen("\n[timeouts]\n", &timeout, 1),
-        None => config + &timeout,
-    };
-    std::fs::write(&s.config, config).with_context(|| format!("writing {}", s.config.display()))?;
+    set_timeout(&s.config, "agent_connect_ms", agent_connect_ms)?;
     let mut cri = CriSetup::new("clh", images_dir);
     cri.shim_dir = Some(shim_dir);
     cri.env = vec![("CLH_SHIM_CONFIG".into(), s.config.display().to_string())];
@@ -95,6 +87,20 @@ pub fn cri_setup(
     let state = s.state_dir.clone();
     cri.failure_report = Some(Arc::new(move || vm_log_tails(&state, 40)));
     Ok(cri)
+}
+
+/// Sets `[timeouts] key = ms` in the shim config at `config`, in its one
+/// `[timeouts]` table (faults::setup writes one) or a new one.
+pub fn set_timeout(config: &Path, key: &str, ms: u64) -> Result<()> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let table = "\n[timeouts]\n";
+    let with_key = format!("{table}{key} = {ms}\n");
+    let text = match text.find(table) {
+        Some(_) => text.replacen(table, &with_key, 1),
+        None => text + &with_key,
+    };
+    std::fs::write(config, text).with_context(|| format!("writing {}", config.display()))
 }
 
 /// The last `lines` lines of every log of every VM under `state_dir`: the

@@ -171,9 +171,7 @@ fn guest_containers(k: &Kubelet, watcher: &str) -> Result<Vec<String>> {
 #[test]
 fn a_create_past_its_deadline_leaves_nothing_in_the_guest() {
     let (s, cri) = setup_with_faults();
-    let config = std::fs::read_to_string(&s.config).unwrap();
-    let deadline = format!("\n[timeouts]\nagent_call_ms = {CALL_DEADLINE_MS}\n");
-    std::fs::write(&s.config, config.replacen("\n[timeouts]\n", &deadline, 1)).unwrap();
+    ctr::set_timeout(&s.config, "agent_call_ms", CALL_DEADLINE_MS).unwrap();
     slow_create(&s, &cri).unwrap();
 }
 
